@@ -1,0 +1,1 @@
+"""Data layer: load -> validate -> chat template -> tokenise -> pack into PackedBatch."""

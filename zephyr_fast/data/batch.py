@@ -1,0 +1,114 @@
+"""The one packed representation that flows from the data layer through the model to the losses.
+
+Every batch in zephyr_fast — SFT or DPO, either DPO layout — is a :class:`PackedBatch`: a single
+row of ``N`` real tokens (no padding) cut into attention segments by ``cu_seqlens``, exactly the
+layout ``flash_attn_varlen_func`` consumes.
+
+Conventions (all tensors 1-D, on the same device):
+
+* ``input_ids: (N,) int64``
+* ``position_ids: (N,) int64`` — reset to 0 at each sequence start.  In the prefix-shared DPO
+  layout the rejected completion continues from the prompt (``p, p+1, ...``), not from chosen.
+* ``cu_seqlens: (S+1,) int32`` — attention-segment boundaries, ``cu_seqlens[0] == 0``,
+  ``cu_seqlens[-1] == N``.  ``max_seqlen`` is a Python ``int`` (no host sync needed to read it).
+* ``labels: (N,) int64`` — already shifted: ``labels[t]`` is the token predicted *from* position
+  ``t``; ``-100`` where no loss is taken (prompt tokens, non-assistant turns, and the last position
+  of every sequence, so no target ever crosses a sequence boundary).
+* ``segment_ids: (N,) int64`` in ``[0, num_segments)`` — the loss segment of each token.  SFT: the
+  index of the sequence in the batch.  DPO: ``2*i`` for pair ``i``'s chosen tokens and ``2*i+1`` for
+  its rejected tokens (prompt tokens carry the id of the completion that their labels belong to).
+* DPO only: ``pair_index: (P,) int64`` — the dataset row of each pair (keys the reference cache);
+  ``num_segments == 2 * P``.
+* Prefix-shared DPO layout only (``layout == "prefix_shared"``): each pair is one attention segment
+  ``[prompt, chosen, rejected]``; ``part_ids: (N,) int8`` is 0 for prompt, 1 for chosen, 2 for
+  rejected tokens, and attention must never let a rejected token see a chosen token.  The first
+  rejected token is predicted from the *last prompt position*, which already predicts the first
+  chosen token; that extra prediction is carried as ``extra_rows (P,) int64`` (row of the last
+  prompt token), ``extra_labels (P,) int64`` (first rejected token) and ``extra_segment_ids (P,)``
+  (``2*i+1``).  :func:`loss_inputs` appends them so the loss code never special-cases the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+
+LAYOUTS = ("sft", "separate", "prefix_shared")
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    labels: torch.Tensor
+    segment_ids: torch.Tensor
+    num_segments: int
+    layout: str = "sft"
+    pair_index: Optional[torch.Tensor] = None
+    part_ids: Optional[torch.Tensor] = None
+    extra_rows: Optional[torch.Tensor] = None
+    extra_labels: Optional[torch.Tensor] = None
+    extra_segment_ids: Optional[torch.Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_pairs(self) -> int:
+        return 0 if self.pair_index is None else int(self.pair_index.numel())
+
+    def to(self, device, non_blocking: bool = True) -> "PackedBatch":
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            moved[f.name] = v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+        return replace(self, **moved)
+
+    def validate(self) -> None:
+        """Cheap structural checks (host-side; call in tests and data code, not in the hot loop)."""
+        n = self.num_tokens
+        for name in ("input_ids", "position_ids", "labels", "segment_ids"):
+            t = getattr(self, name)
+            if t.dim() != 1 or t.numel() != n:
+                raise ValueError(f"PackedBatch.{name} must be (N={n},), got {tuple(t.shape)}")
+        if self.cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"PackedBatch.cu_seqlens must be int32, got {self.cu_seqlens.dtype}")
+        if int(self.cu_seqlens[0]) != 0 or int(self.cu_seqlens[-1]) != n:
+            raise ValueError("PackedBatch.cu_seqlens must start at 0 and end at N")
+        lens = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        if bool((lens <= 0).any()) or int(lens.max()) != self.max_seqlen:
+            raise ValueError("PackedBatch: empty segment or max_seqlen != max(cu_seqlens diff)")
+        # the last position of every attention segment predicts nothing
+        if bool((self.labels[self.cu_seqlens[1:].long() - 1] != IGNORE_INDEX).any()):
+            raise ValueError("PackedBatch.labels: a target crosses a sequence boundary")
+        if n and (int(self.segment_ids.min()) < 0 or int(self.segment_ids.max()) >= self.num_segments):
+            raise ValueError("PackedBatch.segment_ids out of [0, num_segments)")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"PackedBatch.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "prefix_shared" and (self.part_ids is None or self.extra_rows is None):
+            raise ValueError("prefix_shared PackedBatch needs part_ids and extra_rows/labels/segment_ids")
+
+
+def loss_inputs(hidden: torch.Tensor, batch: PackedBatch):
+    """Rows, targets and segments that the fused losses consume.
+
+    Args:
+        hidden: (N, D) final hidden states of ``batch`` (any float dtype).
+    Returns:
+        ``(hidden_rows (M, D), labels (M,) int64, segment_ids (M,) int64)`` where ``M = N`` except
+        in the prefix-shared layout, where the ``P`` extra predictions are appended.
+    """
+    if batch.extra_rows is None:
+        return hidden, batch.labels, batch.segment_ids
+    return (
+        torch.cat([hidden, hidden.index_select(0, batch.extra_rows)], 0),
+        torch.cat([batch.labels, batch.extra_labels]),
+        torch.cat([batch.segment_ids, batch.extra_segment_ids]),
+    )

@@ -1,0 +1,1 @@
+"""Model path: transformers Mistral/Llama bodies with varlen attention, logits-free forward."""
