@@ -112,3 +112,60 @@ def loss_inputs(hidden: torch.Tensor, batch: PackedBatch):
         torch.cat([batch.labels, batch.extra_labels]),
         torch.cat([batch.segment_ids, batch.extra_segment_ids]),
     )
+
+
+def concat_batches(batches) -> PackedBatch:
+    """Concatenate packed batches of one layout into one (segments, rows and pairs renumbered).
+
+    Used to run several micro-batches in one forward (e.g. the offline reference pass) and in tests.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("concat_batches: no batches")
+    layout = batches[0].layout
+    if any(b.layout != layout for b in batches):
+        raise ValueError("concat_batches: all batches must have the same layout")
+    row_off, seg_off = [], []
+    n = s = 0
+    for b in batches:
+        row_off.append(n)
+        seg_off.append(s)
+        n += b.num_tokens
+        s += b.num_segments
+    cu = [batches[0].cu_seqlens[:1]] + [b.cu_seqlens[1:] + o for b, o in zip(batches, row_off)]
+    out = PackedBatch(
+        input_ids=torch.cat([b.input_ids for b in batches]),
+        position_ids=torch.cat([b.position_ids for b in batches]),
+        cu_seqlens=torch.cat(cu).to(torch.int32),
+        max_seqlen=max(b.max_seqlen for b in batches),
+        labels=torch.cat([b.labels for b in batches]),
+        segment_ids=torch.cat([b.segment_ids + o for b, o in zip(batches, seg_off)]),
+        num_segments=s,
+        layout=layout,
+    )
+    if batches[0].pair_index is not None:
+        out.pair_index = torch.cat([b.pair_index for b in batches])
+    if layout == "prefix_shared":
+        out.part_ids = torch.cat([b.part_ids for b in batches])
+        out.extra_rows = torch.cat([b.extra_rows + o for b, o in zip(batches, row_off)])
+        out.extra_labels = torch.cat([b.extra_labels for b in batches])
+        out.extra_segment_ids = torch.cat([b.extra_segment_ids + o for b, o in zip(batches, seg_off)])
+    return out
+
+
+def dense_attention_mask(batch: PackedBatch) -> torch.Tensor:
+    """Reference ``(N, N) bool`` mask, ``True`` where query row ``q`` may attend to key row ``k``.
+
+    Causal within each ``cu_seqlens`` segment; in the prefix-shared layout a rejected token
+    (``part_ids == 2``) additionally never sees a chosen token (``part_ids == 1``).  O(N^2): for
+    tests and small reference runs only — the model uses varlen/flex kernels.
+    """
+    n = batch.num_tokens
+    lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
+    idx = torch.arange(n, device=seq.device)
+    mask = (seq[:, None] == seq[None, :]) & (idx[None, :] <= idx[:, None])
+    if batch.layout == "prefix_shared":
+        part = batch.part_ids.long()
+        mask &= ~((part[:, None] == 2) & (part[None, :] == 1))
+    return mask

@@ -1,0 +1,140 @@
+"""The Zephyr chat template, tokenizer loading and fast rendering.
+
+Zephyr-7B (Tunstall et al. 2023, "Zephyr: Direct Distillation of LM Alignment") was trained with
+alignment-handbook's template.  Every turn renders as ``<|role|>\\n{content}</s>\\n`` and the
+generation prompt is ``<|assistant|>\\n``::
+
+    <|system|>\\n</s>\\n<|user|>\\nHi</s>\\n<|assistant|>\\nHello!</s>\\n
+
+The template never emits ``bos_token``; the tokenizer adds ``<s>`` once (``add_special_tokens``).
+Templates that do emit it (e.g. Llama-3) are tokenised with ``add_special_tokens=False`` so there is
+never a double BOS — :func:`tokenize_kwargs` decides this once per tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Optional, Sequence
+
+# Byte-exact copy of the ``chat_template`` in alignment-handbook's
+# recipes/zephyr-7b-beta/{sft,dpo}/config_full.yaml (identical to its DEFAULT_CHAT_TEMPLATE).
+# The newlines between tags vanish under transformers' trim_blocks/lstrip_blocks; the ones after
+# ``}}`` do not, which is what puts ``\n`` after each ``</s>`` and after the generation prompt.
+ZEPHYR_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
+ROLES = ("system", "user", "assistant")
+
+# Used only when render() is called without a tokenizer (Mistral/Llama-2 special tokens).
+_DEFAULT_SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    # Same environment transformers uses for apply_chat_template (sandboxed: a chat template from
+    # a downloaded tokenizer_config.json must not be able to run code), compiled once per string.
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        from jinja2.exceptions import TemplateError
+
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def _special_tokens(tokenizer) -> dict:
+    if tokenizer is None:
+        return dict(_DEFAULT_SPECIAL)
+    out = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        tok = getattr(tokenizer, name, None)
+        if tok is not None:
+            out[name] = str(tok)
+    return out
+
+
+def render(
+    messages: Sequence[dict],
+    add_generation_prompt: bool = False,
+    *,
+    tokenizer: Any = None,
+    chat_template: Optional[str] = None,
+) -> str:
+    """Render a conversation to text with the Zephyr template (or ``tokenizer``'s own template).
+
+    Args:
+        messages: list of ``{"role": "system"|"user"|"assistant", "content": str}``.
+        add_generation_prompt: append ``<|assistant|>\\n`` so the model continues as the assistant.
+        tokenizer: supplies the template (``tokenizer.chat_template``) and special tokens; without
+            one, the Zephyr template with ``</s>`` as EOS is used.
+        chat_template: explicit template string, overrides the tokenizer's.
+    Returns:
+        the rendered string, identical to ``tokenizer.apply_chat_template(..., tokenize=False)``.
+    """
+    template = chat_template or getattr(tokenizer, "chat_template", None) or ZEPHYR_CHAT_TEMPLATE
+    return _compile(template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, **_special_tokens(tokenizer)
+    )
+
+
+def template_emits_bos(tokenizer, chat_template: Optional[str] = None) -> bool:
+    """True when the chat template writes ``bos_token`` itself (then never add it again)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos:
+        return False
+    text = render([{"role": "user", "content": "x"}], tokenizer=tokenizer, chat_template=chat_template)
+    return text.startswith(str(bos))
+
+
+def tokenize_kwargs(tokenizer) -> dict:
+    """Keyword arguments for ``tokenizer(texts, **kw)`` that give exactly one BOS per sequence."""
+    cached = getattr(tokenizer, "_zephyr_fast_tok_kwargs", None)
+    if cached is None:
+        cached = {"add_special_tokens": not template_emits_bos(tokenizer)}
+        try:
+            tokenizer._zephyr_fast_tok_kwargs = cached
+        except AttributeError:  # pragma: no cover - exotic tokenizer objects with __slots__
+            pass
+    return dict(cached)
+
+
+def load_tokenizer(path_or_id: str, chat_template: Optional[str] = None, *, revision: Optional[str] = None):
+    """Load a Hugging Face tokenizer ready for zephyr_fast.
+
+    * ``chat_template`` given: it replaces whatever the tokenizer has.  Otherwise an existing
+      template is kept and the Zephyr template is added only when there is none (Mistral base).
+    * ``pad_token`` falls back to EOS (alignment-handbook); packed batches never pad, only
+      generation does.
+    * ``trust_remote_code`` is always off.
+    * A hub id while offline raises a :class:`FileNotFoundError` telling you to pass a local path.
+    """
+    from transformers import AutoTokenizer
+
+    from .loading import ensure_hub_reachable
+
+    if not os.path.isdir(path_or_id):
+        ensure_hub_reachable(path_or_id, what="tokenizer")
+    tok = AutoTokenizer.from_pretrained(path_or_id, revision=revision, trust_remote_code=False)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    elif getattr(tok, "chat_template", None) is None:
+        tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,291 @@
+"""Load train/test rows from hub ids or local files, in both alignment-handbook mixture schemas.
+
+Old schema (alignment-handbook <= 0.1, the Zephyr-7B-beta recipes)::
+
+    dataset_mixer: {HuggingFaceH4/ultrafeedback_binarized: 1.0}
+    dataset_splits: [train_prefs, test_prefs]
+
+``fraction`` subsamples the *train* splits (first ``int(f * n)`` rows); test splits are used whole.
+
+New schema (alignment-handbook >= 0.2)::
+
+    dataset_mixture:
+      datasets: [{id: HuggingFaceH4/ultrachat_200k, config: default, split: train_sft,
+                  columns: [messages], weight: 1.0}]
+      seed: 0
+      test_split_size: 1000
+
+``weight`` subsamples (``< 1``) or repeats (``> 1``) a dataset after a seeded shuffle; all of them
+are concatenated and ``test_split_size`` rows (int) or fraction (float) are held out.
+
+``id`` may be a local file (``.json``/``.jsonl``/``.parquet``/``.arrow``), a directory holding
+``<split>.<ext>`` files, a ``save_to_disk`` directory, or a hub id.  Loading goes through
+``datasets`` so results are cached as Arrow files.  Every row gets ``_source`` / ``_source_row``
+columns so that errors can name the original file and row even after mixing and shuffling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Optional, Union
+from urllib.parse import urlparse
+
+from .validate import SOURCE_COL, SOURCE_ROW_COL
+
+log = logging.getLogger(__name__)
+
+LOCAL_EXTS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclass
+class DatasetSpec:
+    """One entry of ``dataset_mixture.datasets``."""
+
+    id: str
+    config: Optional[str] = None
+    split: str = "train"
+    columns: Optional[list] = None
+    weight: Optional[float] = None
+    revision: Optional[str] = None
+
+
+@dataclass
+class DatasetMixture:
+    datasets: list = field(default_factory=list)  # list[DatasetSpec]
+    seed: int = 0
+    test_split_size: Optional[Union[int, float]] = None
+
+    def __post_init__(self):
+        self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.datasets]
+
+
+@dataclass
+class DataConfig:
+    """The data section of a recipe (the trainer's config embeds it).
+
+    Mixture: exactly one of ``dataset_mixer`` (+ ``dataset_splits``) or ``dataset_mixture``.
+    Tokenisation / packing knobs live here too so SFT and DPO read one place.
+    """
+
+    dataset_mixer: Optional[dict] = None
+    dataset_splits: list = field(default_factory=lambda: ["train", "test"])
+    dataset_configs: Optional[list] = None
+    dataset_mixture: Optional[DatasetMixture] = None
+    columns_to_keep: Optional[list] = None
+    seed: int = 42
+    shuffle: bool = True
+    cache_dir: Optional[str] = None
+    # template / tokenisation
+    chat_template: Optional[str] = None
+    auto_insert_empty_system_msg: bool = True
+    assistant_only_loss: bool = True
+    max_length: int = 2048
+    max_prompt_length: Optional[int] = 512
+    # packing
+    max_tokens_per_batch: int = 8192
+    dpo_layout: str = "separate"  # "separate" | "prefix_shared"
+    overlong: str = "truncate"  # "truncate" | "split" (SFT sequences longer than a bin)
+    # bad input
+    skip_invalid_rows: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.dataset_mixture, dict):
+            self.dataset_mixture = DatasetMixture(**self.dataset_mixture)
+        if (self.dataset_mixer is None) == (self.dataset_mixture is None):
+            raise ValueError("data config: give exactly one of `dataset_mixer` (+ `dataset_splits`) or `dataset_mixture`")
+        if self.dpo_layout not in ("separate", "prefix_shared"):
+            raise ValueError(f"data config: dpo_layout must be 'separate' or 'prefix_shared', got {self.dpo_layout!r}")
+        if self.overlong not in ("truncate", "split"):
+            raise ValueError(f"data config: overlong must be 'truncate' or 'split', got {self.overlong!r}")
+
+
+# --- hub reachability ----------------------------------------------------------------------------
+
+
+def _is_local(path: str) -> bool:
+    return os.path.exists(path) or path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in LOCAL_EXTS
+
+
+def ensure_hub_reachable(repo_id: str, *, what: str = "dataset", timeout: float = 3.0) -> None:
+    """Fail in seconds with a useful message instead of hanging on network timeouts.
+
+    Offline mode (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) is respected: then the hub cache is
+    used and a miss is reported by :func:`load_rows` with the same advice.
+    """
+    if _is_local(repo_id):
+        if not os.path.exists(os.path.expanduser(repo_id)):
+            raise FileNotFoundError(f"{what} '{repo_id}': no such file or directory")
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ) not in ("0", "", "false"):
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"{what} '{repo_id}' is not a local path and the Hugging Face Hub ({host}) is unreachable "
+            f"({exc.__class__.__name__}). Pass a local path instead (a .json/.jsonl/.parquet/.arrow file "
+            f"or a directory), e.g. assets/data/ultrafeedback_binarized/sample16.jsonl, or set "
+            f"HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
+        ) from None
+
+
+# --- loading one split ---------------------------------------------------------------------------
+
+
+def _find_split_file(directory: str, split: str) -> Optional[str]:
+    for ext in LOCAL_EXTS:
+        p = os.path.join(directory, split + ext)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def load_split(ds_id: str, split: str, *, config: Optional[str] = None, revision: Optional[str] = None,
+               cache_dir: Optional[str] = None, file_is_split: bool = True):
+    """One split of one dataset as a ``datasets.Dataset`` (None when a local file has no such split).
+
+    ``file_is_split``: a single local file stands for whatever split is asked (new schema); with
+    ``False`` (old schema) a file serves only ``train*`` splits.
+    """
+    import datasets
+
+    path = os.path.expanduser(ds_id)
+    if _is_local(ds_id):
+        if os.path.isfile(path):
+            if not file_is_split and "train" not in split:
+                log.warning("%s is a single file: used for train splits only, not for split %r", ds_id, split)
+                return None
+            return _load_file(path, cache_dir)
+        if os.path.isdir(path):
+            f = _find_split_file(path, split)
+            if f is not None:
+                return _load_file(f, cache_dir)
+            if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json")):
+                d = datasets.load_from_disk(path)
+                if isinstance(d, datasets.DatasetDict):
+                    if split not in d:
+                        raise FileNotFoundError(f"dataset '{ds_id}': no split {split!r} (has {sorted(d)})")
+                    return d[split]
+                return d
+            return datasets.load_dataset(path, config, split=split, cache_dir=cache_dir)
+        raise FileNotFoundError(f"dataset '{ds_id}': no such file or directory")
+    ensure_hub_reachable(ds_id)
+    try:
+        return datasets.load_dataset(ds_id, config, split=split, revision=revision, cache_dir=cache_dir)
+    except (ConnectionError, OSError) as exc:
+        raise FileNotFoundError(
+            f"dataset '{ds_id}' (split {split!r}) could not be loaded from the Hugging Face Hub or its cache: "
+            f"{exc}. Pass a local path instead (a .json/.jsonl/.parquet/.arrow file or a directory)."
+        ) from exc
+
+
+def _load_file(path: str, cache_dir: Optional[str]):
+    import datasets
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in LOCAL_EXTS:
+        raise ValueError(f"dataset file '{path}': unsupported extension {ext!r} (use one of {sorted(LOCAL_EXTS)})")
+    try:
+        return datasets.load_dataset(LOCAL_EXTS[ext], data_files=path, split="train", cache_dir=cache_dir)
+    except Exception as exc:  # datasets wraps parser errors in several exception types
+        raise ValueError(f"dataset file '{path}' could not be parsed as {LOCAL_EXTS[ext]}: {exc}") from exc
+
+
+def _tag(ds, name: str):
+    n = len(ds)
+    for col in (SOURCE_COL, SOURCE_ROW_COL):
+        if col in ds.column_names:
+            ds = ds.remove_columns(col)
+    return ds.add_column(SOURCE_COL, [name] * n).add_column(SOURCE_ROW_COL, list(range(n)))
+
+
+def _keep_columns(ds, columns, name):
+    if not columns:
+        return ds
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"dataset '{name}': columns {missing} not found (has {ds.column_names})")
+    return ds.select_columns(list(columns) + [c for c in (SOURCE_COL, SOURCE_ROW_COL) if c in ds.column_names])
+
+
+def _reweight(ds, weight: Optional[float], seed: int, name: str):
+    if weight is None or weight == 1.0:
+        return ds
+    if weight <= 0:
+        raise ValueError(f"dataset '{name}': weight must be > 0, got {weight}")
+    import datasets
+
+    whole, frac = int(weight), weight - int(weight)
+    parts = [ds] * whole
+    if frac > 0:
+        parts.append(ds.shuffle(seed=seed).select(range(int(frac * len(ds)))))
+    return datasets.concatenate_datasets(parts)
+
+
+def load_rows(data_cfg: DataConfig) -> dict:
+    """Rows for training: ``{"train": datasets.Dataset, "test": datasets.Dataset | None}``.
+
+    Raises:
+        FileNotFoundError: a path does not exist, or a hub id while the hub is unreachable.
+        ValueError: unparsable file, unknown columns, bad weights.
+    """
+    import datasets
+
+    if isinstance(data_cfg, dict):
+        data_cfg = DataConfig(**data_cfg)
+    train_parts, test_parts = [], []
+    if data_cfg.dataset_mixer is not None:
+        configs = data_cfg.dataset_configs or [None] * len(data_cfg.dataset_mixer)
+        if len(configs) != len(data_cfg.dataset_mixer):
+            raise ValueError("data config: dataset_configs must have one entry per dataset_mixer entry")
+        for (ds_id, frac), config in zip(data_cfg.dataset_mixer.items(), configs):
+            if frac < 0:
+                raise ValueError(f"dataset_mixer: fraction for '{ds_id}' must be >= 0, got {frac}")
+            for split in data_cfg.dataset_splits:
+                ds = load_split(ds_id, split, config=config, cache_dir=data_cfg.cache_dir, file_is_split=False)
+                if ds is None:
+                    continue
+                name = ds_id if os.path.isfile(os.path.expanduser(ds_id)) else f"{ds_id}[{split}]"
+                ds = _keep_columns(_tag(ds, name), data_cfg.columns_to_keep, name)
+                if "train" in split:
+                    train_parts.append(ds.select(range(int(frac * len(ds)))) if frac < 1 else _reweight(ds, frac, data_cfg.seed, name))
+                elif "test" in split:
+                    test_parts.append(ds)
+                else:
+                    raise ValueError(f"dataset_splits: split {split!r} must contain 'train' or 'test'")
+        seed = data_cfg.seed
+    else:
+        mix = data_cfg.dataset_mixture
+        for spec in mix.datasets:
+            ds = load_split(spec.id, spec.split, config=spec.config, revision=spec.revision, cache_dir=data_cfg.cache_dir)
+            name = spec.id if os.path.isfile(os.path.expanduser(spec.id)) else f"{spec.id}[{spec.split}]"
+            ds = _keep_columns(_tag(ds, name), spec.columns or data_cfg.columns_to_keep, name)
+            train_parts.append(_reweight(ds, spec.weight, mix.seed, name))
+        seed = mix.seed
+    if not train_parts:
+        raise ValueError("data config: no train split was loaded (check dataset_splits / dataset_mixture)")
+    train = _concat(train_parts, "train")
+    test = _concat(test_parts, "test") if test_parts else None
+    if data_cfg.dataset_mixture is not None and data_cfg.dataset_mixture.test_split_size:
+        split = train.train_test_split(test_size=data_cfg.dataset_mixture.test_split_size, seed=seed)
+        train, test = split["train"], split["test"]
+    if data_cfg.shuffle:
+        train = train.shuffle(seed=seed)
+        test = test.shuffle(seed=seed) if test is not None else None
+    return {"train": train, "test": test}
+
+
+def _concat(parts, what):
+    import datasets
+
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as exc:
+        raise ValueError(f"cannot mix the {what} datasets: their columns/types differ ({exc}); "
+                         "select common columns with `columns` / `columns_to_keep`") from exc

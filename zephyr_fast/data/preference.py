@@ -1,0 +1,230 @@
+"""DPO pairs: ``prompt_ids`` + ``chosen_ids`` / ``rejected_ids`` with alignment-handbook truncation.
+
+Accepted row formats (auto-detected per row):
+
+* ``chosen`` / ``rejected`` full conversations (``ultrafeedback_binarized``): the prompt is the shared
+  prefix ``chosen[:-1] == rejected[:-1]``, the completion is the last (assistant) turn;
+* ``prompt`` (string or message list) + ``chosen`` / ``rejected`` as strings or as one-message
+  assistant lists (TRL's explicit-prompt format).
+
+The generation prompt ``<|assistant|>\\n`` belongs to the prompt side (as in alignment-handbook), so
+a completion is ``"{content}</s>\\n"`` and ``prompt + completion`` is byte-identical to rendering the
+whole conversation.  Ids are taken from tokenising the *whole* text, so word boundaries at the seam
+are the ones the model sees at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from .chat import ZEPHYR_CHAT_TEMPLATE, render, tokenize_kwargs
+from .sft import TOKENIZE_CHUNK, with_empty_system
+from .validate import (
+    DataError,
+    SkipReport,
+    check_messages,
+    check_string,
+    column_names,
+    get_column,
+    resolve,
+    row_origins,
+    DataValidationError,
+)
+
+
+@dataclass
+class DPOReport:
+    """What :func:`build_dpo_examples` did; ``str(report)`` is the line the trainer logs."""
+
+    rows: int = 0
+    pairs: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    seam_retokenized: int = 0
+    prompt_tokens: int = 0
+    chosen_tokens: int = 0
+    rejected_tokens: int = 0
+    max_length: int = 0
+    max_prompt_length: Optional[int] = None
+    skipped: SkipReport = field(default_factory=SkipReport)
+
+    def __str__(self) -> str:
+        return (
+            f"DPO: {self.pairs}/{self.rows} pairs; tokens prompt/chosen/rejected "
+            f"{self.prompt_tokens}/{self.chosen_tokens}/{self.rejected_tokens}; truncated (max_length="
+            f"{self.max_length}, max_prompt_length={self.max_prompt_length}): {self.prompt_truncated} prompts "
+            f"from the left, {self.completion_truncated} pairs' completions from the right; {self.skipped}"
+        )
+
+
+def _render_prompt(msgs, tokenizer) -> str:
+    if (getattr(tokenizer, "chat_template", None) or ZEPHYR_CHAT_TEMPLATE) == ZEPHYR_CHAT_TEMPLATE:
+        eos = str(tokenizer.eos_token)
+        return "".join(f"<|{m['role']}|>\n{m['content']}{eos}\n" for m in msgs) + "<|assistant|>\n"
+    return render(msgs, add_generation_prompt=True, tokenizer=tokenizer)
+
+
+def _render_full(msgs, tokenizer) -> str:
+    if (getattr(tokenizer, "chat_template", None) or ZEPHYR_CHAT_TEMPLATE) == ZEPHYR_CHAT_TEMPLATE:
+        eos = str(tokenizer.eos_token)
+        return "".join(f"<|{m['role']}|>\n{m['content']}{eos}\n" for m in msgs)
+    return render(msgs, tokenizer=tokenizer)
+
+
+def _as_assistant(value, *, ds, row, fld):
+    """A completion given as a string or as ``[{"role": "assistant", ...}]``."""
+    if isinstance(value, str) or value is None:
+        errs = check_string(value, dataset=ds, row=row, field=fld)
+        return ({"role": "assistant", "content": value} if not errs else None), errs
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], dict):
+        m = value[0]
+        if m.get("role") != "assistant":
+            return None, [DataError(ds, row, fld + "[0].role", f"completion must be an assistant turn, got {m.get('role')!r}", "role_order")]
+        errs = check_string(m.get("content"), dataset=ds, row=row, field=fld + "[0].content")
+        return (m if not errs else None), errs
+    return None, [DataError(ds, row, fld, f"expected a string or a message list, got {type(value).__name__}", "wrong_type")]
+
+
+def parse_pair(row: dict, *, ds: str, r: int):
+    """``(prompt_messages, chosen_message, rejected_message, errors)`` for one row, any format."""
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    errs = []
+    full = (
+        isinstance(chosen, (list, tuple)) and chosen and isinstance(chosen[0], dict)
+        and chosen[0].get("role") in ("system", "user")
+    )
+    if full:
+        errs += check_messages(chosen, dataset=ds, row=r, field="chosen", last_role="assistant")
+        errs += check_messages(rejected, dataset=ds, row=r, field="rejected", last_role="assistant")
+        if errs:
+            return None, None, None, errs
+        if list(chosen[:-1]) != list(rejected[:-1]):
+            turn = next((j for j, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])) if a != b), min(len(chosen), len(rejected)) - 1)
+            return None, None, None, [DataError(ds, r, f"rejected[{turn}]", "chosen and rejected have different prompts "
+                                                "(every turn but the last must be identical)", "prompt_mismatch")]
+        prompt_msgs, c, rj = list(chosen[:-1]), chosen[-1], rejected[-1]
+    else:
+        if isinstance(prompt, str) or prompt is None:
+            errs += check_string(prompt, dataset=ds, row=r, field="prompt")
+            prompt_msgs = [{"role": "user", "content": prompt}]
+        else:
+            errs += check_messages(prompt, dataset=ds, row=r, field="prompt", need_assistant=False, last_role="user")
+            prompt_msgs = list(prompt) if isinstance(prompt, (list, tuple)) else None
+        c, e1 = _as_assistant(chosen, ds=ds, row=r, fld="chosen")
+        rj, e2 = _as_assistant(rejected, ds=ds, row=r, fld="rejected")
+        errs += e1 + e2
+        if errs:
+            return None, None, None, errs
+    if c["content"] == rj["content"]:
+        return None, None, None, [DataError(ds, r, "rejected", "chosen and rejected completions are identical", "identical_pair")]
+    return prompt_msgs, c, rj, []
+
+
+def truncate_pair(p: list, c: list, r: list, *, max_length: int, max_prompt_length: Optional[int], bos_id: Optional[int]):
+    """alignment-handbook / TRL ``keep_end`` truncation, applied only when the pair is too long.
+
+    1. prompt cut from the *left* to ``max_prompt_length`` (a leading BOS is kept);
+    2. completions cut from the *right* to ``max_length - len(prompt)``.
+    Returns ``(p, c, r, prompt_cut, completion_cut)``.
+    """
+    prompt_cut = completion_cut = False
+    if len(p) + max(len(c), len(r)) > max_length:
+        if max_prompt_length is not None and len(p) > max_prompt_length:
+            keep_bos = bos_id is not None and p and p[0] == bos_id
+            p = ([p[0]] + p[len(p) - max_prompt_length + 1 :]) if keep_bos else p[len(p) - max_prompt_length :]
+            prompt_cut = True
+        room = max_length - len(p)
+        if room > 0 and max(len(c), len(r)) > room:
+            c, r = c[:room], r[:room]
+            completion_cut = True
+    return p, c, r, prompt_cut, completion_cut
+
+
+def build_dpo_examples(
+    rows,
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: Optional[int] = None,
+    add_empty_system: bool = True,
+    skip_invalid_rows: bool = False,
+    dataset_name: str = "dpo",
+    show_progress: bool = True,
+):
+    """Tokenise preference rows into DPO pairs.
+
+    Args:
+        rows: ``datasets.Dataset`` or list of dicts (formats in the module docstring).
+        max_length: cap on ``len(prompt) + len(completion)`` for chosen and for rejected.
+        max_prompt_length: prompts of over-long pairs are cut from the left to this many tokens.
+        add_empty_system: prepend an empty system turn (alignment-handbook's Zephyr default).
+    Returns:
+        ``(examples, report)``; each example is ``{"index": int (position in rows), "prompt_ids":
+        list[int], "chosen_ids": list[int], "rejected_ids": list[int]}``.
+    Raises:
+        DataValidationError: invalid rows (all listed) unless ``skip_invalid_rows``.
+    """
+    from tqdm.auto import tqdm
+
+    names = column_names(rows)
+    missing = [c for c in ("chosen", "rejected") if c not in names]
+    if missing:
+        raise DataValidationError([DataError(dataset_name, -1, c, f"column missing for DPO (columns present: {sorted(names)})", "missing_column") for c in missing])
+    cols = {c: get_column(rows, c) for c in ("prompt", "chosen", "rejected")}
+    origins = row_origins(rows, dataset_name)
+    n = len(cols["chosen"])
+    report = DPOReport(rows=n, max_length=max_length, max_prompt_length=max_prompt_length)
+
+    errors, keep, ptxt, ctxt, rtxt = [], [], [], [], []
+    for k in range(n):
+        ds, r = origins[k]
+        pm, c, rj, errs = parse_pair({f: cols[f][k] for f in cols}, ds=ds, r=r)
+        if errs:
+            errors += [replace(e, position=k) for e in errs]
+            continue
+        if add_empty_system:
+            pm = with_empty_system(pm)
+        keep.append(k)
+        ptxt.append(_render_prompt(pm, tokenizer))
+        ctxt.append(_render_full(pm + [c], tokenizer))
+        rtxt.append(_render_full(pm + [rj], tokenizer))
+
+    kw = tokenize_kwargs(tokenizer)
+    bos_id = tokenizer.bos_token_id if kw.get("add_special_tokens", True) else None
+    examples = []
+    bar = tqdm(total=len(keep), desc="tokenize DPO", unit="pair", disable=not show_progress or len(keep) < 4096)
+    for c0 in range(0, len(keep), TOKENIZE_CHUNK):
+        sl = slice(c0, c0 + TOKENIZE_CHUNK)
+        P = tokenizer(ptxt[sl], **kw)["input_ids"]
+        C = tokenizer(ctxt[sl], **kw)["input_ids"]
+        R = tokenizer(rtxt[sl], **kw)["input_ids"]
+        for j, (p, cf, rf) in enumerate(zip(P, C, R)):
+            k = keep[c0 + j]
+            comps = []
+            for full, text in ((cf, ctxt[c0 + j]), (rf, rtxt[c0 + j])):
+                if full[: len(p)] == p:
+                    comps.append(full[len(p) :])
+                else:  # a token merged across the seam: tokenise the completion alone
+                    report.seam_retokenized += 1
+                    comps.append(tokenizer(text[len(ptxt[c0 + j]) :], add_special_tokens=False)["input_ids"])
+            pp, cc, rr, pcut, ccut = truncate_pair(list(p), comps[0], comps[1], max_length=max_length,
+                                                  max_prompt_length=max_prompt_length, bos_id=bos_id)
+            if len(pp) >= max_length:
+                ds, r = origins[k]
+                errors.append(DataError(ds, r, "prompt", f"the prompt alone has {len(pp)} tokens >= max_length="
+                                        f"{max_length}; set max_prompt_length below max_length or raise max_length",
+                                        "prompt_too_long", position=k))
+                continue
+            report.prompt_truncated += pcut
+            report.completion_truncated += ccut
+            examples.append({"index": k, "prompt_ids": pp, "chosen_ids": cc, "rejected_ids": rr})
+        bar.update(len(P))
+    bar.close()
+
+    report.skipped = resolve(errors, skip_invalid_rows=skip_invalid_rows, total_rows=n)
+    report.pairs = len(examples)
+    report.prompt_tokens = sum(len(e["prompt_ids"]) for e in examples)
+    report.chosen_tokens = sum(len(e["chosen_ids"]) for e in examples)
+    report.rejected_tokens = sum(len(e["rejected_ids"]) for e in examples)
+    return examples, report

@@ -1,0 +1,199 @@
+"""Row validation: every problem names the dataset, row and field; nothing is dropped silently.
+
+Validation collects *all* problems of a dataset first, then either stops the run with one summary
+(:class:`DataValidationError`, the default) or, with ``skip_invalid_rows=True``, drops exactly the
+bad rows and reports how many were skipped and why.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+from .chat import ROLES
+
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class DataError:
+    """One problem with one row.  ``kind`` is a short stable tag used for the skip counts."""
+
+    dataset: str
+    row: int
+    field: str
+    message: str
+    kind: str = "invalid"
+    # position of the row in the rows being processed (== row unless a mixture reordered them)
+    position: int = -1
+
+    def __str__(self) -> str:
+        where = "all rows" if self.row < 0 else f"row {self.row}"
+        return f"{self.dataset}: {where}, field '{self.field}': {self.message}"
+
+
+class DataValidationError(ValueError):
+    """Raised before training when rows are invalid and ``skip_invalid_rows`` is off."""
+
+    def __init__(self, errors: Sequence[DataError], total_rows: Optional[int] = None):
+        self.errors = list(errors)
+        counts = Counter(e.kind for e in self.errors)
+        rows = len({(e.dataset, e.row) for e in self.errors})
+        of = f" of {total_rows}" if total_rows is not None else ""
+        lines = [f"{rows}{of} rows are invalid ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}):"]
+        lines += [f"  {e}" for e in self.errors[:MAX_LISTED]]
+        if len(self.errors) > MAX_LISTED:
+            lines.append(f"  ... and {len(self.errors) - MAX_LISTED} more")
+        lines.append("Fix the data, or set skip_invalid_rows: true to skip these rows (they are counted).")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class SkipReport:
+    """Rows skipped because of :class:`DataError` s (only with ``skip_invalid_rows``)."""
+
+    rows: set = field(default_factory=set)  # positions in the processed rows
+    by_kind: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.rows)
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return "0 rows skipped"
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.by_kind.items()))
+        return f"{len(self.rows)} rows skipped ({kinds}); first: {self.examples[0]}"
+
+
+def resolve(errors: Iterable[DataError], *, skip_invalid_rows: bool, total_rows: Optional[int] = None) -> SkipReport:
+    """Raise all collected errors at once, or turn them into a skip report."""
+    errors = list(errors)
+    report = SkipReport()
+    if not errors:
+        return report
+    if not skip_invalid_rows:
+        raise DataValidationError(errors, total_rows)
+    for e in errors:
+        pos = e.position if e.position >= 0 else e.row
+        if pos not in report.rows:
+            report.by_kind[e.kind] += 1
+        report.rows.add(pos)
+        if len(report.examples) < MAX_LISTED:
+            report.examples.append(str(e))
+    return report
+
+
+def check_messages(
+    messages,
+    *,
+    dataset: str,
+    row: int,
+    field: str,
+    need_assistant: bool = True,
+    last_role: Optional[str] = None,
+) -> list:
+    """Check a conversation: list of {role, content} dicts, known roles in order, non-empty strings.
+
+    Order rule: an optional ``system`` turn first, then ``user``/``assistant`` alternating,
+    starting with ``user``.
+    """
+    errs = []
+
+    def err(msg, kind, sub=""):
+        errs.append(DataError(dataset, row, field + sub, msg, kind))
+
+    if messages is None:
+        err("missing (None)", "missing_field")
+        return errs
+    if not isinstance(messages, (list, tuple)):
+        err(f"expected a list of messages, got {type(messages).__name__}", "wrong_type")
+        return errs
+    if not messages:
+        err("empty conversation", "empty")
+        return errs
+    expected = "user"
+    for j, m in enumerate(messages):
+        sub = f"[{j}]"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            err("expected a dict with 'role' and 'content'", "wrong_type", sub)
+            return errs
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            err(f"unknown role {role!r} (expected one of {ROLES})", "bad_role", sub + ".role")
+            return errs
+        if not isinstance(content, str):
+            err(f"content must be a string, got {type(content).__name__}", "wrong_type", sub + ".content")
+        elif not content.strip():
+            err("empty content", "empty", sub + ".content")
+        if role == "system":
+            if j != 0:
+                err("a system turn is only allowed first", "role_order", sub + ".role")
+                return errs
+            continue
+        if role != expected:
+            err(f"roles out of order: expected {expected!r}, got {role!r}", "role_order", sub + ".role")
+            return errs
+        expected = "assistant" if role == "user" else "user"
+    if need_assistant and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        err("no assistant turn to train on", "no_assistant")
+    if last_role is not None and messages[-1].get("role") != last_role:
+        err(f"last turn must be {last_role!r}, got {messages[-1].get('role')!r}", "role_order", f"[{len(messages) - 1}].role")
+    return errs
+
+
+def check_string(value, *, dataset: str, row: int, field: str) -> list:
+    if value is None:
+        return [DataError(dataset, row, field, "missing (None)", "missing_field")]
+    if not isinstance(value, str):
+        return [DataError(dataset, row, field, f"expected a string, got {type(value).__name__}", "wrong_type")]
+    if not value.strip():
+        return [DataError(dataset, row, field, "empty string", "empty")]
+    return []
+
+
+def check_columns(column_names: Iterable[str], required: Sequence[str], *, dataset: str, what: str) -> None:
+    """Fail fast (before touching rows) when whole columns are missing."""
+    have = set(column_names)
+    missing = [c for c in required if c not in have]
+    if missing:
+        raise DataValidationError(
+            [DataError(dataset, -1, c, f"column missing for {what} (columns present: {sorted(have)})", "missing_column") for c in missing]
+        )
+
+
+# --- row access shared by sft.py / preference.py / binarize.py -------------------------------------
+
+SOURCE_COL, SOURCE_ROW_COL = "_source", "_source_row"
+
+
+def column_names(rows) -> list:
+    """Columns of a ``datasets.Dataset`` or of a list of dict rows (union of keys)."""
+    names = getattr(rows, "column_names", None)
+    if names is not None:
+        return list(names)
+    seen = {}
+    for r in rows:
+        for k in r:
+            seen.setdefault(k, None)
+    return list(seen)
+
+
+def get_column(rows, name: str) -> list:
+    """One column as a Python list (one Arrow conversion for a Dataset instead of per-row access)."""
+    if hasattr(rows, "column_names"):
+        return list(rows[name]) if name in rows.column_names else [None] * len(rows)
+    return [r.get(name) for r in rows]
+
+
+def row_origins(rows, dataset_name: str):
+    """``(dataset, row)`` for error messages: the source file and its row when :func:`load_rows`
+    recorded them (mixtures shuffle rows), else ``dataset_name`` and the position in ``rows``."""
+    names = column_names(rows)
+    n = len(rows)
+    if SOURCE_COL in names and SOURCE_ROW_COL in names:
+        src, idx = get_column(rows, SOURCE_COL), get_column(rows, SOURCE_ROW_COL)
+        return [(s if s is not None else dataset_name, i if i is not None else k) for k, (s, i) in enumerate(zip(src, idx))]
+    return [(dataset_name, k) for k in range(n)]
