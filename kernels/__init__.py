@@ -1,1 +1,32 @@
-"""zephyr_kernels: fused LM-head log-prob / cross-entropy / DPO kernels (placeholder until issue 2 lands)."""
+"""zephyr_kernels: fused LM-head log-prob, cross-entropy and DPO losses that never build (N, V) logits.
+
+Public API (contracts in docs/ARCHITECTURE.md):
+
+* :func:`linear_logprobs` — per-token / per-segment log-probs (DPO policy and reference passes).
+* :func:`linear_cross_entropy`, :class:`FusedLinearCrossEntropyLoss` (Liger FLCE call signature).
+* :func:`dpo_loss`, :func:`fused_linear_dpo_loss`, :class:`FusedLinearDPOLoss`,
+  :class:`LigerCompatibleFusedLinearDPOLoss`.
+* ``impl="auto" | "triton" | "torch"`` on every entry point (:mod:`zephyr_kernels.dispatch`);
+  :mod:`zephyr_kernels.reference` holds the naive fp32 references.
+
+Importing this package touches neither CUDA nor Triton; the Triton backend loads on first use.
+"""
+
+from zephyr_kernels.cross_entropy import FusedLinearCrossEntropyLoss, linear_cross_entropy
+from zephyr_kernels.dispatch import IMPLS, resolve
+from zephyr_kernels.dpo import LOSS_TYPES, FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss
+from zephyr_kernels.liger_compat import LigerCompatibleFusedLinearDPOLoss
+from zephyr_kernels.linear_logprobs import linear_logprobs
+
+__all__ = [
+    "IMPLS",
+    "LOSS_TYPES",
+    "FusedLinearCrossEntropyLoss",
+    "FusedLinearDPOLoss",
+    "LigerCompatibleFusedLinearDPOLoss",
+    "dpo_loss",
+    "fused_linear_dpo_loss",
+    "linear_cross_entropy",
+    "linear_logprobs",
+    "resolve",
+]

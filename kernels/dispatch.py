@@ -1,0 +1,113 @@
+"""One dispatch point: ``impl = "auto" | "triton" | "torch"`` → the backend module that runs.
+
+* ``"torch"`` — :mod:`zephyr_kernels.chunked`, anywhere.
+* ``"triton"`` — :mod:`zephyr_kernels.triton_kernels`: CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` (tests).  If it cannot run, this raises instead of silently falling back.
+* ``"auto"`` — Triton for CUDA tensors, the torch path otherwise; the first fallback of each kind
+  is reported once through :mod:`warnings`.
+
+The decision depends only on ``(impl, device type)`` and is cached, so it is made once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """The Triton backend module, or the reason it cannot be imported."""
+    try:
+        return importlib.import_module("zephyr_kernels.triton_kernels"), None
+    except Exception as exc:  # ImportError, or triton failing to initialise its backend
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def triton_unavailable_reason(device: torch.device):
+    """None when Triton kernels can run on ``device``, else a human-readable reason."""
+    mod, err = _triton_module()
+    if mod is None:
+        return f"Triton is not importable ({err})"
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cuda":
+        if interp:
+            return "TRITON_INTERPRET=1 is set; the interpreter cannot run on CUDA tensors"
+        return None
+    if device.type == "cpu":
+        if not interp:
+            return "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported) to run Triton"
+        # kernels decorated before the variable was set are compiled kernels, not interpreted ones
+        if type(mod._stats_kernel).__name__ != "InterpretedFunction":
+            return "TRITON_INTERPRET=1 was set after zephyr_kernels' Triton kernels were imported"
+        return None
+    return f"no Triton backend for device type {device.type!r}"
+
+
+_warned = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(impl: str, device_type: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"zephyr_kernels: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(torch.device(device_type))
+    if impl == "triton":
+        if reason is not None:
+            raise RuntimeError(f"zephyr_kernels: impl='triton' cannot run on {device_type} tensors: {reason}")
+        return "triton"
+    if device_type == "cuda" and reason is None:
+        return "triton"
+    if device_type not in _warned:
+        _warned.add(device_type)
+        why = "" if device_type == "cpu" else f" ({reason})"
+        warnings.warn(
+            f"zephyr_kernels: impl='auto' uses the chunked PyTorch path for {device_type} tensors{why}",
+            stacklevel=4,
+        )
+    return "torch"
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"`` for tensors on ``device`` (raises for an impossible explicit choice)."""
+    return _resolve(impl, torch.device(device).type)
+
+
+def backend(impl: str, device: torch.device):
+    """The module implementing ``stats/grads/fused`` for the resolved ``impl``."""
+    if resolve(impl, device) == "triton":
+        return _triton_module()[0]
+    from zephyr_kernels import chunked
+
+    return chunked
+
+
+def check_inputs(hidden, weight, targets, bias=None, segment_ids=None, num_segments=None):
+    """Shape/dtype/device checks shared by every public entry point (cheap, no host sync)."""
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be (N, D) and weight (V, D); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    N, D = hidden.shape
+    if weight.shape[1] != D:
+        raise ValueError(f"hidden (N, D={D}) and weight (V, D={weight.shape[1]}) disagree on D")
+    if targets.shape != (N,) or targets.dtype != torch.int64:
+        raise ValueError(f"targets must be (N={N},) int64, got {tuple(targets.shape)} {targets.dtype}")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must share a float dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be (V={weight.shape[0]},), got {tuple(bias.shape)}")
+    devs = {t.device for t in (hidden, weight, targets, bias, segment_ids) if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devs))}")
+    if segment_ids is not None:
+        if segment_ids.shape != (N,) or segment_ids.dtype != torch.int64:
+            raise ValueError(f"segment_ids must be (N={N},) int64, got {tuple(segment_ids.shape)} {segment_ids.dtype}")
+        if num_segments is not None and num_segments < 0:
+            raise ValueError(f"num_segments must be >= 0, got {num_segments}")

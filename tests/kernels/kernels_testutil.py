@@ -1,0 +1,38 @@
+"""Shared helpers for the zephyr_kernels tests (inputs, tolerances, gradient collection)."""
+
+import torch
+
+IMPLS = ["torch", "triton"]
+ATOL, RTOL = 1e-5, 5e-4
+
+
+def make_inputs(N, D, V, *, dtype=torch.float32, ignore_frac=0.0, bias=False, seed=0, scale=None):
+    g = torch.Generator().manual_seed(seed)
+    scale = scale if scale is not None else 2.0 / D**0.5
+    h = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g) * scale).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    if ignore_frac:
+        t[torch.rand(N, generator=g) < ignore_frac] = -100
+    return h, w, b, t
+
+
+def grads_of(fn, tensors):
+    """Run ``fn()`` (returns a scalar), backprop, return (value, [grads]) and clear the grads."""
+    for x in tensors:
+        x.grad = None
+    out = fn()
+    out.backward()
+    gs = [x.grad.detach().clone() for x in tensors]
+    for x in tensors:
+        x.grad = None
+    return out.detach(), gs
+
+
+def assert_close(actual, expected, atol=ATOL, rtol=RTOL, what=""):
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def params(h, w, b):
+    return [x for x in (h, w, b) if x is not None]
