@@ -1,0 +1,153 @@
+"""Logits-free forward: packed batch → final hidden states → fused log-probs.
+
+The LM head is never applied here.  :func:`forward_hidden` returns the decoder body's final
+(normed) hidden states ``(N, D)``; the loss code hands them with :func:`lm_head_weight` to
+``zephyr_kernels``, which never materialises ``(N, V)`` logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from ..data.batch import PackedBatch, loss_inputs
+from .attention import (META_KWARG, attention_implementation, backend_of, build_varlen_meta,
+                        register_varlen_attention, resolve_backend)
+
+logger = logging.getLogger(__name__)
+
+
+def _is_deepspeed_engine(model) -> bool:
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
+def unwrap_model(model):
+    """The ``transformers`` causal LM inside a DeepSpeed engine / DDP wrapper / PEFT model."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft.PeftModel: LoRA layers live inside the base model
+        model = model.get_base_model()
+    return model
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def ensure_packed_attention(model) -> str:
+    """Return the packed backend of ``model``, switching a foreign implementation to ``"auto"``."""
+    backend = backend_of(model.config._attn_implementation)
+    if backend is None:
+        name = register_varlen_attention(resolve_backend("auto", _device_of(model)))
+        logger.info("switching attention from %r to %r for packed batches",
+                    model.config._attn_implementation, name)
+        model.set_attn_implementation(name)
+        backend = backend_of(name)
+    return backend
+
+
+def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
+    """Final hidden states of a packed batch, without the LM head.
+
+    Args:
+        model: a Mistral/Llama causal LM (from :func:`~zephyr_fast.model.load.load_model`), or a
+            DeepSpeed engine / PEFT model wrapping one.
+        batch: ``PackedBatch`` on the model's device — ``input_ids: (N,)``,
+            ``position_ids: (N,)``, ``cu_seqlens: (S+1,) int32``.
+    Returns:
+        ``hidden: (N, D)`` in the model's dtype (after the final RMSNorm).
+
+    A DeepSpeed engine is called through its own ``forward`` (so ZeRO-3's hooks, gradient
+    accumulation scaling and backward prologue run exactly as for any engine forward), with
+    ``logits_to_keep`` an empty index so the head produces a ``(1, 0, V)`` tensor.
+    """
+    hf = unwrap_model(model)
+    backend = ensure_packed_attention(hf)
+    meta = build_varlen_meta(batch, backend, sliding_window=getattr(hf.config, "sliding_window", None),
+                             needs_grad=torch.is_grad_enabled())
+    kwargs = {"position_ids": batch.position_ids.unsqueeze(0), "use_cache": False, META_KWARG: meta}
+    input_ids = batch.input_ids.unsqueeze(0)
+    if _is_deepspeed_engine(model):
+        keep = torch.empty(0, dtype=torch.long, device=input_ids.device)
+        out = model(input_ids=input_ids, logits_to_keep=keep, output_hidden_states=True, **kwargs)
+        hidden = out.hidden_states[-1]
+    else:
+        hidden = hf.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
+    return hidden.squeeze(0)
+
+
+def _zero3_partitioned(p) -> bool:
+    if not hasattr(p, "ds_id"):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_status != ZeroParamStatus.AVAILABLE
+
+
+@contextlib.contextmanager
+def lm_head_weight(model):
+    """Yield the LM-head weight ``(V, D)`` (tied or untied), gathered under ZeRO-3 when partitioned.
+
+    Use the yielded tensor for the whole loss computation inside the ``with`` block; its gradient
+    reaches the real parameter.  Under ZeRO-3 the weight is all-gathered with
+    ``GatheredParameters(modifier_rank=None)`` and re-partitioned on exit; DeepSpeed does that by
+    swapping ``param.data`` for an empty tensor, which a kernel that saved the parameter itself
+    for backward would then read as a 0-element shard.  We therefore yield a *view* of the gathered
+    parameter: it keeps the gathered storage alive for the backward, while autograd still routes
+    the full-shape gradient to the parameter's accumulator, where ZeRO-3's hook reduce-scatters it.
+    """
+    hf = unwrap_model(model)
+    head = hf.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(hf).__name__} has no output embedding (lm_head) weight")
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("lm_head with a bias is not supported (Mistral/Llama have none)")
+    weight = head.weight
+    if not _zero3_partitioned(weight):
+        yield weight
+        return
+    from deepspeed.zero import GatheredParameters
+
+    with GatheredParameters([weight], modifier_rank=None):
+        yield weight.view_as(weight)
+
+
+def packed_logps(model, batch: PackedBatch, impl: str = "auto"):
+    """Per-token and per-segment log-probs of a packed batch, logits-free.
+
+    ``log p(labels[t] | tokens <= t)`` from :func:`forward_hidden` and the LM head through
+    ``zephyr_kernels.linear_logprobs`` (fp32 accumulation, ``(N, V)`` logits never stored).
+
+    Returns:
+        ``token_logps: (M,) fp32`` (0 where ``labels == -100``) and ``segment_logps: (S,) fp32``
+        (sum over each loss segment; DPO: ``2i`` = pair ``i`` chosen, ``2i+1`` = rejected).
+        ``M = N`` except in the prefix-shared layout, where the ``P`` extra predictions of
+        :func:`~zephyr_fast.data.batch.loss_inputs` are appended.
+    """
+    from zephyr_kernels import linear_logprobs
+
+    hidden = forward_hidden(model, batch)
+    rows, labels, segment_ids = loss_inputs(hidden, batch)
+    with lm_head_weight(model) as weight:
+        return linear_logprobs(rows, weight, labels, segment_ids=segment_ids,
+                               num_segments=batch.num_segments, impl=impl)
+
+
+def padded_forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Baseline: final hidden states of a right- or left-padded batch with stock SDPA attention.
+
+    Args:
+        input_ids: ``(B, T) int64``; attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding.
+    Returns:
+        ``hidden: (B, T, D)`` (rows at padded positions are meaningless).
+
+    For packed-vs-padded comparisons (benchmarks) and TRL-style reference computations.
+    """
+    hf = unwrap_model(model)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    with attention_implementation(hf, "sdpa"):
+        out = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
