@@ -104,14 +104,15 @@ def template_emits_bos(tokenizer, chat_template: Optional[str] = None) -> bool:
 
 def tokenize_kwargs(tokenizer) -> dict:
     """Keyword arguments for ``tokenizer(texts, **kw)`` that give exactly one BOS per sequence."""
+    template = getattr(tokenizer, "chat_template", None)
     cached = getattr(tokenizer, "_zephyr_fast_tok_kwargs", None)
-    if cached is None:
-        cached = {"add_special_tokens": not template_emits_bos(tokenizer)}
+    if cached is None or cached[0] != template:  # recomputed when the template is swapped
+        cached = (template, {"add_special_tokens": not template_emits_bos(tokenizer)})
         try:
             tokenizer._zephyr_fast_tok_kwargs = cached
         except AttributeError:  # pragma: no cover - exotic tokenizer objects with __slots__
             pass
-    return dict(cached)
+    return dict(cached[1])
 
 
 def load_tokenizer(path_or_id: str, chat_template: Optional[str] = None, *, revision: Optional[str] = None):
