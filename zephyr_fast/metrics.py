@@ -1,0 +1,150 @@
+"""Training metrics with TRL's names, throughput, MFU, metrics.jsonl / TensorBoard, and the plot.
+
+Names follow TRL's DPOTrainer / SFTTrainer logs (``loss``, ``grad_norm``, ``learning_rate``,
+``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+``logps/chosen``, ``logps/rejected``; ``eval_`` prefixed for evaluation) so dashboards and
+comparison scripts work unchanged; zephyr_fast adds ``train_tokens_per_second``,
+``train_pairs_per_second``, ``mfu`` and ``peak_memory_gb``.
+
+MFU follows PaLM (Chowdhery et al. 2022, appendix B): training FLOPs per token
+``6·N + 12·L·d·T`` (N non-embedding... here all matmul parameters incl. the LM head, L layers,
+d model width, T attention context). For padding-free packed batches every token attends within
+its own sequence, so the attention term sums ``len²`` over the packed sequences instead of
+``tokens·T``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from typing import Optional
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
+PEAK_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+    "L40": 181.0, "A10G": 125.0, "A10": 125.0, "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0,
+    "V100": 125.0, "T4": 65.0, "B200": 2250.0,
+}
+
+
+def detect_peak_tflops(device: torch.device) -> Optional[float]:
+    """Peak bf16 TFLOP/s of the CUDA card by name, or None (CPU / unknown card: no MFU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100" before "H10"-like prefixes
+        if key in name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+def count_matmul_params(model) -> int:
+    """Parameters that cost 2 FLOPs per token forward: everything but the input embedding table."""
+    emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    total = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions report 0 locally
+        if emb is not None and p is emb:
+            continue
+        total += n
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and emb is not None:  # the tied table is still the LM-head matmul
+        total += emb.ds_numel if hasattr(emb, "ds_numel") else emb.numel()
+    return total
+
+
+def train_flops(n_params: int, n_layers: int, d_model: int, tokens: int, attn_sq: int) -> float:
+    """PaLM training FLOPs (forward + backward) of a packed batch: 6·N·tokens + 12·L·d·Σ len²."""
+    return 6.0 * n_params * tokens + 12.0 * n_layers * d_model * attn_sq
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    # CPU: the process's resident-set high-water mark (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+class MetricLogger:
+    """metrics.jsonl (+ TensorBoard when installed and requested) on rank 0; no-op elsewhere."""
+
+    def __init__(self, output_dir: str, *, enabled: bool, report_to=("tensorboard",), resume: bool = False):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.history: list = []
+        self._tb = None
+        self._t0 = time.time()
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+        if "tensorboard" in (report_to or ()):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(output_dir, "runs"))
+            except ImportError:  # tensorboard not installed: jsonl only
+                self._tb = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: _num(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _num(v):
+    if torch.is_tensor(v):
+        return float(v)
+    return v
+
+
+def read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_runs(runs: dict, out_png: str) -> str:
+    """One PNG: loss of every run (``{label: metrics.jsonl path}``) and DPO reward margins/accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_margin) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, path in runs.items():
+        rows = read_jsonl(path)
+        for key, style in (("loss", "-"), ("eval_loss", "--")):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax_loss.plot(*zip(*pts), style, marker=".", label=f"{label} {key}")
+        for key, style in (("rewards/margins", "-"), ("rewards/accuracies", ":"), ("eval_rewards/margins", "--")):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax_margin.plot(*zip(*pts), style, marker=".", label=f"{label} {key}")
+    ax_loss.set(title="loss", xlabel="optimiser step")
+    ax_margin.set(title="DPO reward margins / accuracy", xlabel="optimiser step")
+    for ax in (ax_loss, ax_margin):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
