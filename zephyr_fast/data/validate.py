@@ -41,7 +41,8 @@ class DataValidationError(ValueError):
         counts = Counter(e.kind for e in self.errors)
         rows = len({(e.dataset, e.row) for e in self.errors})
         of = f" of {total_rows}" if total_rows is not None else ""
-        lines = [f"{rows}{of} rows are invalid ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}):"]
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        lines = [f"{rows}{of} rows are invalid; {len(self.errors)} problems ({kinds}):"]
         lines += [f"  {e}" for e in self.errors[:MAX_LISTED]]
         if len(self.errors) > MAX_LISTED:
             lines.append(f"  ... and {len(self.errors) - MAX_LISTED} more")
