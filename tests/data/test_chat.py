@@ -83,3 +83,12 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     with pytest.raises(FileNotFoundError, match="Pass a local path"):
         load_tokenizer("mistralai/Mistral-7B-v0.1")
+
+
+def test_fast_python_rendering_equals_jinja(tok, uf_rows):
+    from zephyr_fast.data.chat import render_fast
+
+    for row in uf_rows[:4]:
+        msgs = [{"role": "system", "content": ""}] + row["chosen"]
+        for gen in (False, True):
+            assert render_fast(msgs, tok, gen) == render(msgs, gen, tokenizer=tok)

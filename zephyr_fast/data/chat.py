@@ -93,6 +93,16 @@ def render(
     )
 
 
+def render_fast(messages: Sequence[dict], tokenizer, add_generation_prompt: bool = False) -> str:
+    """:func:`render` with a plain-Python path for the Zephyr template (no Jinja per row; the
+    tests check both paths agree byte for byte)."""
+    if (getattr(tokenizer, "chat_template", None) or ZEPHYR_CHAT_TEMPLATE) != ZEPHYR_CHAT_TEMPLATE:
+        return render(messages, add_generation_prompt, tokenizer=tokenizer)
+    eos = str(tokenizer.eos_token)
+    text = "".join(f"<|{m['role']}|>\n{m['content']}{eos}\n" for m in messages)
+    return text + "<|assistant|>\n" if add_generation_prompt else text
+
+
 def template_emits_bos(tokenizer, chat_template: Optional[str] = None) -> bool:
     """True when the chat template writes ``bos_token`` itself (then never add it again)."""
     bos = getattr(tokenizer, "bos_token", None)

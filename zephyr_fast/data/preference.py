@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from .chat import ZEPHYR_CHAT_TEMPLATE, render, tokenize_kwargs
+from .chat import render_fast, tokenize_kwargs
 from .sft import TOKENIZE_CHUNK, with_empty_system
 from .validate import (
     DataError,
@@ -56,20 +56,6 @@ class DPOReport:
             f"{self.max_length}, max_prompt_length={self.max_prompt_length}): {self.prompt_truncated} prompts "
             f"from the left, {self.completion_truncated} pairs' completions from the right; {self.skipped}"
         )
-
-
-def _render_prompt(msgs, tokenizer) -> str:
-    if (getattr(tokenizer, "chat_template", None) or ZEPHYR_CHAT_TEMPLATE) == ZEPHYR_CHAT_TEMPLATE:
-        eos = str(tokenizer.eos_token)
-        return "".join(f"<|{m['role']}|>\n{m['content']}{eos}\n" for m in msgs) + "<|assistant|>\n"
-    return render(msgs, add_generation_prompt=True, tokenizer=tokenizer)
-
-
-def _render_full(msgs, tokenizer) -> str:
-    if (getattr(tokenizer, "chat_template", None) or ZEPHYR_CHAT_TEMPLATE) == ZEPHYR_CHAT_TEMPLATE:
-        eos = str(tokenizer.eos_token)
-        return "".join(f"<|{m['role']}|>\n{m['content']}{eos}\n" for m in msgs)
-    return render(msgs, tokenizer=tokenizer)
 
 
 def _as_assistant(value, *, ds, row, fld):
@@ -186,9 +172,9 @@ def build_dpo_examples(
         if add_empty_system:
             pm = with_empty_system(pm)
         keep.append(k)
-        ptxt.append(_render_prompt(pm, tokenizer))
-        ctxt.append(_render_full(pm + [c], tokenizer))
-        rtxt.append(_render_full(pm + [rj], tokenizer))
+        ptxt.append(render_fast(pm, tokenizer, add_generation_prompt=True))
+        ctxt.append(render_fast(pm + [c], tokenizer))
+        rtxt.append(render_fast(pm + [rj], tokenizer))
 
     kw = tokenize_kwargs(tokenizer)
     bos_id = tokenizer.bos_token_id if kw.get("add_special_tokens", True) else None

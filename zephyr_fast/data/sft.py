@@ -8,7 +8,6 @@ Each conversation is rendered once with the chat template and tokenised in batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 import numpy as np
 
