@@ -71,7 +71,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if ctx.reduction != "none" and hasattr(ctx, "grads"):
-            out = tuple(None if d is None else (d * g).to(dt) for d, dt in zip(ctx.grads, ctx.dtypes))
+            # the buffers are ours: scale in place rather than allocating another (V, D)
+            out = tuple(None if d is None else d.mul_(g).to(dt) for d, dt in zip(ctx.grads, ctx.dtypes))
             ctx.grads = None
             return out + (None,) * 8
         hidden, weight, bias, targets, lse = ctx.saved_tensors

@@ -164,7 +164,8 @@ class FusedLinearDPOFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _aux):
-        out = tuple(None if d is None else (d * g).to(dt) for d, dt in zip(ctx.grads, ctx.dtypes))
+        # the buffers are ours: scale in place rather than allocating another (V, D)
+        out = tuple(None if d is None else d.mul_(g).to(dt) for d, dt in zip(ctx.grads, ctx.dtypes))
         ctx.grads = None
         return out + (None,) * 11
 

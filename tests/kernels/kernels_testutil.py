@@ -1,8 +1,22 @@
 """Shared helpers for the zephyr_kernels tests (inputs, tolerances, gradient collection)."""
 
+import pytest
 import torch
 
-IMPLS = ["torch", "triton"]
+from zephyr_kernels import chunked
+
+# "torch-tiled" is the torch path with tiny blocks, so that multi-chunk code runs at test shapes
+# (online log-sum-exp across vocab chunks, several row blocks, targets outside the current chunk).
+IMPLS = ["torch", "torch-tiled", "triton"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, monkeypatch):
+    if request.param == "torch-tiled":
+        monkeypatch.setattr(chunked, "_BLOCK_BYTES", 1024)  # → 64-column vocab chunks, 8-row CE chunks
+        monkeypatch.setattr(chunked, "_ROW_BLOCK", 16)
+        return "torch"
+    return request.param
 ATOL, RTOL = 1e-5, 5e-4
 
 

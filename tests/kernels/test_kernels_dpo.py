@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kernels_testutil import IMPLS, assert_close, grads_of, make_inputs, params
+from kernels_testutil import assert_close, grads_of, make_inputs, params
 
+from kernels_testutil import impl  # noqa: F401  (parametrized fixture)
 from zephyr_kernels import FusedLinearDPOLoss, LigerCompatibleFusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss
 from zephyr_kernels.reference import reference_linear_logprobs
 
@@ -115,7 +116,6 @@ def _packed_dpo_batch(P=3, N=47, seed=0):
     return seg
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "loss_type,ls,rpo,reduction,bias",
     [

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from kernels_testutil import IMPLS, assert_close, grads_of, make_inputs, params
+from kernels_testutil import assert_close, grads_of, make_inputs, params
 
+from kernels_testutil import impl  # noqa: F401  (parametrized fixture)
 from zephyr_kernels import linear_logprobs
 from zephyr_kernels.reference import reference_linear_logprobs
 
@@ -28,7 +29,6 @@ def _run(fn, h, w, b, t, segs, S, gt, gs, gl, **kw):
     return outs, grads_of(loss, params(h, w, b))[1]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_and_all_grads_match_reference(impl, case):
     N, D, V, ign, bias, softcap, temp = CASES[case]
@@ -51,7 +51,6 @@ def test_forward_and_all_grads_match_reference(impl, case):
         assert_close(a, r, what=f"grad {name}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_all_targets_ignored(impl):
     h, w, b, t = make_inputs(9, 16, 50, bias=True)
     t[:] = -100
@@ -61,7 +60,6 @@ def test_all_targets_ignored(impl):
     assert all(torch.all(x.grad == 0) for x in (h, w, b))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_token_only_output_and_partial_requires_grad(impl):
     h, w, _, t = make_inputs(20, 16, 77, ignore_frac=0.2)
     w.requires_grad_(False)
@@ -73,7 +71,6 @@ def test_token_only_output_and_partial_requires_grad(impl):
     assert w.grad is None and h.grad is not None
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_bf16_error_within_same_dtype_torch_error(impl):
     """bf16 inputs: our error vs the fp32 truth is at most ~a bf16 torch run's own error."""
     N, D, V = 32, 32, 257
