@@ -89,3 +89,24 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     with pytest.raises(FileNotFoundError, match="Pass a local path instead"):
         load_rows(DataConfig(dataset_mixer={"HuggingFaceH4/ultrachat_200k": 1.0}, dataset_splits=["train_sft"]))
+
+
+def test_chunked_processing_matches_one_chunk(monkeypatch, tok, uc_dir, assets_dir, tmp_path):
+    """Rows are converted and tokenised in slices; slice boundaries must not change anything,
+    for a datasets.Dataset (with its _source columns) as for a list of dicts."""
+    from zephyr_fast.data import preference, sft
+    from zephyr_fast.data.preference import build_dpo_examples
+
+    ds = load_rows(DataConfig(dataset_mixer={str(uc_dir): 1.0}, dataset_splits=["train_sft"],
+                              cache_dir=str(tmp_path / "c")))["train"]
+    uf = str(assets_dir / "data" / "ultrafeedback_binarized" / "sample16.jsonl")
+    prefs = load_rows(DataConfig(dataset_mixer={uf: 1.0}, cache_dir=str(tmp_path / "c")))["train"]
+    one_sft = tokenize_sft(ds, tok, max_length=1024, skip_invalid_rows=True, show_progress=False)
+    one_dpo = build_dpo_examples(prefs, tok, max_length=512, show_progress=False)
+    monkeypatch.setattr(sft, "TOKENIZE_CHUNK", 5)
+    monkeypatch.setattr(preference, "TOKENIZE_CHUNK", 5)
+    many_sft = tokenize_sft(ds, tok, max_length=1024, skip_invalid_rows=True, show_progress=False)
+    many_dpo = build_dpo_examples(prefs, tok, max_length=512, show_progress=False)
+    assert many_sft[0] == one_sft[0] and str(many_sft[1]) == str(one_sft[1]) and one_sft[1].skipped.num_skipped == 1
+    assert many_dpo[0] == one_dpo[0] and str(many_dpo[1]) == str(one_dpo[1])
+    assert many_dpo[0] == build_dpo_examples(prefs.to_list(), tok, max_length=512, show_progress=False)[0]

@@ -26,9 +26,8 @@ from .validate import (
     check_messages,
     check_string,
     column_names,
-    get_column,
+    iter_chunks,
     resolve,
-    row_origins,
     DataValidationError,
 )
 
@@ -156,56 +155,49 @@ def build_dpo_examples(
     names = column_names(rows)
     missing = [c for c in ("chosen", "rejected") if c not in names]
     if missing:
-        raise DataValidationError([DataError(dataset_name, -1, c, f"column missing for DPO (columns present: {sorted(names)})", "missing_column") for c in missing])
-    cols = {c: get_column(rows, c) for c in ("prompt", "chosen", "rejected")}
-    origins = row_origins(rows, dataset_name)
-    n = len(cols["chosen"])
+        raise DataValidationError([DataError(dataset_name, -1, c, f"column missing for DPO (columns present: "
+                                             f"{sorted(names)})", "missing_column") for c in missing])
+    n = len(rows)
     report = DPOReport(rows=n, max_length=max_length, max_prompt_length=max_prompt_length)
-
-    errors, keep, ptxt, ctxt, rtxt = [], [], [], [], []
-    for k in range(n):
-        ds, r = origins[k]
-        pm, c, rj, errs = parse_pair({f: cols[f][k] for f in cols}, ds=ds, r=r)
-        if errs:
-            errors += [replace(e, position=k) for e in errs]
-            continue
-        if add_empty_system:
-            pm = with_empty_system(pm)
-        keep.append(k)
-        ptxt.append(render_fast(pm, tokenizer, add_generation_prompt=True))
-        ctxt.append(render_fast(pm + [c], tokenizer))
-        rtxt.append(render_fast(pm + [rj], tokenizer))
-
     kw = tokenize_kwargs(tokenizer)
     bos_id = tokenizer.bos_token_id if kw.get("add_special_tokens", True) else None
-    examples = []
-    bar = tqdm(total=len(keep), desc="tokenize DPO", unit="pair", disable=not show_progress or len(keep) < 4096)
-    for c0 in range(0, len(keep), TOKENIZE_CHUNK):
-        sl = slice(c0, c0 + TOKENIZE_CHUNK)
-        P = tokenizer(ptxt[sl], **kw)["input_ids"]
-        C = tokenizer(ctxt[sl], **kw)["input_ids"]
-        R = tokenizer(rtxt[sl], **kw)["input_ids"]
-        for j, (p, cf, rf) in enumerate(zip(P, C, R)):
-            k = keep[c0 + j]
+    errors, examples = [], []
+    bar = tqdm(total=n, desc="tokenize DPO", unit="pair", disable=not show_progress or n < 4096)
+    for c0, cols, origins in iter_chunks(rows, ("prompt", "chosen", "rejected"), TOKENIZE_CHUNK, dataset_name):
+        keep, ptxt, ctxt, rtxt = [], [], [], []
+        for j, (ds, r) in enumerate(origins):
+            pm, c, rj, errs = parse_pair({f: cols[f][j] for f in cols}, ds=ds, r=r)
+            if errs:
+                errors += [replace(e, position=c0 + j) for e in errs]
+                continue
+            if add_empty_system:
+                pm = with_empty_system(pm)
+            keep.append(j)
+            ptxt.append(render_fast(pm, tokenizer, add_generation_prompt=True))
+            ctxt.append(render_fast(pm + [c], tokenizer))
+            rtxt.append(render_fast(pm + [rj], tokenizer))
+        P, C, R = ((tokenizer(t, **kw)["input_ids"] if t else []) for t in (ptxt, ctxt, rtxt))
+        for t, (p, cf, rf) in enumerate(zip(P, C, R)):
+            j = keep[t]
             comps = []
-            for full, text in ((cf, ctxt[c0 + j]), (rf, rtxt[c0 + j])):
+            for full, text in ((cf, ctxt[t]), (rf, rtxt[t])):
                 if full[: len(p)] == p:
                     comps.append(full[len(p) :])
                 else:  # a token merged across the seam: tokenise the completion alone
                     report.seam_retokenized += 1
-                    comps.append(tokenizer(text[len(ptxt[c0 + j]) :], add_special_tokens=False)["input_ids"])
+                    comps.append(tokenizer(text[len(ptxt[t]) :], add_special_tokens=False)["input_ids"])
             pp, cc, rr, pcut, ccut = truncate_pair(list(p), comps[0], comps[1], max_length=max_length,
                                                   max_prompt_length=max_prompt_length, bos_id=bos_id)
             if len(pp) >= max_length:
-                ds, r = origins[k]
+                ds, r = origins[j]
                 errors.append(DataError(ds, r, "prompt", f"the prompt alone has {len(pp)} tokens >= max_length="
                                         f"{max_length}; set max_prompt_length below max_length or raise max_length",
-                                        "prompt_too_long", position=k))
+                                        "prompt_too_long", position=c0 + j))
                 continue
             report.prompt_truncated += pcut
             report.completion_truncated += ccut
-            examples.append({"index": k, "prompt_ids": pp, "chosen_ids": cc, "rejected_ids": rr})
-        bar.update(len(P))
+            examples.append({"index": c0 + j, "prompt_ids": pp, "chosen_ids": cc, "rejected_ids": rr})
+        bar.update(len(origins))
     bar.close()
 
     report.skipped = resolve(errors, skip_invalid_rows=skip_invalid_rows, total_rows=n)

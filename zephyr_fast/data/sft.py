@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .chat import ZEPHYR_CHAT_TEMPLATE, render, tokenize_kwargs
-from .validate import SkipReport, check_columns, check_messages, column_names, get_column, resolve, row_origins, DataError
+from .validate import DataError, SkipReport, check_columns, check_messages, column_names, iter_chunks, resolve
 
 TOKENIZE_CHUNK = 1024
 
@@ -128,32 +128,27 @@ def tokenize_sft(
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     check_columns(column_names(rows), [messages_field], dataset=dataset_name, what="SFT")
-    convs = get_column(rows, messages_field)
-    origins = row_origins(rows, dataset_name)
-    report = SFTReport(rows=len(convs), max_length=max_length)
-
-    errors, texts, spans, keep = [], [], [], []
-    for k, msgs in enumerate(convs):
-        ds, r = origins[k]
-        errs = check_messages(msgs, dataset=ds, row=r, field=messages_field)
-        if errs:
-            errors += [replace(e, position=k) for e in errs]
-            continue
-        msgs = with_empty_system(msgs) if add_empty_system else list(msgs)
-        text, sp = conversation_text(msgs, tokenizer)
-        texts.append(text)
-        spans.append(sp)
-        keep.append(k)
-
+    report = SFTReport(rows=len(rows), max_length=max_length)
     kw = tokenize_kwargs(tokenizer)
-    examples = []
-    bar = tqdm(total=len(texts), desc="tokenize SFT", unit="row", disable=not show_progress or len(texts) < 4096)
-    for c0 in range(0, len(texts), TOKENIZE_CHUNK):
-        enc = tokenizer(texts[c0 : c0 + TOKENIZE_CHUNK], return_offsets_mapping=assistant_only_loss, **kw)
-        for j, ids in enumerate(enc["input_ids"]):
-            k = keep[c0 + j]
+    errors, examples = [], []
+    bar = tqdm(total=len(rows), desc="tokenize SFT", unit="row", disable=not show_progress or len(rows) < 4096)
+    for c0, cols, origins in iter_chunks(rows, [messages_field], TOKENIZE_CHUNK, dataset_name):
+        texts, spans, keep = [], [], []
+        for j, msgs in enumerate(cols[messages_field]):
+            ds, r = origins[j]
+            errs = check_messages(msgs, dataset=ds, row=r, field=messages_field)
+            if errs:
+                errors += [replace(e, position=c0 + j) for e in errs]
+                continue
+            text, sp = conversation_text(with_empty_system(msgs) if add_empty_system else list(msgs), tokenizer)
+            texts.append(text)
+            spans.append(sp)
+            keep.append(j)
+        enc = tokenizer(texts, return_offsets_mapping=assistant_only_loss, **kw) if texts else {"input_ids": []}
+        for t, ids in enumerate(enc["input_ids"]):
+            j = keep[t]
             if assistant_only_loss:
-                mask = _mask_from_offsets(np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2), spans[c0 + j])
+                mask = _mask_from_offsets(np.asarray(enc["offset_mapping"][t], dtype=np.int64).reshape(-1, 2), spans[t])
             else:
                 mask = np.ones(len(ids), dtype=np.int8)
             if len(ids) > max_length:
@@ -162,18 +157,18 @@ def tokenize_sft(
                 ids, mask = ids[:max_length], mask[:max_length]
             # position 0 is never a target (nothing predicts it)
             if int(mask[1:].sum()) == 0:
-                ds, r = origins[k]
+                ds, r = origins[j]
                 errors.append(
                     DataError(ds, r, messages_field, f"no assistant token within max_length={max_length} "
                               "(the prompt alone fills it); raise max_length or shorten the conversation",
-                              "prompt_too_long", position=k)
+                              "prompt_too_long", position=c0 + j)
                 )
                 continue
-            examples.append({"index": k, "input_ids": list(ids), "loss_mask": mask.tolist()})
-        bar.update(len(enc["input_ids"]))
+            examples.append({"index": c0 + j, "input_ids": list(ids), "loss_mask": mask.tolist()})
+        bar.update(len(cols[messages_field]))
     bar.close()
 
-    report.skipped = resolve(errors, skip_invalid_rows=skip_invalid_rows, total_rows=len(convs))
+    report.skipped = resolve(errors, skip_invalid_rows=skip_invalid_rows, total_rows=len(rows))
     report.examples = len(examples)
     report.tokens = sum(len(e["input_ids"]) for e in examples)
     report.target_tokens = sum(sum(e["loss_mask"][1:]) for e in examples)

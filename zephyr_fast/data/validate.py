@@ -182,19 +182,32 @@ def column_names(rows) -> list:
     return list(seen)
 
 
-def get_column(rows, name: str) -> list:
-    """One column as a Python list (one Arrow conversion for a Dataset instead of per-row access)."""
-    if hasattr(rows, "column_names"):
-        return list(rows[name]) if name in rows.column_names else [None] * len(rows)
-    return [r.get(name) for r in rows]
+def iter_chunks(rows, names: Sequence[str], size: int, dataset_name: str):
+    """Yield ``(start, {name: list}, origins)`` for consecutive slices of ``rows``.
 
-
-def row_origins(rows, dataset_name: str):
-    """``(dataset, row)`` for error messages: the source file and its row when :func:`load_rows`
-    recorded them (mixtures shuffle rows), else ``dataset_name`` and the position in ``rows``."""
-    names = column_names(rows)
-    n = len(rows)
-    if SOURCE_COL in names and SOURCE_ROW_COL in names:
-        src, idx = get_column(rows, SOURCE_COL), get_column(rows, SOURCE_ROW_COL)
-        return [(s if s is not None else dataset_name, i if i is not None else k) for k, (s, i) in enumerate(zip(src, idx))]
-    return [(dataset_name, k) for k in range(n)]
+    Slicing a ``datasets.Dataset`` converts only ``size`` rows from Arrow at a time, so a 200k-row
+    dataset is never held as Python objects all at once.  ``origins[k]`` is ``(dataset, row)`` for
+    error messages: the source file and row recorded by :func:`load_rows` (mixtures shuffle rows),
+    else ``dataset_name`` and the position in ``rows``.
+    """
+    have = column_names(rows)
+    tagged = SOURCE_COL in have and SOURCE_ROW_COL in have
+    wanted = [n for n in names if n in have] + ([SOURCE_COL, SOURCE_ROW_COL] if tagged else [])
+    is_ds = hasattr(rows, "column_names")
+    view = rows.select_columns(wanted) if is_ds else rows
+    for c0 in range(0, len(rows), size):
+        part = view[c0 : c0 + size]
+        if is_ds:
+            m = len(part[wanted[0]]) if wanted else min(size, len(rows) - c0)
+            cols = {n: part[n] if n in part else [None] * m for n in names}
+        else:
+            m = len(part)
+            cols = {n: [r.get(n) for r in part] for n in names}
+        if tagged:
+            src, idx = ((part[SOURCE_COL], part[SOURCE_ROW_COL]) if is_ds else
+                        ([r.get(SOURCE_COL) for r in part], [r.get(SOURCE_ROW_COL) for r in part]))
+            origins = [(s if s is not None else dataset_name, i if i is not None else c0 + k)
+                       for k, (s, i) in enumerate(zip(src, idx))]
+        else:
+            origins = [(dataset_name, c0 + k) for k in range(m)]
+        yield c0, cols, origins
