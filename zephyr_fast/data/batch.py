@@ -94,6 +94,25 @@ class PackedBatch:
             raise ValueError(f"PackedBatch.layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.layout == "prefix_shared" and (self.part_ids is None or self.extra_rows is None):
             raise ValueError("prefix_shared PackedBatch needs part_ids and extra_rows/labels/segment_ids")
+        if n and bool((self.position_ids[self.cu_seqlens[:-1].long()] != 0).any()):
+            raise ValueError("PackedBatch.position_ids must restart at 0 at every sequence start")
+        if self.layout != "sft":
+            p = self.num_pairs
+            if self.pair_index is None or self.num_segments != 2 * p:
+                raise ValueError(f"DPO PackedBatch needs pair_index (P,) and num_segments == 2P, got "
+                                 f"P={p}, num_segments={self.num_segments}")
+        if self.layout == "prefix_shared":
+            p = self.num_pairs
+            if self.part_ids.shape != (n,):
+                raise ValueError(f"PackedBatch.part_ids must be (N={n},)")
+            for name in ("extra_rows", "extra_labels", "extra_segment_ids"):
+                if getattr(self, name).shape != (p,):
+                    raise ValueError(f"PackedBatch.{name} must be (P={p},)")
+            if p and (int(self.extra_rows.min()) < 0 or int(self.extra_rows.max()) >= n
+                      or bool((self.part_ids[self.extra_rows] != 0).any())):
+                raise ValueError("PackedBatch.extra_rows must index the last prompt token of each pair")
+            if bool((self.extra_segment_ids % 2 != 1).any()):
+                raise ValueError("PackedBatch.extra_segment_ids must be rejected segments (2i+1)")
 
 
 def loss_inputs(hidden: torch.Tensor, batch: PackedBatch):
