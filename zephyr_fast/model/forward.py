@@ -86,17 +86,51 @@ def _zero3_partitioned(p) -> bool:
     return p.ds_status != ZeroParamStatus.AVAILABLE
 
 
+def _release_restored(param) -> None:
+    """Post-accumulate hook: drop the storage :class:`_GatheredHead` lent back for the backward."""
+    full = getattr(param, "_zephyr_restored", None)
+    if full is not None:
+        param._zephyr_restored = None
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
+class _GatheredHead(torch.autograd.Function):
+    """Identity on a ZeRO-3 parameter that was gathered for this forward only.
+
+    DeepSpeed re-partitions on leaving ``GatheredParameters`` by swapping ``param.data`` for an
+    empty tensor.  Two things would then break in the backward: a kernel that saved the parameter
+    would read a 0-element shard, and ``AccumulateGrad`` would try to lay the ``(V, D)`` gradient
+    out like the now 0-element parameter.  The output here is a plain alias of the gathered storage
+    (kept alive for the kernel), and the backward lends that storage back to ``param.data`` just
+    for the accumulation; ZeRO-3's post-accumulate hook then reduce-scatters the gradient as for
+    any other parameter, and our own hook (registered after DeepSpeed's) drops the storage again.
+    """
+
+    @staticmethod
+    def forward(ctx, param, full):
+        ctx.param, ctx.full = param, full
+        return full.view_as(full)
+
+    @staticmethod
+    def backward(ctx, grad):
+        param = ctx.param
+        if param.data.shape != ctx.full.shape:
+            param.data = ctx.full
+            param._zephyr_restored = ctx.full
+            if not getattr(param, "_zephyr_release_hook", False):
+                param.register_post_accumulate_grad_hook(_release_restored)
+                param._zephyr_release_hook = True
+        return grad, None
+
+
 @contextlib.contextmanager
 def lm_head_weight(model):
     """Yield the LM-head weight ``(V, D)`` (tied or untied), gathered under ZeRO-3 when partitioned.
 
     Use the yielded tensor for the whole loss computation inside the ``with`` block; its gradient
-    reaches the real parameter.  Under ZeRO-3 the weight is all-gathered with
-    ``GatheredParameters(modifier_rank=None)`` and re-partitioned on exit; DeepSpeed does that by
-    swapping ``param.data`` for an empty tensor, which a kernel that saved the parameter itself
-    for backward would then read as a 0-element shard.  We therefore yield a *view* of the gathered
-    parameter: it keeps the gathered storage alive for the backward, while autograd still routes
-    the full-shape gradient to the parameter's accumulator, where ZeRO-3's hook reduce-scatters it.
+    reaches the real parameter (see :class:`_GatheredHead` for how that works under ZeRO-3, where
+    the weight is all-gathered with ``GatheredParameters(modifier_rank=None)`` only if it is
+    partitioned and re-partitioned on exit).
     """
     hf = unwrap_model(model)
     head = hf.get_output_embeddings()
@@ -108,10 +142,11 @@ def lm_head_weight(model):
     if not _zero3_partitioned(weight):
         yield weight
         return
-    from deepspeed.zero import GatheredParameters
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     with GatheredParameters([weight], modifier_rank=None):
-        yield weight.view_as(weight)
+        full = weight.data
+        yield _GatheredHead.apply(weight, full) if weight.requires_grad and torch.is_grad_enabled() else full
 
 
 def packed_logps(model, batch: PackedBatch, impl: str = "auto"):
