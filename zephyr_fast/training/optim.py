@@ -17,8 +17,8 @@ from zephyr_fast.config import TrainingConfig
 def build_optimizer(params, t: TrainingConfig) -> torch.optim.Optimizer:
     """AdamW (the handbook's later recipes) or RMSprop (zephyr-7b-beta's DPO) over trainable params."""
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # norms and biases are not decayed, as in HF Trainer
+    decay = [p for p in params if _ndim(p) >= 2]
+    no_decay = [p for p in params if _ndim(p) < 2]  # norms and biases are not decayed, as in HF Trainer
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if t.optim.startswith("adam"):
@@ -31,6 +31,10 @@ def build_optimizer(params, t: TrainingConfig) -> torch.optim.Optimizer:
     if t.optim == "sgd":
         return torch.optim.SGD(groups, lr=t.learning_rate)
     raise ValueError(f"optim: unsupported {t.optim!r}")
+
+
+def _ndim(p) -> int:
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 params are flat shards
 
 
 def warmup_steps(t: TrainingConfig, total_steps: int) -> int:

@@ -1,0 +1,142 @@
+"""Recipe parsing: flat vs sectioned YAML, aliases, overrides with coercion, and every error message."""
+
+import glob
+import os
+
+import pytest
+import yaml
+from train_testlib import REPO, recipe
+
+from zephyr_fast.config import ConfigError, build_config, load_config
+from zephyr_fast.train import main, parse_args
+
+DATA = {"dataset_mixer": {"assets/data/ultrachat_200k/sample16.jsonl": 1.0}, "dataset_splits": ["train"]}
+BASE = {"tokenizer_name_or_path": "tok", "model_init": {"hidden_size": 64}, **DATA}
+
+
+def cfg_of(**kw):
+    return build_config({**BASE, **kw}, source="r.yaml")
+
+
+def err(raw, overrides=()):
+    with pytest.raises(ConfigError) as e:
+        build_config(raw, source="r.yaml", overrides=list(overrides))
+    return str(e.value)
+
+
+def test_flat_and_sectioned_recipes_resolve_identically():
+    flat = cfg_of(stage="dpo", learning_rate=5e-7, beta=0.05, max_length=256, max_prompt_length=64, dtype="bfloat16")
+    sectioned = build_config({
+        "model": {"tokenizer_name_or_path": "tok", "model_init": {"hidden_size": 64}, "dtype": "bfloat16"},
+        "data": {**DATA, "max_length": 256, "max_prompt_length": 64},
+        "training": {"stage": "dpo", "learning_rate": 5e-7},
+        "dpo": {"beta": 0.05},
+    }, source="r.yaml")
+    assert flat.to_dict() == sectioned.to_dict()
+    assert flat.dpo.beta == 0.05 and flat.data.max_length == 256 and flat.model.dtype == "bfloat16"
+
+
+def test_legacy_aliases_map_to_their_fields():
+    c = cfg_of(max_seq_length=333, torch_dtype="bfloat16", evaluation_strategy="steps", eval_steps=5,
+               rpo_alpha=1.0, push_to_hub=True, hub_model_id="x/y")
+    assert c.data.max_length == 333 and c.model.dtype == "bfloat16"
+    assert c.training.eval_strategy == "steps" and c.dpo.rpo_alpha == 1.0
+
+
+def test_seed_is_shared_by_training_and_data():
+    c = cfg_of(seed=123)
+    assert c.training.seed == 123 and c.data.seed == 123
+
+
+def test_overrides_are_coerced_to_field_types():
+    c = build_config({**BASE}, source="r.yaml", overrides=[
+        "--num_train_epochs=2", "--learning_rate=1e-4", "--use_peft=true", "--report_to=tensorboard,wandb",
+        "--training.max_steps=7", "--rpo_alpha=none", "--lora-r=8"])
+    assert c.training.num_train_epochs == 2.0 and isinstance(c.training.num_train_epochs, float)
+    assert c.training.learning_rate == 1e-4 and c.model.use_peft is True
+    assert c.training.report_to == ["tensorboard", "wandb"] and c.training.max_steps == 7
+    assert c.dpo.rpo_alpha is None and c.model.lora_r == 8
+
+
+def test_default_token_budget_follows_batch_size_and_stage():
+    sft = cfg_of(per_device_train_batch_size=4, max_length=512)
+    dpo = cfg_of(stage="dpo", per_device_train_batch_size=4, max_length=512, max_prompt_length=128)
+    assert sft.data.max_tokens_per_batch == 4 * 512
+    assert dpo.data.max_tokens_per_batch == 2 * 4 * 512  # a pair holds two completions
+    assert cfg_of(max_tokens_per_batch=4096).data.max_tokens_per_batch == 4096
+
+
+@pytest.mark.parametrize("raw, overrides, needle", [
+    ({**BASE, "learnig_rate": 1e-5}, (), "unknown key 'learnig_rate'; did you mean 'learning_rate'?"),
+    ({**BASE, "training": {"num_train_epoch": 1}}, (), "did you mean 'num_train_epochs'?"),
+    ({**BASE, "trainer": {"seed": 1}}, (), "unknown key 'trainer'"),
+    ({**BASE}, ["--modle.dtype=float32"], "unknown section 'modle'; did you mean 'model'?"),
+    ({**BASE, "dpo": {"learning_rate": 1.0}}, (), "key 'learning_rate' belongs to section 'training', not 'dpo'"),
+    ({**BASE, "learning_rate": "fast"}, (), "r.yaml: learning_rate: expected float, got 'fast'"),
+    ({**BASE, "use_peft": "maybe"}, (), "use_peft: expected bool"),
+    ({**BASE, "gradient_accumulation_steps": 1.5}, (), "gradient_accumulation_steps: expected int"),
+    ({**BASE, "stage": "dpoo"}, (), "stage: must be one of ('sft', 'ref_logps', 'dpo'), got 'dpoo'; did you mean 'dpo'?"),
+    ({**BASE, "trust_remote_code": True}, (), "trust_remote_code: is refused"),
+    ({**BASE, "dtype": "fp8"}, (), "dtype: must be one of"),
+    ({**BASE, "lr_scheduler_type": "polynomial"}, (), "lr_scheduler_type: must be one of"),
+    ({**BASE, "optim": "lion"}, (), "optim: must be one of"),
+    ({**BASE, "warmup_ratio": 1.5}, (), "warmup_ratio: must be in [0, 1)"),
+    ({**BASE, "gradient_accumulation_steps": 0}, (), "gradient_accumulation_steps: must be >= 1"),
+    ({**BASE, "eval_strategy": "steps"}, (), "eval_steps: must be > 0 when eval_strategy is 'steps'"),
+    ({**BASE, "save_strategy": "sometimes"}, (), "save_strategy: must be no | steps | epoch"),
+    ({**BASE, "packing": False}, (), "packing: zephyr_fast always trains on padding-free packed batches"),
+    ({**BASE, "stage": "dpo", "beta": 0}, (), "beta: must be > 0"),
+    ({**BASE, "stage": "dpo", "loss_type": "sigmoidd"}, (), "did you mean 'sigmoid'?"),
+    ({**BASE, "stage": "dpo", "label_smoothing": 0.7}, (), "label_smoothing: must be in [0, 0.5)"),
+    ({**BASE, "stage": "dpo", "max_length": 128, "max_prompt_length": 256}, (), "max_prompt_length: must be in (0, max_length=128)"),
+    ({**BASE, "max_length": 512, "max_tokens_per_batch": 100}, (), "max_tokens_per_batch: must hold one sequence"),
+    ({**BASE, "deepspeed": "/nonexistent/zero3.json"}, (), "deepspeed: file not found"),
+    ({**DATA, "tokenizer_name_or_path": "tok"}, (), "model_init: is required when model_name_or_path is not set"),
+    ({**DATA, "model_init": {"hidden_size": 8}}, (), "tokenizer_name_or_path: is required"),
+    ({"tokenizer_name_or_path": "tok", "model_init": {"a": 1}}, (), "dataset_mixer"),
+    ({**BASE}, ["learning_rate=3"], "override 'learning_rate=3' must look like --key=value"),
+    ([1, 2], (), "a recipe must be a YAML mapping"),
+])
+def test_config_errors_name_the_key_and_fix(raw, overrides, needle):
+    assert needle in err(raw, overrides)
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\n  learning_rate: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(str(bad))
+    code = tmp_path / "code.yaml"  # safe_load: python tags are refused, never executed
+    code.write_text("stage: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(code))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    c = build_config(recipe("dpo", tmp_path / "out", str(tmp_path)), source="r.yaml", overrides=["--beta=0.3"])
+    path = tmp_path / "resolved.yaml"
+    c.save(str(path))
+    again = load_config(str(path))
+    assert again.to_dict() == c.to_dict()
+
+
+def test_cli_parsing_drops_launcher_args_and_reports_errors(tmp_path, capsys):
+    path, ov = parse_args(["r.yaml", "--local_rank=1", "--beta", "0.2", "--seed=3"])
+    assert path == "r.yaml" and ov == ["--beta=0.2", "--seed=3"]
+    assert parse_args(["--local_rank", "0", "r.yaml"])[0] == "r.yaml"
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({**BASE, "learnig_rate": 1}))
+    assert main([str(r)]) == 2
+    assert "did you mean 'learning_rate'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "recipes" / "**" / "*.yaml"), recursive=True)))
+def test_every_recipe_loads_and_opens_with_its_launch_command(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes use repo-relative paths
+    with open(path) as f:
+        head = f.read(600)
+    assert head.startswith("#") and ("train.py" in head or "zephyr-fast" in head), f"{path}: no launch command"
+    cfg = load_config(os.path.relpath(path, REPO))
+    assert cfg.training.stage in ("sft", "ref_logps", "dpo")

@@ -1,0 +1,71 @@
+"""Step plan (which micro-batches form a step, global loss denominators) and LR schedules."""
+
+import pytest
+import torch
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from zephyr_fast.config import TrainingConfig
+from zephyr_fast.data.packing import pack_sft
+from zephyr_fast.training.optim import build_optimizer, build_scheduler
+from zephyr_fast.training.plan import denominators, make_plan, micro_stats
+
+
+def test_global_step_content_depends_only_on_world_times_accumulation():
+    single = make_plan(12, world_size=1, grad_accum=4, seed=3, num_train_epochs=2, max_steps=-1)
+    multi = make_plan(12, world_size=2, grad_accum=2, seed=3, num_train_epochs=2, max_steps=-1)
+    assert single.total_steps == multi.total_steps == 6
+    for epoch in (0, 1):
+        o1, o2 = single.epoch_order(epoch), multi.epoch_order(epoch)
+        for step in range(single.steps_per_epoch):
+            s1, s2 = single.step_micro(step, o1), multi.step_micro(step, o2)
+            assert s1 == s2
+            ranks = multi.rank_micro(s2, 0) + multi.rank_micro(s2, 1)
+            assert ranks == s2  # the two ranks split the step without overlap
+    assert single.epoch_order(0) != single.epoch_order(1)  # reshuffled every epoch
+
+
+def test_plan_errors_and_max_steps():
+    with pytest.raises(ValueError, match="not enough data for one optimiser step"):
+        make_plan(3, world_size=2, grad_accum=2, seed=0, num_train_epochs=1, max_steps=-1)
+    assert make_plan(8, world_size=1, grad_accum=2, seed=0, num_train_epochs=1, max_steps=11).total_steps == 11
+    assert make_plan(8, world_size=1, grad_accum=2, seed=0, num_train_epochs=0.5, max_steps=-1).total_steps == 2
+
+
+def test_denominators_count_targets_of_the_whole_step():
+    examples = [{"index": i, "input_ids": list(range(1, 6 + i)), "loss_mask": [0, 0] + [1] * (3 + i)}
+                for i in range(6)]
+    batches = list(pack_sft(examples, 16, seed=0))
+    stats = [micro_stats(b) for b in batches]
+    for b, s in zip(batches, stats):
+        assert s.targets == int((b.labels != -100).sum()) and s.tokens == b.num_tokens
+        lens = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).long()
+        assert s.attn_sq == int((lens ** 2).sum())
+    plan = make_plan(len(batches), world_size=1, grad_accum=len(batches), seed=0, num_train_epochs=1, max_steps=-1)
+    assert denominators(plan, stats, 0, "targets") == [sum(s.targets for s in stats)]
+
+
+@pytest.mark.parametrize("kind, ref", [("cosine", get_cosine_schedule_with_warmup),
+                                       ("linear", get_linear_schedule_with_warmup)])
+def test_schedules_match_transformers(kind, ref):
+    total, ratio = 37, 0.1
+    t = TrainingConfig(learning_rate=1e-3, lr_scheduler_type=kind, warmup_ratio=ratio)
+    p1, p2 = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2, 2))
+    ours = build_scheduler(build_optimizer([p1], t), t, total)
+    opt2 = torch.optim.AdamW([p2], lr=1e-3)
+    theirs = ref(opt2, num_warmup_steps=4, num_training_steps=total)  # ceil(0.1 * 37) = 4
+    for _ in range(total):
+        assert ours.get_last_lr()[0] == pytest.approx(theirs.get_last_lr()[0], rel=1e-12, abs=1e-15)
+        ours.optimizer.step()
+        opt2.step()
+        ours.step()
+        theirs.step()
+
+
+def test_optimizers_and_weight_decay_groups():
+    lin = torch.nn.Linear(3, 4)
+    t = TrainingConfig(optim="rmsprop", weight_decay=0.1)
+    opt = build_optimizer(lin.parameters(), t)
+    assert isinstance(opt, torch.optim.RMSprop)
+    decays = {tuple(p.shape): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays == {(4, 3): 0.1, (4,): 0.0}  # biases / norms are not decayed
+    assert isinstance(build_optimizer(lin.parameters(), TrainingConfig(optim="adamw_torch")), torch.optim.AdamW)
