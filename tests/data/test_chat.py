@@ -92,3 +92,17 @@ def test_fast_python_rendering_equals_jinja(tok, uf_rows):
         msgs = [{"role": "system", "content": ""}] + row["chosen"]
         for gen in (False, True):
             assert render_fast(msgs, tok, gen) == render(msgs, gen, tokenizer=tok)
+
+
+def test_hub_id_in_offline_mode_is_a_clear_error():
+    # huggingface_hub reads HF_HUB_OFFLINE at import, so this needs a fresh interpreter
+    import os
+    import subprocess
+    import sys
+
+    code = ("from zephyr_fast.data.chat import load_tokenizer\n"
+            "try:\n    load_tokenizer('mistralai/Mistral-7B-v0.1-not-cached')\n"
+            "except FileNotFoundError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "Pass a local path instead" in out.stdout and "assets/tokenizers" in out.stdout, out.stderr[-2000:]

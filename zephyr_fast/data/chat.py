@@ -141,7 +141,16 @@ def load_tokenizer(path_or_id: str, chat_template: Optional[str] = None, *, revi
 
     if not os.path.isdir(path_or_id):
         ensure_hub_reachable(path_or_id, what="tokenizer")
-    tok = AutoTokenizer.from_pretrained(path_or_id, revision=revision, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(path_or_id, revision=revision, trust_remote_code=False)
+    except OSError as exc:
+        if os.path.isdir(path_or_id):
+            raise
+        raise FileNotFoundError(
+            f"tokenizer '{path_or_id}' could not be loaded from the Hugging Face Hub or its cache ({exc}). "
+            "Pass a local path instead (a folder with tokenizer.json / tokenizer_config.json), e.g. "
+            "assets/tokenizers/mistral-7b-v0.1."
+        ) from exc
     if chat_template is not None:
         tok.chat_template = chat_template
     elif getattr(tok, "chat_template", None) is None:

@@ -109,6 +109,12 @@ def _is_local(path: str) -> bool:
     return os.path.exists(path) or path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in LOCAL_EXTS
 
 
+_LOCAL_HINT = {
+    "dataset": "a .json/.jsonl/.parquet/.arrow file or a directory, e.g. assets/data/ultrafeedback_binarized/sample16.jsonl",
+    "tokenizer": "a folder with tokenizer.json / tokenizer_config.json, e.g. assets/tokenizers/mistral-7b-v0.1",
+}
+
+
 def ensure_hub_reachable(repo_id: str, *, what: str = "dataset", timeout: float = 3.0) -> None:
     """Fail in seconds with a useful message instead of hanging on network timeouts.
 
@@ -129,9 +135,8 @@ def ensure_hub_reachable(repo_id: str, *, what: str = "dataset", timeout: float 
     except OSError as exc:
         raise FileNotFoundError(
             f"{what} '{repo_id}' is not a local path and the Hugging Face Hub ({host}) is unreachable "
-            f"({exc.__class__.__name__}). Pass a local path instead (a .json/.jsonl/.parquet/.arrow file "
-            f"or a directory), e.g. assets/data/ultrafeedback_binarized/sample16.jsonl, or set "
-            f"HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
+            f"({exc.__class__.__name__}). Pass a local path instead ({_LOCAL_HINT.get(what, 'a local folder')}), "
+            f"or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
         ) from None
 
 
