@@ -7,7 +7,7 @@ import torch
 
 from zephyr_fast.data.batch import IGNORE_INDEX, concat_batches, dense_attention_mask, loss_inputs
 from zephyr_fast.data.chat import render
-from zephyr_fast.data.packing import dpo_batch, pack_dpo, pair_tokens
+from zephyr_fast.data.packing import dpo_batch, pack_dpo, pair_tokens, unpack_dpo
 from zephyr_fast.data.preference import build_dpo_examples
 
 SYS = {"role": "system", "content": ""}
@@ -34,6 +34,17 @@ def test_ultrafeedback_rows_give_whole_conversation_ids(tok, uf_rows):
         row = uf_rows[e["index"]]
         for side in ("chosen", "rejected"):
             assert e["prompt_ids"] + e[f"{side}_ids"] == tok(render([SYS] + row[side], tokenizer=tok))["input_ids"]
+
+
+def test_multi_turn_prompt(tok):
+    U = lambda c: {"role": "user", "content": c}  # noqa: E731
+    A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+    row = {"chosen": [U("Hi"), A("Hello!"), U("A colour?"), A("Blue.")],
+           "rejected": [U("Hi"), A("Hello!"), U("A colour?"), A("Seven.")]}
+    (e,), _ = build_dpo_examples([row], tok, max_length=128, show_progress=False)
+    assert tok.decode(e["prompt_ids"]).endswith("<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n<|user|>\nA colour?</s>\n<|assistant|>\n")
+    assert tok.decode(e["chosen_ids"]) == "Blue.</s>\n" and tok.decode(e["rejected_ids"]) == "Seven.</s>\n"
+    assert e["prompt_ids"] + e["rejected_ids"] == tok(render([SYS] + row["rejected"], tokenizer=tok))["input_ids"]
 
 
 def test_explicit_prompt_message_lists(tok):
@@ -145,6 +156,8 @@ def test_pack_dpo_keeps_pairs_together(tok, flat_rows):
             assert torch.equal(torch.unique(b.segment_ids), torch.arange(b.num_segments))  # both halves present
             seen += b.pair_index.tolist()
         assert sorted(seen) == sorted(e["index"] for e in ex)
+        back = sorted((p for b in batches for p in unpack_dpo(b)), key=lambda p: p["index"])
+        assert back == sorted(ex, key=lambda p: p["index"])  # round-trip to the unpacked pairs
         assert batches.stats.real_tokens == sum(pair_tokens(e, layout) for e in ex)
         assert batches.stats.efficiency > 0.9
 

@@ -68,3 +68,11 @@ def test_non_prefix_consistent_template_is_refused(tok):
     t.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match="prefix-consistent"):
         tokenize_sft([{"messages": MULTI}], t, max_length=512, show_progress=False)
+
+
+def test_assistant_only_loss_needs_a_fast_tokenizer(tok):
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(ValueError, match="fast"):
+        tokenize_sft([{"messages": MULTI}], Slow(), max_length=64, show_progress=False)

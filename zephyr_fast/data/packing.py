@@ -266,6 +266,28 @@ def dpo_batch(pairs: Sequence[dict], layout: str = "separate") -> PackedBatch:
     return batch
 
 
+def unpack_dpo(batch: PackedBatch) -> list:
+    """Inverse of :func:`dpo_batch` for tests/debugging: the pairs as ``build_dpo_examples`` made them."""
+    cu = batch.cu_seqlens.tolist()
+    ids, labels = batch.input_ids.tolist(), batch.labels.tolist()
+    out = []
+    for j, index in enumerate(batch.pair_index.tolist()):
+        if batch.layout == "prefix_shared":
+            a, b = cu[j], cu[j + 1]
+            parts = batch.part_ids[a:b].tolist()
+            seq = ids[a:b]
+            out.append({"index": index, "prompt_ids": [t for t, q in zip(seq, parts) if q == 0],
+                        "chosen_ids": [t for t, q in zip(seq, parts) if q == 1],
+                        "rejected_ids": [t for t, q in zip(seq, parts) if q == 2]})
+        else:
+            (a0, b0), (a1, b1) = (cu[2 * j], cu[2 * j + 1]), (cu[2 * j + 1], cu[2 * j + 2])
+            # the first target is predicted from the last prompt position
+            p = next(t for t in range(a0, b0) if labels[t] != IGNORE_INDEX) - a0 + 1
+            out.append({"index": index, "prompt_ids": ids[a0 : a0 + p], "chosen_ids": ids[a0 + p : b0],
+                        "rejected_ids": ids[a1 + p : b1]})
+    return out
+
+
 def pack_dpo(examples: Sequence[dict], max_tokens: int, *, layout: str = "separate", seed: int = 0,
              num_shards: int = 1) -> PackedBatches:
     """Pack :func:`build_dpo_examples` pairs into micro-batches of at most ``max_tokens`` tokens.

@@ -127,6 +127,9 @@ def tokenize_sft(
 
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if assistant_only_loss and not getattr(tokenizer, "is_fast", False):
+        raise ValueError("assistant_only_loss needs a fast (Rust) tokenizer for character offsets; "
+                         "load it with use_fast=True or set assistant_only_loss=False")
     check_columns(column_names(rows), [messages_field], dataset=dataset_name, what="SFT")
     report = SFTReport(rows=len(rows), max_length=max_length)
     kw = tokenize_kwargs(tokenizer)
