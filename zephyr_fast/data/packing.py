@@ -125,6 +125,10 @@ def _positions(lens: Sequence[int]) -> np.ndarray:
     return np.arange(int(sum(lens)), dtype=np.int64) - starts
 
 
+def _i64(chunks) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
+
+
 def _cu(lens) -> torch.Tensor:
     return torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
 
@@ -232,28 +236,35 @@ def dpo_batch(pairs: Sequence[dict], layout: str = "separate") -> PackedBatch:
                 seq = np.concatenate([p, comp])
                 lab_s = np.full(len(seq), IGNORE_INDEX, dtype=np.int64)
                 lab_s[P - 1 : -1] = comp  # position t predicts seq[t+1]
-                ids.append(seq), pos.append(np.arange(len(seq))), lab.append(lab_s)
-                seg.append(np.full(len(seq), s)), lens.append(len(seq))
+                ids.append(seq)
+                pos.append(np.arange(len(seq)))
+                lab.append(lab_s)
+                seg.append(np.full(len(seq), s))
+                lens.append(len(seq))
         else:
             seq = np.concatenate([p, c, r])
             C, R = len(c), len(r)
             lab_s = np.full(len(seq), IGNORE_INDEX, dtype=np.int64)
             lab_s[P - 1 : P + C - 1] = c
             lab_s[P + C : P + C + R - 1] = r[1:]
-            ids.append(seq), lab.append(lab_s), lens.append(len(seq))
+            ids.append(seq)
+            lab.append(lab_s)
+            lens.append(len(seq))
             pos.append(np.concatenate([np.arange(P), P + np.arange(C), P + np.arange(R)]))
             seg.append(np.concatenate([np.full(P + C, 2 * j), np.full(R, 2 * j + 1)]))
             parts.append(np.concatenate([np.zeros(P), np.ones(C), np.full(R, 2)]).astype(np.int8))
-            extra_rows.append(offset + P - 1), extra_labels.append(int(r[0])), extra_seg.append(2 * j + 1)
-        offset += lens[-1] if layout == "prefix_shared" else lens[-1] + lens[-2]
-    t = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64))  # noqa: E731
+            # the last prompt row predicts chosen[0] in-line and rejected[0] as an extra row
+            extra_rows.append(offset + P - 1)
+            extra_labels.append(int(r[0]))
+            extra_seg.append(2 * j + 1)
+            offset += len(seq)
     batch = PackedBatch(
-        input_ids=t(ids),
-        position_ids=t(pos),
+        input_ids=_i64(ids),
+        position_ids=_i64(pos),
         cu_seqlens=_cu(lens),
         max_seqlen=max(lens),
-        labels=t(lab),
-        segment_ids=t(seg),
+        labels=_i64(lab),
+        segment_ids=_i64(seg),
         num_segments=2 * len(pairs),
         layout=layout,
         pair_index=torch.tensor([int(ex["index"]) for ex in pairs], dtype=torch.int64),
