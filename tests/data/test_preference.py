@@ -167,3 +167,12 @@ def test_pack_dpo_pair_too_big_names_the_row():
         pack_dpo(PAIRS, 10, layout="separate")
     with pytest.raises(ValueError, match="layout"):
         pack_dpo(PAIRS, 64, layout="padded")
+
+
+def test_non_prefix_consistent_template_is_refused(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="prefix-consistent"):
+        build_dpo_examples([{"prompt": "Hi", "chosen": "a", "rejected": "b"}], t, max_length=64, show_progress=False)

@@ -176,6 +176,9 @@ def build_dpo_examples(
             ptxt.append(render_fast(pm, tokenizer, add_generation_prompt=True))
             ctxt.append(render_fast(pm + [c], tokenizer))
             rtxt.append(render_fast(pm + [rj], tokenizer))
+            if not (ctxt[-1].startswith(ptxt[-1]) and rtxt[-1].startswith(ptxt[-1])):
+                raise ValueError("the tokenizer's chat template is not prefix-consistent: the prompt rendered with "
+                                 "add_generation_prompt=True is not a prefix of the rendered conversation")
         P, C, R = ((tokenizer(t, **kw)["input_ids"] if t else []) for t in (ptxt, ctxt, rtxt))
         for t, (p, cf, rf) in enumerate(zip(P, C, R)):
             j = keep[t]
