@@ -70,7 +70,11 @@ def test_gradient_checkpointing_is_non_reentrant_and_exact():
 
 
 @pytest.mark.cuda
-def test_liger_ops_cuda():
+def test_liger_ops_cuda(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    # Liger's RoPE patch is process-wide; undo it after this test so later CPU models stay plain
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
     seqs = random_seqs([33, 1, 70], seed=16)
     batch = sft_packed(seqs).to("cuda")
     outs = []
@@ -84,5 +88,6 @@ def test_liger_ops_cuda():
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
 
     assert model.model.norm.forward.__func__ is LigerRMSNorm.forward  # patched in place, weights kept
+    assert not issubclass(modeling_llama.LlamaRMSNorm, LigerRMSNorm)  # later models are not patched
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-4, rtol=1e-4)
     assert_grads_close(outs[0][1], outs[1][1], atol=1e-4, rtol=1e-3)

@@ -264,7 +264,8 @@ def _torch_varlen(query, key, value, meta, scaling, dropout):
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    # (N, H, Dh) packed layout; contiguous because aten's flash forward checks strides strictly
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     kwargs = {}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:

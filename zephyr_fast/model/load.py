@@ -143,9 +143,20 @@ def _check_liger() -> None:
 
 
 def _apply_liger(model) -> None:
+    import importlib
+
     from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
 
-    patch = {"mistral": apply_liger_kernel_to_mistral, "llama": apply_liger_kernel_to_llama}[model.config.model_type]
+    arch = model.config.model_type
+    patch = {"mistral": apply_liger_kernel_to_mistral, "llama": apply_liger_kernel_to_llama}[arch]
+    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    prefix = {"mistral": "Mistral", "llama": "Llama"}[arch]
+    classes = {name: getattr(module, name) for name in (f"{prefix}RMSNorm", f"{prefix}MLP")}
     # Our fused kernels own the loss: Liger's (fused linear) cross-entropy stays off.
     patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
           model=model)
+    # Liger also swaps the module-level classes, which would silently turn every model built later
+    # in this process into a Liger one; this instance is already patched, so put them back.  RoPE
+    # stays patched process-wide: the attention forward looks the function up at module level.
+    for name, cls in classes.items():
+        setattr(module, name, cls)
