@@ -169,14 +169,17 @@ def _model_card(cfg, results: dict) -> str:
     return "\n".join(lines)
 
 
-def export_final(out_dir: str, *, cfg, dist: DistInfo, model, tokenizer, engine=None, results: dict) -> None:
+def export_final(out_dir: str, *, cfg, dist: DistInfo, model, tokenizer, engine=None, results: dict,
+                 prefix: str = "model.") -> None:
     """HF-format save (safetensors; 16-bit gathered under ZeRO-3), tokenizer, model card, results.
 
     Collective under DeepSpeed (the ZeRO-3 gather): every rank must call.
     """
     state_dict = None
     if engine is not None and dist.zero_stage == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the full dict
+        full = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the full dict
+        if dist.is_main:  # the engine wraps the trainer's LossModule: drop its "model." prefix
+            state_dict = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
         to_save = model

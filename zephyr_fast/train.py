@@ -71,6 +71,9 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
     dist = distributed.setup(cfg)
     t, m = cfg.training, cfg.model
     log = print if dist.is_main else (lambda *a, **k: None)
+    if m.use_peft and dist.zero_stage == 3:
+        raise ConfigError(f"{cfg.source}: use_peft: LoRA runs use ZeRO-2 or one process (frozen base weights need "
+                          f"no partitioning); pass --deepspeed=recipes/deepspeed/zero2.json")
     if dist.is_main:
         os.makedirs(t.output_dir, exist_ok=True)
         cfg.save(os.path.join(t.output_dir, "config.yaml"))
@@ -241,13 +244,17 @@ def parse_args(argv: list) -> tuple:
 
 def main(argv=None) -> int:
     path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    # --stop_after=N is a run option, not a recipe key: stop after N steps as if preempted
+    stop = [o for o in overrides if o.startswith("--stop_after=")]
+    overrides = [o for o in overrides if o not in stop]
+    stop_after = int(stop[-1].split("=", 1)[1]) if stop else None
     try:
         cfg = load_config(path, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        run(cfg)
+        run(cfg, stop_after=stop_after)
     finally:
         distributed.teardown()
     return 0

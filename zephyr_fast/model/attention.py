@@ -173,6 +173,14 @@ def build_varlen_meta(batch, backend: str, *, sliding_window: Optional[int] = No
     if prefix_shared and batch.part_ids is None:
         raise ValueError("PackedBatch.layout == 'prefix_shared' but part_ids is None")
     device = batch.input_ids.device
+    if backend == "torch_varlen" and window is not None and "window_size" not in _varlen_params():
+        raise NotImplementedError(
+            f"sliding_window={sliding_window} binds (max_seqlen={max_seqlen}) but this torch "
+            f"({torch.__version__}) varlen_attn has no window_size; use attn_impl='flash_attn' or "
+            "'sdpa_segments', or pack shorter sequences")
+    if backend in ("flash_attn", "torch_varlen") and device.type != "cuda" and not prefix_shared:
+        raise ValueError(f"attention backend {backend!r} needs CUDA tensors, the batch is on {device}; "
+                         "load the model with attn_impl='sdpa_segments' (or 'auto' on this machine)")
     if prefix_shared:
         # varlen kernels cannot express "rejected never sees chosen"; FlexAttention can, but has no
         # CPU backward, so CPU training uses exact dense per-segment masks instead.
@@ -196,11 +204,6 @@ def build_varlen_meta(batch, backend: str, *, sliding_window: Optional[int] = No
         meta.masks = masks
     elif backend == "flex":
         meta.block_mask = _flex_block_mask(batch, window, n, device)
-    elif backend == "torch_varlen" and window is not None and "window_size" not in _varlen_params():
-        raise NotImplementedError(
-            f"sliding_window={sliding_window} binds (max_seqlen={max_seqlen}) but this torch "
-            f"({torch.__version__}) varlen_attn has no window_size; use attn_impl='flash_attn' or "
-            "'sdpa_segments', or pack shorter sequences")
     return meta
 
 

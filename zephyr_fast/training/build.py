@@ -30,7 +30,10 @@ def build_model(cfg: Config, dist: DistInfo, path_override=None):
 
     m = cfg.model
     path = path_override or m.model_name_or_path
-    zero3 = dist.ds_config if dist.zero_stage == 3 else None
+    # A checkpoint is loaded inside zero.Init (no rank ever holds the full weights). A random init
+    # (tiny CPU runs only) is built whole on every rank from the same seed -- bit-identical to a
+    # single-process run -- and deepspeed.initialize partitions it.
+    zero3 = dist.ds_config if dist.zero_stage == 3 and path else None
     attn = _ATTN_ALIASES.get(m.attn_implementation, m.attn_implementation)
     # the same seed on every rank (and in a single process): a random init is identical everywhere
     seed_everything(cfg.training.seed)

@@ -90,6 +90,7 @@ def ds_config(cfg: Config, world_size: int) -> dict:
     bf16 = t.bf16 or cfg.model.dtype == "bfloat16"
     conf["bf16"] = {"enabled": bool(bf16)}
     conf["fp16"] = {"enabled": False}
+    conf["zero_allow_untested_optimizer"] = True  # our torch AdamW / RMSprop, wrapped by ZeRO
     conf.setdefault("steps_per_print", 10 ** 9)
     conf.setdefault("wall_clock_breakdown", False)
     zero = conf.setdefault("zero_optimization", {"stage": 0})
