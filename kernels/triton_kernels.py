@@ -32,6 +32,14 @@ def _tanh(x):
 
 
 @triton.jit
+def _row_block(ORDER, start, n_valid, BLOCK_N: tl.constexpr):
+    """Original row indices (int64) of compacted rows ``start .. start+BLOCK_N`` and their mask."""
+    offs = start + tl.arange(0, BLOCK_N)
+    row_mask = offs < n_valid
+    return tl.load(ORDER + offs, mask=row_mask, other=0).to(tl.int64), row_mask
+
+
+@triton.jit
 def _logit_tile(
     H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -71,9 +79,7 @@ def _stats_kernel(
     n_valid = tl.load(NVALID)
     start = tl.program_id(0) * BLOCK_N
     if start < n_valid:
-        offs = start + tl.arange(0, BLOCK_N)
-        row_mask = offs < n_valid
-        rows = tl.load(ORDER + offs, mask=row_mask, other=0).to(tl.int64)
+        rows, row_mask = _row_block(ORDER, start, n_valid, BLOCK_N)
         tgt = tl.load(T + rows, mask=row_mask, other=0)
         m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         s = tl.zeros((BLOCK_N,), tl.float32)
@@ -117,9 +123,7 @@ def _grad_kernel(
     n_valid = tl.load(NVALID)
     start = tl.program_id(0) * BLOCK_N
     if start < n_valid:
-        offs = start + tl.arange(0, BLOCK_N)
-        row_mask = offs < n_valid
-        rows = tl.load(ORDER + offs, mask=row_mask, other=0).to(tl.int64)
+        rows, row_mask = _row_block(ORDER, start, n_valid, BLOCK_N)
         cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
         z, th = _logit_tile(
