@@ -71,8 +71,10 @@ def test_sliding_window_rejected_when_backend_cannot_apply_it(monkeypatch):
     monkeypatch.setattr(attn, "_varlen_params", lambda: frozenset({"query", "key", "value", "is_causal"}))
     with pytest.raises(NotImplementedError, match="sliding_window=4"):
         attn.build_varlen_meta(batch, "torch_varlen", sliding_window=4)
-    # a window longer than every sequence does not bind, so nothing to reject
-    assert attn.build_varlen_meta(batch, "torch_varlen", sliding_window=64).sliding_window is None
+    # a window longer than every sequence does not bind, so nothing to reject (the next complaint
+    # is about the device: the CUDA-only backends refuse CPU tensors by name)
+    with pytest.raises(ValueError, match="'torch_varlen' needs CUDA tensors"):
+        attn.build_varlen_meta(batch, "torch_varlen", sliding_window=64)
 
 
 def test_backend_resolution_and_errors():

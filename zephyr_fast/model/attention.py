@@ -173,7 +173,8 @@ def build_varlen_meta(batch, backend: str, *, sliding_window: Optional[int] = No
     if prefix_shared and batch.part_ids is None:
         raise ValueError("PackedBatch.layout == 'prefix_shared' but part_ids is None")
     device = batch.input_ids.device
-    if backend == "torch_varlen" and window is not None and "window_size" not in _varlen_params():
+    if (backend == "torch_varlen" and window is not None and not prefix_shared
+            and "window_size" not in _varlen_params()):
         raise NotImplementedError(
             f"sliding_window={sliding_window} binds (max_seqlen={max_seqlen}) but this torch "
             f"({torch.__version__}) varlen_attn has no window_size; use attn_impl='flash_attn' or "
