@@ -156,7 +156,8 @@ IGNORED = {
     "dataloader_num_workers", "ddp_timeout", "tf32", "use_flash_attention_2", "optim_args",
     "include_tokens_per_second", "dataset_kwargs", "precompute_ref_log_probs", "force_use_ref_model",
     "model_init_kwargs", "load_in_4bit", "load_in_8bit", "use_bnb_nested_quant", "bnb_4bit_quant_type",
-    "dataset_text_field", "eval_accumulation_steps", "fp16",
+    "dataset_text_field", "eval_accumulation_steps", "fp16", "preprocessing_num_workers", "dataset_num_proc",
+    "hub_model_revision", "wandb_project", "ddp_find_unused_parameters",
 }
 
 
@@ -290,6 +291,9 @@ def build_config(raw: dict, *, source: str = "<dict>", overrides=()) -> Config:
     classes = _section_classes()
     kwargs = {sec: {} for sec in SECTIONS}
     for (sec, key), (value, where) in flat.items():
+        if key == "dtype" and value in (None, "auto"):  # HF: "the checkpoint's dtype" -> bf16 runs stay bf16
+            bf16 = flat.get(("training", "bf16"), (False, ""))[0]
+            value = "bfloat16" if _coerce(bf16, bool, where) else "float32"
         kwargs[sec][key] = _coerce(value, _field_types(classes[sec])[key], where)
     try:
         sections = {sec: classes[sec](**kwargs[sec]) for sec in SECTIONS}

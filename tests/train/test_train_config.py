@@ -140,3 +140,9 @@ def test_every_recipe_loads_and_opens_with_its_launch_command(path, monkeypatch)
     assert head.startswith("#") and ("train.py" in head or "zephyr-fast" in head), f"{path}: no launch command"
     cfg = load_config(os.path.relpath(path, REPO))
     assert cfg.training.stage in ("sft", "ref_logps", "dpo")
+
+
+def test_handbook_dtype_auto_and_ignored_keys():
+    c = cfg_of(torch_dtype=None, bf16=True, dataset_num_proc=12, preprocessing_num_workers=4, log_level="info")
+    assert c.model.dtype == "bfloat16"
+    assert cfg_of(torch_dtype="auto").model.dtype == "float32"
