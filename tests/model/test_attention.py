@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model_testlib import (assert_grads_close, dpo_packed, grads, per_sequence_hidden, plain_token_logps,
                            random_pairs, random_seqs, sft_packed, tiny_model)
@@ -98,6 +99,68 @@ def test_foreign_attention_is_switched_to_packed():
     hidden = forward_hidden(model, sft_packed(seqs))
     assert model.config._attn_implementation == "zephyr_sdpa_segments"
     torch.testing.assert_close(hidden, per_sequence_hidden(model, seqs), atol=1e-5, rtol=0)
+
+
+def _fake_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, gqa):
+    """Documented semantics of flash-attn / torch varlen: (N, H, Dh) packed, window (left, right)."""
+    assert q.dim() == 3 and q.stride(-1) == 1 and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    bounds = cu_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        i = torch.arange(b - a)
+        d = i[:, None] - i[None, :]
+        mask = torch.ones(b - a, b - a, dtype=torch.bool)
+        if right >= 0:
+            mask &= -d <= right
+        if left >= 0:
+            mask &= d <= left
+        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)[0]
+                    .transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn"])
+def test_cuda_backend_plumbing_with_reference_kernels(backend, window, monkeypatch):
+    """Argument plumbing of the CUDA wrappers (layout, scale, causal window, GQA) on CPU, with the
+    kernels replaced by a reference implementation of their documented semantics."""
+    import sys
+    import types
+
+    calls = []
+    if backend == "torch_varlen":
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                        enable_gqa=False):
+            calls.append(window_size)
+            assert enable_gqa == (q.shape[1] != k.shape[1])
+            return _fake_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, *window_size, enable_gqa)
+
+        monkeypatch.setattr("torch.nn.attention.varlen.varlen_attn", varlen_attn)
+        monkeypatch.setattr(attn, "_varlen_params",
+                            lambda: frozenset({"query", "key", "value", "scale", "window_size", "enable_gqa"}))
+    else:
+        def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
+                                   causal=False, window_size=(-1, -1)):
+            calls.append(window_size)
+            left, right = window_size
+            return _fake_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, left,
+                                       0 if causal else right, q.shape[1] != k.shape[1])
+
+        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
+            flash_attn_varlen_func=flash_attn_varlen_func))
+    batch = sft_packed(random_seqs([7, 1, 12, 4]))
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 4, batch.num_tokens, 16, generator=g)
+    k, v = (torch.randn(1, 2, batch.num_tokens, 16, generator=g) for _ in range(2))
+    ref_meta = attn.build_varlen_meta(batch, "sdpa_segments", sliding_window=window)
+    meta = attn.VarlenMeta(backend=backend, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                           sliding_window=window)
+    out = attn._IMPLS[backend](q, k, v, meta, 0.3, 0.0)
+    ref = attn._IMPLS["sdpa_segments"](q, k, v, ref_meta, 0.3, 0.0)
+    assert out.shape == (1, batch.num_tokens, 4, 16) and calls
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 
 
 PAIR_SHAPES = [(5, 4, 6), (1, 3, 2), (8, 1, 1), (3, 7, 4)]  # prompt/chosen/rejected lengths incl. 1
