@@ -67,8 +67,9 @@ def _is_full_run(config) -> bool:
 def pytest_sessionfinish(session, exitstatus):
     # pytest-benchmark's hookwrapper has written the JSON before this runs.
     path = session.config.option.benchmark_json if hasattr(session.config.option, "benchmark_json") else None
-    if path is None or not pathlib.Path(path).exists():
-        return
+    bench_session = getattr(session.config, "_benchmarksession", None)
+    if path is None or not pathlib.Path(path).exists() or not getattr(bench_session, "benchmarks", None):
+        return  # nothing was measured in this session (e.g. --collect-only, all skipped)
     from .report import write_report
 
     out = BENCH_DIR / "RESULTS.md" if _is_full_run(session.config) else RESULTS_DIR / "RESULTS.md"

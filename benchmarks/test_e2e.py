@@ -43,34 +43,28 @@ def _run_once(benchmark, fn):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.benchmark(group="e2e-dpo")
-@pytest.mark.parametrize("provider", ["zephyr_fast", "trl"])
-def test_e2e_dpo(benchmark, e2e_env, provider, tmp_path):
-    _skip_unavailable(provider)
-    if provider == "zephyr_fast":
-        s = _run_once(benchmark, lambda: e2e.run_zephyr("dpo", e2e_env["model_dir"], e2e_env["pairs"], tmp_path))
-    else:
-        s = _run_once(benchmark, lambda: e2e.run_trl_dpo(e2e_env["model_dir"], e2e_env["pairs"], tmp_path))
-    record(benchmark, suite="e2e_dpo", provider=provider, mode="full", shape=SHAPE, dtype=torch.float32,
-           dev=device(), tokens_per_s=s["train_tokens_per_second"], tokens=s.get("train_tokens"),
-           pairs=e2e_env["n"], pairs_per_s=s.get("train_pairs_per_second"), loop_s=s.get("train_runtime"),
-           variant="reference model in memory" if provider == "trl" else "precomputed reference")
-    assert s["train_tokens_per_second"] > 0
+_RUNNERS = {("dpo", "trl"): e2e.run_trl_dpo, ("sft", "trl"): e2e.run_trl_sft}
 
 
 @pytest.mark.slow
-@pytest.mark.benchmark(group="e2e-sft")
 @pytest.mark.parametrize("provider", ["zephyr_fast", "trl"])
-def test_e2e_sft(benchmark, e2e_env, provider, tmp_path):
+@pytest.mark.parametrize("stage", ["dpo", "sft"])
+def test_e2e_training(benchmark, e2e_env, stage, provider, tmp_path):
+    """One epoch of DPO (zephyr: precomputed reference; TRL: reference model in memory) or SFT."""
     _skip_unavailable(provider)
+    benchmark.group = f"e2e-{stage}"
+    data = e2e_env["pairs" if stage == "dpo" else "sft"]
     if provider == "zephyr_fast":
-        s = _run_once(benchmark, lambda: e2e.run_zephyr("sft", e2e_env["model_dir"], e2e_env["sft"], tmp_path))
+        s = _run_once(benchmark, lambda: e2e.run_zephyr(stage, e2e_env["model_dir"], data, tmp_path))
     else:
-        s = _run_once(benchmark, lambda: e2e.run_trl_sft(e2e_env["model_dir"], e2e_env["sft"], tmp_path))
-    record(benchmark, suite="e2e_sft", provider=provider, mode="full", shape=SHAPE, dtype=torch.float32,
+        s = _run_once(benchmark, lambda: _RUNNERS[stage, provider](e2e_env["model_dir"], data, tmp_path))
+    variant = None
+    if stage == "dpo":
+        variant = "reference model in memory" if provider == "trl" else "precomputed reference"
+    record(benchmark, suite=f"e2e_{stage}", provider=provider, mode="full", shape=SHAPE, dtype=torch.float32,
            dev=device(), tokens_per_s=s["train_tokens_per_second"], tokens=s.get("train_tokens"),
-           rows=e2e_env["n"], loop_s=s.get("train_runtime"))
+           rows=e2e_env["n"], pairs_per_s=s.get("train_pairs_per_second"), loop_s=s.get("train_runtime"),
+           variant=variant)
     assert s["train_tokens_per_second"] > 0
 
 
