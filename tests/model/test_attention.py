@@ -173,8 +173,9 @@ def _seg_logps_and_grads(model, batch, coef):
     return seg.detach(), grads(model)
 
 
-def test_prefix_shared_equals_two_sequence_layout():
-    model = tiny_model("mistral")
+@pytest.mark.parametrize("window", [None, 4])
+def test_prefix_shared_equals_two_sequence_layout(window):
+    model = tiny_model("mistral", sliding_window=window)  # window 4 binds: sequences up to 14 tokens
     pairs = random_pairs(PAIR_SHAPES)
     sep, shared = dpo_packed(pairs, "separate"), dpo_packed(pairs, "prefix_shared")
     assert shared.num_tokens < sep.num_tokens
@@ -198,12 +199,12 @@ def test_prefix_shared_equals_two_sequence_layout():
 @pytest.mark.slow
 def test_prefix_shared_flex_attention_forward():
     """FlexAttention block mask (compiled; no CPU backward, so the no-grad reference pass)."""
-    model = tiny_model("llama")
+    model = tiny_model("mistral", sliding_window=5)  # the block mask also carries the window
     pairs = random_pairs(PAIR_SHAPES, seed=5)
     shared = dpo_packed(pairs, "prefix_shared")
     with torch.no_grad():
-        meta = attn.build_varlen_meta(shared, "sdpa_segments", needs_grad=False)
-        assert meta.backend == "flex" and meta.block_mask is not None
+        meta = attn.build_varlen_meta(shared, "sdpa_segments", sliding_window=5, needs_grad=False)
+        assert meta.backend == "flex" and meta.block_mask is not None and meta.sliding_window == 5
         tok, seg = packed_logps(model, shared, impl="torch")
         _, seg_sep = packed_logps(model, dpo_packed(pairs, "separate"), impl="torch")
     assert tok.shape == (shared.num_tokens + len(pairs),)
