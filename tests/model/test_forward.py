@@ -1,5 +1,7 @@
 """The logits-free path equals plain transformers forwards (SFT labels loss, padded TRL-style DPO)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,3 +141,13 @@ def test_padded_forward_hidden_matches_packed():
         packed = forward_hidden(model, sft_packed(seqs))
     assert model.config._attn_implementation == "zephyr_sdpa_segments"  # restored afterwards
     torch.testing.assert_close(padded[mask.bool()], packed, atol=1e-5, rtol=0)
+
+
+def test_forward_hidden_rejects_non_packed_input():
+    model = tiny_model("mistral", seed=7)
+    batch = sft_packed(random_seqs([4, 3], seed=16))
+    padded = dataclasses.replace(batch, input_ids=batch.input_ids[None], position_ids=batch.position_ids[None])
+    with pytest.raises(ValueError, match="padded_forward_hidden"):
+        forward_hidden(model, padded)
+    with pytest.raises(ValueError, match="int32"):
+        forward_hidden(model, dataclasses.replace(batch, cu_seqlens=batch.cu_seqlens.long()))

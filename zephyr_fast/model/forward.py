@@ -63,6 +63,12 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
     accumulation scaling and backward prologue run exactly as for any engine forward), with
     ``logits_to_keep`` an empty index so the head produces a ``(1, 0, V)`` tensor.
     """
+    if batch.input_ids.dim() != 1 or batch.position_ids.shape != batch.input_ids.shape:
+        raise ValueError(f"forward_hidden expects a PackedBatch with 1-D input_ids/position_ids (N,), got "
+                         f"{tuple(batch.input_ids.shape)}/{tuple(batch.position_ids.shape)}; for padded "
+                         "(B, T) inputs use padded_forward_hidden")
+    if batch.cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"PackedBatch.cu_seqlens must be int32 (varlen kernels), got {batch.cu_seqlens.dtype}")
     hf = unwrap_model(model)
     backend = ensure_packed_attention(hf)
     meta = build_varlen_meta(batch, backend, sliding_window=getattr(hf.config, "sliding_window", None),
@@ -89,8 +95,11 @@ def _zero3_partitioned(p) -> bool:
 def _release_restored(param) -> None:
     """Post-accumulate hook: drop the storage :class:`_GatheredHead` lent back for the backward."""
     full = getattr(param, "_zephyr_restored", None)
-    if full is not None:
-        param._zephyr_restored = None
+    if full is None:
+        return
+    param._zephyr_restored = None
+    # only if DeepSpeed has not re-gathered the parameter meanwhile (tied embedding backward)
+    if param.data.data_ptr() == full.data_ptr():
         param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
 
