@@ -71,13 +71,15 @@ class ModelCase:
         torch.manual_seed(spec.get("seed", 0))
         config = tiny_config(arch="mistral", vocab_size=32000, **MODELS[spec.get("model", "tiny")])
         padded = self.variant.startswith("dpo_padded") or self.variant == "padded"
-        self.model = load_model(config=config, dtype=dtype, attn_impl="sdpa" if padded else "auto").to(dev)
+        with torch.device(dev):  # initialise on the device: a 1B random init on the host takes minutes
+            self.model = load_model(config=config, dtype=dtype, attn_impl="sdpa" if padded else "auto")
         pairs = real_pairs(max(1, spec["seqs"] // 2))
         self.seqs = [p + c for p, c, _ in pairs] + [p + j for p, _, j in pairs]
         self.tokens = sum(len(s) for s in self.seqs)
         self.pairs = pairs
         if self.variant == "dpo_padded_ref":
-            self.ref_model = load_model(config=config, dtype=dtype, attn_impl="sdpa").to(dev).eval()
+            with torch.device(dev):
+                self.ref_model = load_model(config=config, dtype=dtype, attn_impl="sdpa").eval()
             self.ref_model.requires_grad_(False)
         self._build_inputs()
 
