@@ -203,10 +203,13 @@ def test_prefix_shared_flex_attention_forward():
     pairs = random_pairs(PAIR_SHAPES, seed=5)
     shared = dpo_packed(pairs, "prefix_shared")
     with torch.no_grad():
-        meta = attn.build_varlen_meta(shared, "sdpa_segments", sliding_window=5, needs_grad=False)
+        _, seg_sep = packed_logps(model, dpo_packed(pairs, "separate"), impl="torch")
+        # on CPU the default backend keeps prefix-shared batches on dense masks; "flex" opts in
+        assert attn.build_varlen_meta(shared, "sdpa_segments", needs_grad=False).backend == "sdpa_segments"
+        model.set_attn_implementation(attn.register_varlen_attention("flex"))
+        meta = attn.build_varlen_meta(shared, "flex", sliding_window=5, needs_grad=False)
         assert meta.backend == "flex" and meta.block_mask is not None and meta.sliding_window == 5
         tok, seg = packed_logps(model, shared, impl="torch")
-        _, seg_sep = packed_logps(model, dpo_packed(pairs, "separate"), impl="torch")
     assert tok.shape == (shared.num_tokens + len(pairs),)
     torch.testing.assert_close(seg, seg_sep, atol=1e-5, rtol=0)
 

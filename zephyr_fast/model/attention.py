@@ -14,9 +14,9 @@ Backends (picked once, by :func:`resolve_backend`):
 * ``flex``          — FlexAttention with a block mask built once per batch.
 
 The prefix-shared DPO layout (``[prompt, chosen, rejected]`` in one segment, rejected never sees
-chosen) cannot be expressed by a varlen kernel; it runs on FlexAttention when the tensors are on
-CUDA or need no gradient, and on per-segment SDPA with a dense boolean mask otherwise (FlexAttention
-has no CPU backward in torch 2.13).
+chosen) cannot be expressed by a varlen kernel; it runs on FlexAttention on CUDA, and on CPU on
+per-segment SDPA with a dense boolean mask (FlexAttention has no CPU backward in torch 2.13 and
+compiles per shape) unless the model's backend is ``flex`` and no gradient is needed.
 
 Sliding window (Mistral ``sliding_window``, query ``q`` sees key ``k`` iff ``0 <= q - k < W``, the
 same rule as ``transformers.masking_utils.sliding_window_overlay``) is honoured by every backend
@@ -162,8 +162,7 @@ def build_varlen_meta(batch, backend: str, *, sliding_window: Optional[int] = No
     Args:
         backend: the model's packed backend (one of :data:`BACKENDS`).
         sliding_window: the model's ``config.sliding_window`` (``None`` = full causal).
-        needs_grad: whether a backward will run (picks FlexAttention vs dense masks on CPU for the
-            prefix-shared layout).
+        needs_grad: whether a backward will run (FlexAttention has no CPU backward).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
@@ -183,9 +182,11 @@ def build_varlen_meta(batch, backend: str, *, sliding_window: Optional[int] = No
         raise ValueError(f"attention backend {backend!r} needs CUDA tensors, the batch is on {device}; "
                          "load the model with attn_impl='sdpa_segments' (or 'auto' on this machine)")
     if prefix_shared:
-        # varlen kernels cannot express "rejected never sees chosen"; FlexAttention can, but has no
-        # CPU backward, so CPU training uses exact dense per-segment masks instead.
-        backend = "flex" if (device.type == "cuda" or not needs_grad) else "sdpa_segments"
+        # varlen kernels cannot express "rejected never sees chosen"; FlexAttention can.  On CPU it
+        # has no backward and costs a compile per new shape, so CPU uses exact dense per-segment
+        # masks unless the model asked for "flex" and no gradient is needed.
+        use_flex = device.type == "cuda" or (backend == "flex" and not needs_grad)
+        backend = "flex" if use_flex else "sdpa_segments"
     elif backend == "flex" and device.type != "cuda" and needs_grad:
         backend = "sdpa_segments"
     meta = VarlenMeta(backend=backend, cu_seqlens=batch.cu_seqlens, max_seqlen=max_seqlen,
