@@ -110,7 +110,7 @@ def linear_cross_entropy(
     Returns:
         fp32 scalar, or ``(N,)`` fp32 for ``reduction="none"`` (0 on ignored rows).
     """
-    check_inputs(hidden, weight, targets, bias)
+    check_inputs(hidden, weight, targets, bias, ignore_index=ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0 or z_loss < 0.0:

@@ -90,8 +90,13 @@ def backend(impl: str, device: torch.device):
     return chunked
 
 
-def check_inputs(hidden, weight, targets, bias=None, segment_ids=None, num_segments=None):
-    """Shape/dtype/device checks shared by every public entry point (cheap, no host sync)."""
+def check_inputs(hidden, weight, targets, bias=None, segment_ids=None, num_segments=None, ignore_index=-100):
+    """Shape/dtype/device checks shared by every public entry point.
+
+    Value-range checks of ``targets`` / ``segment_ids`` run only for CPU tensors, where reading a
+    result costs no device sync; on CUDA an out-of-range target gets no target logit and an
+    out-of-range segment id is dropped by the kernel's mask.
+    """
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be (N, D) and weight (V, D); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     N, D = hidden.shape
@@ -111,3 +116,14 @@ def check_inputs(hidden, weight, targets, bias=None, segment_ids=None, num_segme
             raise ValueError(f"segment_ids must be (N={N},) int64, got {tuple(segment_ids.shape)} {segment_ids.dtype}")
         if num_segments is not None and num_segments < 0:
             raise ValueError(f"num_segments must be >= 0, got {num_segments}")
+    if targets.device.type == "cpu" and N:
+        V = weight.shape[0]
+        bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(f"targets[{r}] = {int(targets[r])} is outside [0, V={V}) and is not ignore_index={ignore_index}")
+        if segment_ids is not None and num_segments is not None:
+            bad = (segment_ids < 0) | (segment_ids >= num_segments)
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0, 0])
+                raise ValueError(f"segment_ids[{r}] = {int(segment_ids[r])} is outside [0, num_segments={num_segments})")

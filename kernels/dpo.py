@@ -189,7 +189,7 @@ def fused_linear_dpo_loss(
         ``logits/rejected`` (mean logit over completion tokens) and ``nll_loss`` (mean chosen-token
         NLL, 0 without ``rpo_alpha``).
     """
-    check_inputs(hidden, weight, labels, bias, segment_ids, 0)
+    check_inputs(hidden, weight, labels, bias, segment_ids, 2 * ref_chosen_logps.numel(), ignore_index)
     _check_dpo_args(beta, loss_type, label_smoothing, reduction)
     if ref_chosen_logps.shape != ref_rejected_logps.shape or ref_chosen_logps.dim() != 1:
         raise ValueError(

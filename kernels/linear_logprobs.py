@@ -91,7 +91,7 @@ def linear_logprobs(
         ``return_lse``.  Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through every
         output.
     """
-    check_inputs(hidden, weight, targets, bias, segment_ids, num_segments)
+    check_inputs(hidden, weight, targets, bias, segment_ids, num_segments, ignore_index)
     if segment_ids is not None and num_segments is None:
         # host sync, only when the caller did not say how many segments there are
         num_segments = int(segment_ids.max()) + 1 if segment_ids.numel() else 0

@@ -71,7 +71,7 @@ def _logit_tile(
 @triton.jit
 def _stats_kernel(
     H, W, Bias, T, ORDER, NVALID, LSE, TGT, ZSUM, LOGP, SEG, SEGOUT,
-    V, D, stride_h, stride_w, inv_temp, softcap,
+    V, D, S, stride_h, stride_w, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ZSUM: tl.constexpr, HAS_SEG: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -108,7 +108,8 @@ def _stats_kernel(
             tl.store(ZSUM + rows, zs, mask=row_mask)
         if HAS_SEG:
             seg = tl.load(SEG + rows, mask=row_mask, other=0)
-            tl.atomic_add(SEGOUT + seg, logp, mask=row_mask)
+            # out-of-range ids are dropped rather than written out of bounds
+            tl.atomic_add(SEGOUT + seg, logp, mask=row_mask & (seg >= 0) & (seg < S))
 
 
 @triton.jit
@@ -216,7 +217,7 @@ def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
         _stats_kernel[(triton.cdiv(N, bn),)](
             hidden, weight, bias if bias is not None else lse, targets, order, n_valid,
             lse, tgt, zsum, logp, segment_ids if has_seg else targets, seg,
-            V, D, hidden.stride(0), weight.stride(0), 1.0 / temperature, float(softcap or 1.0),
+            V, D, num_segments if has_seg else 0, hidden.stride(0), weight.stride(0), 1.0 / temperature, float(softcap or 1.0),
             HAS_ZSUM=need_zsum, HAS_SEG=has_seg, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
             num_warps=warps, **_flags(hidden, bias, softcap),
         )

@@ -95,3 +95,25 @@ def test_bad_segment_ids_and_reduction():
         linear_logprobs(h, w, t, segment_ids=torch.zeros(4, dtype=torch.long), num_segments=1, impl="torch")
     with pytest.raises(ValueError, match="reduction must be one of"):
         linear_cross_entropy(h, w, t, reduction="avg", impl="torch")
+
+
+def test_out_of_range_targets_and_segments_are_named():
+    h, w, _, t = make_inputs(5, 16, 33)
+    t[3] = 33
+    with pytest.raises(ValueError, match=r"targets\[3\] = 33 is outside \[0, V=33\)"):
+        linear_logprobs(h, w, t, impl="torch")
+    t[3] = -100
+    seg = torch.tensor([0, 0, 1, 2, 1])
+    with pytest.raises(ValueError, match=r"segment_ids\[3\] = 2 is outside \[0, num_segments=2\)"):
+        linear_logprobs(h, w, t, segment_ids=seg, num_segments=2, impl="torch")
+
+
+def test_triton_kernel_drops_out_of_range_segment_ids():
+    """The device-side guard (no host check on CUDA): bypass the CPU check and call the backend."""
+    from zephyr_kernels import triton_kernels
+
+    h, w, _, t = make_inputs(6, 16, 33)
+    seg = torch.tensor([0, 1, 5, 1, 0, -1])
+    _, _, _, logp, s = triton_kernels.stats(h.detach(), w.detach(), None, t, ignore_index=-100, temperature=1.0,
+                                            softcap=None, segment_ids=seg, num_segments=2)
+    torch.testing.assert_close(s, torch.stack([logp[[0, 4]].sum(), logp[[1, 3]].sum()]))

@@ -150,8 +150,10 @@ def test_fused_dpo_matches_reference(impl, loss_type, ls, rpo, reduction, bias):
     assert_close(ours, ref, what="loss")
     for name, a, r in zip(("hidden", "weight", "bias"), og, rg):
         assert_close(a, r, what=f"grad {name}")
-    _, m = fused_linear_dpo_loss(h, w, t, seg, ref_c, ref_r, b, impl=impl, **kw)
-    _, rm = reference()
+    with torch.no_grad():  # eval: no gradient pass, same loss and metrics
+        ev, m = fused_linear_dpo_loss(h, w, t, seg, ref_c, ref_r, b, impl=impl, **kw)
+        _, rm = reference()
+    assert_close(ev * up, ref, what="eval loss")
     for k, v in rm.items():
         assert_close(m[k], v, what=k)
 
