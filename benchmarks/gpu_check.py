@@ -203,11 +203,11 @@ def correctness_case(kind: str, n: int, d: int, v: int, dev, seed: int = 0) -> l
     rows = []
     for key in truth:
         e_tri, e_torch = rel_err(triton_bf16[key], truth[key]), rel_err(torch_bf16[key], truth[key])
-        fp32_ok = torch.allclose(triton_fp32[key].float(), truth[key].float(), atol=1e-5, rtol=5e-4)
+        fp32_ok = torch.allclose(triton_fp32[key].detach().float(), truth[key].detach().float(), atol=1e-5, rtol=5e-4)
         rows.append({"kernel": kind, "output": key, "shape": f"N{n} D{d} V{v}",
                      "bf16_rel_err": e_tri, "torch_bf16_rel_err": e_torch,
                      "bf16_pass": e_tri <= max(2.0 * e_torch, 1e-3),
-                     "fp32_max_abs_err": float((triton_fp32[key].float() - truth[key].float()).abs().max()),
+                     "fp32_max_abs_err": float((triton_fp32[key].detach().float() - truth[key].detach().float()).abs().max()),
                      "fp32_pass": bool(fp32_ok)})
     return rows
 

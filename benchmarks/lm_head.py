@@ -116,6 +116,12 @@ class LMHeadCase:
                 noise = 0.05 * torch.randn(self.hidden.shape, generator=gen)
                 self.ref_hidden = (self.hidden.detach().float().cpu() + noise).to(dev, dtype)
                 self.ref_weight = self.weight.detach().clone()
+                # the numbers an offline reference pass over these hidden states would have stored,
+                # so every provider computes the same loss
+                with torch.no_grad():
+                    ref_tok = naive_token_logps(self.ref_hidden, self.ref_weight, self.labels)
+                    ref = torch.zeros(2 * pairs, device=dev).index_add(0, self.segment_ids, ref_tok)
+                self.ref_c, self.ref_r = ref[0::2].contiguous(), ref[1::2].contiguous()
         self.loss_fn = self._build(task, provider)
 
     # -- providers -------------------------------------------------------------------------

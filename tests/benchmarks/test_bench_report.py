@@ -1,0 +1,107 @@
+"""benchmarks/report.py: ratio tables, target verdicts and the chart from pytest-benchmark JSON."""
+
+import json
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
+
+MiB = 2**20
+
+
+def _bench(name, median, **info):
+    return {"name": name, "group": None, "stats": {"median": median}, "extra_info": info}
+
+
+def _lm(provider, median, mem, floor=70 * MiB, **kw):
+    info = dict(suite="lm_head", task="dpo", shape="tiny-cpu", n=4096, d=512, v=32000, dtype="float32",
+                device="cpu", mode="full", inputs="peaked", provider=provider, peak_mem_bytes=mem,
+                floor_bytes=floor, tflops=0.1)
+    info.update(kw)
+    return _bench(f"test_dpo_cpu[{provider}]", median, **info)
+
+
+def _doc(benchmarks, **meta):
+    return {"benchmarks": benchmarks, "machine_info": {"node": "n"}, "datetime": "2026-11-28T00:00:00",
+            "zephyr_fast": {"suite_wall_s": 300.0, "device_name": "CPU test", "versions": {"torch": "x"},
+                            "full_run": True, "threads": 2, **meta}}
+
+
+def _write(tmp_path, doc, name="latest.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def test_ratios_and_targets(tmp_path):
+    doc = _doc([
+        _lm("zephyr_fast", 1.0, 84 * MiB),                      # 1.2 × floor → met
+        _lm("naive_torch", 3.0, 1680 * MiB),
+        _lm("cce", 2.0, 420 * MiB),
+        _bench("e2e[z]", 50.0, suite="e2e_dpo", provider="zephyr_fast", mode="full", device="cpu",
+               dtype="float32", shape="tiny", tokens_per_s=900.0),
+        _bench("e2e[t]", 80.0, suite="e2e_dpo", provider="trl", mode="full", device="cpu",
+               dtype="float32", shape="tiny", tokens_per_s=400.0),          # 2.25× < 3× → not met
+        _bench("ref", 10.0, suite="ref_pass", provider="zephyr_fast", mode="fwd", device="cpu",
+               dtype="float32", shape="tiny", tokens_per_s=2000.0),        # 2.2× training → met
+    ])
+    out = tmp_path / "RESULTS.md"
+    report.write_report([_write(tmp_path, doc)], out)
+    md = out.read_text()
+    # anchor ÷ zephyr: naive 3 s / 1 s, memory 1680 / 84
+    assert "| naive_torch | 3.00 s | 0.100 | 1680 MiB | 3.00× | 20.00× |" in md
+    assert "| cce | 2.00 s | 0.100 | 420 MiB | 2.00× | 5.00× |" in md
+    targets = {t["target"]: t for t in report.evaluate_targets(*report.load([tmp_path / "latest.json"]))}
+    mem = next(t for k, t in targets.items() if "peak RSS growth" in k)
+    assert mem["status"] == "**met**" and "1.20 × floor" in mem["measured"]
+    assert targets["CPU DPO N4096 D512 V32000 fp32: time ≤ CCE torch_compile"]["status"] == "**met**"
+    assert targets["CPU DPO N4096 D512 V32000 fp32: stretch: time ≤ 0.8 × CCE"]["status"] == "**met**"
+    assert targets["e2e DPO step tokens/s ≥ 3 × TRL DPOTrainer"]["status"] == "**not met**"
+    assert "2.25×" in targets["e2e DPO step tokens/s ≥ 3 × TRL DPOTrainer"]["measured"]
+    assert targets["reference log-prob pass tokens/s ≥ 2 × DPO training tokens/s"]["status"] == "**met**"
+    gpu = [t for k, t in targets.items() if k.startswith("GPU")]
+    assert gpu and all(t["status"] == "not measured" for t in gpu)
+    assert "CPU test" in md and "torch x" in md
+    wall = next(t for k, t in targets.items() if "CPU suite" in k)
+    assert wall["status"] == "**met**"
+
+
+def test_not_met_memory_and_gpu_json_merge(tmp_path):
+    cpu = _write(tmp_path, _doc([_lm("zephyr_fast", 1.0, 140 * MiB), _lm("cce", 0.5, 400 * MiB)]))
+    gpu_rec = _bench("g", 0.012, suite="lm_head", task="ce", shape="mistral-7b", n=8192, d=4096, v=32000,
+                     dtype="bfloat16", device="cuda", mode="full", inputs="peaked", provider="zephyr_fast",
+                     workspace_bytes=300 * MiB, peak_mem_bytes=600 * MiB, device_name="NVIDIA H100")
+    gpu = _write(tmp_path, _doc([gpu_rec], gpu_check=True, suite_wall_s=400.0), "gpu.json")
+    targets = report.evaluate_targets(*report.load([cpu, gpu]))
+    by = {t["target"]: t["status"] for t in targets}
+    assert next(v for k, v in by.items() if "peak RSS growth" in k) == "**not met**"   # 2.0 × floor
+    assert by["CPU DPO N4096 D512 V32000 fp32: time ≤ CCE torch_compile"] == "**not met**"
+    assert by["GPU bf16 N8192 D4096 V32000 fwd+bwd ≤ 11 ms (H100)"] == "**not met**"  # 12 ms
+    assert by["GPU V32000: workspace beyond x, W, dX, dW ≤ 256 MiB"] == "**not met**"
+    assert by["gpu_check.sh finishes in < 6 minutes"] == "**not met**"                   # 400 s
+
+
+def test_chart_written_for_sweeps(tmp_path):
+    recs = []
+    for v, (tz, tn) in {8000: (0.1, 0.2), 32000: (0.3, 0.9), 128256: (1.0, 4.0)}.items():
+        for prov, t in (("zephyr_fast", tz), ("naive_torch", tn)):
+            recs.append(_bench(f"s{v}{prov}", t, suite="ce_sweep_vocab", task="ce", n=1024, d=256, v=v,
+                               dtype="float32", device="cpu", mode="full", provider=prov,
+                               peak_mem_bytes=int(t * 100 * MiB)))
+    out = tmp_path / "R.md"
+    report.write_report([_write(tmp_path, _doc(recs))], out)
+    png = tmp_path / "chart.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    assert "![time and memory vs vocab and tokens](chart.png)" in out.read_text()
+
+
+def test_foreign_benchmarks_ignored_and_empty_report(tmp_path):
+    doc = _doc([_bench("other", 1.0, something=1)])
+    records, metas = report.load([_write(tmp_path, doc)])
+    assert records == [] and len(metas) == 1
+    md = report.render(records, metas)
+    assert "No benchmark results" in md
