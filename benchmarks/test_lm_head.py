@@ -77,9 +77,9 @@ def test_dpo_cpu_normal_inputs(benchmark, provider):
 
 @pytest.mark.benchmark(group="lm_head-dpo-cpu-split")
 @pytest.mark.parametrize("mode", ["fwd", "bwd"])
-@pytest.mark.parametrize("provider", ["zephyr_fast", "naive_torch"])
-def test_dpo_cpu_fwd_bwd(benchmark, provider, mode):
-    bench_lm_head(benchmark, _spec("dpo", provider, **CPU_DPO), mode=mode)
+def test_dpo_cpu_fwd_bwd(benchmark, mode):
+    """Where zephyr_fast's time goes (a forward that already computes the gradients vs the backward)."""
+    bench_lm_head(benchmark, _spec("dpo", "zephyr_fast", **CPU_DPO), mode=mode)
 
 
 @pytest.mark.benchmark(group="dpo_ref-cpu")
@@ -101,7 +101,7 @@ def test_ce_vocab_sweep_cpu(benchmark, provider, v):
 
 
 @pytest.mark.benchmark(group="ce-sweep-tokens-cpu")
-@pytest.mark.parametrize("n", [2048, 4096])
+@pytest.mark.parametrize("n", [4096])  # N=1024 comes from the vocab sweep (same D, V=32000)
 @pytest.mark.parametrize("provider", ["zephyr_fast", "naive_torch"])
 def test_ce_tokens_sweep_cpu(benchmark, provider, n):
     bench_lm_head(benchmark, _spec("ce", provider, n=n, d=256, v=32000), suite="ce_sweep_tokens",

@@ -1,6 +1,6 @@
 """Packed vs padded forward+backward on real sequence lengths (issue 4), and the logits-free saving.
 
-CPU: the tiny Mistral (hidden 256, 4 layers, vocab 32000), 8 real UltraFeedback sequences (4 pairs,
+CPU: the tiny Mistral (hidden 256, 4 layers, vocab 32000), 6 real UltraFeedback sequences (3 pairs,
 prompt + chosen / prompt + rejected, ≤ 512 tokens).  CUDA (``@pytest.mark.cuda``): a ~1B Mistral
 config in bf16 on 32 sequences, plus the DPO step (packed, precomputed reference vs padded with a
 reference model in memory).
@@ -40,7 +40,7 @@ def bench_model(benchmark, spec: dict, *, rounds: int = 3, memory: bool = True):
 @pytest.mark.benchmark(group="packing-cpu")
 @pytest.mark.parametrize("variant", ["padded", "packed+logits", "packed+fused"])
 def test_packed_vs_padded_cpu(benchmark, variant):
-    bench_model(benchmark, {"case": "model", "variant": variant, "model": "tiny", "seqs": 8,
+    bench_model(benchmark, {"case": "model", "variant": variant, "model": "tiny", "seqs": 6,
                             "dtype": "float32", "device": "cpu", "seed": 0})
 
 
