@@ -44,11 +44,21 @@ def pytest_runtest_setup(item):
         pytest.skip("needs a CUDA device")
 
 
+_SKIPPED: list = []
+
+
+def pytest_runtest_logreport(report):
+    # anchors that cannot run are skipped with a reason; the report lists them (never silently absent)
+    if report.skipped and isinstance(report.longrepr, tuple):
+        _SKIPPED.append({"test": report.nodeid.split("::")[-1], "reason": str(report.longrepr[2])})
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     from .harness import device_name, versions
 
     output_json["zephyr_fast"] = {
         "suite_wall_s": time.time() - _T0,
+        "skipped": _SKIPPED,
         "device_name": device_name(),
         "versions": versions(),
         "full_run": _is_full_run(config),

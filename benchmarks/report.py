@@ -309,11 +309,15 @@ def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = No
         lines.append(f"| #{t['issue']} | {t['target']} | {measured} | {t['status']} |")
     lines += ["", "## Results", ""]
     if not records:
-        lines.append("No benchmark results in the input JSON.")
+        lines += ["No benchmark results in the input JSON.", ""]
     for key, rows in group(records).items():
         lines += [f"### {group_title(key)}", ""] + table(rows) + [""]
     if chart_rel:
         lines += ["## Chart", "", f"![time and memory vs vocab and tokens]({chart_rel})", ""]
+    skipped = [s for m in metas for s in (m.get("skipped") or [])]
+    if skipped:
+        lines += ["## Skipped (with the reason)", ""]
+        lines += [f"- `{s['test']}`: {s['reason'].replace('Skipped: ', '')}" for s in skipped] + [""]
     return "\n".join(lines) + "\n"
 
 

@@ -100,8 +100,10 @@ def test_chart_written_for_sweeps(tmp_path):
 
 
 def test_foreign_benchmarks_ignored_and_empty_report(tmp_path):
-    doc = _doc([_bench("other", 1.0, something=1)])
+    doc = _doc([_bench("other", 1.0, something=1)],
+               skipped=[{"test": "test_ce_cuda[liger]", "reason": "needs a CUDA device"}])
     records, metas = report.load([_write(tmp_path, doc)])
     assert records == [] and len(metas) == 1
     md = report.render(records, metas)
     assert "No benchmark results" in md
+    assert "- `test_ce_cuda[liger]`: needs a CUDA device" in md   # skipped anchors are listed, with why
