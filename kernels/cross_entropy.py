@@ -125,16 +125,22 @@ def linear_cross_entropy(
 class FusedLinearCrossEntropyLoss(nn.Module):
     """Drop-in for ``liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss``.
 
-    Called as ``(lin_weight (V, D), _input (..., D), target (...), bias=None)`` → loss; leading
-    dimensions of ``_input`` / ``target`` are flattened.
+    Same constructor order (``ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction,
+    softcap``; ``lse_square_scale`` is the z-loss coefficient) and call ``(lin_weight (V, D),
+    _input (..., D), target (...), bias=None)`` → loss; leading dimensions are flattened.  Liger
+    options this module does not implement (class weights, returning z-loss / accuracy) raise.
     """
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, temperature: float = 1.0, softcap: Optional[float] = None,
-                 impl: str = "auto"):
+    def __init__(self, ce_weight=None, ignore_index: int = -100, lse_square_scale: float = 0.0,
+                 label_smoothing: float = 0.0, reduction: str = "mean", softcap: Optional[float] = None,
+                 return_z_loss: bool = False, *, temperature: float = 1.0, impl: str = "auto"):
         super().__init__()
+        if ce_weight is not None or return_z_loss:
+            raise NotImplementedError("FusedLinearCrossEntropyLoss: ce_weight and return_z_loss are not supported")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.ignore_index, self.reduction = ignore_index, reduction
-        self.label_smoothing, self.z_loss = label_smoothing, z_loss
+        self.label_smoothing, self.z_loss = label_smoothing, lse_square_scale
         self.temperature, self.softcap, self.impl = temperature, softcap, impl
 
     def forward(self, lin_weight, _input, target, bias=None):
