@@ -69,3 +69,27 @@ def test_optimizers_and_weight_decay_groups():
     decays = {tuple(p.shape): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert decays == {(4, 3): 0.1, (4,): 0.0}  # biases / norms are not decayed
     assert isinstance(build_optimizer(lin.parameters(), TrainingConfig(optim="adamw_torch")), torch.optim.AdamW)
+
+
+def test_palm_flops_mfu_inputs_and_metric_files(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from zephyr_fast import metrics as M
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    n_all = sum(p.numel() for p in model.parameters())
+    assert M.count_matmul_params(model) == n_all - 100 * 32  # the input embedding table is a lookup
+    # two packed sequences of 3 and 5 tokens: 6·N·8 + 12·L·d·(3² + 5²)
+    assert M.train_flops(1000, 2, 32, 8, 34) == 6 * 1000 * 8 + 12 * 2 * 32 * 34
+    assert M.detect_peak_tflops(torch.device("cpu")) is None
+    log = M.MetricLogger(str(tmp_path), enabled=True, report_to=[])
+    log.log(1, {"loss": torch.tensor(2.0), "rewards/margins": 0.1})
+    log.log(2, {"loss": 1.5, "rewards/margins": 0.4, "eval_loss": 1.7})
+    log.close()
+    rows = M.read_jsonl(log.path)
+    assert rows == [{"step": 1, "loss": 2.0, "rewards/margins": 0.1},
+                    {"step": 2, "loss": 1.5, "rewards/margins": 0.4, "eval_loss": 1.7}]
+    png = M.plot_runs({"run": log.path}, str(tmp_path / "p.png"))
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
