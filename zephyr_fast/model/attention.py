@@ -293,12 +293,17 @@ def _torch_varlen(query, key, value, meta, scaling, dropout):
 
 def _sdpa_segments(query, key, value, meta, scaling, dropout):
     gqa = query.shape[1] != key.shape[1]
-    outs = []
-    for (a, b), mask in zip(meta.bounds, meta.masks):
-        outs.append(F.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], attn_mask=mask,
-            dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=gqa))
-    return torch.cat(outs, dim=2).transpose(1, 2)
+    # split, not slicing: the backward of S slices zero-fills S full-size gradients; split's
+    # backward is one concatenation.  Concatenating (1, L, H, Dh) pieces along the token axis
+    # yields the (1, N, H, Dh) layout transformers reshapes next without another copy.
+    lengths = [b - a for a, b in meta.bounds]
+    outs = [
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                       scale=scaling, enable_gqa=gqa).transpose(1, 2)
+        for q, k, v, mask in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2),
+                                 meta.masks)
+    ]
+    return torch.cat(outs, dim=1)
 
 
 @functools.lru_cache(maxsize=1)
