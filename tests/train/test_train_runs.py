@@ -149,21 +149,23 @@ def test_dpo_uses_the_cache_and_raises_reward_margins(ref_cache, sft_model, tmp_
 
 
 def test_kill_and_resume_gives_the_same_weights(sft_dir, tmp_path):
-    kw = dict(num_train_epochs=2, lr_scheduler_type="cosine", warmup_ratio=0.2)  # 10 steps
+    kw = dict(max_steps=7, lr_scheduler_type="cosine", warmup_ratio=0.2)  # 5 steps/epoch: crosses an epoch
     whole = run(_cfg("sft", tmp_path / "whole", sft_dir, **kw), return_model=True)
-    cut = _cfg("sft", tmp_path / "cut", sft_dir, save_strategy="steps", save_steps=3, save_total_limit=2, **kw)
-    stopped = run(cut, stop_after=7)  # "killed" after step 7: the last checkpoint is step 6
-    assert stopped["finished"] is False and stopped["global_step"] == 7
-    assert sorted(os.listdir(tmp_path / "cut")).count("checkpoint-6") == 1
-    assert os.path.exists(tmp_path / "cut" / "checkpoint-3")  # save_total_limit=2: checkpoints 3 and 6
+    cut = _cfg("sft", tmp_path / "cut", sft_dir, save_strategy="steps", save_steps=2, save_total_limit=2, **kw)
+    stopped = run(cut, stop_after=5)  # "killed" after step 5: the last checkpoint is step 4
+    assert stopped["finished"] is False and stopped["global_step"] == 5
+    names = sorted(n for n in os.listdir(tmp_path / "cut") if n.startswith("checkpoint"))
+    assert names == ["checkpoint-2", "checkpoint-4"]  # save_total_limit=2, no temp dirs left behind
     cut.training.resume_from_checkpoint = "auto"
     resumed = run(cut, return_model=True)
-    assert resumed["finished"] and resumed["global_step"] == whole["global_step"] == 10
+    assert resumed["finished"] and resumed["global_step"] == whole["global_step"] == 7
     a, b = whole["model"].state_dict(), resumed["model"].state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     steps = [r["step"] for r in rows_of(resumed["metrics_path"]) if "loss" in r]
-    assert steps == list(range(1, 11))  # the interrupted run's step 7 was replaced, not duplicated
+    assert steps == list(range(1, 8))  # the interrupted run's step 5 was replaced, not duplicated
+    losses = [r["loss"] for r in rows_of(resumed["metrics_path"]) if "loss" in r]
+    assert losses == [r["loss"] for r in rows_of(whole["metrics_path"]) if "loss" in r]
 
 
 def test_non_finite_loss_stops_with_a_checkpoint(sft_dir, tmp_path):
