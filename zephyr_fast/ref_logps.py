@@ -223,13 +223,9 @@ def compute_ref_logps(model, batches: list, *, dist: DistInfo, impl: str = "auto
                     seconds=seconds, tokens=all_tokens)
 
 
-def ensure_ref_logps(model, batches: list, *, cache_dir: str, split: str, key: dict, dist: DistInfo,
-                     recompute: bool = False, impl: str = "auto", log=print) -> RefLogps:
-    """Reuse the cache for ``split`` if it matches ``key``; otherwise compute and write it (rank 0)."""
-    ref = read_cache(cache_dir, split, key, recompute=recompute)
-    if ref is not None:
-        log(f"reference log-probs ({split}): reusing {ref.path}")
-        return ref
+def compute_and_write(model, batches: list, *, cache_dir: str, split: str, key: dict, dist: DistInfo,
+                      impl: str = "auto", log=print) -> RefLogps:
+    """Run the reference pass over ``batches`` and write the ``split`` cache under ``key`` (rank 0)."""
     ref = compute_ref_logps(model, batches, dist=dist, impl=impl, desc=f"ref logps ({split})")
     if ref.index.numel() != key["num_pairs"]:
         raise RuntimeError(f"reference pass produced {ref.index.numel()} pairs, expected {key['num_pairs']}")

@@ -49,8 +49,8 @@ def reference_logps(cfg: Config, dist, model, data: dict, tokenizer, weights: st
         if ref is None:
             # the reference pass uses the separate layout: exact per-sequence attention, any backend
             batches = list(pack_dpo(sd.examples, budget, layout="separate", seed=t.seed))
-            ref = R.ensure_ref_logps(model, batches, cache_dir=cache_dir, split=split, key=key, dist=dist,
-                                     recompute=True, impl=t.kernel_impl, log=log)
+            ref = R.compute_and_write(model, batches, cache_dir=cache_dir, split=split, key=key, dist=dist,
+                                      impl=t.kernel_impl, log=log)
         else:
             log(f"reference log-probs ({split}): reusing {ref.path}")
         out[split] = ref

@@ -4,6 +4,7 @@ kill-and-resume, NaN handling."""
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -124,6 +125,13 @@ def test_ref_cache_is_reused_and_refused_when_data_or_model_change(ref_cache, sf
     with pytest.raises(StaleRefLogpsError, match="lengths"):
         run(_cfg("ref_logps", tmp_path / "l2", data_dir, max_prompt_length=32, **common))
     assert os.path.getmtime(path) == mtime  # refusals never touch the cache
+
+    copy = str(tmp_path / "cache_copy")
+    shutil.copytree(cache_dir, copy)
+    redo = run(_cfg("ref_logps", tmp_path / "redo", data_dir, ref_logps_dir=copy, ref_logps_recompute=True))
+    assert redo["ref_logps_train_reused"] is False
+    with open(os.path.join(copy, "train.json")) as f:
+        assert json.load(f)["model_weights"].startswith("params:")  # the random init's, not the SFT files'
 
 
 def test_dpo_uses_the_cache_and_raises_reward_margins(ref_cache, sft_model, tmp_path):
