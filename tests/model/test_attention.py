@@ -82,6 +82,7 @@ def test_backend_resolution_and_errors():
     assert attn.resolve_backend("auto", torch.device("cpu")) == "sdpa_segments"
     assert attn.register_varlen_attention("sdpa_segments") == "zephyr_sdpa_segments"
     assert attn.backend_of("zephyr_flex") == "flex" and attn.backend_of("sdpa") is None
+    assert all("flash" not in attn.implementation_name(b) for b in attn.BACKENDS)
     with pytest.raises(ValueError, match="attention backend"):
         attn.resolve_backend("dense")
     if not attn.flash_attn_available():
@@ -90,6 +91,19 @@ def test_backend_resolution_and_errors():
     model = tiny_model("mistral")
     with pytest.raises(RuntimeError, match="without packed metadata"):
         model.model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=False)
+
+
+@pytest.mark.parametrize("backend", attn.BACKENDS)
+def test_every_backend_name_is_accepted_by_transformers(backend):
+    """transformers special-cases names (e.g. anything containing "flash" is imported as a kernel);
+    each registered name must be settable on a model whatever is installed here."""
+    from transformers import AttentionInterface
+
+    name = attn.implementation_name(backend)
+    AttentionInterface.register(name, attn._packed_attention)  # bypasses the availability check
+    model = tiny_model("mistral", num_hidden_layers=1)
+    model.set_attn_implementation(name)
+    assert model.config._attn_implementation == name and attn.backend_of(name) == backend
 
 
 def test_foreign_attention_is_switched_to_packed():

@@ -6,7 +6,7 @@ from transformers import GPT2Config
 
 from model_testlib import assert_grads_close, grads, random_seqs, sft_packed, tiny_model
 from zephyr_fast.model import forward_hidden, load_model, tiny_config
-from zephyr_fast.model.attention import resolve_backend
+from zephyr_fast.model.attention import implementation_name, resolve_backend
 
 
 @pytest.mark.parametrize("arch,cls", [("mistral", "MistralForCausalLM"), ("llama", "LlamaForCausalLM")])
@@ -14,7 +14,7 @@ def test_tiny_config_builds_the_real_architecture(arch, cls):
     cfg = tiny_config(arch, vocab_size=300, hidden_size=64, num_hidden_layers=2)
     model = load_model(config=cfg)
     assert type(model).__name__ == cls and model.training
-    assert model.config._attn_implementation == "zephyr_" + resolve_backend("auto")
+    assert model.config._attn_implementation == implementation_name(resolve_backend("auto"))
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA exercised
     assert model.lm_head.weight.shape == (300, 64)
 

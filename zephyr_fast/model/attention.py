@@ -41,7 +41,11 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa_segments", "flex")
-_PREFIX = "zephyr_"
+# Registered names.  None may contain "flash": transformers treats any such name as a flash-attention
+# request and tries to import it as a kernel (``is_flash_attention_requested`` is a substring test).
+_NAMES = {"flash_attn": "zephyr_fa_varlen", "torch_varlen": "zephyr_torch_varlen",
+          "sdpa_segments": "zephyr_sdpa_segments", "flex": "zephyr_flex"}
+_BACKEND_OF = {v: k for k, v in _NAMES.items()}
 META_KWARG = "zephyr_varlen"
 
 
@@ -103,19 +107,21 @@ def register_varlen_attention(backend: str = "auto") -> str:
     """
     from transformers import AttentionInterface
 
-    backend = resolve_backend(backend)
-    name = _PREFIX + backend
+    name = implementation_name(resolve_backend(backend))
     AttentionInterface.register(name, _packed_attention)
     return name
 
 
+def implementation_name(backend: str) -> str:
+    """The ``attn_implementation`` name under which ``backend`` is registered."""
+    if backend not in _NAMES:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    return _NAMES[backend]
+
+
 def backend_of(attn_implementation: Optional[str]) -> Optional[str]:
     """The zephyr backend behind an ``attn_implementation`` name, or ``None`` for foreign ones."""
-    if attn_implementation and attn_implementation.startswith(_PREFIX):
-        backend = attn_implementation[len(_PREFIX):]
-        if backend in BACKENDS:
-            return backend
-    return None
+    return _BACKEND_OF.get(attn_implementation)
 
 
 @contextlib.contextmanager
