@@ -175,6 +175,9 @@ def test_cuda_backend_plumbing_with_reference_kernels(backend, window, monkeypat
     ref = attn._IMPLS["sdpa_segments"](q, k, v, ref_meta, 0.3, 0.0)
     assert out.shape == (1, batch.num_tokens, 4, 16) and calls
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    # the registered entry point refuses fp32 for the flash kernels by name
+    with pytest.raises(ValueError, match="needs fp16/bf16"):
+        attn._packed_attention(None, q, k, v, None, scaling=0.3, **{attn.META_KWARG: meta})
 
 
 PAIR_SHAPES = [(5, 4, 6), (1, 3, 2), (8, 1, 1), (3, 7, 4)]  # prompt/chosen/rejected lengths incl. 1

@@ -249,6 +249,9 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, d
             "inputs (zephyr_fast.model.attention.attention_implementation(model, 'sdpa'))")
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects batch dimension 1, got query {tuple(query.shape)}")
+    if meta.backend in ("flash_attn", "torch_varlen") and query.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attention backend {meta.backend!r} (flash kernels) needs fp16/bf16 activations, got "
+                         f"{query.dtype}; load the model with dtype='bfloat16' or attn_impl='sdpa_segments'")
     if dropout and meta.backend in ("torch_varlen", "flex"):
         raise NotImplementedError(f"attention dropout={dropout} is not supported by backend {meta.backend!r}")
     return _IMPLS[meta.backend](query, key, value, meta, scaling, dropout), None
