@@ -61,7 +61,7 @@ def test_gradient_checkpointing_is_non_reentrant_and_exact():
     for gc in (False, True):
         torch.manual_seed(10)
         model = load_model(config=tiny_config("mistral", vocab_size=300, hidden_size=64, num_hidden_layers=2),
-                           gradient_checkpointing=gc)
+                           attn_impl="sdpa_segments", gradient_checkpointing=gc)
         assert model.model.gradient_checkpointing is gc
         hidden = forward_hidden(model, batch)
         (hidden * torch.linspace(-1, 1, hidden.numel()).view_as(hidden)).sum().backward()
@@ -82,7 +82,7 @@ def test_liger_ops_cuda(monkeypatch):
     for liger in (False, True):
         torch.manual_seed(17)
         model = load_model(config=tiny_config("llama", vocab_size=300, hidden_size=64, num_hidden_layers=2),
-                           liger_ops=liger).to("cuda")
+                           attn_impl="sdpa_segments", liger_ops=liger).to("cuda")  # fp32: no flash kernels
         hidden = forward_hidden(model, batch)
         hidden.float().square().sum().backward()
         outs.append((hidden.detach(), grads(model)))
