@@ -193,3 +193,15 @@ def test_lora_run_trains_adapters_only(sft_dir, tmp_path):
 
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lora"), dtype=torch.float32)
     assert merged.config.hidden_size == TINY_MODEL["hidden_size"]
+
+
+def test_prefix_shared_dpo_agrees_with_the_separate_layout_reference(ref_cache, sft_model, tmp_path):
+    """Policy log-probs in the prefix-shared layout at init equal the cached (separate-layout) reference."""
+    cfg, _ = ref_cache
+    data_dir = list(cfg.data.dataset_mixer)[0]
+    s = run(_cfg("dpo", tmp_path / "ps", data_dir, model_name_or_path=sft_model["model_dir"], max_steps=1,
+                 dpo_layout="prefix_shared", ref_logps_dir=cfg.dpo.ref_logps_dir, max_tokens_per_batch=2000))
+    first = rows_of(s["metrics_path"])[0]
+    assert s["ref_logps_train_reused"] is True
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
