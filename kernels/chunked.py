@@ -127,11 +127,16 @@ def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
         tgt.index_copy_(0, idx, tz)
         if need_zsum:
             zsum.index_copy_(0, idx, zs)
+    return (lse, tgt, zsum) + token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments)
+
+
+def token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments):
+    """``(logp (N,), seg (S,) or None)`` from the statistics pass; shared by the chunked backends."""
     logp = torch.where(targets != ignore_index, tgt - lse, 0.0)
     seg = None
     if segment_ids is not None:
-        seg = torch.zeros(num_segments, **f32).index_add_(0, segment_ids, logp)
-    return lse, tgt, zsum, logp, seg
+        seg = torch.zeros(num_segments, dtype=torch.float32, device=lse.device).index_add_(0, segment_ids, logp)
+    return logp, seg
 
 
 @torch.no_grad()

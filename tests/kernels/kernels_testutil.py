@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from zephyr_kernels import chunked
+from zephyr_kernels import chunked, triton_chunked
 
 # "torch-tiled" is the torch path with tiny blocks, so that multi-chunk code runs at test shapes
 # (online log-sum-exp across vocab chunks, several row blocks, targets outside the current chunk).
-IMPLS = ["torch", "torch-tiled", "triton"]
+# "triton-small" is the GEMM + Triton-epilogue backend with a tiny workspace: several row chunks,
+# several vocab slices in the gradient pass, and cross-entropy's two-pass branch.
+IMPLS = ["torch", "torch-tiled", "triton", "triton-small", "triton_tiled"]
 
 
 @pytest.fixture(params=IMPLS)
@@ -16,6 +18,9 @@ def impl(request, monkeypatch):
         monkeypatch.setattr(chunked, "_BLOCK_BYTES", 1024)  # → 64-column vocab chunks, 8-row CE chunks
         monkeypatch.setattr(chunked, "_ROW_BLOCK", 16)
         return "torch"
+    if request.param == "triton-small":
+        monkeypatch.setattr(triton_chunked, "_WORKSPACE_BYTES", 16 * 128 * 6)  # 16-row chunks / 128-col slices
+        return "triton"
     return request.param
 ATOL, RTOL = 1e-5, 5e-4
 

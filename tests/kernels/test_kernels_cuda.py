@@ -31,9 +31,10 @@ def _torch_bf16_logprobs(h, w, t, segment_ids=None, num_segments=None):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "triton_tiled"])
 class TestTritonOnCuda:
     @pytest.mark.parametrize("V", [32000, 128256])
-    def test_bf16_logprobs_within_torch_bf16_error(self, V):
+    def test_bf16_logprobs_within_torch_bf16_error(self, V, impl):
         N, D = 1024, 512
         h, w, t = _inputs(N, D, V, torch.bfloat16)
         seg = torch.arange(N, device="cuda") // 100
@@ -48,24 +49,24 @@ class TestTritonOnCuda:
         with torch.no_grad():
             lp_ref = reference_linear_logprobs(hf, wf, t)
             lp_bf = _torch_bf16_logprobs(h, w, t)
-            lp = linear_logprobs(h, w, t, impl="triton")
+            lp = linear_logprobs(h, w, t, impl=impl)
         _, bg = grads_of(lambda: run(_torch_bf16_logprobs, h, w), [h, w])
-        _, og = grads_of(lambda: run(linear_logprobs, h, w, impl="triton"), [h, w])
+        _, og = grads_of(lambda: run(linear_logprobs, h, w, impl=impl), [h, w])
         assert og[0].dtype == torch.bfloat16 and lp.dtype == torch.float32
         assert _err(lp, lp_ref) <= 2 * _err(lp_bf, lp_ref) + 1e-3
         for o, b, tr in zip(og, bg, tg):
             assert _err(o, tr) <= 2 * _err(b, tr) + 1e-3
 
-    def test_fp32_logprobs_tight(self):
+    def test_fp32_logprobs_tight(self, impl):
         h, w, t = _inputs(300, 256, 5003, torch.float32)
         gt = torch.randn(300, device="cuda")
-        ours, og = grads_of(lambda: (linear_logprobs(h, w, t, impl="triton", softcap=20.0) * gt).sum(), [h, w])
+        ours, og = grads_of(lambda: (linear_logprobs(h, w, t, impl=impl, softcap=20.0) * gt).sum(), [h, w])
         ref, rg = grads_of(lambda: (reference_linear_logprobs(h, w, t, softcap=20.0) * gt).sum(), [h, w])
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=5e-4)
         for a, b in zip(og, rg):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=5e-4)
 
-    def test_bf16_cross_entropy_and_dpo(self):
+    def test_bf16_cross_entropy_and_dpo(self, impl):
         """bf16 CE and fused DPO: loss and gradients within ~a bf16 torch run's own error."""
         N, D, V, P = 1024, 512, 32000, 4
         h, w, t = _inputs(N, D, V, torch.bfloat16, seed=1)
@@ -87,8 +88,8 @@ class TestTritonOnCuda:
             return lambda a, b: -logprobs_fn(a, b, t).sum() / (t != -100).sum()
 
         cases = {
-            "ce": (ce_of, lambda: linear_cross_entropy(h, w, t, impl="triton")),
-            "dpo": (dpo_of, lambda: FusedLinearDPOLoss(impl="triton")(h, w, t, seg, rc, rr)[0]),
+            "ce": (ce_of, lambda: linear_cross_entropy(h, w, t, impl=impl)),
+            "dpo": (dpo_of, lambda: FusedLinearDPOLoss(impl=impl)(h, w, t, seg, rc, rr)[0]),
         }
         for name, (loss_of, ours_fn) in cases.items():
             truth, tg = grads_of(lambda: loss_of(reference_linear_logprobs)(hf, wf), [hf, wf])
