@@ -80,6 +80,8 @@ def test_sliding_window_rejected_when_backend_cannot_apply_it(monkeypatch):
 
 def test_backend_resolution_and_errors():
     assert attn.resolve_backend("auto", torch.device("cpu")) == "sdpa_segments"
+    # the flash kernels take fp16/bf16 only: fp32 on CUDA resolves to the exact path
+    assert attn.resolve_backend("auto", torch.device("cuda"), torch.float32) == "sdpa_segments"
     assert attn.register_varlen_attention("sdpa_segments") == "zephyr_sdpa_segments"
     assert attn.backend_of("zephyr_flex") == "flex" and attn.backend_of("sdpa") is None
     assert all("flash" not in attn.implementation_name(b) for b in attn.BACKENDS)

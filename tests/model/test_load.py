@@ -14,7 +14,7 @@ def test_tiny_config_builds_the_real_architecture(arch, cls):
     cfg = tiny_config(arch, vocab_size=300, hidden_size=64, num_hidden_layers=2)
     model = load_model(config=cfg)
     assert type(model).__name__ == cls and model.training
-    assert model.config._attn_implementation == implementation_name(resolve_backend("auto"))
+    assert model.config._attn_implementation == implementation_name(resolve_backend("auto", dtype=torch.float32))
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA exercised
     assert model.lm_head.weight.shape == (300, 64)
 

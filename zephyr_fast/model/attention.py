@@ -80,8 +80,10 @@ def torch_varlen_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def resolve_backend(backend: str = "auto", device: Optional[torch.device] = None) -> str:
-    """Turn ``"auto"`` into a concrete backend for ``device`` (default: CUDA if present)."""
+def resolve_backend(backend: str = "auto", device: Optional[torch.device] = None,
+                    dtype: Optional[torch.dtype] = None) -> str:
+    """Turn ``"auto"`` into a concrete backend for ``device`` (default: CUDA if present) and the
+    activation ``dtype`` (the flash kernels take fp16/bf16 only; fp32 gets the exact SDPA path)."""
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
@@ -92,6 +94,7 @@ def resolve_backend(backend: str = "auto", device: Optional[torch.device] = None
             raise ImportError(f"attention backend 'torch_varlen' needs torch >= 2.10, have {torch.__version__}")
         return backend
     on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    on_cuda = on_cuda and dtype in (None, torch.float16, torch.bfloat16)
     if on_cuda and flash_attn_available():
         return "flash_attn"
     if on_cuda and torch_varlen_available():
@@ -99,7 +102,8 @@ def resolve_backend(backend: str = "auto", device: Optional[torch.device] = None
     return "sdpa_segments"
 
 
-def register_varlen_attention(backend: str = "auto") -> str:
+def register_varlen_attention(backend: str = "auto", *, device: Optional[torch.device] = None,
+                              dtype: Optional[torch.dtype] = None) -> str:
     """Register the packed-attention function for ``backend`` and return its implementation name.
 
     Use the name as ``attn_implementation`` (``from_pretrained``/``from_config``) or with
@@ -107,7 +111,7 @@ def register_varlen_attention(backend: str = "auto") -> str:
     """
     from transformers import AttentionInterface
 
-    name = implementation_name(resolve_backend(backend))
+    name = implementation_name(resolve_backend(backend, device, dtype))
     AttentionInterface.register(name, _packed_attention)
     return name
 

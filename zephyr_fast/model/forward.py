@@ -14,7 +14,7 @@ import torch
 
 from ..data.batch import PackedBatch, loss_inputs
 from .attention import (META_KWARG, attention_implementation, backend_of, build_varlen_meta,
-                        register_varlen_attention, resolve_backend)
+                        register_varlen_attention)
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +32,12 @@ def unwrap_model(model):
     return model
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def ensure_packed_attention(model) -> str:
     """Return the packed backend of ``model``, switching a foreign implementation to ``"auto"``."""
     backend = backend_of(model.config._attn_implementation)
     if backend is None:
-        name = register_varlen_attention(resolve_backend("auto", _device_of(model)))
+        param = next(model.parameters())
+        name = register_varlen_attention("auto", device=param.device, dtype=param.dtype)
         logger.info("switching attention from %r to %r for packed batches",
                     model.config._attn_implementation, name)
         model.set_attn_implementation(name)

@@ -53,9 +53,9 @@ def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _resolve_attn(attn_impl: str) -> str:
+def _resolve_attn(attn_impl: str, dtype: torch.dtype) -> str:
     if attn_impl == "auto" or attn_impl in BACKENDS:
-        return register_varlen_attention(attn_impl)
+        return register_varlen_attention(attn_impl, dtype=dtype)
     if attn_impl in ("sdpa", "eager"):  # plain transformers attention: padded baselines only
         return attn_impl
     raise ValueError(f"attn_impl must be 'auto', one of {BACKENDS}, 'sdpa' or 'eager', got {attn_impl!r}")
@@ -82,6 +82,7 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
         dtype: parameter dtype, ``"float32"``/``"bfloat16"``/``"float16"`` or a ``torch.dtype``.
         attn_impl: ``"auto"`` or a packed backend (``flash_attn``/``torch_varlen``/``sdpa_segments``/
             ``flex``); ``"sdpa"``/``"eager"`` give plain transformers attention (padded baselines).
+            ``"auto"``: flash-attn, else torch varlen, on CUDA with fp16/bf16; else ``sdpa_segments``.
         trust_remote_code: must stay ``False`` — nothing from a checkpoint is executed.
         zero3: a DeepSpeed config dict with ``zero_optimization.stage == 3``: the model is built
             inside ``deepspeed.zero.Init`` (transformers does this while an ``HfDeepSpeedConfig`` is
@@ -100,7 +101,7 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
         raise ValueError("load_model: trust_remote_code=True is refused; zephyr_fast never executes code "
                          "from a checkpoint (Mistral and Llama are built into transformers)")
     torch_dtype = resolve_dtype(dtype)
-    attn_name = _resolve_attn(attn_impl)
+    attn_name = _resolve_attn(attn_impl, torch_dtype)
     if liger_ops:
         _check_liger()
     if config is None:
