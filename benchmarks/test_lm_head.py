@@ -29,7 +29,7 @@ def bench_lm_head(benchmark, spec: dict, *, mode: str = "full", suite: str = "lm
     if mode == "full":
         run_timed(benchmark, case.full, dev=dev, rounds=rounds)
     elif mode == "fwd":
-        run_timed(benchmark, case.loss, case.zero_grad, dev=dev, rounds=rounds)
+        run_timed(benchmark, case.loss, lambda: (case.zero_grad(), ())[1], dev=dev, rounds=rounds)
     else:  # bwd: the forward runs untimed in setup
         run_timed(benchmark, lambda loss: loss.backward(), lambda: (case.zero_grad(), case.loss())[1:],
                   dev=dev, rounds=rounds)

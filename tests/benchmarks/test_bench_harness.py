@@ -99,3 +99,16 @@ def test_gpu_check_correctness_rows_detect_errors():
     assert gpu_check.rel_err(ref, ref) == 0.0
     assert gpu_check.rel_err(ref * 1.01, ref) == pytest.approx(0.01, rel=1e-3)
     assert "**FAIL**" in gpu_check.correctness_table([dict(rows[0], bf16_pass=False)])
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
+def test_bench_lm_head_every_mode_records(mode):
+    """The suite's driver in each mode (fwd: forward only, bwd: backward of an untimed forward)."""
+    from benchmarks.test_lm_head import _spec, bench_lm_head
+
+    b = gpu_check.MiniBenchmark("m")
+    bench_lm_head(b, _spec("dpo", "zephyr_fast", 16, 8, 32, pairs=2), mode=mode, rounds=2, memory=False)
+    info = b.extra_info
+    assert info["mode"] == mode and info["provider"] == "zephyr_fast" and info["device"] == "cpu"
+    assert b.stats.rounds == 2 and b.stats.median > 0 and info["tokens_per_s"] > 0
+    assert ("tflops" in info) == (mode == "full")
