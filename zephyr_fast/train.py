@@ -83,6 +83,8 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
 
     # ---- data --------------------------------------------------------------------------------
     data = prepare(cfg, tokenizer, world_size=dist.world_size, log=log)
+    if t.stage != "ref_logps" and t.eval_strategy == "no":
+        data["test"] = None  # no evaluation: no test-split reference pass either
 
     # ---- model -------------------------------------------------------------------------------
     ref_path = cfg.dpo.ref_model_name_or_path if t.stage == "ref_logps" else None

@@ -63,7 +63,7 @@ def test_zero3_two_ranks_match_one_process(sft_dir, tmp_path):
 def test_zero3_dpo_kill_resume_matches_one_process(sft_model, tmp_path):
     data = write_dpo_dir(tmp_path / "data", dpo_rows())
     r = recipe("dpo", tmp_path / "ds", data, model_name_or_path=sft_model["model_dir"], max_steps=3,
-               save_strategy="steps", save_steps=1, save_total_limit=1)
+               save_strategy="steps", save_steps=1, save_total_limit=1, eval_strategy="steps", eval_steps=3)
     launch(r, tmp_path, "dpo", "--stop_after=2")  # preempted after step 2 (checkpoint-2 written)
     assert os.path.isdir(tmp_path / "ds" / "checkpoint-2") and not os.path.isdir(tmp_path / "ds" / "checkpoint-1")
     launch(r, tmp_path, "dpo", "--resume_from_checkpoint=auto")
@@ -74,6 +74,8 @@ def test_zero3_dpo_kill_resume_matches_one_process(sft_model, tmp_path):
     for x, y in zip(ds, one):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
         assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], rel=1e-4, abs=1e-5)
+    ev = [json.loads(line) for line in open(tmp_path / "ds" / "metrics.jsonl") if "eval_loss" in line]
+    assert ev[-1]["eval_loss"] == pytest.approx(single["eval_metrics"]["eval_loss"], rel=1e-5)  # sharded eval
     # the sharded reference pass wrote the same cache as the single process
     for split in ("train", "test"):
         c1 = load_file(str(tmp_path / "ds" / "ref_logps" / f"{split}.safetensors"))
