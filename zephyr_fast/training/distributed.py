@@ -1,7 +1,7 @@
 """Process-group setup, the DeepSpeed config, and the few collectives the trainer needs.
 
 One process (``python train.py``) runs a plain torch optimiser and needs no DeepSpeed. Under a
-launcher (``deepspeed`` / ``torchrun``, i.e. ``WORLD_SIZE > 1``) or with a ``deepspeed:`` JSON in
+launcher (``deepspeed`` / ``torchrun``, which set ``LOCAL_RANK``) or with a ``deepspeed:`` JSON in
 the recipe, the model is wrapped by ``deepspeed.initialize``; without a JSON, ZeRO-3 is the default.
 On CPU set ``DS_ACCELERATOR=cpu`` (gloo backend).
 """
@@ -57,7 +57,9 @@ def _device(local_rank: int) -> torch.device:
 
 def setup(cfg: Config) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_ds = world > 1 or cfg.training.deepspeed is not None
+    # any distributed launcher (deepspeed / torchrun set LOCAL_RANK), even with one process, or a
+    # deepspeed: JSON in the recipe -> DeepSpeed; a plain `python train.py` -> plain torch
+    use_ds = world > 1 or cfg.training.deepspeed is not None or "LOCAL_RANK" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_ds:
         import deepspeed
