@@ -37,6 +37,18 @@ class NonFiniteLossError(FloatingPointError):
 class LossModule(torch.nn.Module):
     """``model`` + the stage's fused loss as one module: ``(batch, ref) -> (loss_sum, metric_sums)``.
 
+    SFT (dSFT, Tunstall et al. 2023 §3):  ``loss_sum = Σ_t −log π(y_t | y_<t)`` over the batch's
+    target tokens. DPO (Rafailov et al. 2023, eq. 7; dDPO in Zephyr):
+    ``loss_sum = Σ_i −log σ(β [(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])``
+    over the batch's pairs (``loss_type`` / ``label_smoothing`` variants as in ``zephyr_kernels``).
+    The caller divides by the step's global token / pair count.
+
+    Args:
+        batch: ``PackedBatch`` on the model's device (``input_ids: (N,)``, ``cu_seqlens: (S+1,) int32``).
+        ref: DPO only, ``(ref_chosen_logps (P,), ref_rejected_logps (P,))`` fp32 for ``batch.pair_index``.
+    Returns:
+        ``loss_sum: () fp32`` and a dict of 0-d metric sums over pairs (empty for SFT).
+
     DeepSpeed wraps *this* module, so the whole packed forward (decoder body, LM-head gather, fused
     loss) runs inside ``engine(...)`` and ZeRO-3's forward/backward hooks see every parameter use.
     """
