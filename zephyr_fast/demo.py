@@ -48,8 +48,8 @@ def _first_last(rows: list, key: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zephyr_fast.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "outputs" / "demo"))
-    ap.add_argument("--sft_epochs", type=float, default=3)
-    ap.add_argument("--dpo_epochs", type=float, default=3)
+    ap.add_argument("--sft_epochs", type=float, default=8)
+    ap.add_argument("--dpo_epochs", type=float, default=4)
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--max_new_tokens", type=int, default=40)
     ap.add_argument("--fast", action="store_true", help="one epoch each, two questions (smoke test)")
