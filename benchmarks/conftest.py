@@ -4,10 +4,11 @@
   the zephyr_fast provider is the chunked ``impl="torch"`` path, on CUDA the Triton kernels.
 * CUDA-only benchmarks carry ``@pytest.mark.cuda`` and are skipped without a device.
 * Every run writes pytest-benchmark JSON (``--benchmark-json`` if given, else
-  ``benchmarks/results/latest.json``) and turns it into a Markdown report + PNG chart
-  (``benchmarks/report.py``).  A full, unfiltered ``pytest benchmarks/`` run (re)writes
-  ``benchmarks/RESULTS.md``; a filtered one (``-k``/``-m``/single files) writes only
-  ``benchmarks/results/RESULTS.md`` so a partial run never replaces the full figures.
+  ``benchmarks/results/latest.json`` for a full run and ``partial.json`` for a filtered one) and
+  turns it into a Markdown report + PNG chart (``benchmarks/report.py``).  A full, unfiltered
+  ``pytest benchmarks/`` run (re)writes ``benchmarks/RESULTS.md``; a filtered one (``-k``/``-m``/
+  single files) writes only ``benchmarks/results/RESULTS.md``, so a partial run never replaces the
+  full figures.  ``ZF_BENCH_NOTES`` adds a note (e.g. the machine's load) to the report.
 """
 
 import os
@@ -32,7 +33,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
     if getattr(config.option, "benchmark_json", None) is None and hasattr(config.option, "benchmark_json"):
         RESULTS_DIR.mkdir(exist_ok=True)
-        config.option.benchmark_json = RESULTS_DIR / "latest.json"
+        # a partial run must not replace the full run's JSON (what `python -m benchmarks.report` reads)
+        name = "latest.json" if _is_full_run(config) else "partial.json"
+        config.option.benchmark_json = RESULTS_DIR / name
 
 
 # run before pytest-benchmark's own (trylast) pytest_configure reads the option
@@ -62,6 +65,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "device_name": device_name(),
         "versions": versions(),
         "full_run": _is_full_run(config),
+        "notes": os.environ.get("ZF_BENCH_NOTES", ""),
         "threads": torch.get_num_threads(),
     }
 

@@ -84,7 +84,8 @@ def _ratio(num, den):
 
 def table(rows: list[dict]) -> list[str]:
     """One Markdown table: each provider, and the anchor / zephyr_fast ratios (> 1 = we win)."""
-    sut = next((r for r in rows if r["provider"] == SUT), None)
+    # the zephyr_fast row the anchors are compared with; ablations (e.g. packed+logits) are compared too
+    sut = next((r for r in rows if r["provider"] == SUT and not r.get("ablation")), None)
     throughput_key = "tokens_per_s" if any("tokens_per_s" in r and "tflops" not in r for r in rows) else "tflops"
     head = ["provider", "median time", "TFLOP/s" if throughput_key == "tflops" else "tokens/s",
             "peak mem growth", "time ÷ zephyr", "mem ÷ zephyr"]

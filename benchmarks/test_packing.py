@@ -24,7 +24,8 @@ def bench_model(benchmark, spec: dict, *, rounds: int = 3, memory: bool = True):
     suite = "dpo_step" if spec["variant"].startswith("dpo") else "packing"
     record(benchmark, suite=suite, provider=VARIANTS[spec["variant"]], mode="full",
            shape=f"mistral-{spec['model']}", dtype=spec["dtype"], dev=dev, variant=spec["variant"],
-           seqs=len(case.seqs), real_tokens=case.tokens)
+           seqs=len(case.seqs), real_tokens=case.tokens,
+           ablation=True if spec["variant"] == "packed+logits" else None)
     add_throughput(benchmark, tokens=case.tokens)
     if not memory:
         return
