@@ -31,10 +31,11 @@ INPUT_KINDS = ("peaked", "normal")
 
 
 def _zipf(n: int, vocab: int, gen: torch.Generator, s: float = 1.1) -> torch.Tensor:
-    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
+    dev = gen.device
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float64, device=dev)
     probs = ranks.pow(-s)
-    perm = torch.randperm(vocab, generator=gen)
-    draws = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=gen)
+    perm = torch.randperm(vocab, generator=gen, device=dev)
+    draws = torch.multinomial((probs / probs.sum()).float(), n, replacement=True, generator=gen)
     return perm[draws]
 
 
@@ -42,23 +43,26 @@ def lm_head_inputs(n: int, d: int, v: int, *, dtype=torch.float32, device="cpu",
                    seed: int = 0, p_right: float = 0.7, requires_grad: bool = True):
     """``hidden (n, d)``, ``weight (v, d)`` (both ``dtype``, leaf tensors) and ``targets (n,) int64``.
 
-    Built in fp32 on the CPU with a fixed seed (identical for every provider), then cast and moved.
+    Built in fp32 with a fixed seed (identical for every provider), then cast.  Generated on the
+    target device: on a GPU, building a (128256, 4096) weight on the host would take seconds per case.
     """
     if kind not in INPUT_KINDS:
         raise ValueError(f"kind must be one of {INPUT_KINDS}, got {kind!r}")
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(v, d, generator=gen) / math.sqrt(d)
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    weight = torch.randn(v, d, generator=gen, device=dev) / math.sqrt(d)
     if kind == "normal":
-        hidden = torch.randn(n, d, generator=gen)
-        targets = torch.randint(0, v, (n,), generator=gen)
+        hidden = torch.randn(n, d, generator=gen, device=dev)
+        targets = torch.randint(0, v, (n,), generator=gen, device=dev)
     else:
         targets = _zipf(n, v, gen)
-        wrong = torch.rand(n, generator=gen) > p_right
+        wrong = torch.rand(n, generator=gen, device=dev) > p_right
         predicted = torch.where(wrong, _zipf(n, v, gen), targets)
         w_unit = weight / weight.norm(dim=1, keepdim=True)
-        confidence = math.log(v) + 2.0 * torch.randn(n, 1, generator=gen)
+        confidence = math.log(v) + 2.0 * torch.randn(n, 1, generator=gen, device=dev)
         hidden = confidence * w_unit[predicted] * math.sqrt(d) / weight.norm(dim=1).mean()
-        hidden = hidden + torch.randn(n, d, generator=gen)
+        hidden = hidden + torch.randn(n, d, generator=gen, device=dev)
+        del w_unit
     hidden = hidden.to(device=device, dtype=dtype).requires_grad_(requires_grad)
     weight = weight.to(device=device, dtype=dtype).requires_grad_(requires_grad)
     return hidden, weight, targets.to(device)
