@@ -21,6 +21,8 @@ import dataclasses
 import difflib
 import json
 import os
+
+from zephyr_kernels.dispatch import IMPLS
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -341,8 +343,8 @@ def validate(cfg: Config) -> None:
            f"must be no | steps | epoch, got {t.save_strategy!r}")
     _check(t.save_total_limit is None or t.save_total_limit >= 1, cfg, "save_total_limit", "must be >= 1")
     _check(t.packing, cfg, "packing", "zephyr_fast always trains on padding-free packed batches; remove packing: false")
-    _check(t.kernel_impl in ("auto", "triton", "torch"), cfg, "kernel_impl",
-           f"must be auto | triton | torch, got {t.kernel_impl!r}")
+    _check(t.kernel_impl in IMPLS, cfg, "kernel_impl",
+           f"must be {' | '.join(IMPLS)}, got {t.kernel_impl!r}")
     _check(t.deepspeed is None or os.path.isfile(t.deepspeed), cfg, "deepspeed",
            f"file not found: {t.deepspeed!r}")
     _check(d.beta > 0, cfg, "beta", f"must be > 0, got {d.beta}")
