@@ -4,8 +4,12 @@
 # Idempotent: a second run installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if python -c "import zephyr_kernels, zephyr_fast, deepspeed, trl, liger_kernel, cut_cross_entropy, pytest_benchmark" 2>/dev/null \
-   && [ "$(python -c 'import torch;print(torch.__version__.split("+")[0])')" = "2.13.0" ]; then
+# Skip only when everything is installed AND the editable install points at *this* checkout
+# (another clone's editable install would otherwise be tested instead of this one).
+here="$(pwd -P)"
+if [ "$(cd / && python -c 'import zephyr_kernels, zephyr_fast, deepspeed, trl, liger_kernel, cut_cross_entropy, pytest_benchmark, torch, os
+print(torch.__version__.split("+")[0], os.path.dirname(os.path.realpath(zephyr_kernels.__file__)), os.path.dirname(os.path.realpath(zephyr_fast.__file__)))' 2>/dev/null | tail -n 1)" \
+   = "2.13.0 $here/kernels $here/zephyr_fast" ]; then
   exit 0
 fi
 export DS_BUILD_OPS=0
