@@ -31,16 +31,11 @@ import triton
 import triton.language as tl
 
 from zephyr_kernels.chunked import _alloc_grads, token_and_segment_logps
+from zephyr_kernels.triton_kernels import _tanh, interpreting
 
 _WORKSPACE_BYTES = int(os.environ.get("ZEPHYR_KERNELS_WORKSPACE_BYTES", 128 << 20))
 # row chunks up to which cross-entropy takes the single pass (3 GEMMs, dW accumulated per chunk)
 _SINGLE_PASS_CHUNKS = 4
-
-
-@triton.jit
-def _tanh(x):
-    # tanh from exp: portable across the CUDA backend and the interpreter (no libdevice)
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -103,12 +98,8 @@ def _row_grad_kernel(
     tl.store(DZ + row * stride_z + cols, dz.to(DZ.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _block_v(V: int) -> int:
-    if _interpreting():
+    if interpreting():
         return min(triton.next_power_of_2(V), 1024)
     return min(triton.next_power_of_2(V), 4096)
 
@@ -191,7 +182,7 @@ def _launch_grad(z, t, lse, A, B, C, temperature, softcap, dtype, col0=0):
     c, V = z.shape
     # The interpreter's fp32 -> bf16 store truncates where CUDA rounds to nearest even; there the
     # kernel writes fp32 and torch does the (correctly rounded) cast, so tests see GPU numerics.
-    cast_after = dtype != torch.float32 and _interpreting()
+    cast_after = dtype != torch.float32 and interpreting()
     dz = z if dtype == torch.float32 or cast_after else torch.empty(z.shape, dtype=dtype, device=z.device)
     if c:
         bv = _block_v(V)
