@@ -14,13 +14,15 @@ Importing this package touches neither CUDA nor Triton; the Triton backend loads
 
 from zephyr_kernels.cross_entropy import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from zephyr_kernels.dispatch import IMPLS, resolve
-from zephyr_kernels.dpo import LOSS_TYPES, FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss
+from zephyr_kernels.dpo import FusedLinearDPOLoss, fused_linear_dpo_loss
+from zephyr_kernels.losses import LOSS_TYPES, check_dpo_args, dpo_loss
 from zephyr_kernels.liger_compat import LigerCompatibleFusedLinearDPOLoss
 from zephyr_kernels.linear_logprobs import linear_logprobs
 
 __all__ = [
     "IMPLS",
     "LOSS_TYPES",
+    "check_dpo_args",
     "FusedLinearCrossEntropyLoss",
     "FusedLinearDPOLoss",
     "LigerCompatibleFusedLinearDPOLoss",

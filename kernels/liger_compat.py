@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from zephyr_kernels.dpo import _check_dpo_args, fused_linear_dpo_loss
+from zephyr_kernels.dpo import fused_linear_dpo_loss
+from zephyr_kernels.losses import check_dpo_args
 from zephyr_kernels.linear_logprobs import linear_logprobs
 
 
@@ -45,7 +46,7 @@ class LigerCompatibleFusedLinearDPOLoss(nn.Module):
                  compute_nll_loss: bool = False, use_ref_model: bool = True, average_log_prob: bool = False,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, impl: str = "auto"):
         super().__init__()
-        _check_dpo_args(beta, loss_type, label_smoothing, "mean")
+        check_dpo_args(beta, loss_type, label_smoothing, "mean")
         if average_log_prob:
             raise ValueError("average_log_prob=True is not supported: DPO here uses summed sequence log-probs")
         self.ignore_index, self.beta, self.alpha = ignore_index, beta, alpha
