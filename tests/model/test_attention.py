@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_testlib import (assert_grads_close, dpo_packed, grads, per_sequence_hidden, plain_token_logps,
+from tests.model.helpers import (assert_grads_close, dpo_packed, grads, per_sequence_hidden, plain_token_logps,
                            random_pairs, random_seqs, sft_packed, tiny_model)
 from zephyr_fast.model import attention as attn
 from zephyr_fast.model import forward_hidden, packed_logps

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import zephyr_kernels as zk
-from model_testlib import (assert_grads_close, dpo_packed, grads, plain_token_logps, random_pairs, random_seqs,
+from tests.model.helpers import (assert_grads_close, dpo_packed, grads, plain_token_logps, random_pairs, random_seqs,
                            sft_packed, tiny_model)
 from zephyr_fast.data.batch import loss_inputs
 from zephyr_fast.model import forward_hidden, lm_head_weight, packed_logps, padded_forward_hidden

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model_testlib import tiny_model
+from tests.model.helpers import tiny_model
 from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.model import generate
 from zephyr_fast.model.attention import attention_implementation

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from model_testlib import assert_grads_close, grads, random_seqs, sft_packed, tiny_model
+from tests.model.helpers import assert_grads_close, grads, random_seqs, sft_packed, tiny_model
 from zephyr_fast.model import forward_hidden, load_model, tiny_config
 from zephyr_fast.model.attention import implementation_name, resolve_backend
 

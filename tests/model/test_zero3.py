@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import zephyr_kernels as zk
-from model_testlib import dpo_packed, random_pairs, tiny_model
+from tests.model.helpers import dpo_packed, random_pairs, tiny_model
 from zephyr_fast.data.batch import loss_inputs
 from zephyr_fast.model import forward_hidden, lm_head_weight, load_model
 

@@ -1,7 +1,7 @@
-"""Fixtures for the trainer tests (helpers in train_testlib.py)."""
+"""Fixtures for the trainer tests (helpers in helpers.py)."""
 
 import pytest
-from train_testlib import ASSETS, cut_turns, read_jsonl, write_jsonl, dpo_rows, recipe
+from tests.train.helpers import ASSETS, cut_turns, read_jsonl, write_jsonl, dpo_rows, recipe
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from train_testlib import TINY_MODEL, dpo_rows, recipe, write_dpo_dir
+from tests.train.helpers import TINY_MODEL, dpo_rows, recipe, write_dpo_dir
 
 from zephyr_fast.config import build_config
 from zephyr_fast.ref_logps import StaleRefLogpsError

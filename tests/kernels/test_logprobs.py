@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from kernels_testutil import assert_close, grads_of, make_inputs, params
+from tests.kernels.helpers import assert_close, grads_of, make_inputs, params
 
-from kernels_testutil import impl  # noqa: F401  (parametrized fixture)
+from tests.kernels.helpers import impl  # noqa: F401  (parametrized fixture)
 from zephyr_kernels import linear_logprobs
 from zephyr_kernels.reference import reference_linear_logprobs
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from kernels_testutil import make_inputs
+from tests.kernels.helpers import make_inputs
 
 import zephyr_kernels
 from zephyr_kernels import dispatch, linear_cross_entropy, linear_logprobs

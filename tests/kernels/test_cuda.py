@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernels_testutil import grads_of
+from tests.kernels.helpers import grads_of
 
 from zephyr_kernels import FusedLinearDPOLoss, dpo_loss, linear_cross_entropy, linear_logprobs
 from zephyr_kernels.reference import reference_linear_logprobs

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_testlib import REPO, recipe, write_dpo_dir, dpo_rows
+from tests.train.helpers import REPO, recipe, write_dpo_dir, dpo_rows
 
 from zephyr_fast.config import build_config
 from zephyr_fast.train import run

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from train_testlib import recipe
+from tests.train.helpers import recipe
 
 from zephyr_fast.config import build_config
 from zephyr_fast.train import run

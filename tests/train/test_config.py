@@ -5,7 +5,7 @@ import os
 
 import pytest
 import yaml
-from train_testlib import REPO, recipe
+from tests.train.helpers import REPO, recipe
 
 from zephyr_fast.config import ConfigError, build_config, load_config
 from zephyr_fast.train import main, parse_args

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernels_testutil import assert_close, grads_of, make_inputs, params
+from tests.kernels.helpers import assert_close, grads_of, make_inputs, params
 
-from kernels_testutil import impl  # noqa: F401  (parametrized fixture)
+from tests.kernels.helpers import impl  # noqa: F401  (parametrized fixture)
 from zephyr_kernels import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from zephyr_kernels.reference import reference_cross_entropy
 
