@@ -39,6 +39,8 @@ setup(
         "plots": ["matplotlib"],
         "anchors": ["liger-kernel>=0.5", "cut-cross-entropy>=25.1", "trl>=1.0"],
         "dev": ["pytest", "pytest-benchmark", "matplotlib"],
+        "aif": ["openai>=1.0", "transformers[serving]", "matplotlib"],
+        "vllm": ["vllm"],
     },
     entry_points={"console_scripts": ["zephyr-fast=zephyr_fast.cli:main"]},
 )

@@ -105,3 +105,19 @@ def test_cli(tmp_path, capsys):
     bad.write_text(json.dumps(rows[0]) + "\n{not json\n")
     assert main([str(bad), str(out)]) == 2
     assert "bad.jsonl: line 2: invalid JSON" in capsys.readouterr().err
+
+
+def test_weighted_rating_score_and_judge_failures_counted():
+    def judged(resp, ratings, weighted):
+        c = comp(resp, ratings=ratings)
+        for a, w in zip(c["annotations"].values(), weighted):
+            if w is not None:
+                a["Weighted Rating"] = w
+        return c
+
+    row = raw(judged("a", [4, 4, 4, 4], [3.2, 3.2, None, 3.2]), judged("b", [3, 3, 3, "FAILED"], [3.9, 3.9, 3.9, None]))
+    (p,), rep = binarize_rows([row], score="mean_rating")
+    assert p["chosen"][-1]["content"] == "a" and p["score_rejected"] == 3.0 and rep.judge_failed == 1
+    assert "1 judge ratings FAILED" in str(rep)
+    (p,), _ = binarize_rows([row], score="weighted_rating")  # a: (3.2*3 + 4)/4 = 3.4 < b: 3.9
+    assert p["chosen"][-1]["content"] == "b" and p["score_chosen"] == pytest.approx(3.9)

@@ -21,7 +21,7 @@ depend on file order or chunking.
 
 CLI::
 
-    python -m zephyr_fast.data.binarize IN OUT [--seed 42] [--score auto|overall|mean_rating]
+    python -m zephyr_fast.data.binarize IN OUT [--seed 42] [--score auto|overall|mean_rating|weighted_rating]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Optional
 
 from .validate import DataError, SkipReport, check_string, resolve
 
-SCORES = ("auto", "overall", "mean_rating")
+SCORES = ("auto", "overall", "mean_rating", "weighted_rating")
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 
 
@@ -48,6 +48,7 @@ class BinarizeReport:
     written: int = 0
     ties_dropped: int = 0
     identical_dropped: int = 0
+    judge_failed: int = 0
     formats: dict = field(default_factory=dict)
     skipped: SkipReport = field(default_factory=SkipReport)
 
@@ -56,6 +57,8 @@ class BinarizeReport:
         return (
             f"binarize: {self.written}/{self.rows} rows written ({fmts}); dropped {self.ties_dropped} rows whose "
             f"scores all tie and {self.identical_dropped} with identical chosen/rejected text; {self.skipped}"
+            + (f"; {self.judge_failed} judge ratings FAILED (unparseable; left out of the mean like N/A — "
+               f"listed in the judge's .failures.jsonl)" if self.judge_failed else "")
         )
 
 
@@ -73,12 +76,15 @@ def _num(x) -> Optional[float]:
     return None
 
 
-def mean_rating(completion: dict) -> Optional[float]:
+def mean_rating(completion: dict, weighted: bool = False) -> Optional[float]:
     """Mean of the numeric fine-grained ``Rating`` s (``N/A`` aspects ignored), or the row's
-    ``fine-grained_score`` when there are no annotations."""
+    ``fine-grained_score`` when there are no annotations.  ``weighted``: an aspect's
+    ``Weighted Rating`` (probability-weighted, written by ``zephyr-fast judge --top-logprobs``)
+    replaces its ``Rating`` where present."""
     ann = completion.get("annotations")
     if isinstance(ann, dict):
-        vals = [_num(a.get("Rating")) for a in ann.values() if isinstance(a, dict)]
+        vals = [_num(a.get("Weighted Rating", a.get("Rating")) if weighted else a.get("Rating"))
+                for a in ann.values() if isinstance(a, dict)]
         vals = [v for v in vals if v is not None]
         if vals:
             return sum(vals) / len(vals)
@@ -88,8 +94,8 @@ def mean_rating(completion: dict) -> Optional[float]:
 def completion_score(completion: dict, score: str) -> Optional[float]:
     if score == "overall":
         return _num(completion.get("overall_score"))
-    if score == "mean_rating":
-        return mean_rating(completion)
+    if score in ("mean_rating", "weighted_rating"):
+        return mean_rating(completion, weighted=score == "weighted_rating")
     s = _num(completion.get("overall_score"))
     return s if s is not None else mean_rating(completion)
 
@@ -157,6 +163,13 @@ def binarize_flat(row: dict, *, row_idx: int, dataset: str):
     return _pair(row["prompt"], row["chosen"], row["rejected"], sc, sr), [], False
 
 
+def _judge_failed(row: dict) -> int:
+    """Ratings that ``zephyr-fast judge`` marked ``FAILED`` (unparseable after every re-ask)."""
+    comps = row.get("completions") if isinstance(row.get("completions"), list) else []
+    return sum(1 for c in comps if isinstance(c, dict) and isinstance(c.get("annotations"), dict)
+               for a in c["annotations"].values() if isinstance(a, dict) and a.get("Rating") == "FAILED")
+
+
 def row_format(row: dict) -> str:
     if "completions" in row or "instruction" in row:
         return "raw"
@@ -186,6 +199,7 @@ def binarize_rows(rows, *, seed: int = 42, score: str = "auto", skip_invalid_row
         fmt = row_format(row)
         report.formats[fmt] = report.formats.get(fmt, 0) + 1
         if fmt == "raw":
+            report.judge_failed += _judge_failed(row)
             pair, errs, tie = binarize_raw(row, row_idx=i, seed=seed, score=score, dataset=dataset_name)
         elif fmt == "flat":
             pair, errs, tie = binarize_flat(row, row_idx=i, dataset=dataset_name)
@@ -236,7 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("output", help="output .jsonl in the ultrafeedback_binarized schema")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--score", choices=SCORES, default="auto",
-                    help="overall: GPT-4 overall_score (Zephyr paper); mean_rating: mean of fine-grained ratings")
+                    help="overall: GPT-4 overall_score (Zephyr paper); mean_rating: mean of fine-grained ratings; "
+                         "weighted_rating: the same with the judge's probability-weighted ratings where present")
     ap.add_argument("--skip-invalid-rows", action="store_true")
     args = ap.parse_args(argv)
     from .validate import DataValidationError

@@ -1,0 +1,234 @@
+"""``zephyr-fast judge``: rate completions with UltraFeedback's four aspects through any
+OpenAI-compatible endpoint, cached on disk, into rows that ``binarize`` reads unchanged.
+
+Input rows (``zephyr-fast generate`` writes them; raw UltraFeedback without annotations)::
+
+    {"instruction": str, "source"?: str, "world_knowledge"?: str,
+     "completions": [{"model": str, "response": str, ...}, ...]}
+
+Output rows: the same, each completion with UltraFeedback's ``annotations`` added —
+``{aspect: {"Rating": "1".."5" | "N/A" | "FAILED", "Rationale": str, "Weighted Rating"?: float}}`` —
+and ``fine-grained_score`` (mean of the numeric ratings), plus ``judge`` (model, template version,
+failed aspects).  ``FAILED`` marks an answer that stayed unparseable after every re-ask; it is
+listed in ``OUT.failures.jsonl`` and counted in the report (and by ``binarize``).
+
+CLI::
+
+    zephyr-fast judge IN.jsonl OUT.jsonl [--cache CACHE.jsonl] [--base-url URL] [--judge-model NAME]
+        [--concurrency 8] [--max-retries 5] [--timeout 120] [--top-logprobs 5]
+        [--constrain-tokenizer DIR] [--aspects a,b] [--price-in X --price-out Y]
+
+The cache (default ``OUT.cache.jsonl``) is append-only: kill the run at any point and rerun the same
+command; only items not in the cache are sent.  Requests that fail for good (server down after all
+retries) are not cached: the run exits 1 without writing OUT, and the rerun sends only those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from .client import JudgeClient, JudgeConfig, JudgeRequestError
+from .scoring import ask_until_parsed
+from .store import JsonlError, JudgeCache, cache_key, read_input_jsonl, write_jsonl_atomic
+from .ultrafeedback import ASPECTS, RATINGS, TEMPLATE_VERSION, judge_messages, parse_rating
+
+
+@dataclass
+class JudgeReport:
+    rows: int = 0
+    completions: int = 0
+    items: int = 0
+    cached: int = 0
+    judged: int = 0
+    unparseable: int = 0
+    reasks: int = 0
+    weighted: int = 0
+    request_errors: int = 0
+    torn_cache_lines: int = 0
+    errors: list = field(default_factory=list)
+    usage: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        u = self.usage
+        return (f"judge: {self.items} ratings for {self.completions} completions of {self.rows} prompts: "
+                f"{self.cached} from cache, {self.judged} judged now ({self.reasks} re-asks), "
+                f"{self.unparseable} unparseable (recorded as FAILED), {self.request_errors} request failures; "
+                f"{u.get('requests', 0)} requests, {u.get('retries', 0)} retries, {u.get('prompt_tokens', 0)} prompt + "
+                f"{u.get('completion_tokens', 0)} completion tokens, cost {u.get('cost', 0.0):.4f}"
+                + (f"; {self.torn_cache_lines} torn cache lines ignored" if self.torn_cache_lines else ""))
+
+
+def check_rows(rows: Sequence, source: str) -> None:
+    """Raise ValueError naming file, row and field at the first malformed row."""
+    for i, row in enumerate(rows):
+        where = f"{source}: row {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected an object")
+        if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            raise ValueError(f"{where}, field 'instruction': expected a non-empty string")
+        comps = row.get("completions")
+        if not isinstance(comps, list) or not comps:
+            raise ValueError(f"{where}, field 'completions': expected a non-empty list")
+        for j, c in enumerate(comps):
+            if not isinstance(c, dict) or not isinstance(c.get("response"), str):
+                raise ValueError(f"{where}, field 'completions[{j}].response': expected a string")
+
+
+def _item_key(row: dict, response: str, judge_model: str, version: str, aspect: str) -> str:
+    return cache_key(row["instruction"], response, judge_model, version, aspect, row.get("world_knowledge"))
+
+
+def _annotation(rec: Optional[dict]) -> dict:
+    if rec is None or rec["status"] != "ok":
+        answers = rec["answers"] if rec else 0
+        return {"Rating": "FAILED", "Rationale": "", "judge_error": f"unparseable after {answers} answers",
+                "raw": rec["raw"] if rec else ""}
+    p = rec["parsed"]
+    ann = {"Rating": p["Rating"], "Rationale": p["Rationale"]}
+    if rec.get("weighted") is not None:
+        ann["Weighted Rating"] = rec["weighted"]
+    return ann
+
+
+def judge_rows(rows: list, client: JudgeClient, cache: JudgeCache, *, aspects: Sequence[str] = ASPECTS,
+               progress: bool = True) -> tuple:
+    """Rate every (completion, aspect) of ``rows`` not yet in ``cache``.
+
+    Returns:
+        ``(out_rows | None, report, failures)``; ``out_rows`` is None when requests failed for good
+        (the failed items are not cached, so calling again sends only them).
+    """
+    cfg = client.config
+    constrained = bool(cfg.constrain_tokenizer)
+    version = TEMPLATE_VERSION + ("+constrained" if constrained else "")
+    bias = client.rating_bias(RATINGS)
+    report = JudgeReport(rows=len(rows), torn_cache_lines=cache.stats.get("torn", 0))
+    todo = {}
+    for row in rows:
+        for c in row["completions"]:
+            report.completions += 1
+            for a in aspects:
+                report.items += 1
+                k = _item_key(row, c["response"], cfg.model, version, a)
+                if k in cache:
+                    report.cached += 1
+                elif k not in todo:
+                    todo[k] = (row, c["response"], a)
+
+    def run(item):
+        k, (row, response, aspect) = item
+        msgs = judge_messages(aspect, row["instruction"], response, row.get("world_knowledge"), constrained)
+        rec = ask_until_parsed(client, msgs, lambda t: parse_rating(aspect, t), values=RATINGS, logit_bias=bias,
+                               max_tokens=1 if constrained else None)
+        return cache.put(k, {"aspect": aspect, "judge_model": cfg.model, "template_version": version, **rec})
+
+    for res in client.map(run, list(todo.items()), desc="judge", progress=progress):
+        if isinstance(res, JudgeRequestError):
+            report.request_errors += 1
+            report.errors.append(str(res))
+        elif isinstance(res, Exception):
+            raise res
+        else:
+            report.judged += 1
+            report.reasks += res["reasks"]
+    report.usage = client.usage.as_dict()
+    if report.request_errors:
+        return None, report, []
+    return _assemble(rows, cache, cfg.model, version, aspects, report)
+
+
+def _assemble(rows, cache, judge_model, version, aspects, report):
+    out, failures = [], []
+    for i, row in enumerate(rows):
+        comps = []
+        for j, c in enumerate(row["completions"]):
+            anns, failed = {}, []
+            for a in aspects:
+                rec = cache.get(_item_key(row, c["response"], judge_model, version, a))
+                anns[a] = _annotation(rec)
+                if anns[a]["Rating"] == "FAILED":
+                    failed.append(a)
+                    failures.append({"row": i, "completion": j, "aspect": a, "raw": anns[a]["raw"]})
+                elif "Weighted Rating" in anns[a]:
+                    report.weighted += 1
+            nums = [float(x["Rating"]) for x in anns.values() if x["Rating"] not in ("N/A", "FAILED")]
+            comps.append({**c, "annotations": anns, "fine-grained_score": sum(nums) / len(nums) if nums else None,
+                          "judge": {"model": judge_model, "template_version": version, "failed_aspects": failed}})
+        out.append({**row, "completions": comps})
+    report.unparseable = len(failures)
+    return out, report, failures
+
+
+def judge_file(input_path: str, output_path: str, config: JudgeConfig, *, cache_path: Optional[str] = None,
+               aspects: Sequence[str] = ASPECTS, progress: bool = True) -> JudgeReport:
+    """Judge ``input_path`` into ``output_path`` (+ ``.failures.jsonl``); see the module docstring.
+
+    Raises:
+        JudgeRequestError: some requests failed for good (after writing the cache of the others).
+    """
+    rows = read_input_jsonl(input_path)
+    check_rows(rows, input_path)
+    cache = JudgeCache(cache_path or output_path + ".cache.jsonl")
+    try:
+        out, report, failures = judge_rows(rows, JudgeClient(config), cache, aspects=aspects, progress=progress)
+    finally:
+        cache.close()
+    if out is None:
+        raise JudgeRequestError(f"{report}\n{report.request_errors} requests failed for good (first: "
+                                f"{report.errors[0]}); rerun the same command to judge only what is missing")
+    write_jsonl_atomic(output_path, out)
+    write_jsonl_atomic(output_path + ".failures.jsonl", failures)
+    return report
+
+
+def add_judge_args(ap: argparse.ArgumentParser) -> None:
+    """Judge endpoint options shared by ``judge`` and ``mt-bench`` (defaults from the environment)."""
+    ap.add_argument("--base-url", help="OpenAI-compatible base URL (env ZEPHYR_JUDGE_BASE_URL / OPENAI_BASE_URL)")
+    ap.add_argument("--judge-model", help="judge model name (env ZEPHYR_JUDGE_MODEL)")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-retries", type=int, default=5)
+    ap.add_argument("--max-reasks", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--top-logprobs", type=int, default=0, help="ask for top log-probs: weighted rating")
+    ap.add_argument("--constrain-tokenizer", help="tokenizer dir of a small local judge: force rating tokens")
+    ap.add_argument("--price-in", type=float, default=0.0, help="cost per 1M prompt tokens")
+    ap.add_argument("--price-out", type=float, default=0.0, help="cost per 1M completion tokens")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def judge_config_from_args(args) -> JudgeConfig:
+    return JudgeConfig.from_env(base_url=args.base_url, model=args.judge_model, concurrency=args.concurrency,
+                                max_retries=args.max_retries, max_reasks=args.max_reasks, timeout=args.timeout,
+                                top_logprobs=args.top_logprobs, constrain_tokenizer=args.constrain_tokenizer,
+                                price_input_per_mtok=args.price_in, price_output_per_mtok=args.price_out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="zephyr-fast judge", description=__doc__.split("\n\n")[0])
+    ap.add_argument("input")
+    ap.add_argument("output")
+    ap.add_argument("--cache", help="cache JSONL (default OUT.cache.jsonl)")
+    ap.add_argument("--aspects", default=",".join(ASPECTS))
+    add_judge_args(ap)
+    args = ap.parse_args(argv)
+    aspects = [a for a in args.aspects.split(",") if a]
+    try:
+        if any(a not in ASPECTS for a in aspects):
+            raise ValueError(f"--aspects: expected a comma list of {ASPECTS}, got {args.aspects!r}")
+        report = judge_file(args.input, args.output, judge_config_from_args(args), cache_path=args.cache,
+                            aspects=aspects, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, JsonlError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except JudgeRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
