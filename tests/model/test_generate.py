@@ -5,7 +5,10 @@ import torch
 
 from tests.model.helpers import tiny_model
 from zephyr_fast.data.chat import load_tokenizer
+from zephyr_fast.data.preference import build_dpo_examples
+from zephyr_fast.data.sft import with_empty_system
 from zephyr_fast.model import generate
+from zephyr_fast.model.generate import prompt_texts
 from zephyr_fast.model.attention import attention_implementation
 
 CONVS = [
@@ -27,7 +30,7 @@ def model():
 
 
 def _manual_greedy(model, tokenizer, conv, n):
-    text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(with_empty_system(conv), tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|assistant|>\n")
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     assert ids[0, 0] == tokenizer.bos_token_id and ids[0, 1] != tokenizer.bos_token_id  # exactly one BOS
@@ -70,3 +73,17 @@ def test_stops_at_eos(tokenizer):
     assert generate(model, tokenizer, CONVS, max_new_tokens=20) == ["", "", ""]
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, tokenizer, CONVS, max_new_tokens=0)
+
+
+def test_prompt_is_rendered_exactly_as_training_renders_it(tokenizer):
+    """Training prepends an empty system turn (auto_insert_empty_system_msg); generation must too."""
+    for conv in CONVS:
+        row = {"chosen": conv + [{"role": "assistant", "content": "yes"}],
+               "rejected": conv + [{"role": "assistant", "content": "no"}]}
+        (ex,), _ = build_dpo_examples([row], tokenizer, max_length=512, max_prompt_length=256)
+        (text,) = prompt_texts(tokenizer, [conv])
+        assert tokenizer(text)["input_ids"] == ex["prompt_ids"]
+        assert text.startswith("<|system|>\n" + conv[0]["content"] * (conv[0]["role"] == "system") + "</s>\n")
+        assert text.endswith("<|assistant|>\n")
+    (plain,) = prompt_texts(tokenizer, [CONVS[0]], add_empty_system=False)
+    assert plain.startswith("<|user|>")

@@ -2,6 +2,11 @@
 
 Uses the stock Hugging Face ``generate`` with SDPA attention and a KV cache (the packed varlen
 attention is a training path: it has no cache), left padding, and stops at ``</s>``.
+
+The prompt is rendered exactly as training renders it: an empty system turn is prepended when the
+conversation has none (alignment-handbook's ``auto_insert_empty_system_msg``, on by default in
+``DataConfig``), so a Zephyr-template model sees ``<|system|>\n</s>\n<|user|>\n...`` at
+generation as in dSFT/dDPO.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..data.sft import with_empty_system
 from .attention import attention_implementation
 from .forward import unwrap_model
 
@@ -25,10 +31,17 @@ def _zero3_synced() -> bool:
             and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
 
 
+def prompt_texts(tokenizer, conversations: Sequence[Sequence[dict]], add_empty_system: bool = True) -> list:
+    """The rendered prompts (chat template + generation prompt) that :func:`generate` tokenises."""
+    convs = [with_empty_system(c) if add_empty_system else list(c) for c in conversations]
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 0.7, top_p: float = 1.0,
-             top_k: Optional[int] = None, batch_size: int = 8, seed: Optional[int] = None) -> list:
+             top_k: Optional[int] = None, batch_size: int = 8, seed: Optional[int] = None,
+             add_empty_system: bool = True) -> list:
     """Continue each conversation with one assistant turn.
 
     Args:
@@ -39,6 +52,8 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
         do_sample: greedy when ``False`` (``temperature``/``top_p``/``top_k`` then unused).
         batch_size: conversations per ``generate`` call (left-padded together).
         seed: seeds the sampler (``torch.manual_seed``) for reproducible sampling.
+        add_empty_system: prepend ``{"role": "system", "content": ""}`` to conversations without a
+            system turn, as training does (set ``False`` only for a model trained without it).
     Returns:
         the decoded completions, special tokens removed, in input order.
     """
@@ -48,8 +63,7 @@ def generate(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_
         raise ValueError("generate: tokenizer has no eos_token (needed to stop at </s>)")
     hf = unwrap_model(model)
     device = next(hf.parameters()).device
-    texts = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
-             for c in conversations]
+    texts = prompt_texts(tokenizer, conversations, add_empty_system)
     bos = tokenizer.bos_token
     # One BOS per prompt: only let the tokenizer add it when the template did not write it.
     add_special = not (bos and texts and texts[0].startswith(bos))
