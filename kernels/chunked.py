@@ -1,17 +1,27 @@
 """Pure-PyTorch chunked LM-head path (CPU, and machines without Triton).
 
-Only one fp32 logits block is alive at a time (``_BLOCK_BYTES``, 8 MiB by default); it is turned
+Only one fp32 logits block is alive at a time (``_BLOCK_BYTES``, 6 MiB by default); it is turned
 *in place* into ``exp``, probabilities and then ``dlogits``.  Ignored rows are dropped before any
 matmul.  Everything runs under ``torch.no_grad``; autograd lives in the Functions that call this.
 
-Two tilings:
+Passes:
 
-* ``stats`` / ``grads`` tile the **vocabulary** (``(rows, Vc)`` blocks, rows in blocks of up to
-  ``_ROW_BLOCK``): the log-sum-exp is accumulated online across vocab chunks, and in the gradient
-  pass each ``dW[v0:v1]`` slice is written by one GEMM per row block instead of re-streaming the
-  whole ``(V, D)`` accumulator once per row chunk — the DPO / generic-backward path.
+* ``stats`` tiles the **vocabulary** (``(rows, Vc)`` blocks, rows in blocks of up to
+  ``_ROW_BLOCK``) and accumulates the log-sum-exp online.  It also records, per row and per vocab
+  tile of ``_TILE`` columns, the largest logit (``Stats.tile_max``, ``(N, ceil(V/_TILE))`` fp32 —
+  1 MiB at N=4096, V=32000): after the pass, ``tile_max - lse`` bounds every probability of the tile.
+* ``grads`` (gradient filtering).  A row's probabilities below ``ε = u / V`` (``u`` the unit
+  roundoff of the input dtype) add up to at most ``u``: below the rounding of that row's gradient.
+  A (row, tile) whose bound is under ``ε`` therefore carries no gradient and is skipped.  When few
+  (row, tile) pairs remain — a trained model's softmax is peaked — the gradient pass recomputes only
+  those tiles for only those rows (gathered GEMMs), so DPO costs about one dense GEMM instead of
+  four; with a flat softmax everything is active and the dense vocab-tiled pass runs (each
+  ``dW[v0:v1]`` slice written by one GEMM per row block).  CCE (Wijmans et al. 2024,
+  arXiv:2411.09009) filters the same way at a fixed threshold; ``ε`` here is tied to the dtype and V.
 * ``fused(coef_fn=...)`` tiles **rows** (``(c, V)`` blocks) so a loss whose gradient is known from
-  the row's own ``lse`` (cross-entropy) finishes in a single pass: 3 GEMMs instead of 4.
+  the row's own ``lse`` (cross-entropy) finishes in a single pass: 3 GEMMs instead of 4.  When the
+  vocabulary is so large that fewer than ``_MIN_FUSED_ROWS`` rows fit a block, it runs ``stats`` +
+  filtered ``grads`` instead.
 
 Gradient coefficients.  Every loss here has a logit gradient of the form
 
@@ -19,13 +29,15 @@ Gradient coefficients.  Every loss here has a logit gradient of the form
 
 (``p = softmax(z)``): token log-prob with upstream ``g`` is ``A=-g, B=g``; its ``lse`` adds
 ``A += g_lse``; cross-entropy with label smoothing ε and z-loss λ is ``A = w(1 + 2λ·lse), B = -w(1-ε),
-C = -wε/V``.
+C = -wε/V``.  Filtering applies to the ``A·p`` term; ``B`` is a gather/scatter on the target column
+and a non-zero ``C`` (dense by nature) keeps the dense pass.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -33,8 +45,31 @@ import torch
 # large enough that the GEMMs run near BLAS peak.
 _BLOCK_BYTES = int(os.environ.get("ZEPHYR_KERNELS_CHUNK_BYTES", 6 << 20))
 _ROW_BLOCK = 1024
+# vocab tile of the gradient filter (columns); vocab chunks of the stats pass are multiples of it
+_TILE = 512
+# above this fraction of active (row, tile) pairs the dense gradient pass is cheaper
+_SPARSE_MAX_ACTIVE = 0.4
+# the row-tiled single pass needs at least this many rows per block to keep its GEMMs efficient
+_MIN_FUSED_ROWS = 256
 # exp() of very negative fp32 inputs takes a ~7x slower path on CPU; e^-87 ≈ 1.6e-38 is 0 for us.
 _EXP_FLOOR = -87.0
+
+
+class Stats(NamedTuple):
+    """Result of a statistics pass (every backend): fp32, 0 on ignored rows.
+
+    ``lse, tgt, logp``: ``(N,)`` log-sum-exp, transformed target logit, token log-prob;
+    ``zsum``: ``(N,)`` Σ_v z or None; ``seg``: ``(S,)`` per-segment log-prob sums or None;
+    ``tile_max``: ``(N, ceil(V/_TILE))`` largest transformed logit per vocab tile (torch path only,
+    else None) — the gradient filter's input.
+    """
+
+    lse: torch.Tensor
+    tgt: torch.Tensor
+    zsum: Optional[torch.Tensor]
+    logp: torch.Tensor
+    seg: Optional[torch.Tensor]
+    tile_max: Optional[torch.Tensor] = None
 
 
 def _valid_index(targets, ignore_index):
@@ -62,16 +97,21 @@ def _logits(h, weight, bias, temperature, softcap):
     return z, th
 
 
-def _probs_to_dlogits(p, col, B, C, th, temperature):
-    """``p ← A·p`` must already be applied; adds ``B`` at column ``col`` and ``C``, then chain rule."""
-    p.scatter_add_(1, col[:, None], B[:, None])
-    if C is not None:
-        p.add_(C[:, None])
+def _chain(p, th, temperature):
+    """Chain rule of the logit transform applied in place: ``· (1 - tanh²) / T`` or ``· 1/T``."""
     if th is not None:  # d/dx [cap·tanh(x/cap)] = 1 - tanh², then the 1/T of the temperature
         p.mul_(th.square_().neg_().add_(1.0).mul_(1.0 / temperature))
     elif temperature != 1.0:
         p.mul_(1.0 / temperature)
     return p
+
+
+def _probs_to_dlogits(p, col, B, C, th, temperature):
+    """``p ← A·p`` must already be applied; adds ``B`` at column ``col`` and ``C``, then chain rule."""
+    p.scatter_add_(1, col[:, None], B[:, None])
+    if C is not None:
+        p.add_(C[:, None])
+    return _chain(p, th, temperature)
 
 
 def _alloc_grads(hidden, weight, need_dx, need_dw, need_db):
@@ -92,42 +132,52 @@ def _row_blocks(targets, ignore_index):
 
 
 def _vocab_chunks(n_rows, V):
-    vc = max(64, min(V, _BLOCK_BYTES // (4 * max(n_rows, 1))))
+    vc = max(_TILE, min(V, _BLOCK_BYTES // (4 * max(n_rows, 1))) // _TILE * _TILE)
     for v0 in range(0, V, vc):
         yield v0, min(V, v0 + vc)
 
 
+def _tile_max(z):
+    """``(rows, ceil(width/_TILE))`` maxima of a ``(rows, width)`` block whose start is tile-aligned."""
+    r, w = z.shape
+    full = w // _TILE * _TILE
+    parts = [z[:, :full].reshape(r, -1, _TILE).amax(2)] if full else []
+    if full < w:
+        parts.append(z[:, full:].amax(1, keepdim=True))
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+
 @torch.no_grad()
 def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, need_zsum=False,
-          segment_ids=None, num_segments=None):
-    """Statistics pass (vocab-tiled, online log-sum-exp).
-
-    Returns ``(lse, tgt, zsum, logp, seg)``: ``(N,)`` fp32 log-sum-exp, transformed target logit,
-    sum of logits over V (or None), token log-prob — all 0 on ignored rows — and per-segment sums
-    ``(S,)`` (or None).  Same contract as :func:`zephyr_kernels.triton_kernels.stats`.
-    """
+          segment_ids=None, num_segments=None) -> Stats:
+    """Statistics pass (vocab-tiled, online log-sum-exp); see :class:`Stats`."""
     N, V = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
     zsum = torch.zeros(N, **f32) if need_zsum else None
+    tmax = torch.full((N, -(-V // _TILE)), float("-inf"), **f32)
     for idx in _row_blocks(targets, ignore_index):
         h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
         m = torch.full((idx.numel(),), float("-inf"), **f32)
         s, tz, zs = (torch.zeros(idx.numel(), **f32) for _ in range(3))
+        tm = []
         for v0, v1 in _vocab_chunks(idx.numel(), V):
             z, _ = _logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, softcap)
             inside = (t >= v0) & (t < v1)
             tz += torch.where(inside, z.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0.0)
             if need_zsum:
                 zs += z.sum(1)
-            m_new = torch.maximum(m, z.amax(1))
+            tm.append(_tile_max(z))
+            m_new = torch.maximum(m, tm[-1].amax(1))
             s.mul_(torch.exp(m - m_new)).add_(z.sub_(m_new[:, None]).clamp_min_(_EXP_FLOOR).exp_().sum(1))
             m = m_new
         lse.index_copy_(0, idx, s.log_().add_(m))
         tgt.index_copy_(0, idx, tz)
+        tmax.index_copy_(0, idx, torch.cat(tm, 1))
         if need_zsum:
             zsum.index_copy_(0, idx, zs)
-    return (lse, tgt, zsum) + token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments)
+    logp, seg = token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments)
+    return Stats(lse, tgt, zsum, logp, seg, tmax)
 
 
 def token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments):
@@ -139,13 +189,41 @@ def token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_se
     return logp, seg
 
 
+def _filter_log_eps(dtype, V):
+    """``log ε``: probabilities at or below ``ε = u / V`` sum to at most the unit roundoff ``u``."""
+    return math.log(torch.finfo(dtype).eps / 2.0 / V)
+
+
+def _active_tiles(tile_max, lse, idx, dtype, V):
+    """``(n_valid, n_tiles)`` bool: (row, tile) pairs that may hold a probability above ``ε``."""
+    return (tile_max.index_select(0, idx) - lse.index_select(0, idx)[:, None]) > _filter_log_eps(dtype, V)
+
+
 @torch.no_grad()
 def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, temperature, softcap,
-          need_dx=True, need_dw=True, need_db=False):
-    """Gradient pass (vocab-tiled) given the forward's ``lse (N,)`` and coefficients ``A, B, C (N,)``.
+          need_dx=True, need_dw=True, need_db=False, stats: Optional[Stats] = None):
+    """Gradient pass given the forward's ``lse (N,)`` and coefficients ``A, B, C (N,)``.
 
-    Returns fp32 ``dx (N, D)``, ``dw (V, D)``, ``db (V,)`` (None where not requested).
+    With the forward's ``stats`` (tile maxima and target logits) and no ``C``, (row, tile) pairs
+    without gradient are skipped (module docstring).  Returns fp32 ``dx (N, D)``, ``dw (V, D)``,
+    ``db (V,)`` (None where not requested).
     """
+    if stats is not None and stats.tile_max is not None and C is None:
+        idx = _valid_index(targets, ignore_index)
+        active = _active_tiles(stats.tile_max, lse, idx, hidden.dtype, weight.shape[0])
+        # one host read per call (CPU path: free) decides which pass is cheaper
+        if float(active.float().mean()) <= _SPARSE_MAX_ACTIVE:
+            return _sparse_grads(hidden, weight, bias, targets, lse, stats.tgt, A, B, idx, active,
+                                 temperature=temperature, softcap=softcap,
+                                 need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+    return _dense_grads(hidden, weight, bias, targets, lse, A, B, C, ignore_index=ignore_index,
+                        temperature=temperature, softcap=softcap,
+                        need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+
+
+def _dense_grads(hidden, weight, bias, targets, lse, A, B, C, *, ignore_index, temperature, softcap,
+                 need_dx, need_dw, need_db):
+    """Vocab-tiled gradient pass over every (row, column) of the valid rows."""
     V = weight.shape[0]
     dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
     for idx in _row_blocks(targets, ignore_index):
@@ -161,33 +239,107 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
             inside = (t >= v0) & (t < v1)
             col = (t - v0).clamp(0, v1 - v0 - 1)
             _probs_to_dlogits(p, col, torch.where(inside, B_b, 0.0), C_b, th, temperature)
-            if db is not None:
-                db[v0:v1] += p.sum(0)
-            if dw is not None:
-                dw[v0:v1].addmm_(p.t(), h32)
-            if dxc is not None:
-                dxc.addmm_(p, w_c) if w_c.dtype == torch.float32 else dxc.add_(p.to(w_c.dtype) @ w_c)
+            _accumulate(p, h32, w_c, v0, v1, dxc, dw, db)
         if dx is not None:
             dx.index_copy_(0, idx, dxc)
     return dx, dw, db
 
 
+def _accumulate(dz, h32, w_c, v0, v1, dxc, dw, db):
+    """``db[v0:v1] += Σ dz``, ``dW[v0:v1] += dzᵀ h``, ``dxc += dz W[v0:v1]`` for one logits block."""
+    if db is not None:
+        db[v0:v1] += dz.sum(0)
+    if dw is not None:
+        dw[v0:v1].addmm_(dz.t(), h32)
+    if dxc is not None:
+        dxc.addmm_(dz, w_c) if w_c.dtype == torch.float32 else dxc.add_(dz.to(w_c.dtype) @ w_c)
+
+
+def _sparse_grads(hidden, weight, bias, targets, lse, tgt, A, B, idx, active, *, temperature, softcap,
+                  need_dx, need_dw, need_db):
+    """Filtered gradient pass: ``A·p`` on active (row, tile) pairs only, each tile one GEMM over the
+    rows that need it.
+
+    The target column is taken out of those GEMMs and handled by gather/scatter with
+    ``A·exp(tgt - lse) + B``, from the forward's own target logit: where ``p_t ≈ 1`` its gradient
+    ``g(1 - p_t)`` cancels, and a recomputed logit (another GEMM shape, other rounding) would leave
+    an error of one ulp of the logit instead of the true, tiny value.
+    """
+    V = weight.shape[0]
+    dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
+    h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
+    h32 = h.float()
+    lse_v, tgt_v, A_v, B_v = (x.float().index_select(0, idx) for x in (lse, tgt, A, B))
+    dxv = torch.zeros(idx.numel(), hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_dx else None
+    th_t = None if softcap is None else tgt_v * (temperature / softcap)  # tanh of the target logit
+    b = _chain(A_v * (tgt_v - lse_v).clamp_min(_EXP_FLOOR).exp() + B_v, th_t, temperature)
+    if dxv is not None:
+        dxv.add_(b[:, None] * weight.index_select(0, t).float())
+    if dw is not None:
+        dw.index_add_(0, t, b[:, None] * h32)
+    if db is not None:
+        db.index_add_(0, t, b)
+    for j, rows in _tile_rows(active):
+        v0, v1 = j * _TILE, min(V, (j + 1) * _TILE)
+        hr, w_c, t_r = h.index_select(0, rows), weight[v0:v1], t.index_select(0, rows)
+        z, th = _logits(hr, w_c, None if bias is None else bias[v0:v1], temperature, softcap)
+        p = z.sub_(lse_v.index_select(0, rows)[:, None]).clamp_min_(_EXP_FLOOR).exp_()
+        p.mul_(A_v.index_select(0, rows)[:, None])
+        col = (t_r - v0).clamp(0, v1 - v0 - 1)[:, None]
+        outside = ((t_r < v0) | (t_r >= v1))[:, None]
+        p.scatter_(1, col, p.gather(1, col) * outside)  # the target column is handled above
+        dz = _chain(p, th, temperature)
+        _accumulate(dz, h32.index_select(0, rows) if dw is not None else None, w_c, v0, v1, None, dw, db)
+        if dxv is not None:
+            # index_put_ (rows are unique): CPU index_add_ of a few rows is ~1000x slower with 2 threads
+            dxv.index_put_((rows,), dz @ w_c if w_c.dtype == torch.float32 else (dz.to(w_c.dtype) @ w_c).float(),
+                           accumulate=True)
+    if dx is not None:
+        dx.index_copy_(0, idx, dxv)
+    return dx, dw, db
+
+
+def _tile_rows(active):
+    """``(tile j, rows (k,) int64)`` for every tile with at least one active row."""
+    tiles = active.any(0).nonzero().squeeze(1).tolist()  # CPU path: host reads are free
+    for j in tiles:
+        yield j, active[:, j].nonzero().squeeze(1)
+
+
 @torch.no_grad()
 def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, need_zsum=False,
           coef_fn: Optional[Callable] = None, need_dx=False, need_dw=False, need_db=False):
-    """Statistics and — when ``coef_fn(idx, lse_c, zsum_c) -> (A, B, C)`` is given — gradients in
-    one row-tiled pass.  Returns ``(lse, tgt, zsum, dx, dw, db)`` (gradients fp32 or None)."""
-    if coef_fn is None:
-        lse, tgt, zsum, _, _ = stats(hidden, weight, bias, targets, ignore_index=ignore_index,
-                                     temperature=temperature, softcap=softcap, need_zsum=need_zsum)
-        return lse, tgt, zsum, None, None, None
+    """Statistics and — when ``coef_fn(idx, lse_c, zsum_c) -> (A, B, C)`` is given — gradients.
+
+    Row-tiled single pass while ``_MIN_FUSED_ROWS`` rows of ``V`` logits fit the block budget, else
+    :func:`stats` + filtered :func:`grads`.  Returns ``(lse, tgt, zsum, dx, dw, db)`` (gradients fp32
+    or None)."""
     N, V = hidden.shape[0], weight.shape[0]
+    c = min(_ROW_BLOCK, _BLOCK_BYTES // (4 * V))
+    if coef_fn is None or c < _MIN_FUSED_ROWS:
+        st = stats(hidden, weight, bias, targets, ignore_index=ignore_index, temperature=temperature,
+                   softcap=softcap, need_zsum=need_zsum)
+        if coef_fn is None:
+            return st.lse, st.tgt, st.zsum, None, None, None
+        A, B, C = (None if x is None else x.float().expand_as(st.lse) for x in coef_fn(slice(None), st.lse, st.zsum))
+        dx, dw, db = grads(hidden, weight, bias, targets, st.lse, A, B, C, ignore_index=ignore_index,
+                           temperature=temperature, softcap=softcap, need_dx=need_dx, need_dw=need_dw,
+                           need_db=need_db, stats=st)
+        return st.lse, st.tgt, st.zsum, dx, dw, db
+    return _row_tiled(hidden, weight, bias, targets, c, ignore_index=ignore_index, temperature=temperature,
+                      softcap=softcap, need_zsum=need_zsum, coef_fn=coef_fn,
+                      need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+
+
+def _row_tiled(hidden, weight, bias, targets, c, *, ignore_index, temperature, softcap, need_zsum, coef_fn,
+               need_dx, need_dw, need_db):
+    """Single pass over ``(c, V)`` row blocks: statistics, coefficients and gradients (3 GEMMs)."""
+    N = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
     zsum = torch.zeros(N, **f32) if need_zsum else None
     dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
     idx_all = _valid_index(targets, ignore_index)
-    c = max(8, min(_ROW_BLOCK, _BLOCK_BYTES // (4 * V)))
     for i in range(0, idx_all.numel(), c):
         idx = idx_all[i : i + c]
         h, t = hidden.index_select(0, idx), targets.index_select(0, idx)

@@ -27,8 +27,9 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         be = backend(impl, hidden.device)
         P = ref_chosen.numel()
         cfg = dict(ignore_index=ignore_index, temperature=1.0, softcap=None)
-        lse, _, zsum, _, seg = be.stats(hidden, weight, bias, labels, need_zsum=True,
-                                        segment_ids=segment_ids, num_segments=2 * P, **cfg)
+        st = be.stats(hidden, weight, bias, labels, need_zsum=True, segment_ids=segment_ids,
+                      num_segments=2 * P, **cfg)
+        lse, zsum, seg = st.lse, st.zsum, st.seg
         valid = (labels != ignore_index).float()
         counts = torch.zeros(2 * P, device=hidden.device).index_add_(0, segment_ids, valid)
         zsums = torch.zeros(2 * P, device=hidden.device).index_add_(0, segment_ids, zsum * valid)
@@ -54,8 +55,8 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         ctx.grads = (None, None, None)
         if any(need):
             g_row = torch.stack([gc, gr], 1).reshape(-1).index_select(0, segment_ids)
-            ctx.grads = be.grads(hidden, weight, bias, labels, lse, -g_row, g_row, None,
-                                 need_dx=need[0], need_dw=need[1], need_db=need[2], **cfg)
+            ctx.grads = be.grads(hidden, weight, bias, labels, lse, -g_row, g_row, None, need_dx=need[0],
+                                 need_dw=need[1], need_db=need[2], stats=st, **cfg)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(aux)
         return loss.detach(), aux

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from zephyr_kernels.chunked import Stats
 from zephyr_kernels.dispatch import backend, check_inputs
 
 
@@ -21,21 +22,22 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, segment_ids, num_segments, ignore_index,
                 temperature, softcap, impl):
         be = backend(impl, hidden.device)
-        lse, _, _, logp, seg = be.stats(
+        st = be.stats(
             hidden, weight, bias, targets, ignore_index=ignore_index, temperature=temperature,
             softcap=softcap, segment_ids=segment_ids, num_segments=num_segments,
         )
+        lse, logp, seg = st.lse, st.logp, st.seg
         if seg is None:
             seg = logp.new_zeros(0)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, targets, segment_ids, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, segment_ids, lse, st.tgt, st.tile_max)
         ctx.cfg = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
         ctx.be = be
         return logp, seg, lse
 
     @staticmethod
     def backward(ctx, g_tok, g_seg, g_lse):
-        hidden, weight, bias, targets, segment_ids, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, segment_ids, lse, tgt, tile_max = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         if not (need_dx or need_dw or need_db) or (g_tok is None and g_seg is None and g_lse is None):
             return (None,) * 10
@@ -47,7 +49,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         A = -g if g_lse is None else g_lse.float() - g
         dx, dw, db = ctx.be.grads(
             hidden, weight, bias, targets, lse, A, g, None, need_dx=need_dx, need_dw=need_dw,
-            need_db=need_db, **ctx.cfg,
+            need_db=need_db, stats=Stats(lse, tgt, None, None, None, tile_max), **ctx.cfg,
         )
         return (
             None if dx is None else dx.to(hidden.dtype),

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zephyr_kernels.chunked import _alloc_grads, token_and_segment_logps
+from zephyr_kernels.chunked import Stats, _alloc_grads, token_and_segment_logps
 from zephyr_kernels.triton_kernels import _tanh, interpreting
 
 _WORKSPACE_BYTES = int(os.environ.get("ZEPHYR_KERNELS_WORKSPACE_BYTES", 128 << 20))
@@ -218,12 +218,12 @@ def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
         tgt.index_copy_(0, idx, t_c)
         if need_zsum:
             zsum.index_copy_(0, idx, zs_c)
-    return (lse, tgt, zsum) + token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments)
+    return Stats(lse, tgt, zsum, *token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments))
 
 
 @torch.no_grad()
 def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, temperature, softcap,
-          need_dx=True, need_dw=True, need_db=False):
+          need_dx=True, need_dw=True, need_db=False, stats=None):
     """Gradient pass given ``lse`` and per-row coefficients. Returns ``(dx, dw, db)``: ``dx`` and
     ``db`` fp32, ``dw`` in the weight's dtype (rounded once from the GEMM's fp32 accumulator).
 
@@ -271,7 +271,7 @@ def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
     """Statistics and, given ``coef_fn(idx, lse_c, zsum_c) -> (A, B, C)``, gradients in one pass
     over each chunk (3 GEMMs for cross-entropy).  Returns ``(lse, tgt, zsum, dx, dw, db)``."""
     if coef_fn is None:
-        lse, tgt, zsum, _, _ = stats(hidden, weight, bias, targets, ignore_index=ignore_index,
+        lse, tgt, zsum, *_ = stats(hidden, weight, bias, targets, ignore_index=ignore_index,
                                      temperature=temperature, softcap=softcap, need_zsum=need_zsum)
         return lse, tgt, zsum, None, None, None
     N, V = hidden.shape[0], weight.shape[0]
@@ -279,7 +279,7 @@ def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
         # Many row chunks would each read-modify-write the (V, D) fp32 dW accumulator; past a few,
         # recomputing the logits once in a vocab-tiled gradient pass (4 GEMMs, dW written once) is
         # cheaper than 3 GEMMs plus that traffic.  (N counts ignored rows too: no host sync here.)
-        lse, tgt, zsum, _, _ = stats(hidden, weight, bias, targets, ignore_index=ignore_index,
+        lse, tgt, zsum, *_ = stats(hidden, weight, bias, targets, ignore_index=ignore_index,
                                      temperature=temperature, softcap=softcap, need_zsum=need_zsum)
         all_rows = torch.arange(N, device=hidden.device)
         A, B, C = coef_fn(all_rows, lse, zsum)

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zephyr_kernels.chunked import Stats
+
 
 @triton.jit
 def _tanh(x):
@@ -221,11 +223,11 @@ def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
             HAS_ZSUM=need_zsum, HAS_SEG=has_seg, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
             num_warps=warps, **_flags(hidden, bias, softcap),
         )
-    return lse, tgt, (zsum if need_zsum else None), logp, (seg if has_seg else None)
+    return Stats(lse, tgt, zsum if need_zsum else None, logp, seg if has_seg else None)
 
 
 def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, temperature, softcap,
-          need_dx=True, need_dw=True, need_db=False):
+          need_dx=True, need_dw=True, need_db=False, stats=None):
     """Gradient pass: fp32 ``dx (N, D)``, ``dw (V, D)``, ``db (V,)`` (None where not requested)."""
     N, D = hidden.shape
     V = weight.shape[0]
@@ -250,7 +252,7 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
 def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, need_zsum=False,
           coef_fn=None, need_dx=False, need_dw=False, need_db=False):
     """Same contract as :func:`zephyr_kernels.chunked.fused`: stats pass, coefficients, grad pass."""
-    lse, tgt, zsum, _, _ = stats(hidden, weight, bias, targets, ignore_index=ignore_index,
+    lse, tgt, zsum, *_ = stats(hidden, weight, bias, targets, ignore_index=ignore_index,
                                  temperature=temperature, softcap=softcap, need_zsum=need_zsum)
     dx = dw = db = None
     if coef_fn is not None:

@@ -17,6 +17,7 @@ def impl(request, monkeypatch):
     if request.param == "torch-tiled":
         monkeypatch.setattr(chunked, "_BLOCK_BYTES", 1024)  # → 64-column vocab chunks, 8-row CE chunks
         monkeypatch.setattr(chunked, "_ROW_BLOCK", 16)
+        monkeypatch.setattr(chunked, "_TILE", 16)  # filter tiles and vocab chunks of 16 columns
         return "torch"
     if request.param == "triton-small":
         monkeypatch.setattr(triton_chunked, "_WORKSPACE_BYTES", 16 * 128 * 6)  # 16-row chunks / 128-col slices
@@ -35,6 +36,24 @@ def make_inputs(N, D, V, *, dtype=torch.float32, ignore_frac=0.0, bias=False, se
     if ignore_frac:
         t[torch.rand(N, generator=g) < ignore_frac] = -100
     return h, w, b, t
+
+
+def make_peaked_inputs(N, D, V, *, dtype=torch.float32, ignore_frac=0.0, bias=False, seed=0, p_right=0.7,
+                       confidence=30.0):
+    """A trained model's softmax: each hidden state points at a predicted token's weight row with
+    logit margin about ``confidence`` (the wrong token in ``1 - p_right`` of the rows), so almost
+    every (row, vocab tile) carries a probability far below fp32 resolution."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, D, generator=g) / D**0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    wrong = torch.rand(N, generator=g) > p_right
+    pred = torch.where(wrong, torch.randint(0, V, (N,), generator=g), t)
+    unit = w[pred] / w[pred].norm(dim=1, keepdim=True)
+    h = confidence * unit / w.norm(dim=1).mean() + 0.3 * torch.randn(N, D, generator=g) / D**0.5
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    if ignore_frac:
+        t[torch.rand(N, generator=g) < ignore_frac] = -100
+    return h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(), b, t
 
 
 def grads_of(fn, tensors):

@@ -114,6 +114,7 @@ def test_triton_kernel_drops_out_of_range_segment_ids():
 
     h, w, _, t = make_inputs(6, 16, 33)
     seg = torch.tensor([0, 1, 5, 1, 0, -1])
-    _, _, _, logp, s = triton_kernels.stats(h.detach(), w.detach(), None, t, ignore_index=-100, temperature=1.0,
-                                            softcap=None, segment_ids=seg, num_segments=2)
+    st = triton_kernels.stats(h.detach(), w.detach(), None, t, ignore_index=-100, temperature=1.0,
+                              softcap=None, segment_ids=seg, num_segments=2)
+    logp, s = st.logp, st.seg
     torch.testing.assert_close(s, torch.stack([logp[[0, 4]].sum(), logp[[1, 3]].sum()]))
