@@ -17,6 +17,8 @@ import functools
 import os
 from typing import Any, Optional, Sequence
 
+from .loading import ensure_hub_reachable
+
 # Byte-exact copy of the ``chat_template`` in alignment-handbook's
 # recipes/zephyr-7b-beta/{sft,dpo}/config_full.yaml (identical to its DEFAULT_CHAT_TEMPLATE).
 # The newlines between tags vanish under transformers' trim_blocks/lstrip_blocks; the ones after
@@ -35,8 +37,6 @@ ZEPHYR_CHAT_TEMPLATE = (
     "{% endif %}\n"
     "{% endfor %}"
 )
-
-ROLES = ("system", "user", "assistant")
 
 # Used only when render() is called without a tokenizer (Mistral/Llama-2 special tokens).
 _DEFAULT_SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -136,8 +136,6 @@ def load_tokenizer(path_or_id: str, chat_template: Optional[str] = None, *, revi
     * A hub id while offline raises a :class:`FileNotFoundError` telling you to pass a local path.
     """
     from transformers import AutoTokenizer
-
-    from .loading import ensure_hub_reachable
 
     if not os.path.isdir(path_or_id):
         ensure_hub_reachable(path_or_id, what="tokenizer")

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from .chat import ROLES
+ROLES = ("system", "user", "assistant")  # the roles a chat message may have (data/chat.py renders them)
 
 MAX_LISTED = 20
 
