@@ -79,3 +79,19 @@ def log_hashes(path) -> list:
     if not os.path.exists(path):
         return []
     return [json.loads(line)["hash"] for line in open(path) if line.strip()]
+
+
+def fork_run(fn, *args):
+    """Run ``fn(*args)`` in a forked child (started, not joined): a real process to ``kill -9``
+    without paying Python + torch start-up again.  The child runs torch on one thread: an OpenMP
+    pool the parent already used does not survive ``fork``."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_single_threaded, args=(fn, *args), daemon=True)
+    proc.start()
+    return proc
+
+
+def _single_threaded(fn, *args):
+    torch.set_num_threads(1)
+    fn(*args)

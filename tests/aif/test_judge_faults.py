@@ -4,14 +4,12 @@ timeout, garbage answers, a server crash mid-run and restart, kill -9 of the jud
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.aif.fake_openai import Faults, start_in_thread
-from tests.aif.helpers import REPO, FakeProcess, fake_config, log_hashes, raw_rows, write_jsonl
+from tests.aif.helpers import FakeProcess, fork_run, fake_config, log_hashes, raw_rows, write_jsonl
 from zephyr_fast.aif.client import JudgeClient, JudgeRequestError
 from zephyr_fast.aif.judge import judge_file, main
 from zephyr_fast.data.binarize import binarize_rows
@@ -139,20 +137,19 @@ def test_server_killed_mid_run_and_restarted_rerun_judges_only_missing(inp, tmp_
 
 def test_judge_killed_with_sigkill_resumes_from_cache(inp, tmp_path):
     out, log = str(tmp_path / "out.jsonl"), str(tmp_path / "server.log")
-    fake = FakeProcess(tmp_path, "--log", log, "--slow-count", 10 ** 6, "--delay", 0.15)
-    cmd = [sys.executable, "-m", "zephyr_fast.aif.judge", inp, out, "--base-url", fake.base_url,
-           "--judge-model", "fake", "--concurrency", "1", "--no-progress"]
+    fake = FakeProcess(tmp_path, "--log", log, "--slow-count", 10 ** 6, "--delay", 0.1)
+    argv = [inp, out, "--base-url", fake.base_url, "--judge-model", "fake", "--concurrency", "1", "--no-progress"]
     try:
-        proc = subprocess.Popen(cmd, cwd=str(REPO))
+        proc = fork_run(main, argv)
         deadline = time.time() + 60
         while len(open(out + ".cache.jsonl").readlines() if os.path.exists(out + ".cache.jsonl") else []) < 4:
-            assert time.time() < deadline and proc.poll() is None
+            assert time.time() < deadline and proc.is_alive()
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
         cached = len(open(out + ".cache.jsonl").readlines())
         assert 4 <= cached < ITEMS and not os.path.exists(out)
-        assert subprocess.run(cmd, cwd=str(REPO)).returncode == 0
+        assert main(argv) == 0
     finally:
         fake.stop()
     hashes = log_hashes(log)
