@@ -69,3 +69,26 @@ def assert_grads_close(ga, gb, atol=1e-5, rtol=5e-4):
     assert len(ga) > 0
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def per_sequence_outputs(model, seqs, impl="eager"):
+    """Reference: each sequence alone (batch 1, no padding) through transformers' own ``impl``
+    attention (``eager`` handles every family: soft-capping, per-layer sliding windows).
+
+    Returns ``(hidden (N, D), logits (N, V))`` concatenated over ``seqs``; the logits are the HF
+    causal-LM head's, so they include any final-logit soft-capping.
+    """
+    hidden, logits = [], []
+    with attention_implementation(model, impl):
+        for s in seqs:
+            out = model(input_ids=s[None], use_cache=False, output_hidden_states=True)
+            hidden.append(out.hidden_states[-1][0])  # after the final norm, as last_hidden_state
+            logits.append(out.logits[0])
+    return torch.cat(hidden), torch.cat(logits)
+
+
+def logits_token_logps(logits, labels):
+    """Reference: ``log_softmax`` of given fp32 logits, gathered at ``labels``; 0 where ``-100``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = logp.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    return torch.where(labels != -100, out, torch.zeros_like(out))

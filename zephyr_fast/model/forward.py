@@ -37,7 +37,7 @@ def ensure_packed_attention(model) -> str:
     backend = backend_of(model.config._attn_implementation)
     if backend is None:
         param = next(model.parameters())
-        name = register_varlen_attention("auto", device=param.device, dtype=param.dtype)
+        name = register_varlen_attention("auto", device=param.device, dtype=param.dtype, model_class=type(model))
         logger.info("switching attention from %r to %r for packed batches",
                     model.config._attn_implementation, name)
         model.set_attn_implementation(name)
@@ -45,11 +45,35 @@ def ensure_packed_attention(model) -> str:
     return backend
 
 
+def sliding_window_of(config):
+    """The window some layer of ``config`` uses (``None`` if none does): pre-built once per batch.
+
+    Which layers use it is each layer's own business (it passes ``sliding_window`` to the attention
+    function: Gemma 2/3 and Qwen2 per ``layer_types``, Mistral/Phi-3/StarCoder2/Mixtral every layer)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
+def head_transform(model) -> dict:
+    """Keyword arguments of the LM head's logit transform for ``zephyr_kernels`` losses.
+
+    ``softcap``: Gemma 2's (and any config's) ``final_logit_softcapping`` — logits become
+    ``c·tanh(z/c)`` before the softmax, as in transformers' ``*ForCausalLM.forward``; ``None``
+    otherwise.  ``temperature``: always 1.0 for training.  Pass them as
+    ``linear_logprobs(..., **head_transform(model))`` / ``linear_cross_entropy(..., **...)``.
+    """
+    config = unwrap_model(model).config
+    return {"softcap": getattr(config, "final_logit_softcapping", None), "temperature": 1.0}
+
+
 def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
     """Final hidden states of a packed batch, without the LM head.
 
     Args:
-        model: a Mistral/Llama causal LM (from :func:`~zephyr_fast.model.load.load_model`), or a
+        model: a supported causal LM (from :func:`~zephyr_fast.model.load.load_model`), or a
             DeepSpeed engine / PEFT model wrapping one.
         batch: ``PackedBatch`` on the model's device — ``input_ids: (N,)``,
             ``position_ids: (N,)``, ``cu_seqlens: (S+1,) int32``.
@@ -68,7 +92,7 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
         raise ValueError(f"PackedBatch.cu_seqlens must be int32 (varlen kernels), got {batch.cu_seqlens.dtype}")
     hf = unwrap_model(model)
     backend = ensure_packed_attention(hf)
-    meta = build_varlen_meta(batch, backend, sliding_window=getattr(hf.config, "sliding_window", None),
+    meta = build_varlen_meta(batch, backend, sliding_window=sliding_window_of(hf.config),
                              needs_grad=torch.is_grad_enabled())
     kwargs = {"position_ids": batch.position_ids.unsqueeze(0), "use_cache": False, META_KWARG: meta}
     input_ids = batch.input_ids.unsqueeze(0)
@@ -143,7 +167,7 @@ def lm_head_weight(model):
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(hf).__name__} has no output embedding (lm_head) weight")
     if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("lm_head with a bias is not supported (Mistral/Llama have none)")
+        raise NotImplementedError("lm_head with a bias is not supported (no supported model family has one)")
     weight = head.weight
     if not _zero3_partitioned(weight):
         yield weight
@@ -159,7 +183,8 @@ def packed_logps(model, batch: PackedBatch, impl: str = "auto"):
     """Per-token and per-segment log-probs of a packed batch, logits-free.
 
     ``log p(labels[t] | tokens <= t)`` from :func:`forward_hidden` and the LM head through
-    ``zephyr_kernels.linear_logprobs`` (fp32 accumulation, ``(N, V)`` logits never stored).
+    ``zephyr_kernels.linear_logprobs`` (fp32 accumulation, ``(N, V)`` logits never stored), with the
+    model's final-logit soft-capping (:func:`head_transform`).
 
     Returns:
         ``token_logps: (M,) fp32`` (0 where ``labels == -100``) and ``segment_logps: (S,) fp32``
@@ -173,7 +198,7 @@ def packed_logps(model, batch: PackedBatch, impl: str = "auto"):
     rows, labels, segment_ids = loss_inputs(hidden, batch)
     with lm_head_weight(model) as weight:
         return linear_logprobs(rows, weight, labels, segment_ids=segment_ids,
-                               num_segments=batch.num_segments, impl=impl)
+                               num_segments=batch.num_segments, impl=impl, **head_transform(model))
 
 
 def padded_forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

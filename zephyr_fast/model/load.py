@@ -1,13 +1,23 @@
-"""Build or load a Mistral/Llama causal LM wired for packed, logits-free training.
+"""Build or load a causal LM of a supported family wired for packed, logits-free training.
 
-``load_model`` returns a stock ``transformers`` ``MistralForCausalLM``/``LlamaForCausalLM`` (so
-``save_pretrained``, PEFT and DeepSpeed treat it as usual) whose attention implementation is the
-packed varlen function registered by :mod:`zephyr_fast.model.attention`.
+``load_model`` returns a stock ``transformers`` ``*ForCausalLM`` (so ``save_pretrained``, PEFT and
+DeepSpeed treat it as usual) whose attention implementation is the packed varlen function
+registered by :mod:`zephyr_fast.model.attention`.
+
+Supported families (:data:`SUPPORTED_MODEL_TYPES`): the transformers implementations that route
+attention through ``AttentionInterface`` and are tested here packed == unpacked on CPU with tiny
+configs (``tests/model/test_families.py``): Mistral, Llama (incl. Llama 3 RoPE scaling, SmolLM 1/2),
+Qwen2, Qwen3 (q/k-norm), Gemma, Gemma 2 (attention and final-logit soft-capping,
+``query_pre_attn_scalar``, alternating sliding layers), Gemma 3 text (q/k-norm, local RoPE),
+Phi-3, SmolLM3 (NoPE layers), StarCoder2, Mixtral (MoE, without the router auxiliary loss).
+:func:`check_supported` refuses anything else in one line, from a config or a model type, before
+any data work.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional, Union
 
 import torch
@@ -16,7 +26,30 @@ from .attention import BACKENDS, register_varlen_attention
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+SUPPORTED_MODEL_TYPES = ("mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                         "smollm3", "starcoder2", "mixtral")
+_HINTS = {  # one extra clause for model types people are likely to try
+    "gemma3": "a multimodal Gemma 3 checkpoint; use a text-only one (model_type 'gemma3_text', e.g. "
+              "google/gemma-3-1b-pt)",
+}
+# tiny_config(arch): config class and family defaults that make a small model of the real architecture
+_TINY = {
+    "mistral": ("MistralConfig", {}),
+    "llama": ("LlamaConfig", {}),
+    "llama3": ("LlamaConfig", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+    "smollm": ("LlamaConfig", {"tie_word_embeddings": True}),  # SmolLM 1/2 are tied Llamas
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": None}),
+    "gemma": ("GemmaConfig", {"head_dim": None}),
+    "gemma2": ("Gemma2Config", {"head_dim": None, "query_pre_attn_scalar": None}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": None, "query_pre_attn_scalar": None}),
+    "phi3": ("Phi3Config", {}),
+    "smollm3": ("SmolLM3Config", {}),
+    "starcoder2": ("Starcoder2Config", {}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 # transformers keeps only a weakref to the HfDeepSpeedConfig that switches on zero.Init; keep it alive.
@@ -26,23 +59,72 @@ _LIVE_DS_CONFIGS: list = []
 def tiny_config(arch: str = "mistral", vocab_size: int = 32000, hidden_size: int = 256,
                 num_hidden_layers: int = 4, num_attention_heads: int = 4, num_key_value_heads: int = 2,
                 intermediate_size: Optional[int] = None, max_position_embeddings: int = 4096,
-                tie_word_embeddings: bool = False, **overrides):
+                tie_word_embeddings: Optional[bool] = None, **overrides):
     """A small random-init config of the real architecture (tests, demo, CPU benchmarks).
 
-    GQA is on by default (``num_key_value_heads < num_attention_heads``) like Mistral-7B. Extra
-    keywords go to the config class (e.g. ``sliding_window=64`` for Mistral).
+    ``arch``: a supported model type, or ``"llama3"`` (Llama with Llama 3 RoPE scaling) /
+    ``"smollm"`` (tied-embedding Llama, SmolLM 1/2).  Built locally, nothing is downloaded.
+    GQA is on by default (``num_key_value_heads < num_attention_heads``) like Mistral-7B;
+    ``head_dim = hidden_size // num_attention_heads`` and Gemma's ``query_pre_attn_scalar = head_dim``
+    unless given; ``tie_word_embeddings=None`` keeps the family's default (tied for Gemma, SmolLM,
+    StarCoder2).  Extra keywords go to the config class (e.g. ``sliding_window=64``,
+    ``layer_types=[...]``, ``final_logit_softcapping=30.0``).
     """
-    from transformers import LlamaConfig, MistralConfig
+    import transformers
 
-    classes = {"mistral": MistralConfig, "llama": LlamaConfig}
-    if arch not in classes:
-        raise ValueError(f"tiny_config: arch must be one of {sorted(classes)}, got {arch!r}")
-    return classes[arch](
+    if arch not in _TINY:
+        raise ValueError(f"tiny_config: arch must be one of {sorted(_TINY)}, got {arch!r}")
+    class_name, family = _TINY[arch]
+    head_dim = hidden_size // num_attention_heads
+    kw = {k: head_dim if v is None else v for k, v in family.items()}
+    if tie_word_embeddings is not None:
+        kw["tie_word_embeddings"] = tie_word_embeddings
+    kw.update(overrides)
+    return getattr(transformers, class_name)(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
         intermediate_size=intermediate_size or 4 * hidden_size,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1, eos_token_id=2, pad_token_id=None, **overrides)
+        max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=None, **kw)
+
+
+def _model_type_of(config_or_model_type) -> tuple:
+    """``(model_type, config or None)`` from a config, a config dict, a model type or a checkpoint."""
+    if isinstance(config_or_model_type, dict):
+        return config_or_model_type.get("model_type"), None
+    if not isinstance(config_or_model_type, (str, os.PathLike)):
+        return getattr(config_or_model_type, "model_type", None), config_or_model_type
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    name = os.fspath(config_or_model_type)
+    if name in CONFIG_MAPPING and not os.path.isdir(name):
+        return name, None
+    config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    return config.model_type, config
+
+
+def check_supported(config_or_model_type) -> str:
+    """Refuse, in one line, a model zephyr_fast cannot train exactly; return its model type.
+
+    Args:
+        config_or_model_type: a ``transformers`` config, its ``config.json`` dict, a model type
+            (``"mistral"``) or a checkpoint (hub id / local dir: only its ``config.json`` is read,
+            never remote code) — cheap enough to call before any data is loaded.
+    Raises:
+        ValueError: unsupported model type, or a config feature the packed path cannot honour
+            (bidirectional attention, Mixtral's router auxiliary loss).
+    """
+    model_type, config = _model_type_of(config_or_model_type)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        hint = f" ({_HINTS[model_type]})" if model_type in _HINTS else ""
+        raise ValueError(f"model_type={model_type!r} is not supported by zephyr_fast{hint}; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if config is not None and getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(f"model_type={model_type!r} with use_bidirectional_attention=True is not supported: "
+                         "zephyr_fast trains causal LMs only")
+    if config is not None and getattr(config, "output_router_logits", False):
+        raise ValueError(f"model_type={model_type!r} with output_router_logits=True: the router auxiliary loss is not "
+                         "implemented on the packed path; set output_router_logits to false")
+    return model_type
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
@@ -53,9 +135,12 @@ def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _resolve_attn(attn_impl: str, dtype: torch.dtype) -> str:
+def _resolve_attn(attn_impl: str, dtype: torch.dtype, config) -> str:
     if attn_impl == "auto" or attn_impl in BACKENDS:
-        return register_varlen_attention(attn_impl, dtype=dtype)
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+        return register_varlen_attention(attn_impl, dtype=dtype, model_class=model_class)
     if attn_impl in ("sdpa", "eager"):  # plain transformers attention: padded baselines only
         return attn_impl
     raise ValueError(f"attn_impl must be 'auto', one of {BACKENDS}, 'sdpa' or 'eager', got {attn_impl!r}")
@@ -73,11 +158,11 @@ def _check_zero3(zero3) -> dict:
 def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float32", attn_impl: str = "auto",
                trust_remote_code: bool = False, zero3: Optional[dict] = None,
                gradient_checkpointing: bool = False, liger_ops: bool = False):
-    """Load a Mistral/Llama checkpoint (hub id or local dir) or build one from ``config``.
+    """Load a checkpoint of a supported family (hub id or local dir) or build one from ``config``.
 
     Args:
         name_or_path: hub id or local directory of a ``*ForCausalLM`` checkpoint (safetensors).
-        config: a ``MistralConfig``/``LlamaConfig`` (e.g. :func:`tiny_config`) for a random-init model;
+        config: a config of a supported family (e.g. :func:`tiny_config`) for a random-init model;
             exactly one of ``name_or_path`` / ``config``.
         dtype: parameter dtype, ``"float32"``/``"bfloat16"``/``"float16"`` or a ``torch.dtype``.
         attn_impl: ``"auto"`` or a packed backend (``flash_attn``/``torch_varlen``/``sdpa_segments``/
@@ -89,7 +174,7 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
             alive), so no rank ever holds the full weights; random init is done on rank 0 and
             broadcast, so every rank agrees.
         gradient_checkpointing: non-reentrant activation checkpointing of every decoder layer.
-        liger_ops: Liger-Kernel RMSNorm/SwiGLU/RoPE (CUDA only; never Liger's loss).
+        liger_ops: Liger-Kernel RMSNorm/SwiGLU/RoPE (CUDA only; Mistral/Llama only; never Liger's loss).
     Returns:
         the ``transformers`` causal LM, in train mode.
     """
@@ -99,16 +184,17 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
         raise ValueError("load_model: pass exactly one of name_or_path or config")
     if trust_remote_code:
         raise ValueError("load_model: trust_remote_code=True is refused; zephyr_fast never executes code "
-                         "from a checkpoint (Mistral and Llama are built into transformers)")
+                         "from a checkpoint (every supported family is built into transformers)")
     torch_dtype = resolve_dtype(dtype)
-    attn_name = _resolve_attn(attn_impl, torch_dtype)
-    if liger_ops:
-        _check_liger()
     if config is None:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"load_model: {name_or_path or 'config'} has model_type={config.model_type!r}; "
-                         f"supported: {SUPPORTED_MODEL_TYPES}")
+    check_supported(config)
+    attn_name = _resolve_attn(attn_impl, torch_dtype, config)
+    if liger_ops and config.model_type not in _LIGER_PATCHES:
+        raise ValueError(f"liger_ops=True is wired for {sorted(_LIGER_PATCHES)} only, not {config.model_type!r}; "
+                         "set liger_ops: false")
+    if liger_ops:
+        _check_liger()
 
     if zero3 is not None:
         from transformers.integrations import HfDeepSpeedConfig
@@ -143,15 +229,18 @@ def _check_liger() -> None:
         raise ImportError("liger_ops=True needs liger-kernel (pip install 'liger-kernel>=0.5')") from e
 
 
+_LIGER_PATCHES = {"mistral": "Mistral", "llama": "Llama"}  # model type → transformers class prefix
+
+
 def _apply_liger(model) -> None:
     import importlib
 
-    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_mistral
+    import liger_kernel.transformers as liger
 
     arch = model.config.model_type
-    patch = {"mistral": apply_liger_kernel_to_mistral, "llama": apply_liger_kernel_to_llama}[arch]
+    patch = getattr(liger, f"apply_liger_kernel_to_{arch}")
     module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
-    prefix = {"mistral": "Mistral", "llama": "Llama"}[arch]
+    prefix = _LIGER_PATCHES[arch]
     classes = {name: getattr(module, name) for name in (f"{prefix}RMSNorm", f"{prefix}MLP")}
     # Our fused kernels own the loss: Liger's (fused linear) cross-entropy stays off.
     patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
