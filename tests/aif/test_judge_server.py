@@ -15,7 +15,10 @@ from tests.aif.helpers import raw_rows, save_tiny_model, write_jsonl
 from zephyr_fast.aif.client import JudgeClient, JudgeConfig
 from zephyr_fast.aif.judge import judge_file
 from zephyr_fast.aif.serve import serve_local
+from zephyr_fast.aif.store import JudgeCache
 from zephyr_fast.data.binarize import binarize_rows
+from zephyr_fast.eval.grading import grade_single
+from zephyr_fast.eval.mt_bench import judge_prompts, load_questions, references
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +67,13 @@ def test_unconstrained_random_judge_garbage_is_counted_reasked_and_recorded(serv
 def test_rating_bias_maps_digits_to_single_tokens(server):
     bias = JudgeClient(config(server, constrain_tokenizer=server.model)).rating_bias(("1", "2", "3", "4", "5"))
     assert sorted(bias) == ["28740", "28750", "28770", "28781", "28782"] and set(bias.values()) == {100.0}
+
+
+def test_mt_bench_grading_through_transformers_serve(server, tmp_path):
+    questions = load_questions(per_category=1)[:4]
+    answers = {q["question_id"]: ["First answer.", "Second answer."] for q in questions}
+    client = JudgeClient(config(server, constrain_tokenizer=server.model))
+    single = grade_single(questions, answers, client, JudgeCache(str(tmp_path / "cache.jsonl")), judge_prompts(),
+                          references(), progress=False)
+    assert len(single) == 8 and all(j["status"] == "ok" and 1 <= j["score"] <= 9 for j in single)
+    assert client.usage.requests == 8 and client.usage.completion_tokens == 8

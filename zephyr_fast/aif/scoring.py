@@ -14,7 +14,8 @@ from typing import Callable, Optional, Sequence
 from .client import ChatResult, JudgeClient
 
 
-def weighted_rating(logprobs: Optional[list], text: str, offset: Optional[int], values: Sequence[str]) -> Optional[float]:
+def weighted_rating(logprobs: Optional[list], text: str, offset: Optional[int], values: Sequence[str],
+                    expected: Optional[str] = None) -> Optional[float]:
     """Expected rating under the judge's top log-probs at the rating token.
 
     Args:
@@ -22,6 +23,8 @@ def weighted_rating(logprobs: Optional[list], text: str, offset: Optional[int], 
         text: the answer text (the tokens concatenate to it).
         offset: character index of the rating in ``text``.
         values: the rating labels (``"1".."5"``); top tokens whose stripped text is one of them count.
+        expected: the rating as written; when the token at ``offset`` is not all of it (``"10"``
+            split as ``"1"``, ``"0"``), the top log-probs do not describe the rating: None.
     Returns:
         ``sum p(v) v / sum p(v)`` over the labels among the top log-probs, or None when the endpoint
         returned no log-probs or the rating token has no label among them.
@@ -32,6 +35,8 @@ def weighted_rating(logprobs: Optional[list], text: str, offset: Optional[int], 
     for token, _, top in logprobs:
         end = pos + len(token)
         if pos <= offset < end:
+            if expected is not None and token.strip().lstrip("▁") != expected:
+                return None
             probs = {}
             for t, lp in top.items():
                 label = t.strip().lstrip("▁")
@@ -66,6 +71,7 @@ def ask_until_parsed(client: JudgeClient, messages: list, parse: Callable[[str],
         parsed = parse(res.text)
         if parsed is not None:
             rec.update(status="ok", parsed=parsed,
-                       weighted=weighted_rating(res.logprobs, res.text, parsed.get("rating_offset"), values))
+                       weighted=weighted_rating(res.logprobs, res.text, parsed.get("rating_offset"), values,
+                                                parsed.get("rating_text")))
             return rec
     return rec

@@ -142,4 +142,5 @@ def parse_rating(aspect: str, text: str) -> Optional[dict]:
     offset = None
     if value != "N/A" and clean == text:
         offset = m.start("rating") + m.group("rating").find(value)
-    return {"Rating": value, "Rationale": rationale.strip(), "parse": kind, "rating_offset": offset}
+    return {"Rating": value, "Rationale": rationale.strip(), "parse": kind, "rating_offset": offset,
+            "rating_text": value}
