@@ -5,7 +5,8 @@ Public API (contracts in docs/ARCHITECTURE.md):
 * :func:`linear_logprobs` — per-token / per-segment log-probs (DPO policy and reference passes).
 * :func:`linear_cross_entropy`, :class:`FusedLinearCrossEntropyLoss` (Liger FLCE call signature).
 * :func:`dpo_loss`, :func:`fused_linear_dpo_loss`, :class:`FusedLinearDPOLoss`,
-  :class:`LigerCompatibleFusedLinearDPOLoss`.
+  :class:`LigerFusedLinearDPOLoss` (Liger's drop-in; old name
+  ``LigerCompatibleFusedLinearDPOLoss``).
 * ``impl="auto" | "triton" | "torch"`` on every entry point (:mod:`zephyr_kernels.dispatch`);
   :mod:`zephyr_kernels.reference` holds the naive fp32 references.
 
@@ -16,7 +17,7 @@ from zephyr_kernels.cross_entropy import FusedLinearCrossEntropyLoss, linear_cro
 from zephyr_kernels.dispatch import IMPLS, resolve
 from zephyr_kernels.dpo import FusedLinearDPOLoss, fused_linear_dpo_loss
 from zephyr_kernels.losses import LOSS_TYPES, check_dpo_args, dpo_loss
-from zephyr_kernels.liger_compat import LigerCompatibleFusedLinearDPOLoss
+from zephyr_kernels.liger_compat import LigerCompatibleFusedLinearDPOLoss, LigerFusedLinearDPOLoss
 from zephyr_kernels.linear_logprobs import linear_logprobs
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "FusedLinearCrossEntropyLoss",
     "FusedLinearDPOLoss",
     "LigerCompatibleFusedLinearDPOLoss",
+    "LigerFusedLinearDPOLoss",
     "dpo_loss",
     "fused_linear_dpo_loss",
     "linear_cross_entropy",

@@ -1,12 +1,24 @@
-"""Liger-Kernel-compatible DPO module for users who *do* have reference hidden states.
+"""Liger-Kernel drop-in DPO module: ``LigerFusedLinearDPOLoss`` with Liger's whole constructor and call.
 
-``LigerCompatibleFusedLinearDPOLoss`` takes the call of
-``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss``: a padded ``(2B, T, D)`` batch whose first
-``B`` rows are the chosen sequences and last ``B`` the rejected ones (targets aligned with inputs,
-``ignore_index`` on prompt/padding), plus optional reference hidden states / weight.  It packs the
-batch (no padding rows reach the matmuls), computes reference log-probs without grad through the
-same fused kernel, and runs :func:`zephyr_kernels.fused_linear_dpo_loss` — so it never builds the
-``(2B·T, V)`` log-softmax that Liger's chunked DPO does.
+``from zephyr_kernels import LigerFusedLinearDPOLoss`` replaces
+``from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss`` with nothing else changed:
+
+* constructor, in Liger 0.8's positional order: ``(ignore_index, beta, alpha, compute_nll_loss,
+  compiled, use_ref_model, average_log_prob, chunk_size, loss_type, label_smoothing, discopop_tau)``;
+  ``compiled`` and ``chunk_size`` are Liger's execution knobs (torch.compile, pairs per chunk) and
+  change no number — accepted and recorded, nothing else; ``impl`` is keyword-only extra;
+* call ``(lin_weight (V, D), _input (2B, T, D), target (2B, T), bias=None, ref_input=None,
+  ref_weight=None, ref_bias=None)``: the first ``B`` rows are the chosen sequences, the last ``B``
+  the rejected ones, ``ignore_index`` on prompt / padding;
+* returns ``(loss, (chosen_logps (B,), rejected_logps (B,), chosen_logits_mean, rejected_logits_mean,
+  nll_loss, chosen_rewards (B,), rejected_rewards (B,)))`` with Liger's definitions — the logits
+  means over every position of the chosen / rejected rows (padding included), the rewards
+  ``β (logp - ref_logp)`` per pair.
+
+Unlike Liger it never builds the ``(2B·T, V)`` log-softmax: padding rows are dropped before any
+matmul, the reference log-probs go through the same fused kernel without grad, and the policy
+loss through :func:`zephyr_kernels.fused_linear_dpo_loss`.  Precomputed reference log-probs may
+be passed instead of ``ref_input`` (``ref_chosen_logps`` / ``ref_rejected_logps``, keyword only).
 """
 
 from __future__ import annotations
@@ -16,8 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from zephyr_kernels.dpo import fused_linear_dpo_loss
-from zephyr_kernels.losses import check_dpo_args
+from zephyr_kernels.dpo import DPOOptions, fused_dpo
 from zephyr_kernels.linear_logprobs import linear_logprobs
 
 
@@ -32,50 +43,69 @@ def _pack_preference(target: torch.Tensor):
     return target.reshape(-1), seg_of_row.repeat_interleave(T)
 
 
-class LigerCompatibleFusedLinearDPOLoss(nn.Module):
-    """Same constructor knobs and call as ``LigerFusedLinearDPOLoss`` (sigmoid / hinge / ipo / robust).
+def _logits_means(hidden3, weight, bias):
+    """Liger's ``chosen/rejected_logits_mean``: the mean logit over every position and vocab entry of
+    the first / second half of the rows, from ``Σ_v z = h · Σ_v W_v (+ Σ b)`` (no logits built)."""
+    with torch.no_grad():
+        w_sum = weight.float().sum(0)
+        row_sums = hidden3.float() @ w_sum + (0.0 if bias is None else bias.float().sum())
+        b, V = hidden3.shape[0] // 2, weight.shape[0]
+        scale = 1.0 / (b * hidden3.shape[1] * V)
+        return row_sums[:b].sum() * scale, row_sums[b:].sum() * scale
 
-    Returns ``(loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean,
-    nll_loss, chosen_rewards, rejected_rewards))`` like Liger; the logits means are over
-    non-ignored tokens (Liger averages over every position, padding included) and the rewards are
-    batch means.  ``ref_chosen_logps`` / ``ref_rejected_logps`` may be passed instead of
-    ``ref_input``.
-    """
+
+class LigerFusedLinearDPOLoss(nn.Module):
+    """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss`` (module docstring)."""
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
-                 compute_nll_loss: bool = False, use_ref_model: bool = True, average_log_prob: bool = False,
-                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, impl: str = "auto"):
+                 compute_nll_loss: bool = False, compiled: bool = True, use_ref_model: bool = True,
+                 average_log_prob: bool = False, chunk_size: int = 1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, discopop_tau: float = 0.05, *, impl: str = "auto"):
         super().__init__()
-        check_dpo_args(beta, loss_type, label_smoothing, "mean")
-        if average_log_prob:
-            raise ValueError("average_log_prob=True is not supported: DPO here uses summed sequence log-probs")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.opts = DPOOptions(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
+                               rpo_alpha=float(alpha) if compute_nll_loss else None,
+                               discopop_tau=float(discopop_tau), average_log_prob=bool(average_log_prob))
         self.ignore_index, self.beta, self.alpha = ignore_index, beta, alpha
         self.compute_nll_loss, self.use_ref_model = compute_nll_loss, use_ref_model
-        self.loss_type, self.label_smoothing, self.impl = loss_type, label_smoothing, impl
+        self.average_log_prob, self.loss_type, self.label_smoothing = average_log_prob, loss_type, label_smoothing
+        self.discopop_tau, self.compiled, self.chunk_size, self.impl = discopop_tau, compiled, chunk_size, impl
 
-    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
-                ref_chosen_logps: Optional[torch.Tensor] = None,
-                ref_rejected_logps: Optional[torch.Tensor] = None):
+    def _ref_logps(self, flat_t, seg, P, lin_weight, ref_input, ref_weight, ref_bias):
+        if not self.use_ref_model:  # Liger without a reference model: reference log-probs are 0
+            zero = flat_t.new_zeros(P, dtype=torch.float32)
+            return zero, zero
+        if ref_input is None:
+            raise ValueError("use_ref_model=True needs ref_input (or pass ref_chosen_logps / ref_rejected_logps)")
+        with torch.no_grad():
+            _, ref = linear_logprobs(
+                ref_input.reshape(-1, ref_input.shape[-1]), ref_weight if ref_weight is not None else lin_weight,
+                flat_t, bias=ref_bias, ignore_index=self.ignore_index, segment_ids=seg, num_segments=2 * P,
+                impl=self.impl,
+            )
+            if self.average_log_prob:
+                counts = torch.zeros(2 * P, device=ref.device).index_add_(
+                    0, seg, (flat_t != self.ignore_index).float())
+                ref = ref / counts.clamp(min=1.0)
+        return ref[0::2], ref[1::2]
+
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, *,
+                ref_chosen_logps: Optional[torch.Tensor] = None, ref_rejected_logps: Optional[torch.Tensor] = None):
         flat_t, seg = _pack_preference(target)
-        hidden = _input.reshape(-1, _input.shape[-1])
         P = target.shape[0] // 2
         if ref_chosen_logps is None:
-            if self.use_ref_model and ref_input is not None:
-                with torch.no_grad():
-                    _, ref = linear_logprobs(
-                        ref_input.reshape(-1, ref_input.shape[-1]),
-                        ref_weight if ref_weight is not None else lin_weight, flat_t, bias=ref_bias,
-                        ignore_index=self.ignore_index, segment_ids=seg, num_segments=2 * P, impl=self.impl,
-                    )
-                ref_chosen_logps, ref_rejected_logps = ref[0::2], ref[1::2]
-            else:  # Liger without a reference model: ref log-probs are 0
-                ref_chosen_logps = ref_rejected_logps = hidden.new_zeros(P, dtype=torch.float32)
-        loss, m = fused_linear_dpo_loss(
-            hidden, lin_weight, flat_t, seg, ref_chosen_logps, ref_rejected_logps, bias,
-            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            rpo_alpha=self.alpha if self.compute_nll_loss else None, ignore_index=self.ignore_index,
-            impl=self.impl,
-        )
-        aux = (m["logps/chosen"], m["logps/rejected"], m["logits/chosen"], m["logits/rejected"],
-               m["nll_loss"], m["rewards/chosen"], m["rewards/rejected"])
-        return loss, aux
+            ref_chosen_logps, ref_rejected_logps = self._ref_logps(flat_t, seg, P, lin_weight, ref_input,
+                                                                   ref_weight, ref_bias)
+        loss, m, logps = fused_dpo(_input.reshape(-1, _input.shape[-1]), lin_weight, flat_t, seg,
+                                   ref_chosen_logps, ref_rejected_logps, bias, self.opts,
+                                   ignore_index=self.ignore_index, impl=self.impl)
+        chosen, rejected = logps[0::2], logps[1::2]
+        logits_c, logits_r = _logits_means(_input, lin_weight, bias)
+        nll = m["nll_loss"] if self.compute_nll_loss else torch.zeros((), device=loss.device)
+        return loss, (chosen, rejected, logits_c, logits_r, nll,
+                      self.beta * (chosen - ref_chosen_logps.float()), self.beta * (rejected - ref_rejected_logps.float()))
+
+
+# the name this module had before it took Liger's whole API
+LigerCompatibleFusedLinearDPOLoss = LigerFusedLinearDPOLoss
