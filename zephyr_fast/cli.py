@@ -5,6 +5,10 @@
     zephyr-fast binarize IN OUT [--seed N] [--score ...] # UltraFeedback raw/flat -> ultrafeedback_binarized
     zephyr-fast plot OUT.png LABEL=metrics.jsonl ...     # loss / reward-margin plot of finished runs
     zephyr-fast demo [--fast]                            # dSFT -> ref log-probs -> dDPO -> MT-Bench, tiny CPU model
+    zephyr-fast generate PROMPTS OUT_DIR --pool NAME=MODEL_DIR ... # AIF: completions from N pool models per prompt
+    zephyr-fast judge IN OUT [--base-url URL --judge-model M]      # AIF: UltraFeedback 4-aspect ratings via an OpenAI API
+    zephyr-fast aif recipes/aif.yaml [--key=value ...]             # AIF: generate -> judge -> binarize from one recipe
+    zephyr-fast mt-bench MODEL_DIR [--out DIR]                     # MT-Bench answers + single-answer grading report
 
 Multi-GPU training goes through a launcher: ``deepspeed --num_gpus N zephyr_fast/train.py RECIPE``.
 """
@@ -46,6 +50,22 @@ def main(argv=None) -> int:
         from zephyr_fast.demo import main as demo_main
 
         return demo_main(rest)
+    if cmd == "generate":
+        from zephyr_fast.aif.generate import main as generate_main
+
+        return generate_main(rest)
+    if cmd == "judge":
+        from zephyr_fast.aif.judge import main as judge_main
+
+        return judge_main(rest)
+    if cmd == "aif":
+        from zephyr_fast.aif.pipeline import main as aif_main
+
+        return aif_main(rest)
+    if cmd in ("mt-bench", "mt_bench"):
+        from zephyr_fast.eval.mt_bench import main as mt_bench_main
+
+        return mt_bench_main(rest)
     print(f"zephyr-fast: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

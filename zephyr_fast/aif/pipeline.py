@@ -1,0 +1,167 @@
+"""``zephyr-fast aif RECIPE.yaml``: generate -> judge -> binarize (-> optional dDPO) from one recipe.
+
+Recipe sections (see ``recipes/aif.yaml``; every key optional except ``generate.prompts`` and
+``generate.pool``)::
+
+    output_dir: outputs/aif            # completions/, judged.jsonl (+ cache, failures), pairs.jsonl
+    generate: {prompts, pool: {name: model_dir}, limit, n_models, seed, max_new_tokens, temperature,
+               top_p, batch_size, backend}
+    judge:    {base_url, model, serve_local: model_dir, constrain, concurrency, max_retries, max_reasks,
+               timeout, temperature, max_tokens, top_logprobs, price_input_per_mtok, price_output_per_mtok,
+               aspects}
+    binarize: {seed, score, skip_invalid_rows}
+    train:    {recipe: recipes/tiny/dpo.yaml, overrides: [--key=value, ...]}   # optional dDPO on pairs.jsonl
+
+``judge.serve_local`` starts ``transformers serve`` on 127.0.0.1 for the run (the served model is
+the judge); ``judge.constrain`` then forces its answers to rating tokens (for tiny local judges).
+Otherwise ``base_url`` / ``model`` / key come from the recipe or the environment
+(``ZEPHYR_JUDGE_BASE_URL``, ``ZEPHYR_JUDGE_MODEL``, ``ZEPHYR_JUDGE_API_KEY``).
+
+Every step resumes: rerunning the command after a crash regenerates and re-judges only what is
+missing.  Overrides: ``--generate.limit=4 --judge.concurrency=2`` (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import os
+import sys
+from dataclasses import fields
+
+import yaml
+
+from ..data.binarize import SCORES, binarize_rows
+from .client import JudgeConfig, JudgeRequestError
+from .generate import GenerateReport, generate_completions, load_prompts
+from .judge import judge_file
+from .serve import serve_local
+from .store import JsonlError, read_input_jsonl, write_jsonl_atomic
+from .ultrafeedback import ASPECTS
+
+SECTIONS = {
+    "generate": {"prompts", "pool", "limit", "n_models", "seed", "max_new_tokens", "temperature", "top_p",
+                 "batch_size", "backend"},
+    "judge": {f.name for f in fields(JudgeConfig)} - {"constrain_tokenizer"} | {"serve_local", "constrain", "aspects"},
+    "binarize": {"seed", "score", "skip_invalid_rows"},
+    "train": {"recipe", "overrides"},
+}
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def _check(recipe: dict, source: str) -> None:
+    for key, value in recipe.items():
+        if key == "output_dir":
+            continue
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(key, list(SECTIONS) + ["output_dir"], n=1)
+            raise RecipeError(f"{source}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
+        for k in value:
+            if k not in SECTIONS[key]:
+                close = difflib.get_close_matches(k, SECTIONS[key], n=1)
+                raise RecipeError(f"{source}: unknown key {key}.{k}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    gen = recipe.get("generate", {})
+    if "prompts" not in gen or not isinstance(gen.get("pool"), dict) or not gen["pool"]:
+        raise RecipeError(f"{source}: generate.prompts and generate.pool (name: model_dir) are required")
+    if recipe.get("binarize", {}).get("score", "auto") not in SCORES:
+        raise RecipeError(f"{source}: binarize.score must be one of {SCORES}")
+
+
+def load_recipe(path: str, overrides=()) -> dict:
+    """Read an AIF recipe (``yaml.safe_load``) and apply ``--section.key=value`` overrides."""
+    with open(path, encoding="utf-8") as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{path}: expected a YAML mapping")
+    for arg in overrides:
+        if not arg.startswith("--") or "=" not in arg:
+            raise RecipeError(f"command line: override {arg!r} must look like --section.key=value")
+        key, raw = arg[2:].split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        if "." in key:
+            sec, k = key.split(".", 1)
+            recipe.setdefault(sec, {})
+            if isinstance(recipe[sec], dict):
+                recipe[sec][k] = value
+                continue
+        recipe[key] = value
+    _check(recipe, path)
+    return recipe
+
+
+def _judge_config(j: dict, server) -> JudgeConfig:
+    keys = {f.name for f in fields(JudgeConfig)}
+    kw = {k: v for k, v in j.items() if k in keys}
+    if server is not None:
+        kw.update(base_url=server.base_url, model=server.model, api_key=kw.get("api_key") or "local")
+        if j.get("constrain"):
+            kw["constrain_tokenizer"] = server.model
+    return JudgeConfig.from_env(**kw)
+
+
+def run_aif(recipe: dict, *, progress: bool = True) -> dict:
+    """Run the recipe's steps; returns their reports and output paths.
+
+    Raises:
+        JudgeRequestError: the judge endpoint failed for good (rerun to finish).
+    """
+    out = recipe.get("output_dir", "outputs/aif")
+    g, j, b = recipe["generate"], recipe.get("judge", {}), recipe.get("binarize", {})
+    prompts = load_prompts(g["prompts"], g.get("limit"))
+    gen_kw = {k: g[k] for k in ("n_models", "seed", "max_new_tokens", "temperature", "top_p", "batch_size",
+                                "backend") if k in g}
+    gen: GenerateReport = generate_completions(prompts, g["pool"], os.path.join(out, "completions"),
+                                               progress=progress, **gen_kw)
+    print(gen)
+    judged = os.path.join(out, "judged.jsonl")
+    with (serve_local(j["serve_local"]) if j.get("serve_local") else contextlib.nullcontext()) as server:
+        jrep = judge_file(gen.output, judged, _judge_config(j, server), aspects=j.get("aspects", ASPECTS),
+                          progress=progress)
+    print(jrep)
+    pairs, brep = binarize_rows(read_input_jsonl(judged), seed=b.get("seed", 42), score=b.get("score", "auto"),
+                                skip_invalid_rows=b.get("skip_invalid_rows", False), dataset_name=judged)
+    pairs_path = os.path.join(out, "pairs.jsonl")
+    write_jsonl_atomic(pairs_path, pairs)
+    print(f"{brep} -> {pairs_path}")
+    result = {"generate": gen, "judge": jrep, "binarize": brep, "completions": gen.output, "judged": judged,
+              "pairs": pairs_path}
+    if recipe.get("train"):
+        result["train"] = train_dpo(recipe["train"], pairs_path)
+    return result
+
+
+def train_dpo(train: dict, pairs_path: str) -> dict:
+    """dDPO (``stage: dpo``) on the AIF pairs: the recipe's dataset replaced by ``pairs_path``."""
+    from zephyr_fast.config import load_config
+    from zephyr_fast.train import run
+
+    data = f"{{datasets: [{{id: {pairs_path}, split: train, columns: [chosen, rejected]}}], seed: 0, test_split_size: 2}}"
+    return run(load_config(train["recipe"], [f"--dataset_mixture={data}", "--stage=dpo", *train.get("overrides", [])]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="zephyr-fast aif", description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--no-progress", action="store_true")
+    args, overrides = ap.parse_known_args(argv)
+    from ..data.validate import DataValidationError
+
+    try:
+        run_aif(load_recipe(args.recipe, overrides), progress=not args.no_progress)
+    except (RecipeError, ValueError, FileNotFoundError, JsonlError, DataValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except JudgeRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
