@@ -238,6 +238,24 @@ def test_segments_and_fake_flash_honour_window_softcap_scaling(window, softcap, 
                                                                batch, window, 0.3, softcap), atol=5e-3, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.parametrize("window,softcap", [(None, 2.0), (W, 2.0)])
+def test_flex_plumbing_honours_window_softcap_scaling(window, softcap, monkeypatch):
+    """score_mod, per-window block masks and scale of the flex backend, through eager flex_attention
+    (the compiled CPU kernel is not what is under test here, and costs a compile per shape)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(attn, "_compiled_flex", lambda: flex_attention)
+    batch = sft_packed(random_seqs([7, 1, 12, 4]))
+    q, k, v = _qkv(batch)
+    meta = attn.build_varlen_meta(batch, "flex", sliding_window=None if window else W, needs_grad=False)
+    assert meta.backend == "flex"
+    with torch.no_grad():
+        out, _ = attn._packed_attention(None, q, k, v, None, scaling=0.3, sliding_window=window, softcap=softcap,
+                                        **{attn.META_KWARG: meta})
+    torch.testing.assert_close(out, _dense_attention(q, k, v, batch, window, 0.3, softcap), atol=1e-5, rtol=1e-5)
+
+
 def test_torch_varlen_refuses_softcap_and_unbound_window(monkeypatch):
     batch = sft_packed(random_seqs([7, 12]))
     q, k, v = _qkv(batch, torch.bfloat16)
