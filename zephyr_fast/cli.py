@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
         return binarize_main(rest)
     if cmd == "plot":
-        from zephyr_fast.metrics import plot_runs
+        from zephyr_fast.training.metrics import plot_runs
 
         if len(rest) < 2 or any("=" not in r for r in rest[1:]):
             print("usage: zephyr-fast plot OUT.png LABEL=metrics.jsonl [LABEL=metrics.jsonl ...]", file=sys.stderr)

@@ -9,8 +9,10 @@ transformers keys that have no effect here (hub pushing, logging backends, ...) 
 ignored so that published recipes load unchanged; anything else unknown is an error with a
 did-you-mean suggestion.
 
-The data section is the data layer's own dataclass (``zephyr_fast.data.loading.DataConfig``), so
-the dataset-mixture options live in one place.
+Each section is the dataclass of the layer that owns it, and checks its own values once, when it
+is built: ``data`` is ``zephyr_fast.data.loading.DataConfig``, ``dpo`` is the DPO stage's
+``DPOConfig`` (checked by ``zephyr_kernels.check_dpo_args``), ``model`` / ``training`` live here.
+:class:`Config` derives the one value that spans sections, the micro-batch token budget.
 
 Nothing here executes code from the file: ``yaml.safe_load`` only, ``trust_remote_code`` refused.
 """
@@ -19,24 +21,38 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
-
-from zephyr_kernels.dispatch import IMPLS
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
+from zephyr_kernels.dispatch import IMPLS
 
-STAGES = ("sft", "ref_logps", "dpo")
+from zephyr_fast.data.loading import DataConfig
+from zephyr_fast.training.stages import STAGES, DPOConfig, stage_class
+
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adam", "rmsprop", "sgd")
 DTYPES = ("float32", "bfloat16", "float16")
+STRATEGIES = ("no", "steps", "epoch")
 
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the file and key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    """A section's own check: ``ValueError("key: msg")`` (``build_config`` adds the recipe path)."""
+    if not cond:
+        raise ValueError(f"{key}: {msg}")
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 @dataclass
@@ -57,6 +73,15 @@ class ModelConfig:
     lora_target_modules: list = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+
+    def __post_init__(self):
+        _check(not self.trust_remote_code, "trust_remote_code",
+               "is refused: zephyr_fast never executes code shipped with a model")
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.model_name_or_path is not None or bool(self.model_init), "model_init",
+               "is required when model_name_or_path is not set (a random init needs its config)")
+        _check(self.model_name_or_path is not None or self.tokenizer_name_or_path is not None,
+               "tokenizer_name_or_path", "is required when model_name_or_path is not set (random init)")
 
 
 @dataclass
@@ -90,47 +115,57 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = None  # auto | PATH
     report_to: list = field(default_factory=lambda: ["tensorboard"])
     peak_tflops: float = 0.0  # per device, for MFU; 0: detect from the CUDA card name
-    kernel_impl: str = "auto"  # zephyr_kernels dispatch: auto | triton | torch
+    kernel_impl: str = "auto"  # zephyr_kernels dispatch: one of zephyr_kernels.dispatch.IMPLS
     packing: bool = True  # always packed (padding-free); false is refused
     save_final_model: bool = True
 
+    def __post_init__(self):
+        names = tuple(STAGES)
+        _check(self.stage in STAGES, "stage",
+               f"must be one of {names}, got {self.stage!r}{_suggest(self.stage, names)}")
+        _check(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
+               f"must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
+        _check(self.optim in OPTIMIZERS, "optim", f"must be one of {OPTIMIZERS}, got {self.optim!r}")
+        _check(self.learning_rate >= 0, "learning_rate", f"must be >= 0, got {self.learning_rate}")
+        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        for key in ("gradient_accumulation_steps", "per_device_train_batch_size"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", "or max_steps must be > 0")
+        for key in ("eval_strategy", "save_strategy"):
+            _check(getattr(self, key) in STRATEGIES, key, f"must be no | steps | epoch, got {getattr(self, key)!r}")
+        _check(self.eval_strategy != "steps" or self.eval_steps > 0, "eval_steps",
+               "must be > 0 when eval_strategy is 'steps'")
+        _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
+        _check(self.packing, "packing",
+               "zephyr_fast always trains on padding-free packed batches; remove packing: false")
+        _check(self.kernel_impl in IMPLS, "kernel_impl", f"must be {' | '.join(IMPLS)}, got {self.kernel_impl!r}")
+        _check(self.deepspeed is None or os.path.isfile(self.deepspeed), "deepspeed",
+               f"file not found: {self.deepspeed!r}")
 
-@dataclass
-class DPOConfig:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    rpo_alpha: Optional[float] = None
-    ref_logps_dir: Optional[str] = None  # default: {output_dir}/ref_logps
-    ref_logps_max_tokens: int = 0  # micro-batch budget of the no-grad pass; 0: 4x the training one
-    ref_logps_recompute: bool = False  # overwrite a stale cache instead of refusing it
-    ref_model_name_or_path: Optional[str] = None  # stage ref_logps only; default: the model
 
-
-def _data_config_cls():
-    from zephyr_fast.data.loading import DataConfig  # the data layer owns its config
-
-    return DataConfig
-
-
-SECTIONS = ("model", "data", "training", "dpo")
-
-
-def _section_classes() -> dict:
-    return {"model": ModelConfig, "data": _data_config_cls(), "training": TrainingConfig, "dpo": DPOConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "dpo": DPOConfig}
 
 
 @dataclass
 class Config:
+    data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: Any = None
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     source: Optional[str] = None  # the recipe path (for messages and the model card)
 
-    explicit: frozenset = frozenset()  # keys the recipe / command line set (the rest are defaults)
+    def __post_init__(self):
+        """The cross-section values: the micro-batch token budget (derived here and nowhere else)."""
+        stage, d = stage_class(self.training.stage), self.data
+        k = stage.tokens_per_example  # max_length-long sequences per example (a DPO pair: 2)
+        if d.max_tokens_per_batch is None:  # HF-style batch sizes -> a packed token budget
+            d.max_tokens_per_batch = self.training.per_device_train_batch_size * d.max_length * k
+        _check(d.max_tokens_per_batch >= d.max_length * k, "max_tokens_per_batch",
+               f"must hold one sequence of max_length ({k} per {stage.name} example: >= {k * d.max_length}), "
+               f"got {d.max_tokens_per_batch} with max_length={d.max_length}")
+        stage.check(d)
 
-    def to_dict(self) -> dict:  # noqa: D102 - sections only (source/explicit are bookkeeping)
+    def to_dict(self) -> dict:  # noqa: D102 - sections only (source is bookkeeping)
         return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
 
     def save(self, path: str) -> None:
@@ -162,7 +197,6 @@ IGNORED = {
     "hub_model_revision", "wandb_project", "ddp_find_unused_parameters",
 }
 
-
 # Flat keys that legitimately exist in several sections and are set in all of them.
 SHARED_KEYS = {"seed"}
 
@@ -170,7 +204,7 @@ SHARED_KEYS = {"seed"}
 def _field_index() -> dict:
     """Flat key -> list of section names; only SHARED_KEYS may live in more than one section."""
     index: dict = {}
-    for sec, cls in _section_classes().items():
+    for sec, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             if f.name in index and f.name not in SHARED_KEYS:
                 raise AssertionError(f"config field {f.name!r} defined in both {index[f.name]} and {sec}")
@@ -183,10 +217,61 @@ def _field_types(cls) -> dict:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
+_NO = object()  # "this value does not convert"
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _to_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    return bool(value) if isinstance(value, int) and value in (0, 1) else _NO
+
+
+def _to_number(value, tp):
+    """int / float from a number or a numeric string; never from a bool; a float only if integral for int."""
+    if isinstance(value, bool):
+        return _NO
+    if isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            return _NO
+    if tp is int and isinstance(value, float):
+        return int(value) if value.is_integer() else _NO
+    return tp(value) if isinstance(value, (int, float)) else _NO
+
+
+def _to_str(value):
+    return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else _NO
+
+
+def _to_list(value):
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else _NO
+
+
+def _convert(value, tp):
+    """``value`` as annotation ``tp`` (not a Union), or ``_NO``."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return _to_bool(value)
+    if tp in (int, float):
+        return _to_number(value, tp)
+    if tp is str:
+        return _to_str(value)
+    if tp is list or origin is list:
+        return _to_list(value)
+    if tp is dict or origin is dict:
+        return value if isinstance(value, dict) else _NO
+    return value  # Any, and the data layer's own annotations: trust YAML's typing
+
+
 def _coerce(value, tp, where: str):
     """Coerce ``value`` (already YAML-parsed) to annotation ``tp``; raise ConfigError naming ``where``."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
+    if typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
@@ -196,53 +281,11 @@ def _coerce(value, tp, where: str):
             except ConfigError:
                 continue
         return _coerce(value, args[-1], where)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif tp is list or origin is list:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
-            return list(value)
-    elif tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-    else:  # the data layer's own annotations: trust YAML's typing
-        return value
-    name = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
-
-
-def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    out = _convert(value, tp)
+    if out is _NO:
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
+    return out
 
 
 def _parse_override(arg: str, where: str):
@@ -260,6 +303,15 @@ def build_config(raw: dict, *, source: str = "<dict>", overrides=()) -> Config:
     """Resolve a flat or sectioned mapping (+ ``--key=value`` strings) into a validated Config."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    kwargs = _section_kwargs(_flatten(raw, source, overrides))
+    try:  # every section checks its own values; Config the cross-section ones
+        return Config(**{sec: cls(**kwargs[sec]) for sec, cls in SECTIONS.items()}, source=source)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def _flatten(raw: dict, source: str, overrides) -> dict:
+    """``{(section, key): (value, where)}`` from the recipe then the overrides (aliases resolved)."""
     index = _field_index()
     known = set(index) | set(ALIASES) | IGNORED | set(SECTIONS)
     flat: dict = {}
@@ -289,77 +341,18 @@ def build_config(raw: dict, *, source: str = "<dict>", overrides=()) -> Config:
     for arg in overrides:
         key, value = _parse_override(arg, "command line")
         put(key, value, f"command line --{key}")
+    return flat
 
-    classes = _section_classes()
-    kwargs = {sec: {} for sec in SECTIONS}
+
+def _section_kwargs(flat: dict) -> dict:
+    """``{section: {key: value coerced to the field's type}}``."""
+    kwargs: dict = {sec: {} for sec in SECTIONS}
     for (sec, key), (value, where) in flat.items():
         if key == "dtype" and value in (None, "auto"):  # HF: "the checkpoint's dtype" -> bf16 runs stay bf16
             bf16 = flat.get(("training", "bf16"), (False, ""))[0]
             value = "bfloat16" if _coerce(bf16, bool, where) else "float32"
-        kwargs[sec][key] = _coerce(value, _field_types(classes[sec])[key], where)
-    try:
-        sections = {sec: classes[sec](**kwargs[sec]) for sec in SECTIONS}
-    except (TypeError, ValueError) as e:  # the data layer's own validation
-        raise ConfigError(f"{source}: {e}") from e
-    cfg = Config(**sections, source=source, explicit=frozenset(k for _, k in flat))
-    if "max_tokens_per_batch" not in cfg.explicit:
-        # HF-style batch sizes -> a packed token budget; a DPO pair holds two completions
-        factor = 1 if cfg.training.stage == "sft" else 2
-        cfg.data.max_tokens_per_batch = cfg.training.per_device_train_batch_size * cfg.data.max_length * factor
-    validate(cfg)
-    return cfg
-
-
-def _check(cond: bool, cfg: Config, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{cfg.source}: {key}: {msg}")
-
-
-def validate(cfg: Config) -> None:
-    m, t, d, data = cfg.model, cfg.training, cfg.dpo, cfg.data
-    _check(t.stage in STAGES, cfg, "stage", f"must be one of {STAGES}, got {t.stage!r}{_suggest(t.stage, STAGES)}")
-    _check(not m.trust_remote_code, cfg, "trust_remote_code",
-           "is refused: zephyr_fast never executes code shipped with a model")
-    _check(m.dtype in DTYPES, cfg, "dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
-    _check(t.lr_scheduler_type in SCHEDULERS, cfg, "lr_scheduler_type",
-           f"must be one of {SCHEDULERS}, got {t.lr_scheduler_type!r}")
-    _check(t.optim in OPTIMIZERS, cfg, "optim", f"must be one of {OPTIMIZERS}, got {t.optim!r}")
-    _check(t.learning_rate >= 0, cfg, "learning_rate", f"must be >= 0, got {t.learning_rate}")
-    _check(0.0 <= t.warmup_ratio < 1.0, cfg, "warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
-    _check(data.max_length > 1, cfg, "max_length", f"must be > 1, got {data.max_length}")
-    _check(t.gradient_accumulation_steps >= 1, cfg, "gradient_accumulation_steps",
-           f"must be >= 1, got {t.gradient_accumulation_steps}")
-    _check(t.per_device_train_batch_size >= 1, cfg, "per_device_train_batch_size",
-           f"must be >= 1, got {t.per_device_train_batch_size}")
-    _check(data.max_tokens_per_batch >= data.max_length * (1 if t.stage == "sft" else 2), cfg, "max_tokens_per_batch",
-           f"must hold one sequence (>= max_length{'' if t.stage == 'sft' else ' x 2 for a DPO pair'}), got "
-           f"{data.max_tokens_per_batch} with max_length={data.max_length}")
-    _check(t.num_train_epochs > 0 or t.max_steps > 0, cfg, "num_train_epochs", "or max_steps must be > 0")
-    _check(t.eval_strategy in ("no", "steps", "epoch"), cfg, "eval_strategy",
-           f"must be no | steps | epoch, got {t.eval_strategy!r}")
-    _check(t.eval_strategy != "steps" or t.eval_steps > 0, cfg, "eval_steps",
-           "must be > 0 when eval_strategy is 'steps'")
-    _check(t.save_strategy in ("no", "steps", "epoch"), cfg, "save_strategy",
-           f"must be no | steps | epoch, got {t.save_strategy!r}")
-    _check(t.save_total_limit is None or t.save_total_limit >= 1, cfg, "save_total_limit", "must be >= 1")
-    _check(t.packing, cfg, "packing", "zephyr_fast always trains on padding-free packed batches; remove packing: false")
-    _check(t.kernel_impl in IMPLS, cfg, "kernel_impl",
-           f"must be {' | '.join(IMPLS)}, got {t.kernel_impl!r}")
-    _check(t.deepspeed is None or os.path.isfile(t.deepspeed), cfg, "deepspeed",
-           f"file not found: {t.deepspeed!r}")
-    _check(d.beta > 0, cfg, "beta", f"must be > 0, got {d.beta}")
-    from zephyr_kernels import LOSS_TYPES
-
-    _check(d.loss_type in LOSS_TYPES, cfg, "loss_type",
-           f"must be one of {LOSS_TYPES}, got {d.loss_type!r}{_suggest(d.loss_type, LOSS_TYPES)}")
-    _check(0.0 <= d.label_smoothing < 0.5, cfg, "label_smoothing", f"must be in [0, 0.5), got {d.label_smoothing}")
-    mpl = data.max_prompt_length
-    _check(t.stage == "sft" or mpl is None or 0 < mpl < data.max_length, cfg, "max_prompt_length",
-           f"must be in (0, max_length={data.max_length}), got {mpl}")
-    _check(m.model_name_or_path is not None or bool(m.model_init), cfg, "model_init",
-           "is required when model_name_or_path is not set (a random init needs its config)")
-    _check(m.model_name_or_path is not None or m.tokenizer_name_or_path is not None, cfg,
-           "tokenizer_name_or_path", "is required when model_name_or_path is not set (random init)")
+        kwargs[sec][key] = _coerce(value, _field_types(SECTIONS[sec])[key], where)
+    return kwargs
 
 
 def load_config(path: str, overrides=()) -> Config:
@@ -375,6 +368,5 @@ def load_config(path: str, overrides=()) -> Config:
 
 
 def config_hash(cfg: Config) -> str:
-    import hashlib
-
+    """Short hash of the resolved sections (a checkpoint records the config it was written by)."""
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     import torch
 
     from zephyr_fast.config import load_config
-    from zephyr_fast.metrics import plot_runs, read_jsonl
+    from zephyr_fast.training.metrics import plot_runs, read_jsonl
     from zephyr_fast.train import run
 
     os.chdir(REPO)  # recipes name repo-relative data and tokenizer paths

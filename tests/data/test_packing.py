@@ -7,14 +7,7 @@ import pytest
 import torch
 
 from zephyr_fast.data.batch import IGNORE_INDEX, concat_batches
-from zephyr_fast.data.packing import (
-    best_fit_decreasing,
-    num_training_steps,
-    pack_sft,
-    shard_batches,
-    sft_batch,
-    unpack_sft,
-)
+from zephyr_fast.data.packing import best_fit_decreasing, pack_sft, sft_batch, unpack_sft
 from zephyr_fast.data.sft import tokenize_sft
 
 
@@ -122,17 +115,6 @@ def test_pack_sft_real_sample(tok, uc_rows):
     again = pack_sft(ex, 4096, seed=0)
     assert len(again) == len(batches)
     assert all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels) for x, y in zip(batches, again))
-
-
-def test_schedule_from_packed_data():
-    assert num_training_steps(100, world_size=4, gradient_accumulation_steps=8) == 4  # 25 per rank -> ceil(25/8)
-    assert num_training_steps(100, world_size=4, gradient_accumulation_steps=8, num_epochs=3) == 12
-    assert num_training_steps(100, max_steps=7) == 7
-    batches = pack_sft(_synthetic_examples(50), 512, num_shards=4)
-    shards = [shard_batches(batches, r, 4) for r in range(4)]
-    assert len({len(s) for s in shards}) == 1 and sum(map(len, shards)) == len(batches)
-    with pytest.raises(ValueError, match="num_shards"):
-        shard_batches(batches[:-1], 0, 4)
 
 
 def test_concat_batches_renumbers():

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from zephyr_fast.checkpoint import list_checkpoints, resolve_resume, safe_torch_load
+from zephyr_fast.training.checkpoint import list_checkpoints, resolve_resume, safe_torch_load
 
 
 def _ckpt(root, name, complete=True):

@@ -85,9 +85,10 @@ def test_default_token_budget_follows_batch_size_and_stage():
     ({**BASE, "eval_strategy": "steps"}, (), "eval_steps: must be > 0 when eval_strategy is 'steps'"),
     ({**BASE, "save_strategy": "sometimes"}, (), "save_strategy: must be no | steps | epoch"),
     ({**BASE, "packing": False}, (), "packing: zephyr_fast always trains on padding-free packed batches"),
-    ({**BASE, "stage": "dpo", "beta": 0}, (), "beta: must be > 0"),
+    ({**BASE, "stage": "dpo", "beta": 0}, (), "beta must be > 0"),
     ({**BASE, "stage": "dpo", "loss_type": "sigmoidd"}, (), "did you mean 'sigmoid'?"),
-    ({**BASE, "stage": "dpo", "label_smoothing": 0.7}, (), "label_smoothing: must be in [0, 0.5)"),
+    ({**BASE, "stage": "dpo", "label_smoothing": 1.0}, (), "label_smoothing must lie in [0"),  # the kernels' rule
+    ({**BASE, "stage": "dpo", "loss_type": "robust", "label_smoothing": 0.7}, (), "for loss_type='robust'"),
     ({**BASE, "stage": "dpo", "max_length": 128, "max_prompt_length": 256}, (), "max_prompt_length: must be in (0, max_length=128)"),
     ({**BASE, "max_length": 512, "max_tokens_per_batch": 100}, (), "max_tokens_per_batch: must hold one sequence"),
     ({**BASE, "deepspeed": "/nonexistent/zero3.json"}, (), "deepspeed: file not found"),

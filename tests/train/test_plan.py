@@ -6,7 +6,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 
 from zephyr_fast.config import TrainingConfig
 from zephyr_fast.data.packing import pack_sft
-from zephyr_fast.training.optim import build_optimizer, build_scheduler
+from zephyr_fast.training.build import build_optimizer, build_scheduler
 from zephyr_fast.training.plan import denominators, make_plan, micro_stats
 
 
@@ -44,6 +44,24 @@ def test_denominators_count_targets_of_the_whole_step():
     assert denominators(plan, stats, 0, "targets") == [sum(s.targets for s in stats)]
 
 
+def test_schedule_from_packed_data():
+    """The step plan over packed data (replaces packing.shard_batches / num_training_steps): packed
+    with ``num_shards = world x accumulation``, every step gives each rank the same number of
+    micro-batches, an epoch covers every micro-batch once, ``max_steps`` overrides the epochs."""
+    examples = [{"index": i, "input_ids": list(range(1, 20 + (37 * i) % 300)), "loss_mask": [1] * (19 + (37 * i) % 300)}
+                for i in range(50)]
+    batches = pack_sft(examples, 512, seed=0, num_shards=4 * 2)
+    plan = make_plan(len(batches), world_size=4, grad_accum=2, seed=0, num_train_epochs=3, max_steps=-1)
+    assert len(batches) % 8 == 0 and plan.steps_per_epoch == len(batches) // 8
+    assert plan.total_steps == 3 * plan.steps_per_epoch
+    assert make_plan(len(batches), world_size=4, grad_accum=2, seed=0, num_train_epochs=3, max_steps=7).total_steps == 7
+    order = plan.epoch_order(0)
+    for step in range(plan.steps_per_epoch):
+        shards = [plan.rank_micro(plan.step_micro(step, order), r) for r in range(4)]
+        assert {len(s) for s in shards} == {2}
+    assert sorted(i for s in range(plan.steps_per_epoch) for i in plan.step_micro(s, order)) == list(range(len(batches)))
+
+
 @pytest.mark.parametrize("kind, ref", [("cosine", get_cosine_schedule_with_warmup),
                                        ("linear", get_linear_schedule_with_warmup)])
 def test_schedules_match_transformers(kind, ref):
@@ -74,7 +92,7 @@ def test_optimizers_and_weight_decay_groups():
 def test_palm_flops_mfu_inputs_and_metric_files(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    from zephyr_fast import metrics as M
+    from zephyr_fast.training import metrics as M
 
     model = MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2))

@@ -11,7 +11,7 @@ import torch
 from tests.train.helpers import TINY_MODEL, dpo_rows, recipe, write_dpo_dir
 
 from zephyr_fast.config import build_config
-from zephyr_fast.ref_logps import StaleRefLogpsError
+from zephyr_fast.training.reference import StaleRefLogpsError
 from zephyr_fast.train import run
 
 

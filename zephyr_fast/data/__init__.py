@@ -17,10 +17,8 @@ from .packing import (
     PackedBatches,
     PackingStats,
     best_fit_decreasing,
-    num_training_steps,
     pack_dpo,
     pack_sft,
-    shard_batches,
 )
 from .preference import DPOReport, build_dpo_examples
 from .sft import SFTReport, tokenize_sft
@@ -30,7 +28,7 @@ __all__ = [
     "IGNORE_INDEX", "PackedBatch", "concat_batches", "dense_attention_mask", "loss_inputs",
     "ZEPHYR_CHAT_TEMPLATE", "load_tokenizer", "render",
     "DataConfig", "DatasetMixture", "DatasetSpec", "load_rows",
-    "PackedBatches", "PackingStats", "best_fit_decreasing", "num_training_steps", "pack_dpo", "pack_sft",
-    "shard_batches", "DPOReport", "build_dpo_examples", "SFTReport", "tokenize_sft",
+    "PackedBatches", "PackingStats", "best_fit_decreasing", "pack_dpo", "pack_sft",
+    "DPOReport", "build_dpo_examples", "SFTReport", "tokenize_sft",
     "DataError", "DataValidationError",
 ]

@@ -85,7 +85,9 @@ class DataConfig:
     max_length: int = 2048
     max_prompt_length: Optional[int] = 512
     # packing
-    max_tokens_per_batch: int = 8192
+    # None: the trainer's config derives it (per_device_train_batch_size x max_length x the
+    # stage's sequences per example, zephyr_fast.config.Config.__post_init__)
+    max_tokens_per_batch: Optional[int] = None
     dpo_layout: str = "separate"  # "separate" | "prefix_shared"
     overlong: str = "truncate"  # "truncate" | "split" (SFT sequences longer than a bin)
     # bad input
@@ -98,6 +100,8 @@ class DataConfig:
             raise ValueError("data config: give exactly one of `dataset_mixer` (+ `dataset_splits`) or `dataset_mixture`")
         if self.dpo_layout not in ("separate", "prefix_shared"):
             raise ValueError(f"data config: dpo_layout must be 'separate' or 'prefix_shared', got {self.dpo_layout!r}")
+        if self.max_length <= 1:
+            raise ValueError(f"max_length: must be > 1, got {self.max_length}")
         if self.overlong not in ("truncate", "split"):
             raise ValueError(f"data config: overlong must be 'truncate' or 'split', got {self.overlong!r}")
 

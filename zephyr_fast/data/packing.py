@@ -11,7 +11,6 @@ seed)``.  A DPO pair is never split: its chosen and rejected sequences land in t
 from __future__ import annotations
 
 import bisect
-import math
 import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -323,30 +322,3 @@ def pack_dpo(examples: Sequence[dict], max_tokens: int, *, layout: str = "separa
         num_sequences=len(examples) * (2 if layout == "separate" else 1), real_tokens=sum(sizes),
     )
     return out
-
-
-# --- schedule ------------------------------------------------------------------------------------
-
-
-def shard_batches(batches: Sequence[PackedBatch], rank: int, world_size: int) -> list:
-    """This rank's micro-batches (round-robin).  Pack with ``num_shards=world_size`` so every rank
-    gets the same count — under ZeRO-3 a rank with one batch fewer would hang the others."""
-    if len(batches) % world_size:
-        raise ValueError(f"{len(batches)} micro-batches do not split evenly over {world_size} ranks; "
-                         f"pack with num_shards={world_size}")
-    return list(batches[rank::world_size])
-
-
-def num_training_steps(num_batches: int, *, world_size: int = 1, gradient_accumulation_steps: int = 1,
-                       num_epochs: float = 1.0, max_steps: int = -1) -> int:
-    """Optimizer steps (and so the LR schedule length) from the packed data.
-
-    Each rank runs ``num_batches / world_size`` micro-batches per epoch; one optimizer step per
-    ``gradient_accumulation_steps`` of them, a last partial accumulation still steps.
-    ``max_steps > 0`` overrides, as in transformers' ``TrainingArguments``.
-    """
-    if max_steps > 0:
-        return max_steps
-    per_rank = num_batches // world_size
-    per_epoch = math.ceil(per_rank / gradient_accumulation_steps)
-    return max(1, math.ceil(per_epoch * num_epochs))

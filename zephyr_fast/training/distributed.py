@@ -9,14 +9,16 @@ On CPU set ``DS_ACCELERATOR=cpu`` (gloo backend).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from zephyr_fast.config import Config
+from zephyr_fast.config import TrainingConfig
 
 DEFAULT_ZERO3 = {
     "zero_optimization": {
@@ -55,11 +57,12 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(cfg: Config) -> DistInfo:
+def setup(t: TrainingConfig, *, bf16: bool) -> DistInfo:
+    """This process's rank, device and (under a launcher) DeepSpeed config; ``bf16``: bf16 weights / mixed precision."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # any distributed launcher (deepspeed / torchrun set LOCAL_RANK), even with one process, or a
     # deepspeed: JSON in the recipe -> DeepSpeed; a plain `python train.py` -> plain torch
-    use_ds = world > 1 or cfg.training.deepspeed is not None or "LOCAL_RANK" in os.environ
+    use_ds = world > 1 or t.deepspeed is not None or "LOCAL_RANK" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_ds:
         import deepspeed
@@ -68,17 +71,16 @@ def setup(cfg: Config) -> DistInfo:
             deepspeed.init_distributed()
         rank, world = dist.get_rank(), dist.get_world_size()
         device = _device(local_rank)
-        return DistInfo(rank, world, local_rank, device, True, ds_config(cfg, world))
+        return DistInfo(rank, world, local_rank, device, True, ds_config(t, world, bf16=bf16))
     return DistInfo(0, 1, 0, _device(0), False, None)
 
 
-def ds_config(cfg: Config, world_size: int) -> dict:
+def ds_config(t: TrainingConfig, world_size: int, *, bf16: bool) -> dict:
     """The recipe's DeepSpeed JSON with every "auto" filled from the recipe.
 
     One packed micro-batch is one "sample" to DeepSpeed (``train_micro_batch_size_per_gpu: 1``); the
     real batch size is set by packing and the loss is normalised by the trainer, not by DeepSpeed.
     """
-    t = cfg.training
     if t.deepspeed:
         with open(t.deepspeed) as f:
             conf = json.load(f)
@@ -89,7 +91,6 @@ def ds_config(cfg: Config, world_size: int) -> dict:
     conf["gradient_accumulation_steps"] = t.gradient_accumulation_steps
     conf["train_batch_size"] = world_size * t.gradient_accumulation_steps
     conf["gradient_clipping"] = t.max_grad_norm if t.max_grad_norm > 0 else 0.0
-    bf16 = t.bf16 or cfg.model.dtype == "bfloat16"
     conf["bf16"] = {"enabled": bool(bf16)}
     conf["fp16"] = {"enabled": False}
     conf["zero_allow_untested_optimizer"] = True  # our torch AdamW / RMSprop, wrapped by ZeRO
@@ -110,12 +111,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def gather_objects(obj, world_size: int) -> list:
     if world_size == 1 or not dist.is_initialized():
         return [obj]
@@ -124,12 +119,27 @@ def gather_objects(obj, world_size: int) -> list:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+@torch.no_grad()
+def sharded_forwards(model, batches: list, forward: Callable, *, dist: DistInfo, desc: Optional[str] = None) -> list:
+    """``forward(j, batches[j] on the device)`` for this rank's share of ``batches`` (round-robin), no grad, eval mode.
+
+    ZeRO-3 gathers parameters collectively inside every forward, so all ranks must run the same
+    number of forwards: a rank with fewer batches repeats batch 0 and discards its result.
+    Returns this rank's results in order; ``desc`` shows a progress bar on rank 0.
+    """
+    module = getattr(model, "module", model)  # a DeepSpeed engine's train/eval state is its module's
+    was_training = module.training
+    module.eval()
+    mine = list(range(dist.rank, len(batches), dist.world_size))
+    out = []
+    steps = range(math.ceil(len(batches) / dist.world_size))
+    for i in tqdm(steps, desc=desc, disable=desc is None or not dist.is_main, unit="batch"):
+        j = mine[i] if i < len(mine) else 0
+        result = forward(j, batches[j].to(dist.device))
+        if i < len(mine):
+            out.append(result)
+    module.train(was_training)
+    return out
 
 
 def barrier() -> None:

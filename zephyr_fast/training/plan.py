@@ -1,4 +1,9 @@
-"""Which packed micro-batch each rank runs at each optimiser step, and the global loss denominators.
+"""The run's data plan: packed splits with host-side counts, which micro-batch each rank runs at
+each optimiser step, and the global loss denominators.
+
+:func:`prepare` tokenises and packs each split the stage's way. Tokenisation and packing run
+identically on every rank (they are deterministic given the seed and cheap next to training), so
+every rank knows every micro-batch's token / target / pair counts (:class:`MicroStats`).
 
 The packed micro-batches of an epoch are shuffled with ``seed + epoch`` and cut into optimiser
 steps of ``world_size * gradient_accumulation_steps`` micro-batches; rank ``r`` runs micro-batches
@@ -14,11 +19,13 @@ The order is a pure function of ``(seed, epoch)``; resuming at global step ``k``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from zephyr_fast.data.batch import IGNORE_INDEX, PackedBatch
+from zephyr_fast.data.loading import DataConfig, load_rows
+from zephyr_fast.training.stages import Stage
 
 
 @dataclass
@@ -37,6 +44,46 @@ def micro_stats(batch: PackedBatch) -> MicroStats:
     if batch.extra_labels is not None:
         targets += int((batch.extra_labels != IGNORE_INDEX).sum())
     return MicroStats(batch.num_tokens, targets, batch.num_pairs, int((lens * lens).sum()))
+
+
+@dataclass
+class SplitData:
+    """One split: its rows, the stage's examples, the packed micro-batches and their host-side counts."""
+
+    name: str
+    rows: object
+    examples: list
+    batches: list  # list[PackedBatch]
+    stats: list = field(default_factory=list)  # list[MicroStats], one per micro-batch
+    report: str = ""
+    packing: str = ""
+
+
+def prepare(data: DataConfig, stage: Stage, tokenizer, *, seed: int, world_size: int = 1, grad_accum: int = 1,
+            log=print) -> dict:
+    """``{"train": SplitData, "test": SplitData | None}`` packed into ``data.max_tokens_per_batch`` micro-batches.
+
+    Train packs into a multiple of ``world_size * grad_accum`` micro-batches (whole optimiser
+    steps, none dropped), test into a multiple of ``world_size`` (one per rank at least).
+    """
+    rows = load_rows(data)
+    out: dict = {"train": None, "test": None}
+    for split in ("train", "test"):
+        r = rows.get(split)
+        if r is None or len(r) == 0:
+            continue
+        examples, report = stage.tokenize(r, tokenizer, data, split)
+        if not examples:
+            raise ValueError(f"data ({split}): no usable examples after tokenisation: {report}")
+        shards = world_size * (grad_accum if split == "train" else 1)
+        batches = stage.pack(examples, data, data.max_tokens_per_batch, seed=seed, num_shards=shards)
+        stats = [micro_stats(b) for b in batches]
+        out[split] = SplitData(split, r, examples, list(batches), stats, str(report), str(batches.stats))
+        log(f"data ({split}): {report}")
+        log(f"data ({split}): {batches.stats}")
+    if out["train"] is None:
+        raise ValueError("data: the train split is empty")
+    return out
 
 
 @dataclass
@@ -79,7 +126,12 @@ def make_plan(num_micro: int, *, world_size: int, grad_accum: int, seed: int, nu
     return StepPlan(num_micro, world_size, grad_accum, seed, steps_per_epoch, max(1, total))
 
 
+def total(stats: list, indices, key: str) -> int:
+    """Sum of one :class:`MicroStats` field (``tokens`` | ``targets`` | ``pairs`` | ``attn_sq``) over ``indices``."""
+    return sum(getattr(stats[i], key) for i in indices)
+
+
 def denominators(plan: StepPlan, stats: list, epoch: int, key: str) -> list:
     """Per step of ``epoch``: the global count (``key`` = "targets" | "pairs") over all ranks."""
     order = plan.epoch_order(epoch)
-    return [sum(getattr(stats[i], key) for i in plan.step_micro(s, order)) for s in range(plan.steps_per_epoch)]
+    return [total(stats, plan.step_micro(s, order), key) for s in range(plan.steps_per_epoch)]

@@ -10,8 +10,11 @@ batches, sharded across ranks, and writes
 * ``{dir}/{split}.json`` -- the key: dataset fingerprint, model weights hash, tokenizer + chat
   template hash, length settings, and a hash of the exact token ids of every pair.
 
-``stage: dpo`` reads the cache (computing it first, with the policy at its initial weights --
-which *are* the reference weights -- when it is missing). A cache whose key differs from the
+:class:`ReferencePass` owns the pass: its cache directory (``ref_logps_dir``, default
+``{output_dir}/ref_logps``), its token budget (``ref_logps_max_tokens``, default 4x the training
+micro-batch: no activations are kept) and its packing (the separate layout: exact per-sequence
+attention with any backend). ``stage: dpo`` reads the cache (computing it first, with the policy at
+its initial weights -- which *are* the reference weights -- when it is missing). A cache whose key differs from the
 current run is refused with the differing components named, because silently reusing reference
 log-probs of other data or another model gives a wrong DPO objective with no visible error.
 Train and eval splits have separate caches.
@@ -21,15 +24,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects
+from zephyr_fast.data.loading import DataConfig
+from zephyr_fast.data.packing import pack_dpo
+from zephyr_fast.model.forward import packed_logps
+from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects, sharded_forwards
+from zephyr_fast.training.stages import DPOConfig
 
 CACHE_VERSION = 1
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -141,8 +148,6 @@ class RefLogps:
 
 def read_cache(cache_dir: str, split: str, key: dict, *, recompute: bool = False) -> Optional[RefLogps]:
     """The cached split if its key matches; None if absent (or stale and ``recompute``); else raise."""
-    from safetensors.torch import load_file
-
     st_path, key_path = cache_paths(cache_dir, split)
     if not (os.path.exists(st_path) and os.path.exists(key_path)):
         return None
@@ -168,8 +173,7 @@ def _short(v) -> str:
 
 
 def write_cache(cache_dir: str, split: str, key: dict, ref: RefLogps) -> None:
-    from safetensors.torch import save_file
-
+    """``{split}.safetensors`` then ``{split}.json``, each written to a temp file and renamed."""
     os.makedirs(cache_dir, exist_ok=True)
     st_path, key_path = cache_paths(cache_dir, split)
     tensors = {"index": ref.index.contiguous(), "ref_chosen_logps": ref.chosen.contiguous(),
@@ -183,42 +187,26 @@ def write_cache(cache_dir: str, split: str, key: dict, ref: RefLogps) -> None:
     ref.path = st_path
 
 
-@torch.no_grad()
 def compute_ref_logps(model, batches: list, *, dist: DistInfo, impl: str = "auto", desc: str = "ref logps") -> RefLogps:
     """No-grad pass over packed DPO ``batches`` (sharded round-robin over ranks), gathered on every rank."""
-    from tqdm.auto import tqdm
-
-    from zephyr_fast.model.forward import packed_logps
-
-    module = getattr(model, "module", model)
-    was_training = module.training
-    module.eval()
-    mine = batches[dist.rank::dist.world_size]
-    # ZeRO-3 gathers parameters collectively inside every forward: all ranks must run the same
-    # number of forwards, so short ranks repeat a batch and discard its result.
-    n_iter = math.ceil(len(batches) / dist.world_size)
-    idx, cho, rej = [], [], []
-    tokens = sum(b.num_tokens for b in mine)
     t0 = time.time()
-    for i in tqdm(range(n_iter), desc=desc, disable=not dist.is_main, unit="batch"):
-        real = i < len(mine)
-        b = (mine[i] if real else batches[0]).to(dist.device)
-        _, seg = packed_logps(model, b, impl=impl)
-        if real:
-            idx.append(b.pair_index)
-            cho.append(seg[0::2].float())
-            rej.append(seg[1::2].float())
+
+    def forward(j, batch):
+        _, seg = packed_logps(model, batch, impl=impl)  # segment 2i: pair i chosen, 2i+1: rejected
+        return batch.pair_index, seg[0::2].float(), seg[1::2].float()
+
+    results = sharded_forwards(model, batches, forward, dist=dist, desc=desc)
     # one device->host copy at the end, not one per batch
-    local = (torch.cat(idx).cpu(), torch.cat(cho).cpu(), torch.cat(rej).cpu()) if idx else None
+    local = tuple(torch.cat(parts).cpu() for parts in zip(*results)) if results else None
     parts = [p for p in gather_objects(local, dist.world_size) if p is not None]
     seconds = time.time() - t0
+    tokens = sum(batches[j].num_tokens for j in range(dist.rank, len(batches), dist.world_size))
     all_tokens = sum(gather_objects(tokens, dist.world_size))
     index = torch.cat([p[0] for p in parts])
     order = torch.argsort(index)
     index = index[order]
     if index.numel() > 1 and bool((index[1:] == index[:-1]).any()):
         raise ValueError("reference pass: a dataset row appears in two pairs; pair indices must be unique")
-    module.train(was_training)
     return RefLogps(index, torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order],
                     seconds=seconds, tokens=all_tokens)
 
@@ -237,3 +225,55 @@ def compute_and_write(model, batches: list, *, cache_dir: str, split: str, key: 
     log(f"reference log-probs ({split}): {ref.index.numel()} pairs, {ref.tokens} tokens in {ref.seconds:.1f}s "
         f"({tps:.0f} tokens/s) -> {ref.path}")
     return ref
+
+
+@dataclass
+class ReferencePass:
+    """The reference log-probs of a DPO run: where they are cached, the pass's budget and packing."""
+
+    cache_dir: str
+    max_tokens: int  # micro-batch token budget of the no-grad pass
+    recompute: bool  # overwrite a stale cache instead of refusing it
+    lengths: dict  # the data's length settings, part of the cache key
+    dtype: str  # the model's parameter dtype, part of the cache key
+    seed: int
+    impl: str
+
+    @classmethod
+    def configure(cls, d: DPOConfig, data: DataConfig, *, output_dir: str, dtype: str, seed: int,
+                  impl: str) -> "ReferencePass":
+        """Defaults: ``{output_dir}/ref_logps``; 4x the training micro-batch (no activations are kept)."""
+        return cls(cache_dir=d.ref_logps_dir or os.path.join(output_dir, "ref_logps"),
+                   max_tokens=d.ref_logps_max_tokens or 4 * data.max_tokens_per_batch, recompute=d.ref_logps_recompute,
+                   lengths={"max_length": data.max_length, "max_prompt_length": data.max_prompt_length},
+                   dtype=dtype, seed=seed, impl=impl)
+
+    def run(self, model, splits: dict, tokenizer, weights: str, *, dist: DistInfo, log=print) -> dict:
+        """``{split: RefLogps}`` for every split in ``splits`` (``SplitData`` or None): cached, else computed."""
+        out = {}
+        for name, split in splits.items():
+            if split is None:
+                continue
+            key = cache_key(split=name, rows=split.rows, examples=split.examples, tokenizer=tokenizer, weights=weights,
+                            dtype=self.dtype, **self.lengths)
+            ref = read_cache(self.cache_dir, name, key, recompute=self.recompute)
+            if ref is None:
+                # the separate layout: exact per-sequence attention, any backend
+                batches = list(pack_dpo(split.examples, self.max_tokens, layout="separate", seed=self.seed))
+                ref = compute_and_write(model, batches, cache_dir=self.cache_dir, split=name, key=key, dist=dist,
+                                        impl=self.impl, log=log)
+            else:
+                log(f"reference log-probs ({name}): reusing {ref.path}")
+            out[name] = ref
+        return out
+
+
+def ref_summary(refs: dict) -> dict:
+    """Summary entries of a reference pass: cache paths, reuse, throughput of computed splits."""
+    out = {}
+    for split, ref in refs.items():
+        out[f"ref_logps_{split}_path"] = ref.path
+        out[f"ref_logps_{split}_reused"] = ref.reused
+        if not ref.reused and ref.seconds > 0:
+            out[f"ref_logps_{split}_tokens_per_second"] = ref.tokens / ref.seconds
+    return out

@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
+from safetensors.torch import load_model, save_model
 
 from zephyr_fast.training.distributed import DistInfo, barrier
 
@@ -56,7 +58,7 @@ def _set_rng_state(state: dict) -> None:
 def safe_torch_load(path: str, map_location="cpu"):
     """``torch.load(weights_only=True)``, allow-listing DeepSpeed's plain-data checkpoint classes."""
     allowed = []
-    try:  # DeepSpeed pickles its loss scaler and a few enums inside optimizer / model states
+    try:  # DeepSpeed (optional) pickles its loss scaler and a few enums inside optimizer / model states
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
@@ -106,8 +108,6 @@ def save_checkpoint(output_dir: str, step: int, *, dist: DistInfo, model, optimi
     if engine is not None:
         engine.save_checkpoint(tmp, tag="ds")
     elif dist.is_main:
-        from safetensors.torch import save_model
-
         save_model(model, os.path.join(tmp, "model.safetensors"))  # handles tied embeddings
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{dist.rank}.pt"))
@@ -137,8 +137,6 @@ def load_checkpoint(path: str, *, dist: DistInfo, model, optimizer, scheduler, e
         if load_path is None:
             raise FileNotFoundError(f"resume_from_checkpoint: DeepSpeed found no state under {path}/ds")
     else:
-        from safetensors.torch import load_model
-
         load_model(model, os.path.join(path, "model.safetensors"))
         optimizer.load_state_dict(safe_torch_load(os.path.join(path, "optimizer.pt")))
     scheduler.load_state_dict(safe_torch_load(os.path.join(path, "scheduler.pt")))
@@ -153,8 +151,6 @@ def _model_card(cfg, results: dict) -> str:
     if cfg.source and os.path.isfile(cfg.source):
         with open(cfg.source) as f:
             recipe = f.read()
-    import yaml
-
     resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     lines = [
         "---", "library_name: transformers", "tags: [zephyr_fast, " + cfg.training.stage + "]", "---", "",

@@ -1,0 +1,196 @@
+"""One recipe run: setup -> data -> model -> (reference log-probs) -> train -> save.
+
+``run(cfg)`` is the whole trainer for every stage; the stage object (``training/stages``) supplies
+what differs between objectives, and every helper gets only the config section it reads. In-process:
+``run(load_config(path, overrides)) -> summary dict``; ``zephyr_fast/train.py`` is the launch script.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Optional
+
+from zephyr_fast.config import Config, ConfigError, config_hash
+from zephyr_fast.data.chat import load_tokenizer
+from zephyr_fast.model.forward import unwrap_model
+from zephyr_fast.training import checkpoint as ckpt
+from zephyr_fast.training import distributed
+from zephyr_fast.training.build import build_engine, build_model, flops_counter, peak_tflops, seed_everything
+from zephyr_fast.training.loop import LoopState, TrainLoop
+from zephyr_fast.training.metrics import MetricLogger, read_jsonl
+from zephyr_fast.training.plan import make_plan, prepare
+from zephyr_fast.training.reference import ReferencePass, ref_summary, weights_fingerprint
+from zephyr_fast.training.stages import LossModule, make_stage
+
+
+def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = False) -> dict:
+    """Run the recipe's stage; returns a summary (throughput, final metrics, output paths).
+
+    ``stop_after``: stop once that many optimiser steps are done (after any checkpoint due at that
+    step), as if the job were killed -- resume it with ``resume_from_checkpoint="auto"``.
+    ``return_model``: add the trained transformers model under ``"model"`` (in-process callers).
+    """
+    # ---- setup -------------------------------------------------------------------------------
+    t0 = time.time()
+    t, m = cfg.training, cfg.model
+    dist, log = _setup(cfg)
+    stage = make_stage(cfg)
+    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, cfg.data.chat_template,
+                               revision=m.model_revision)
+
+    # ---- data --------------------------------------------------------------------------------
+    data = prepare(cfg.data, stage, tokenizer, seed=t.seed, world_size=dist.world_size,
+                   grad_accum=t.gradient_accumulation_steps, log=log)
+    if stage.trains and t.eval_strategy == "no":
+        data["test"] = None  # no evaluation: no test-split reference pass either
+
+    # ---- model -------------------------------------------------------------------------------
+    path = stage.model_path(m.model_name_or_path)
+    model = build_model(m, dist, seed=t.seed, path=path)
+    summary = {"stage": t.stage, "output_dir": t.output_dir, "world_size": dist.world_size,
+               "deepspeed": dist.use_deepspeed, "zero_stage": dist.zero_stage, "device": str(dist.device)}
+    reference_logps = None
+    if stage.uses_reference:  # fingerprint the weights now, before any training or resume
+        reference_logps = _reference(cfg, dist, unwrap_model(model), path, data, tokenizer, summary, log)
+
+    # ---- reference log-probs only ------------------------------------------------------------
+    if not stage.trains:
+        reference_logps(unwrap_model(build_engine(t, dist, model, 0, train=False).runner))
+        summary["runtime_seconds"] = time.time() - t0
+        _write_summary(t.output_dir, dist, summary, log)
+        return summary
+
+    # ---- train and save ----------------------------------------------------------------------
+    lm, state, plan, opt = _train(cfg, dist, stage, model, data, reference_logps, stop_after=stop_after, log=log)
+    summary.update(_train_summary(stage, state, plan))
+    summary["runtime_seconds"] = time.time() - t0
+    if summary["finished"] and t.save_final_model:
+        ckpt.export_final(t.output_dir, cfg=cfg, dist=dist, model=lm.model if m.use_peft else unwrap_model(lm.model),
+                          tokenizer=tokenizer, engine=opt.engine, results=_jsonable(summary))
+        summary["model_dir"] = t.output_dir
+    _write_summary(t.output_dir, dist, summary, log)
+    if return_model:
+        summary["model"] = unwrap_model(lm.model)
+    return summary
+
+
+def _setup(cfg: Config) -> tuple:
+    """``(DistInfo, log)``: process group / device, the output folder with the resolved config, seeds."""
+    t, m = cfg.training, cfg.model
+    dist = distributed.setup(t, bf16=t.bf16 or m.dtype == "bfloat16")
+    log = print if dist.is_main else (lambda *a, **k: None)
+    if m.use_peft and dist.zero_stage == 3:
+        raise ConfigError(f"{cfg.source}: use_peft: LoRA runs use ZeRO-2 or one process (frozen base weights need "
+                          f"no partitioning); pass --deepspeed=recipes/deepspeed/zero2.json")
+    if dist.is_main:
+        os.makedirs(t.output_dir, exist_ok=True)
+        cfg.save(os.path.join(t.output_dir, "config.yaml"))
+    seed_everything(t.seed)
+    return dist, log
+
+
+def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: dict, log):
+    """``net -> {split: RefLogps}``: the reference pass of these weights (``core``, fingerprinted now:
+    they *are* the reference weights), cached or computed; adds its entries to ``summary``."""
+    t, m = cfg.training, cfg.model
+    weights = weights_fingerprint(path, core, revision=m.model_revision, init=m.model_init, seed=t.seed)
+    reference = ReferencePass.configure(cfg.dpo, cfg.data, output_dir=t.output_dir, dtype=m.dtype, seed=t.seed,
+                                        impl=t.kernel_impl)
+
+    def reference_logps(net) -> dict:
+        refs = reference.run(net, data, tokenizer, weights, dist=dist, log=log)
+        summary.update(ref_summary(refs))
+        return refs
+
+    return reference_logps
+
+
+def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, *, stop_after, log) -> tuple:
+    """Plan, optimiser, reference log-probs, resume, then the loop; ``(loss_module, state, plan, opt)``."""
+    t = cfg.training
+    plan = make_plan(len(data["train"].batches), world_size=dist.world_size, grad_accum=t.gradient_accumulation_steps,
+                     seed=t.seed, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps)
+    log(f"{t.stage}: {plan.total_steps} optimiser steps ({plan.steps_per_epoch}/epoch) of {plan.per_step} "
+        f"micro-batches (world {dist.world_size} x accumulation {t.gradient_accumulation_steps})")
+    lm = LossModule(model, stage)
+    opt = build_engine(t, dist, lm, plan.total_steps)
+    refs = reference_logps(unwrap_model(lm.model)) if reference_logps is not None else {}
+    # per micro-batch (ref_chosen (P,), ref_rejected (P,)), resolved once before the loop
+    lookups = {split: [refs[split].lookup(b.pair_index) for b in data[split].batches] for split in refs}
+    state, logger = _resume(cfg, dist, lm, opt, log)
+
+    def save(step: int, extra: dict) -> str:
+        st = {"stage": t.stage, "config_hash": config_hash(_resume_view(cfg)), "epoch": step / plan.steps_per_epoch,
+              "last_metrics": state.last_metrics, **extra}
+        path = ckpt.save_checkpoint(t.output_dir, step, dist=dist, model=lm, optimizer=opt.optimizer,
+                                    scheduler=opt.scheduler, engine=opt.engine, state=st,
+                                    total_limit=t.save_total_limit)
+        log(f"checkpoint: {path}")
+        return path
+
+    loop = TrainLoop(t, stage, dist, opt, plan, data["train"], lookups.get("train"), logger, save,
+                     flops_counter(lm.model), peak_tflops(t, dist), eval_split=data["test"],
+                     eval_refs=lookups.get("test"), log=log)
+    state = loop.run(state, stop_after)
+    logger.close()
+    state.metrics_path = logger.path
+    return lm, state, plan, opt
+
+
+def _resume(cfg: Config, dist, lm, opt, log) -> tuple:
+    """``(LoopState, MetricLogger)``: restored from ``resume_from_checkpoint`` when set, else fresh."""
+    t = cfg.training
+    state = LoopState()
+    resume = ckpt.resolve_resume(t.resume_from_checkpoint, t.output_dir)
+    if resume:
+        restored = ckpt.load_checkpoint(resume, dist=dist, model=lm, optimizer=opt.optimizer, scheduler=opt.scheduler,
+                                        engine=opt.engine)
+        if restored.get("config_hash") != config_hash(_resume_view(cfg)):
+            log(f"warning: {resume} was written by a different config; resuming anyway")
+        state.step = int(restored["global_step"])
+        log(f"resumed from {resume} at step {state.step}")
+    logger = MetricLogger(t.output_dir, enabled=dist.is_main, report_to=t.report_to, resume=bool(resume))
+    if resume and dist.is_main:
+        _trim_metrics(logger.path, state.step)
+    return state, logger
+
+
+def _train_summary(stage, state: LoopState, plan) -> dict:
+    secs = max(state.train_seconds, 1e-9)
+    return {
+        "global_step": state.step, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+        "train_runtime": secs, "train_tokens": state.train_tokens, "train_tokens_per_second": state.train_tokens / secs,
+        "metrics": state.last_metrics, "eval_metrics": state.eval_metrics, "train_loss": state.last_metrics.get("loss"),
+        "metrics_path": state.metrics_path, **stage.summary_metrics(state.train_pairs, secs),
+        "finished": state.step >= plan.total_steps,
+    }
+
+
+def _resume_view(cfg: Config) -> Config:
+    """The config minus the keys a resumed run may legitimately change."""
+    c = copy.deepcopy(cfg)
+    c.training.resume_from_checkpoint = None
+    c.source = None
+    return c
+
+
+def _trim_metrics(path: str, step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from (the interrupted run's tail)."""
+    if os.path.exists(path):
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _write_summary(output_dir: str, dist, summary: dict, log) -> None:
+    if dist.is_main:
+        with open(os.path.join(output_dir, "summary.json"), "w") as f:
+            json.dump(_jsonable(summary), f, indent=2)
+        log(json.dumps({k: v for k, v in _jsonable(summary).items() if not isinstance(v, dict)}, indent=1))

@@ -1,0 +1,223 @@
+"""Training stages: one object per objective, from dataset rows to its summed loss; and the registry.
+
+A stage owns everything that differs between objectives (SFT, DPO; ORPO / KTO later):
+
+* ``tokenize`` -- dataset rows -> examples (``zephyr_fast.data.sft`` / ``zephyr_fast.data.preference``);
+* ``pack`` -- examples -> padding-free ``PackedBatch`` micro-batches (``zephyr_fast.data.packing``);
+* ``loss`` -- the loss head: final hidden rows + LM-head weight -> ``(loss_sum, metric_sums)`` through
+  a ``zephyr_kernels`` fused loss, built once when the stage is made (its arguments checked there);
+* ``denominator`` -- which host-side count of a micro-batch (``MicroStats`` field) the summed loss
+  of an optimiser step is divided by;
+* ``tokens_per_example`` -- how many ``max_length`` sequences one example puts into a micro-batch
+  (the factor of the default token budget, derived in ``zephyr_fast.config.Config``);
+* its metrics (``log_metrics`` / ``summary_metrics``), its config section and checks (``DPOConfig``).
+
+:class:`LossModule` (what DeepSpeed wraps) runs the packed forward and hands the hidden states to the
+stage's loss head. :data:`STAGES` maps the recipe's ``stage:`` to a class -- the only place that
+maps stage names to code; nothing else in the trainer asks which stage it runs. Add an objective:
+subclass :class:`Stage` and register it in :data:`STAGES`.
+
+Formulas (the caller divides each sum by the step's global count):
+
+* dSFT (Tunstall et al. 2023, §3): ``loss_sum = Σ_t −log π(y_t | y_<t)`` over the target tokens,
+  ``zephyr_kernels.linear_cross_entropy(reduction="sum")``.
+* dDPO (Rafailov et al. 2023, eq. 7):
+  ``loss_sum = Σ_i −log σ(β [(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])``
+  over the pairs (``loss_type`` / ``label_smoothing`` variants as in ``zephyr_kernels``),
+  ``zephyr_kernels.FusedLinearDPOLoss(reduction="sum")`` with cached reference log-probs.
+  ``ref_logps`` runs only the reference pass (``zephyr_fast.training.reference``) and stops.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from zephyr_kernels import LOSS_TYPES, FusedLinearDPOLoss, check_dpo_args, linear_cross_entropy
+
+from zephyr_fast.data.batch import loss_inputs
+from zephyr_fast.data.loading import DataConfig
+from zephyr_fast.data.packing import pack_dpo, pack_sft
+from zephyr_fast.data.preference import build_dpo_examples
+from zephyr_fast.data.sft import tokenize_sft
+from zephyr_fast.model.forward import forward_hidden, lm_head_weight, unwrap_model
+
+
+class Stage:
+    """Base class; subclasses set the class attributes and implement :meth:`tokenize`, :meth:`pack`,
+    :meth:`loss`."""
+
+    name: str = ""
+    section: Optional[str] = None  # the Config section holding this stage's own keys (e.g. "dpo")
+    tokens_per_example: int = 1  # max_length-long sequences one example adds to a micro-batch
+    denominator: str = "targets"  # MicroStats field counting the loss terms: "targets" | "pairs"
+    uses_reference: bool = False  # needs reference log-probs (zephyr_fast.training.reference)
+    trains: bool = True  # False: the run ends after the reference pass
+
+    def __init__(self, impl: str = "auto", section=None):
+        self.impl = impl  # zephyr_kernels dispatch (training.kernel_impl)
+        self.cfg = section
+
+    @classmethod
+    def check(cls, data: DataConfig) -> None:
+        """Refuse data settings this stage cannot use (``ValueError("key: message")``)."""
+
+    def model_path(self, default: Optional[str]) -> Optional[str]:
+        """The weights this stage starts from (``model_name_or_path``, or a stage-specific override)."""
+        return default
+
+    def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
+        """``rows`` -> ``(examples, report)``."""
+        raise NotImplementedError
+
+    def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
+        """``examples`` -> ``PackedBatches`` (``list[PackedBatch]`` with ``.stats``), a multiple of ``num_shards``."""
+        raise NotImplementedError
+
+    def loss(self, rows: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor,
+             ref) -> tuple:
+        """Loss head: ``rows (M, D)``, ``weight (V, D)``, ``labels (M,) int64``, ``segment_ids (M,) int64``
+        (``zephyr_fast.data.batch.loss_inputs``), ``ref`` the reference log-probs or None
+        -> ``(loss_sum () fp32, {name: 0-d metric sum})``."""
+        raise NotImplementedError
+
+    def log_metrics(self, pairs: int, seconds: float) -> dict:
+        """Stage-specific throughput for a logged step window (TRL names)."""
+        return {}
+
+    def summary_metrics(self, pairs: int, seconds: float) -> dict:
+        """Stage-specific totals for the run summary."""
+        return {}
+
+
+def common_tokenize_kwargs(data: DataConfig, name: str) -> dict:
+    """The tokeniser settings every stage shares."""
+    return dict(max_length=data.max_length, add_empty_system=data.auto_insert_empty_system_msg,
+                skip_invalid_rows=data.skip_invalid_rows, dataset_name=name)
+
+
+class SFTStage(Stage):
+    name = "sft"
+    tokens_per_example = 1
+    denominator = "targets"
+
+    def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
+        return tokenize_sft(rows, tokenizer, assistant_only_loss=data.assistant_only_loss,
+                            **common_tokenize_kwargs(data, name))
+
+    def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
+        return pack_sft(examples, max_tokens, seed=seed, overlong=data.overlong, num_shards=num_shards)
+
+    def loss(self, rows, weight, labels, segment_ids, ref):
+        return linear_cross_entropy(rows, weight, labels, reduction="sum", impl=self.impl), {}
+
+
+@dataclass
+class DPOConfig:
+    """The ``dpo:`` section of a recipe; the loss arguments are checked by the kernels' own rule."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: Optional[float] = None
+    ref_logps_dir: Optional[str] = None  # default: {output_dir}/ref_logps
+    ref_logps_max_tokens: int = 0  # micro-batch budget of the no-grad pass; 0: 4x the training one
+    ref_logps_recompute: bool = False  # overwrite a stale cache instead of refusing it
+    ref_model_name_or_path: Optional[str] = None  # stage ref_logps only; default: the model
+
+    def __post_init__(self):
+        try:
+            check_dpo_args(self.beta, self.loss_type, self.label_smoothing, "sum")
+        except ValueError as e:
+            close = difflib.get_close_matches(str(self.loss_type), LOSS_TYPES, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close and self.loss_type not in LOSS_TYPES else ""
+            raise ValueError(f"{e}{hint}") from None
+
+
+class DPOStage(Stage):
+    name = "dpo"
+    section = "dpo"
+    tokens_per_example = 2  # a pair holds two completions
+    denominator = "pairs"
+    uses_reference = True
+
+    def __init__(self, impl: str = "auto", section: Optional[DPOConfig] = None):
+        super().__init__(impl, section or DPOConfig())
+        d = self.cfg
+        self.dpo_loss = FusedLinearDPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                                           rpo_alpha=d.rpo_alpha, reduction="sum", impl=impl)
+
+    @classmethod
+    def check(cls, data: DataConfig) -> None:
+        mpl = data.max_prompt_length
+        if mpl is not None and not 0 < mpl < data.max_length:
+            raise ValueError(f"max_prompt_length: must be in (0, max_length={data.max_length}), got {mpl}")
+
+    def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
+        return build_dpo_examples(rows, tokenizer, max_prompt_length=data.max_prompt_length,
+                                  **common_tokenize_kwargs(data, name))
+
+    def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
+        return pack_dpo(examples, max_tokens, layout=data.dpo_layout, seed=seed, num_shards=num_shards)
+
+    def loss(self, rows, weight, labels, segment_ids, ref):
+        ref_chosen, ref_rejected = ref
+        return self.dpo_loss(rows, weight, labels, segment_ids, ref_chosen, ref_rejected)
+
+    def log_metrics(self, pairs: int, seconds: float) -> dict:
+        return {"train_pairs_per_second": pairs / seconds}
+
+    def summary_metrics(self, pairs: int, seconds: float) -> dict:
+        return {"train_pairs": pairs, "train_pairs_per_second": pairs / seconds}
+
+
+class RefLogpsStage(DPOStage):
+    """Only the reference pass of a DPO recipe (optionally of another model): no training."""
+
+    name = "ref_logps"
+    trains = False
+
+    def model_path(self, default: Optional[str]) -> Optional[str]:
+        return self.cfg.ref_model_name_or_path or default
+
+
+class LossModule(torch.nn.Module):
+    """``model`` + the stage's fused loss as one module: ``(batch, ref) -> (loss_sum, metric_sums)``.
+
+    Args:
+        batch: ``PackedBatch`` on the model's device (``input_ids: (N,)``, ``cu_seqlens: (S+1,) int32``).
+        ref: DPO only, ``(ref_chosen_logps (P,), ref_rejected_logps (P,))`` fp32 for ``batch.pair_index``.
+    Returns:
+        ``loss_sum: () fp32`` and a dict of 0-d metric sums over pairs (empty for SFT).
+
+    DeepSpeed wraps *this* module, so the whole packed forward (decoder body, LM-head gather, fused
+    loss) runs inside ``engine(...)`` and ZeRO-3's forward/backward hooks see every parameter use.
+    """
+
+    def __init__(self, model, stage: Stage):
+        super().__init__()
+        self.model = model  # the state dict's "model." prefix is what the HF export strips
+        self.stage = stage
+
+    def forward(self, batch, ref=None):
+        core = unwrap_model(self.model)
+        hidden = forward_hidden(core, batch)
+        rows, labels, segment_ids = loss_inputs(hidden, batch)
+        with lm_head_weight(core) as weight:
+            return self.stage.loss(rows, weight, labels, segment_ids, ref)
+
+
+STAGES = {cls.name: cls for cls in (SFTStage, RefLogpsStage, DPOStage)}  # recipe ``stage:`` -> class
+
+
+def stage_class(name: str) -> type:
+    """The registered stage class called ``name`` (``KeyError`` when there is none)."""
+    return STAGES[name]
+
+
+def make_stage(cfg) -> Stage:
+    """The recipe's stage, given the kernel impl and its own config section (none for SFT)."""
+    cls = STAGES[cfg.training.stage]
+    return cls(cfg.training.kernel_impl, getattr(cfg, cls.section) if cls.section else None)
