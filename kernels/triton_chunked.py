@@ -6,7 +6,9 @@ which measured 34 TFLOP/s on an H200 (N=8192, D=4096, V=32000 bf16) against ~600
 backend keeps the property that matters — the ``(N, V)`` logits never exist — while letting
 tensor-core GEMMs do the matmul work:
 
-* valid rows are compacted, then processed ``c`` at a time, where ``c · V`` fp32 logits (plus their
+* rows are sorted valid-first on the device (no host sync: the count of valid rows stays on the
+  device and the epilogue kernels zero the rows past it, so one fwd+bwd call can be captured in a
+  CUDA graph), then processed ``c`` at a time, where ``c · V`` fp32 logits (plus their
   low-precision gradient copy) fit in ``ZEPHYR_KERNELS_WORKSPACE_BYTES`` (128 MiB by default, i.e. 2048 rows at V=32000);
 * ``z = h_c W^T (+ b)`` is one cuBLAS GEMM into that workspace, written in fp32;
 * ``_row_stats_kernel`` reads the chunk once: online log-sum-exp of the transformed logits
@@ -40,10 +42,17 @@ _SINGLE_PASS_CHUNKS = 4
 
 @triton.jit
 def _row_stats_kernel(
-    Z, stride_z, T, LSE, TGT, ZSUM, V, inv_temp, softcap,
+    Z, stride_z, T, LSE, TGT, ZSUM, N_VALID, row0, V, inv_temp, softcap,
     SOFTCAP: tl.constexpr, HAS_ZSUM: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # rows arrive valid-first; those at or past the device-side count N_VALID are ignored rows
     row = tl.program_id(0).to(tl.int64)
+    if row0 + row >= tl.load(N_VALID):
+        tl.store(LSE + row, 0.0)
+        tl.store(TGT + row, 0.0)
+        if HAS_ZSUM:
+            tl.store(ZSUM + row, 0.0)
+        return
     z_row = Z + row * stride_z
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -73,7 +82,7 @@ def _row_stats_kernel(
 
 @triton.jit
 def _row_grad_kernel(
-    Z, stride_z, DZ, T, LSE, CA, CB, CC, V, col0, inv_temp, softcap,
+    Z, stride_z, DZ, T, LSE, CA, CB, CC, N_VALID, row0, V, col0, inv_temp, softcap,
     SOFTCAP: tl.constexpr, HAS_C: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Z holds vocab columns [col0, col0 + V) of each row: the whole vocabulary in a row chunk, or
@@ -81,6 +90,9 @@ def _row_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < V
+    if row0 + row >= tl.load(N_VALID):  # an ignored row (valid rows come first): no gradient
+        tl.store(DZ + row * stride_z + cols, tl.zeros((BLOCK_V,), tl.float32).to(DZ.dtype.element_ty), mask=mask)
+        return
     ptr = Z + row * stride_z + cols
     z = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     if SOFTCAP:
@@ -111,17 +123,21 @@ def _chunk_rows(width: int, dtype: torch.dtype) -> int:
     return max(16, _WORKSPACE_BYTES // (max(width, 1) * per))
 
 
-def _valid_index(targets, ignore_index):
-    # One host sync per call: the chunk loop must know how many valid rows there are.  It buys
-    # the compaction that makes ignored rows (prompts, padding) cost no GEMM work at all.
-    return (targets != ignore_index).nonzero().squeeze(1)
+def _order(targets, ignore_index):
+    """``(order (N,) int64, n_valid (1,) int32)``: the rows, valid ones first (stable), and how many
+    are valid — both on the device.  No host sync: the chunk loops run over all ``N`` rows (a host
+    number) and the epilogue kernels turn the rows at or past ``n_valid`` into zeros.  Ignored rows
+    therefore still cost GEMM work here; the trainer hands over compacted rows (host-known indices
+    from packing), so in training there are none."""
+    ignored = targets == ignore_index
+    order = torch.argsort(ignored.to(torch.int8), stable=True)
+    return order, (~ignored).sum(dtype=torch.int32).reshape(1)
 
 
-def _chunks(targets, ignore_index, V, dtype):
-    idx_all = _valid_index(targets, ignore_index)
+def _chunks(N, V, dtype):
     c = _chunk_rows(V, dtype)
-    for i in range(0, idx_all.numel(), c):
-        yield idx_all[i : i + c]
+    for i in range(0, N, c):
+        yield i, min(N, i + c)
 
 
 def _logits(h, weight, bias):
@@ -164,20 +180,21 @@ def _mm32(a, b):
     return (a @ b).float()
 
 
-def _launch_stats(z, t, temperature, softcap, need_zsum):
+def _launch_stats(z, t, n_valid, row0, temperature, softcap, need_zsum):
+    """Row statistics of an fp32 logits block whose rows are sorted rows ``row0 ..`` of the call."""
     c, V = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
     lse, tgt = torch.empty(c, **f32), torch.empty(c, **f32)
     zsum = torch.empty(c, **f32) if need_zsum else lse
     if c:
         _row_stats_kernel[(c,)](
-            z, z.stride(0), t, lse, tgt, zsum, V, 1.0 / temperature, float(softcap or 1.0),
+            z, z.stride(0), t, lse, tgt, zsum, n_valid, row0, V, 1.0 / temperature, float(softcap or 1.0),
             SOFTCAP=softcap is not None, HAS_ZSUM=need_zsum, BLOCK_V=_block_v(V), num_warps=8,
         )
     return lse, tgt, (zsum if need_zsum else None)
 
 
-def _launch_grad(z, t, lse, A, B, C, temperature, softcap, dtype, col0=0):
+def _launch_grad(z, t, lse, A, B, C, n_valid, row0, temperature, softcap, dtype, col0=0):
     """``dL/dz`` of an fp32 logits block, returned in ``dtype`` (in place when that is fp32)."""
     c, V = z.shape
     # The interpreter's fp32 -> bf16 store truncates where CUDA rounds to nearest even; there the
@@ -188,7 +205,8 @@ def _launch_grad(z, t, lse, A, B, C, temperature, softcap, dtype, col0=0):
         bv = _block_v(V)
         _row_grad_kernel[(c, triton.cdiv(V, bv))](
             z, z.stride(0), dz, t, lse, A.float().contiguous(), B.float().contiguous(),
-            (C if C is not None else A).float().contiguous(), V, col0, 1.0 / temperature, float(softcap or 1.0),
+            (C if C is not None else A).float().contiguous(), n_valid, row0, V, col0, 1.0 / temperature,
+            float(softcap or 1.0),
             SOFTCAP=softcap is not None, HAS_C=C is not None, BLOCK_V=bv, num_warps=8,
         )
     return dz.to(dtype) if cast_after else dz
@@ -211,9 +229,12 @@ def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
     zsum = torch.zeros(N, **f32) if need_zsum else None
-    for idx in _chunks(targets, ignore_index, V, hidden.dtype):
+    order, n_valid = _order(targets, ignore_index)
+    for i0, i1 in _chunks(N, V, hidden.dtype):
+        idx = order[i0:i1]
         z = _logits(hidden.index_select(0, idx), weight, bias)
-        l_c, t_c, zs_c = _launch_stats(z, targets.index_select(0, idx), temperature, softcap, need_zsum)
+        l_c, t_c, zs_c = _launch_stats(z, targets.index_select(0, idx), n_valid, i0, temperature, softcap,
+                                       need_zsum)
         lse.index_copy_(0, idx, l_c)
         tgt.index_copy_(0, idx, t_c)
         if need_zsum:
@@ -239,7 +260,7 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
     dw = torch.zeros_like(weight) if need_dw else None
     if not (need_dx or need_dw or need_db):
         return dx, dw, db
-    idx = _valid_index(targets, ignore_index)
+    idx, n_valid = _order(targets, ignore_index)
     n = idx.numel()
     if n == 0:
         return dx, dw, db
@@ -253,7 +274,7 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
         v1 = min(V, v0 + vc)
         w_c = weight[v0:v1]
         z = _logits(h, w_c, None if bias is None else bias[v0:v1])
-        dz = _launch_grad(z, t, lse_v, A_v, B_v, C_v, temperature, softcap, hidden.dtype, col0=v0)
+        dz = _launch_grad(z, t, lse_v, A_v, B_v, C_v, n_valid, 0, temperature, softcap, hidden.dtype, col0=v0)
         if db is not None:
             db[v0:v1] = dz.float().sum(0)
         if dw is not None:
@@ -292,10 +313,12 @@ def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
     zsum = torch.zeros(N, **f32) if need_zsum else None
     dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
-    for idx in _chunks(targets, ignore_index, V, hidden.dtype):
+    order, n_valid = _order(targets, ignore_index)
+    for i0, i1 in _chunks(N, V, hidden.dtype):
+        idx = order[i0:i1]
         h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
         z = _logits(h, weight, bias)
-        l_c, t_c, zs_c = _launch_stats(z, t, temperature, softcap, need_zsum)
+        l_c, t_c, zs_c = _launch_stats(z, t, n_valid, i0, temperature, softcap, need_zsum)
         lse.index_copy_(0, idx, l_c)
         tgt.index_copy_(0, idx, t_c)
         if need_zsum:
@@ -303,7 +326,7 @@ def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
         if need_dx or need_dw or need_db:
             A, B, C = coef_fn(idx, l_c, zs_c)
             dz = _launch_grad(z, t, l_c, _rows(A, l_c), _rows(B, l_c), None if C is None else _rows(C, l_c),
-                              temperature, softcap, hidden.dtype)
+                              n_valid, i0, temperature, softcap, hidden.dtype)
             _apply_grads(dz, h, idx, weight, dx, dw, db)
     return lse, tgt, zsum, dx, dw, db
 
