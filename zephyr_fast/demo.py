@@ -4,14 +4,21 @@
 
 1. dSFT of a random-init Mistral-architecture model (hidden 256, 4 layers, the real Mistral-7B
    tokenizer, vocab 32000) on the UltraChat-200k sample            -- recipes/tiny/sft.yaml
-2. reference log-probs of the dSFT model on the UltraFeedback sample, computed once and cached
-   (``stage: ref_logps``)                                           -- recipes/tiny/dpo.yaml
-3. dDPO (beta 0.1) from the dSFT model, reading the cache (no reference model in memory)
-4. greedy answers to a few MT-Bench questions (one per category) with the dDPO model
-5. a summary on stdout and ``outputs/demo/demo.png`` (loss and reward margins per step)
+2. AIF (docs/AIF.md): completions for the UltraFeedback sample's prompts from a pool of two models
+   (the dSFT model and its random init) with UltraFeedback's principle system prompts; rated on the
+   four UltraFeedback aspects by a judge served locally (``transformers serve`` of the dSFT model on
+   127.0.0.1, answers constrained to a rating token); binarised (best = chosen, random lower = rejected)
+3. reference log-probs of the dSFT model on those pairs, computed once and cached (``stage: ref_logps``)
+4. dDPO (beta 0.1) from the dSFT model on the AIF pairs, reading the cache  -- recipes/tiny/dpo.yaml
+5. MT-Bench: the dDPO model answers one question per category (both turns, the training chat
+   template, FastChat temperatures), graded by the same local judge with FastChat's prompts
+6. a summary on stdout, ``outputs/demo/demo.png`` (loss and reward margins per step) and
+   ``outputs/demo/mt_bench/`` (report.json, report.md, radar.png)
 
-A GPU is used when present (same command). The model is tiny and trained for minutes, so its
-answers are not meaningful text: the demo shows the pipeline and its measurements, not quality.
+A GPU is used when present (same command). The models are tiny and trained for minutes, and the
+judge is one of them: its ratings are samples from a near-random distribution over the rating
+tokens, so the pairs and the MT-Bench scores mean nothing. The demo shows the pipeline, its
+plumbing and its measurements, not quality.
 """
 
 from __future__ import annotations
@@ -23,21 +30,10 @@ import pathlib
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MT_BENCH = REPO / "assets" / "data" / "mt_bench" / "question.jsonl"
-
-
-def mt_bench_questions(n: int) -> list:
-    """The first question of ``n`` different MT-Bench categories (file order)."""
-    seen, out = set(), []
-    with open(MT_BENCH) as f:
-        for line in f:
-            q = json.loads(line)
-            if q["category"] not in seen:
-                seen.add(q["category"])
-                out.append(q)
-            if len(out) == n:
-                break
-    return out
+UF_PROMPTS = REPO / "assets" / "data" / "ultrafeedback_binarized" / "sample16.jsonl"
+# transformers serve samples only when asked through the generation config (greedy otherwise, and a
+# greedy random judge gives every completion the same rating: every pair would tie)
+SAMPLE_JUDGE = {"generation_config": json.dumps({"do_sample": True})}
 
 
 def _first_last(rows: list, key: str):
@@ -45,23 +41,67 @@ def _first_last(rows: list, key: str):
     return (vals[0], vals[-1]) if vals else (float("nan"), float("nan"))
 
 
+def _save_random_init(sft_dir: str, out_dir: str) -> str:
+    """The dSFT model's architecture at random init (seed 0): the pool's second, weaker model."""
+    import torch
+    from transformers import AutoConfig
+
+    from zephyr_fast.data.chat import load_tokenizer
+    from zephyr_fast.model import load_model
+
+    if not os.path.exists(os.path.join(out_dir, "config.json")):
+        torch.manual_seed(0)
+        load_model(config=AutoConfig.from_pretrained(sft_dir)).save_pretrained(out_dir)
+        load_tokenizer(sft_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def _aif(out: str, server, args) -> dict:
+    """Step 2: generate -> judge (the served model) -> binarize; returns the pipeline's result."""
+    from zephyr_fast.aif.pipeline import run_aif
+
+    recipe = {"output_dir": f"{out}/aif",
+              "generate": {"prompts": str(UF_PROMPTS), "limit": args.aif_prompts, "n_models": 2, "seed": 0,
+                           "pool": {"dsft": f"{out}/sft", "init": _save_random_init(f"{out}/sft", f"{out}/init")},
+                           "max_new_tokens": args.max_new_tokens, "batch_size": 8},
+              "judge": {"base_url": server.base_url, "model": server.model, "api_key": "local",
+                        "constrain_tokenizer": server.model, "temperature": 1.0, "concurrency": 2,
+                        "extra_body": SAMPLE_JUDGE},
+              "binarize": {"seed": 42}}
+    return run_aif(recipe, progress=False)
+
+
+def _mt_bench(out: str, server, args) -> dict:
+    """Step 5: MT-Bench answers of the dDPO model graded by the served judge."""
+    from zephyr_fast.aif.client import JudgeConfig
+    from zephyr_fast.eval.mt_bench import run_mt_bench
+
+    judge = JudgeConfig(base_url=server.base_url, model=server.model, api_key="local",
+                        constrain_tokenizer=server.model, temperature=1.0, concurrency=2, extra_body=SAMPLE_JUDGE)
+    return run_mt_bench(f"{out}/dpo", f"{out}/mt_bench", judge, per_category=args.questions,
+                        max_new_tokens=args.max_new_tokens, progress=False)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zephyr_fast.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "outputs" / "demo"))
     ap.add_argument("--sft_epochs", type=float, default=8)
     ap.add_argument("--dpo_epochs", type=float, default=4)
-    ap.add_argument("--questions", type=int, default=4)
+    ap.add_argument("--aif_prompts", type=int, default=16, help="UltraFeedback sample prompts for AIF")
+    ap.add_argument("--questions", type=int, default=1, help="MT-Bench questions per category")
     ap.add_argument("--max_new_tokens", type=int, default=40)
-    ap.add_argument("--fast", action="store_true", help="one epoch each, two questions (smoke test)")
+    ap.add_argument("--fast", action="store_true", help="one epoch each, 8 AIF prompts (smoke test)")
     args = ap.parse_args(argv)
     if args.fast:
-        args.sft_epochs, args.dpo_epochs, args.questions, args.max_new_tokens = 1, 1, 2, 16
+        args.sft_epochs, args.dpo_epochs, args.aif_prompts, args.max_new_tokens = 1, 1, 8, 16
 
     import torch
 
+    from zephyr_fast.aif.pipeline import dpo_data_override
+    from zephyr_fast.aif.serve import serve_local
     from zephyr_fast.config import load_config
-    from zephyr_fast.training.metrics import plot_runs, read_jsonl
     from zephyr_fast.train import run
+    from zephyr_fast.training.metrics import plot_runs, read_jsonl
 
     os.chdir(REPO)  # recipes name repo-relative data and tokenizer paths
     out = os.path.abspath(args.out)
@@ -75,32 +115,31 @@ def main(argv=None) -> int:
     sft = run(load_config("recipes/tiny/sft.yaml", [f"--output_dir={out}/sft", f"--num_train_epochs={args.sft_epochs}"]))
     times["dSFT"] = time.time() - t0
 
-    # 2. reference log-probs (stage ref_logps), cached next to the DPO run
-    dpo_over = [f"--model_name_or_path={out}/sft", f"--ref_logps_dir={out}/ref_logps",
-                f"--num_train_epochs={args.dpo_epochs}"]
-    t = time.time()
-    ref = run(load_config("recipes/tiny/dpo.yaml", dpo_over + ["--stage=ref_logps", f"--output_dir={out}/ref"]))
-    times["ref log-probs"] = time.time() - t
+    with serve_local(f"{out}/sft") as server:  # the local judge, on 127.0.0.1, for steps 2 and 5
+        # 2. AIF: generate -> judge -> binarize
+        t = time.time()
+        aif = _aif(out, server, args)
+        times["AIF"] = time.time() - t
 
-    # 3. dDPO, reading the cache
-    t = time.time()
-    dpo = run(load_config("recipes/tiny/dpo.yaml", dpo_over + [f"--output_dir={out}/dpo"]))
-    times["dDPO"] = time.time() - t
-    assert dpo["ref_logps_train_reused"], "dDPO should reuse the reference log-probs of step 2"
+        # 3. reference log-probs (stage ref_logps) on the AIF pairs, cached next to the DPO run
+        dpo_over = [f"--model_name_or_path={out}/sft", f"--ref_logps_dir={out}/ref_logps",
+                    f"--num_train_epochs={args.dpo_epochs}", dpo_data_override(aif["pairs"])]
+        t = time.time()
+        ref = run(load_config("recipes/tiny/dpo.yaml", dpo_over + ["--stage=ref_logps", f"--output_dir={out}/ref"]))
+        times["ref log-probs"] = time.time() - t
 
-    # 4. MT-Bench generations with the dDPO model
-    from zephyr_fast.data.chat import load_tokenizer
-    from zephyr_fast.model import generate, load_model
+        # 4. dDPO, reading the cache
+        t = time.time()
+        dpo = run(load_config("recipes/tiny/dpo.yaml", dpo_over + [f"--output_dir={out}/dpo"]))
+        times["dDPO"] = time.time() - t
+        assert dpo["ref_logps_train_reused"], "dDPO should reuse the reference log-probs of step 3"
 
-    t = time.time()
-    model = load_model(f"{out}/dpo").to(device).eval()
-    tok = load_tokenizer(f"{out}/dpo")
-    qs = mt_bench_questions(args.questions)
-    answers = generate(model, tok, [[{"role": "user", "content": q["turns"][0]}] for q in qs],
-                       max_new_tokens=args.max_new_tokens)
-    times["generation"] = time.time() - t
+        # 5. MT-Bench answers + grading with the dDPO model
+        t = time.time()
+        mt = _mt_bench(out, server, args)
+        times["MT-Bench"] = time.time() - t
 
-    # 5. plot + summary
+    # 6. plot + summary
     png = plot_runs({"dSFT": sft["metrics_path"], "dDPO": dpo["metrics_path"]}, os.path.join(out, "demo.png"))
     total = time.time() - t0
     sft_rows, dpo_rows = read_jsonl(sft["metrics_path"]), read_jsonl(dpo["metrics_path"])
@@ -108,14 +147,16 @@ def main(argv=None) -> int:
         "device": device, "total_seconds": total, "phase_seconds": times,
         "sft": {"loss_first_last": _first_last(sft_rows, "loss"), "eval_loss_first_last": _first_last(sft_rows, "eval_loss"),
                 "train_tokens_per_second": sft["train_tokens_per_second"], "steps": sft["global_step"]},
+        "aif": {"generate": str(aif["generate"]), "judge": str(aif["judge"]), "binarize": str(aif["binarize"]),
+                "pairs": aif["pairs"], "judge_usage": aif["judge"].usage},
         "ref_logps": {k: v for k, v in ref.items() if k.startswith("ref_logps_")},
         "dpo": {"loss_first_last": _first_last(dpo_rows, "loss"),
                 "rewards/margins_first_last": _first_last(dpo_rows, "rewards/margins"),
                 "rewards/accuracies_first_last": _first_last(dpo_rows, "rewards/accuracies"),
                 "eval": dpo["eval_metrics"], "train_tokens_per_second": dpo["train_tokens_per_second"],
                 "train_pairs_per_second": dpo.get("train_pairs_per_second"), "steps": dpo["global_step"]},
-        "generations": [{"question_id": q["question_id"], "category": q["category"], "question": q["turns"][0],
-                         "answer": a} for q, a in zip(qs, answers)],
+        "mt_bench": {k: mt[k] for k in ("overall", "turn_1", "turn_2", "categories", "graded", "failures", "radar")},
+        "mt_bench_table": mt["table"],
         "plot": png, "model_dir": f"{out}/dpo",
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -126,7 +167,7 @@ def main(argv=None) -> int:
 
 def _print_summary(s: dict) -> None:
     bar = "=" * 78
-    print(f"\n{bar}\nzephyr_fast demo: dSFT -> reference log-probs -> dDPO -> MT-Bench  ({s['device']}, "
+    print(f"\n{bar}\nzephyr_fast demo: dSFT -> AIF -> ref log-probs -> dDPO -> MT-Bench  ({s['device']}, "
           f"{s['total_seconds']:.0f} s)\n{bar}")
     for k, v in s["phase_seconds"].items():
         print(f"  {k:<15} {v:7.1f} s")
@@ -144,9 +185,12 @@ def _print_summary(s: dict) -> None:
           f"{dpo['rewards/accuracies_first_last'][1]:.2f}")
     print(f"        {dpo['train_tokens_per_second']:.0f} tokens/s, {dpo['train_pairs_per_second']:.2f} pairs/s; "
           f"eval: " + ", ".join(f"{k}={v:.3f}" for k, v in dpo["eval"].items() if "rewards" in k or k == "eval_loss"))
-    print("  MT-Bench (tiny model, minutes of training: not meaningful text)")
-    for g in s["generations"]:
-        print(f"   [{g['category']}] {g['question'][:70]!r}\n      -> {g['answer'][:120]!r}")
+    for k in ("generate", "judge", "binarize"):
+        print(f"  AIF {s['aif'][k]}")
+    mt = s["mt_bench"]
+    print(f"  MT-Bench (tiny model graded by a tiny constrained judge: the numbers mean nothing): overall "
+          f"{mt['overall']}, {mt['graded']} graded, {mt['failures']} failed; radar: {mt['radar']}")
+    print("\n".join("    " + line for line in s["mt_bench_table"].splitlines()))
     print(f"  plot: {s['plot']}\n  model: {s['model_dir']}\n{bar}")
 
 

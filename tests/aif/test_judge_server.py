@@ -38,7 +38,8 @@ def config(server, **kw):
 def test_constrained_judge_rates_caches_and_feeds_binarize(server, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", raw_rows(2, 2))
     out = str(tmp_path / "out.jsonl")
-    cfg = config(server, constrain_tokenizer=server.model, temperature=1.0)
+    cfg = config(server, constrain_tokenizer=server.model, temperature=1.0,
+                 extra_body={"generation_config": json.dumps({"do_sample": True})})
     rep = judge_file(inp, out, cfg, aspects=["helpfulness", "honesty"], progress=False)
     assert rep.judged == 8 and rep.unparseable == 0 and rep.request_errors == 0
     assert rep.usage["requests"] == 8 and rep.usage["prompt_tokens"] > 8 * 300 and rep.usage["completion_tokens"] == 8

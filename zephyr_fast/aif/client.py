@@ -36,7 +36,12 @@ class JudgeRequestError(RuntimeError):
 
 @dataclass
 class JudgeConfig:
-    """Where and how to call the judge. ``price_*`` are in currency units per 1M tokens."""
+    """Where and how to call the judge. ``price_*`` are in currency units per 1M tokens.
+
+    ``extra_body``: server-specific request fields sent as they are, e.g. for ``transformers serve``
+    ``{"generation_config": "{\"do_sample\": true}"}`` (it samples only when the served model's
+    generation config says so, whatever the temperature), or vLLM's ``{"top_k": 20}``.
+    """
 
     base_url: Optional[str] = None
     model: Optional[str] = None
@@ -53,6 +58,7 @@ class JudgeConfig:
     max_reasks: int = 3
     price_input_per_mtok: float = 0.0
     price_output_per_mtok: float = 0.0
+    extra_body: Optional[dict] = None
 
     @classmethod
     def from_env(cls, **overrides) -> "JudgeConfig":
@@ -165,6 +171,8 @@ class JudgeClient:
             kw["logit_bias"] = logit_bias
         if cfg.top_logprobs > 0:
             kw.update(logprobs=True, top_logprobs=cfg.top_logprobs)
+        if cfg.extra_body:
+            kw["extra_body"] = cfg.extra_body
         for attempt in range(cfg.max_retries + 1):
             try:
                 resp = self._client.chat.completions.create(**kw)

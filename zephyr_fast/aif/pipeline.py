@@ -141,8 +141,13 @@ def train_dpo(train: dict, pairs_path: str) -> dict:
     from zephyr_fast.config import load_config
     from zephyr_fast.train import run
 
-    data = f"{{datasets: [{{id: {pairs_path}, split: train, columns: [chosen, rejected]}}], seed: 0, test_split_size: 2}}"
-    return run(load_config(train["recipe"], [f"--dataset_mixture={data}", "--stage=dpo", *train.get("overrides", [])]))
+    return run(load_config(train["recipe"], [dpo_data_override(pairs_path), "--stage=dpo", *train.get("overrides", [])]))
+
+
+def dpo_data_override(pairs_path: str, test_split_size: int = 2) -> str:
+    """``--dataset_mixture=...`` override pointing a DPO recipe at the AIF pairs file."""
+    return (f"--dataset_mixture={{datasets: [{{id: {pairs_path}, split: train, columns: [chosen, rejected]}}], "
+            f"seed: 0, test_split_size: {test_split_size}}}")
 
 
 def main(argv=None) -> int:
