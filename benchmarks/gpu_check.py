@@ -12,10 +12,13 @@ skips what no longer fits):
    ``2×`` the error of a plain bf16 PyTorch run of the same computation (or below 1e-3 relative);
    plus fp32 at the project tolerance (atol 1e-5 / rtol 5e-4; on GPU ``tl.dot`` may use TF32 —
    the figure is recorded either way).
-3. ``lm_head``: bf16, N=8192, D=4096, V=32000 and V=128256 — CE fwd+bwd time, TFLOP/s (6·N·D·V),
-   ``max_memory_allocated`` beyond x, W, dX, dW; zephyr_fast vs torch eager, Liger FLCE, CCE,
-   torch.compile (last, only if time is left); and the DPO loss at V=32000.
-4. ``model``: a ~1B Mistral config in bf16 — packed vs padded fwd+bwd tokens/s, and the packed DPO
+3. ``lm_head``: issue 9's table — bf16, D=4096, V=32000 (Mistral-7B) and V=128256 (Llama-3-8B),
+   CE (20 % ignored rows) and DPO (8 pairs, 25 % prompt rows), ``peaked`` and ``normal`` inputs,
+   N=8192: fwd+bwd time, TFLOP/s (6·N·D·V), ``max_memory_allocated`` beyond x, W, dX, dW for
+   zephyr_fast, torch eager, Liger, CCE, then N=16384 against CCE and Liger, torch.compile last.
+4. ``sweep``: the candidate configurations of the zephyr CUDA path (backend × logits workspace) on
+   the V=32000 peaked CE and DPO cases — the measurement behind the default.
+5. ``model``: a ~1B Mistral config in bf16 — packed vs padded fwd+bwd tokens/s, and the packed DPO
    step (precomputed reference) vs a padded one with a reference model in memory.
 
 Files in ``--out`` (≤ 8): ``gpu.json`` (pytest-benchmark-shaped, for ``python -m benchmarks.report``),
@@ -34,6 +37,8 @@ import traceback
 from types import SimpleNamespace
 
 import torch
+
+from .test_lm_head import _spec, bench_lm_head
 
 T0 = time.time()
 
@@ -65,6 +70,7 @@ class Check:
     def __init__(self, out: pathlib.Path, budget_s: float, smoke: bool):
         self.out, self.budget, self.smoke = out, budget_s, smoke
         self.benchmarks: list = []
+        self.errors = 0  # benchmarks that raised (a skip is not an error)
         self.correctness: list = []
         self.sections: dict = {}
         self.dev = torch.device("cpu" if smoke else "cuda")
@@ -81,10 +87,12 @@ class Check:
             self.log(self.sections[name])
             return
         self.log(f"== {name}")
-        t = time.time()
+        t, errors_before = time.time(), self.errors
         try:
             fn()
-            self.sections[name] = f"ok ({time.time() - t:.1f}s)"
+            failed = self.errors - errors_before
+            self.sections[name] = (f"FAILED: {failed} benchmark(s) raised (see the log)" if failed
+                                   else f"ok ({time.time() - t:.1f}s)")
         except Exception as exc:
             self.sections[name] = f"FAILED: {type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -102,6 +110,7 @@ class Check:
             b.extra_info["skipped"] = str(exc)
         except Exception as exc:
             b.extra_info["error"] = f"{type(exc).__name__}: {exc}"
+            self.errors += 1
             traceback.print_exc()
         finally:
             if self.dev.type == "cuda":
@@ -260,26 +269,65 @@ def section_correctness(c: Check) -> None:
         raise AssertionError(f"{len(bad)} bf16 correctness rows failed (see correctness.json)")
 
 
-def section_lm_head(c: Check) -> None:
-    from .test_lm_head import _spec, bench_lm_head
+ANCHORS = ("zephyr_fast", "naive_torch", "liger", "cce")
 
-    if c.smoke:
-        n, d, shapes, rounds = 256, 64, [("smoke", 1000)], 1
+
+def lm_head_plan(smoke: bool) -> list:
+    """``(task, provider, shape, v, n, kind)`` in priority order: issue 9's table at N=8192 (peaked,
+    then normal inputs), then the N=16384 head shapes against the lean anchors, torch.compile last
+    (its compile time is the most expensive thing here)."""
+    if smoke:
+        shapes, n, big_n = [("smoke", 1000)], 256, 512
     else:
-        n, d, shapes, rounds = 8192, 4096, [("mistral-7b", 32000), ("llama-3-8b", 128256)], 10
+        shapes, n, big_n = [("mistral-7b", 32000), ("llama-3-8b", 128256)], 8192, 16384
+    plan = [(task, p, s, v, n, kind) for kind in ("peaked", "normal") for task in ("ce", "dpo")
+            for s, v in shapes for p in ANCHORS]
+    plan += [(task, p, s, v, big_n, "peaked") for task in ("ce", "dpo") for s, v in shapes
+             for p in ("zephyr_fast", "cce", "liger")]
+    plan += [(task, "torch_compile", s, v, n, kind) for kind in ("peaked", "normal") for task in ("ce", "dpo")
+             for s, v in shapes]
+    return plan
+
+
+def section_lm_head(c: Check) -> None:
+    d, rounds = (64, 1) if c.smoke else (4096, 10)
     dtype = "float32" if c.smoke else "bfloat16"
-    dev = c.dev.type
-    plan = [("ce", p, s, v) for s, v in shapes for p in ("zephyr_fast", "naive_torch", "liger", "cce")]
-    plan += [("dpo", p, shapes[0][0], shapes[0][1]) for p in ("zephyr_fast", "naive_torch", "liger", "cce")]
-    plan += [("ce", "torch_compile", s, v) for s, v in shapes]  # compile time: last, only if time is left
-    for task, provider, shape, v in plan:
-        need = 90 if provider == "torch_compile" and not c.smoke else (5 if c.smoke else 20)
+    for task, provider, shape, v, n, kind in lm_head_plan(c.smoke):
+        need = 90 if provider == "torch_compile" and not c.smoke else (5 if c.smoke else 15)
         if c.left() < need:
-            c.log(f"lm_head {task} {provider} V{v}: time guard")
+            c.log(f"lm_head {task} {provider} V{v} N{n} {kind}: time guard")
             continue
-        spec = _spec(task, provider, n, d, v, dtype=dtype, pairs=8, device=dev)
-        c.bench(f"lm_head[{task}-{provider}-{shape}]",
+        spec = _spec(task, provider, n, d, v, dtype=dtype, pairs=8, device=c.dev.type, kind=kind)
+        c.bench(f"lm_head[{task}-{provider}-{shape}-N{n}-{kind}]",
                 lambda b: bench_lm_head(b, spec, shape=shape, rounds=rounds, memory=not c.smoke))
+
+
+# candidate configurations of the zephyr CUDA path: backend x fp32 logits workspace
+SWEEP = [("triton", 64 << 20), ("triton", 128 << 20), ("triton", 256 << 20), ("triton_tiled", None)]
+
+
+def section_sweep(c: Check) -> None:
+    """Each candidate configuration on the N=8192 / V=32000 peaked CE and DPO cases (suite
+    ``lm_head_sweep``, one row per configuration): which one the default should be, measured."""
+    from zephyr_kernels import triton_chunked
+
+    n, d, v, rounds = (64, 32, 500, 1) if c.smoke else (8192, 4096, 32000, 5)
+    dtype = "float32" if c.smoke else "bfloat16"
+    default_ws = triton_chunked._WORKSPACE_BYTES
+    try:
+        for task in ("ce", "dpo"):
+            for impl, ws in SWEEP:
+                if c.left() < (5 if c.smoke else 15):
+                    c.log("sweep: time guard")
+                    return
+                triton_chunked._WORKSPACE_BYTES = ws or default_ws
+                label = impl + ("" if ws is None else f" ws={ws >> 20}MiB")
+                spec = dict(_spec(task, "zephyr_fast", n, d, v, dtype=dtype, pairs=8, device=c.dev.type), impl=impl)
+                c.bench(f"lm_head_sweep[{task}-{label}]",
+                        lambda b: bench_lm_head(b, spec, suite="lm_head_sweep", shape="sweep", rounds=rounds,
+                                                memory=not c.smoke, variant=label))
+    finally:
+        triton_chunked._WORKSPACE_BYTES = default_ws
 
 
 def section_model(c: Check) -> None:
@@ -298,10 +346,10 @@ def section_model(c: Check) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="zephyr_fast GPU check (see benchmarks/gpu_check.sh)")
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path(os.environ.get("OUT", "gpu_check_out")))
-    ap.add_argument("--budget-s", type=float, default=330.0, help="global time guard (seconds)")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="global time guard (seconds)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes on CPU with TRITON_INTERPRET=1: exercises every code path but CUDA")
-    ap.add_argument("--sections", default="env,correctness,lm_head,model")
+    ap.add_argument("--sections", default="env,correctness,lm_head,sweep,model")
     args = ap.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --cpu-smoke to exercise the code paths on CPU)", file=sys.stderr)
@@ -314,7 +362,8 @@ def main(argv=None) -> int:
     c = Check(args.out, args.budget_s, args.cpu_smoke)
     wanted = set(args.sections.split(","))
     for name, fn, need in (("env", section_env, 1), ("correctness", section_correctness, 20),
-                           ("lm_head", section_lm_head, 30), ("model", section_model, 40)):
+                           ("lm_head", section_lm_head, 30), ("sweep", section_sweep, 30),
+                           ("model", section_model, 40)):
         if name in wanted:
             c.section(name, lambda: fn(c), need if not c.smoke else 1)
     c.write()

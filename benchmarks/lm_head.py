@@ -4,7 +4,8 @@ A case is described by a plain dict (``spec``) so the very same case can be rebu
 subprocess for the CPU peak-RSS measurement (``memprobe.py``):
 
 ``{"task": "dpo"|"dpo_ref"|"ce", "provider": ..., "n", "d", "v", "dtype", "kind": "peaked"|"normal",
-"pairs", "device", "seed"}``
+"pairs", "device", "seed"}``, optionally ``"impl"`` (the zephyr backend of a configuration sweep;
+default: :func:`benchmarks.harness.zephyr_impl`).
 
 Tasks (all from hidden states ``(N, D)`` and the LM-head weight ``(V, D)``, loss → scalar):
 
@@ -130,7 +131,7 @@ class LMHeadCase:
         if provider == "zephyr_fast":
             import zephyr_kernels as zk
 
-            impl = zephyr_impl(dev)
+            impl = self.spec.get("impl") or zephyr_impl(dev)
             if task == "ce":
                 return lambda: zk.linear_cross_entropy(self.hidden, self.weight, self.labels, impl=impl)
             module = zk.FusedLinearDPOLoss(beta=BETA, impl=impl)

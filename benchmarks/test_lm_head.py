@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 
 
 def bench_lm_head(benchmark, spec: dict, *, mode: str = "full", suite: str = "lm_head",
-                  shape: str = "tiny-cpu", rounds: int = 3, memory: bool = True):
+                  shape: str = "tiny-cpu", rounds: int = 3, memory: bool = True, variant=None):
     dev = torch.device(spec["device"])
     try:
         case = LMHeadCase(spec)
@@ -35,7 +35,7 @@ def bench_lm_head(benchmark, spec: dict, *, mode: str = "full", suite: str = "lm
                   dev=dev, rounds=rounds)
     record(benchmark, suite=suite, provider=spec["provider"], mode=mode, shape=shape,
            dtype=spec["dtype"], dev=dev, task=spec["task"], inputs=spec["kind"],
-           n=spec["n"], d=spec["d"], v=spec["v"], pairs=spec.get("pairs"))
+           n=spec["n"], d=spec["d"], v=spec["v"], pairs=spec.get("pairs"), variant=variant)
     add_throughput(benchmark, flops=flops(spec) if mode == "full" else None, tokens=spec["n"])
     if not memory or mode != "full":
         return
@@ -98,6 +98,14 @@ def test_dpo_reference_path_cpu(benchmark, provider):
 def test_ce_vocab_sweep_cpu(benchmark, provider, v):
     bench_lm_head(benchmark, _spec("ce", provider, n=1024, d=256, v=v), suite="ce_sweep_vocab",
                   shape=f"N1024-D256-V{v}")
+
+
+@pytest.mark.benchmark(group="ce-large-vocab-normal-cpu")
+@pytest.mark.parametrize("provider", ["zephyr_fast", "naive_torch"])
+def test_ce_large_vocab_normal_inputs_cpu(benchmark, provider):
+    """V=128256 with a flat softmax (nothing to filter): the dense pass against naive torch."""
+    bench_lm_head(benchmark, _spec("ce", provider, n=1024, d=256, v=128256, kind="normal"),
+                  suite="ce_sweep_vocab", shape="N1024-D256-V128256")
 
 
 @pytest.mark.benchmark(group="ce-sweep-tokens-cpu")
