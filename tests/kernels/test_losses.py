@@ -145,7 +145,7 @@ def _fused_case(impl, loss_type, ls, bias, seed=7):
     return ours, grads_of(lambda: reference() * 0.7, params(h, w, b))
 
 
-NEW = [(t, ls) for t, ls in CASES if t not in ("sigmoid", "hinge", "ipo", "robust")]
+NEW = [(t, ls) for t, ls in CASES if t not in ("sigmoid", "hinge", "ipo", "robust")] + [(MPO[0], 0.0)]
 
 
 @pytest.mark.parametrize("loss_type,ls", NEW, ids=str)

@@ -291,6 +291,9 @@ def test_check_supported_accepts_every_family_and_refuses_in_one_line(tmp_path):
         assert check_supported(cfg.to_dict()) == cfg.model_type
     tiny_config("gemma2", vocab_size=64, hidden_size=32, num_hidden_layers=1).save_pretrained(tmp_path)
     assert check_supported(str(tmp_path)) == "gemma2"  # a checkpoint folder: only config.json is read
+    with pytest.raises(ValueError, match="cannot read the config of") as e:
+        check_supported(str(tmp_path / "missing"))
+    assert "\n" not in str(e.value)
     for what, match in [("gpt2", "model_type='gpt2' is not supported.*supported: mistral, llama"),
                         ("gemma3", "multimodal.*gemma3_text"),
                         (tiny_config("gemma3_text", use_bidirectional_attention=True), "bidirectional"),

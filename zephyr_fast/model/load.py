@@ -98,7 +98,11 @@ def _model_type_of(config_or_model_type) -> tuple:
     name = os.fspath(config_or_model_type)
     if name in CONFIG_MAPPING and not os.path.isdir(name):
         return name, None
-    config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as e:  # not found / unreachable / needs remote code: one line, not a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read the config of {name!r} to check its model type: {first}") from None
     return config.model_type, config
 
 
