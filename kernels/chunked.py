@@ -156,6 +156,9 @@ def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
     zsum = torch.zeros(N, **f32) if need_zsum else None
     tmax = torch.full((N, -(-V // _TILE)), float("-inf"), **f32)
+    # Σ_v z is linear in h unless softcapped: one GEMV instead of a pass over every logits block
+    linear_zsum = need_zsum and softcap is None
+    w_sum = _column_sum(weight, bias, temperature) if linear_zsum else None
     for idx in _row_blocks(targets, ignore_index):
         h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
         m = torch.full((idx.numel(),), float("-inf"), **f32)
@@ -165,7 +168,7 @@ def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
             z, _ = _logits(h, weight[v0:v1], None if bias is None else bias[v0:v1], temperature, softcap)
             inside = (t >= v0) & (t < v1)
             tz += torch.where(inside, z.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0.0)
-            if need_zsum:
+            if need_zsum and not linear_zsum:
                 zs += z.sum(1)
             tm.append(_tile_max(z))
             m_new = torch.maximum(m, tm[-1].amax(1))
@@ -175,9 +178,14 @@ def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
         tgt.index_copy_(0, idx, tz)
         tmax.index_copy_(0, idx, torch.cat(tm, 1))
         if need_zsum:
-            zsum.index_copy_(0, idx, zs)
+            zsum.index_copy_(0, idx, h.float() @ w_sum[0] + w_sum[1] if linear_zsum else zs)
     logp, seg = token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments)
     return Stats(lse, tgt, zsum, logp, seg, tmax)
+
+
+def _column_sum(weight, bias, temperature):
+    """``(Σ_v W_v / T (D,) fp32, Σ_v b_v / T)``: ``Σ_v z[r, v] = h_r · first + second``."""
+    return weight.float().sum(0) / temperature, 0.0 if bias is None else bias.float().sum() / temperature
 
 
 def token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments):
