@@ -56,10 +56,10 @@ class FusedLinearDPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, segment_ids, ref_chosen, ref_rejected, opts: DPOOptions,
-                ignore_index, impl):
+                ignore_index, temperature, softcap, impl):
         be = backend(impl, hidden.device)
         P = ref_chosen.numel()
-        cfg = dict(ignore_index=ignore_index, temperature=1.0, softcap=None)
+        cfg = dict(ignore_index=ignore_index, temperature=temperature, softcap=softcap)
         st = be.stats(hidden, weight, bias, labels, need_zsum=True, segment_ids=segment_ids,
                       num_segments=2 * P, **cfg)
         valid = (labels != ignore_index).float()
@@ -95,7 +95,7 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         # the buffers are ours: scale in place rather than allocating another (V, D)
         out = tuple(None if d is None else d.mul_(g).to(dt) for d, dt in zip(ctx.grads, ctx.dtypes))
         ctx.grads = None
-        return out + (None,) * 7
+        return out + (None,) * 9
 
 
 def check_ref_logps(ref_chosen_logps, ref_rejected_logps):
@@ -107,14 +107,16 @@ def check_ref_logps(ref_chosen_logps, ref_rejected_logps):
 
 
 def fused_dpo(hidden, weight, labels, segment_ids, ref_chosen_logps, ref_rejected_logps, bias, opts: DPOOptions,
-              *, ignore_index: int = -100, impl: str = "auto"):
+              *, ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
+              impl: str = "auto"):
     """:func:`fused_linear_dpo_loss` with prebuilt options; returns ``(loss, metrics, seq_logps)``
     where ``seq_logps (2P,)`` fp32 are the per-sequence log-probs the loss saw (detached)."""
     check_inputs(hidden, weight, labels, bias, segment_ids, 2 * ref_chosen_logps.numel(), ignore_index)
     check_ref_logps(ref_chosen_logps, ref_rejected_logps)
     loss, aux, logps = FusedLinearDPOFunction.apply(
         hidden.contiguous(), weight.contiguous(), bias, labels.contiguous(), segment_ids.contiguous(),
-        ref_chosen_logps, ref_rejected_logps, opts, ignore_index, impl,
+        ref_chosen_logps, ref_rejected_logps, opts, ignore_index, float(temperature),
+        None if softcap is None else float(softcap), impl,
     )
     return loss, dict(zip(AUX_KEYS, aux.unbind(0))), logps
 
@@ -123,7 +125,8 @@ def fused_linear_dpo_loss(
     hidden, weight, labels, segment_ids, ref_chosen_logps, ref_rejected_logps, bias=None, *,
     beta: float = 0.1, loss_type: Union[str, Sequence[str]] = "sigmoid", label_smoothing: float = 0.0,
     rpo_alpha: Optional[float] = None, ignore_index: int = -100, reduction: str = "mean",
-    loss_weights: Optional[Sequence[float]] = None, discopop_tau: float = 0.05, impl: str = "auto",
+    loss_weights: Optional[Sequence[float]] = None, discopop_tau: float = 0.05, temperature: float = 1.0,
+    softcap: Optional[float] = None, impl: str = "auto",
 ):
     """DPO-family loss straight from packed policy hidden states; reference log-probs come in as numbers.
 
@@ -135,6 +138,8 @@ def fused_linear_dpo_loss(
             ``num_segments = 2P`` comes from their shape (no host sync).
         beta, loss_type, label_smoothing, rpo_alpha, reduction, loss_weights, discopop_tau: as
             :func:`zephyr_kernels.dpo_loss` (formulas and papers in :mod:`zephyr_kernels.losses`).
+        temperature, softcap: the LM head's logit transform (``softcap · tanh(z / softcap) / T``,
+            Gemma 2's final-logit softcap), as in :func:`zephyr_kernels.linear_logprobs`.
     Returns:
         ``(loss, metrics)`` — metrics as :func:`dpo_loss`, plus ``logits/chosen``,
         ``logits/rejected`` (mean logit over completion tokens) and ``nll_loss`` (mean chosen-token
@@ -144,7 +149,8 @@ def fused_linear_dpo_loss(
                       rpo_alpha=None if rpo_alpha is None else float(rpo_alpha), reduction=reduction,
                       loss_weights=loss_weights, discopop_tau=float(discopop_tau))
     loss, metrics, _ = fused_dpo(hidden, weight, labels, segment_ids, ref_chosen_logps, ref_rejected_logps,
-                                 bias, opts, ignore_index=ignore_index, impl=impl)
+                                 bias, opts, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                                 impl=impl)
     return loss, metrics
 
 
@@ -155,15 +161,17 @@ class FusedLinearDPOLoss(nn.Module):
     def __init__(self, beta: float = 0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
                  label_smoothing: float = 0.0, rpo_alpha: Optional[float] = None, ignore_index: int = -100,
                  reduction: str = "mean", loss_weights: Optional[Sequence[float]] = None,
-                 discopop_tau: float = 0.05, impl: str = "auto"):
+                 discopop_tau: float = 0.05, temperature: float = 1.0, softcap: Optional[float] = None,
+                 impl: str = "auto"):
         super().__init__()
         self.opts = DPOOptions(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
                                rpo_alpha=None if rpo_alpha is None else float(rpo_alpha), reduction=reduction,
                                loss_weights=None if loss_weights is None else tuple(loss_weights),
                                discopop_tau=float(discopop_tau))
         self.ignore_index, self.impl = ignore_index, impl
+        self.head = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap))
 
     def forward(self, hidden, weight, labels, segment_ids, ref_chosen_logps, ref_rejected_logps, bias=None):
         loss, metrics, _ = fused_dpo(hidden, weight, labels, segment_ids, ref_chosen_logps, ref_rejected_logps,
-                                     bias, self.opts, ignore_index=self.ignore_index, impl=self.impl)
+                                     bias, self.opts, ignore_index=self.ignore_index, impl=self.impl, **self.head)
         return loss, metrics

@@ -117,16 +117,17 @@ def _packed_dpo_batch(P=3, N=47, seed=0):
 
 
 @pytest.mark.parametrize(
-    "loss_type,ls,rpo,reduction,bias",
+    "loss_type,ls,rpo,reduction,bias,head",
     [
-        ("sigmoid", 0.0, None, "mean", False),
-        ("sigmoid", 0.1, 0.5, "sum", True),
-        ("hinge", 0.0, None, "mean", False),
-        ("ipo", 0.0, None, "mean", True),
-        ("robust", 0.2, 1.0, "mean", False),
+        ("sigmoid", 0.0, None, "mean", False, {}),
+        ("sigmoid", 0.1, 0.5, "sum", True, {}),
+        ("hinge", 0.0, None, "mean", False, {}),
+        ("ipo", 0.0, None, "mean", True, {}),
+        ("robust", 0.2, 1.0, "mean", False, {}),
+        ("sigmoid", 0.0, 0.5, "mean", True, {"softcap": 3.0, "temperature": 0.8}),  # Gemma-2 head
     ],
 )
-def test_fused_dpo_matches_reference(impl, loss_type, ls, rpo, reduction, bias):
+def test_fused_dpo_matches_reference(impl, loss_type, ls, rpo, reduction, bias, head):
     P, N = 3, 47
     h, w, b, t = make_inputs(N, 31, 123, ignore_frac=0.3, bias=bias, seed=7)
     seg = _packed_dpo_batch(P, N)
@@ -137,21 +138,21 @@ def test_fused_dpo_matches_reference(impl, loss_type, ls, rpo, reduction, bias):
     up = torch.tensor(0.7)  # non-unit upstream gradient
 
     def reference():
-        tok, s = reference_linear_logprobs(h, w, t, bias=b, segment_ids=seg, num_segments=2 * P)
+        tok, s = reference_linear_logprobs(h, w, t, bias=b, segment_ids=seg, num_segments=2 * P, **head)
         valid = (t != -100).float()
         counts = torch.zeros(2 * P).index_add_(0, seg, valid)
         nll = -s[0::2].sum() / counts[0::2].sum()
         return dpo_loss(s[0::2], s[1::2], ref_c, ref_r, chosen_nll=nll, chosen_lengths=counts[0::2],
                         rejected_lengths=counts[1::2], **kw)
 
-    loss_fn = FusedLinearDPOLoss(impl=impl, **kw)
+    loss_fn = FusedLinearDPOLoss(impl=impl, **kw, **head)
     ours, og = grads_of(lambda: loss_fn(h, w, t, seg, ref_c, ref_r, b)[0] * up, params(h, w, b))
     ref, rg = grads_of(lambda: reference()[0] * up, params(h, w, b))
     assert_close(ours, ref, what="loss")
     for name, a, r in zip(("hidden", "weight", "bias"), og, rg):
         assert_close(a, r, what=f"grad {name}")
     with torch.no_grad():  # eval: no gradient pass, same loss and metrics
-        ev, m = fused_linear_dpo_loss(h, w, t, seg, ref_c, ref_r, b, impl=impl, **kw)
+        ev, m = fused_linear_dpo_loss(h, w, t, seg, ref_c, ref_r, b, impl=impl, **kw, **head)
         _, rm = reference()
     assert_close(ev * up, ref, what="eval loss")
     for k, v in rm.items():
