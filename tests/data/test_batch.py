@@ -42,3 +42,19 @@ def test_loss_inputs_appends_extra_rows():
     assert segs.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     sep = dpo_batch(PAIRS, "separate")
     assert loss_inputs(hidden, sep)[0] is hidden
+
+
+@pytest.mark.parametrize("layout", ["separate", "prefix_shared"])
+def test_loss_rows_travel_with_the_batch_and_compact_the_loss_inputs(layout):
+    """``to()`` records the loss rows on the host; ``compact=True`` keeps exactly those (then the
+    prefix-shared extras), so the fused loss sees the same (label, segment) multiset."""
+    b = dpo_batch(PAIRS, layout)
+    assert b.loss_rows is None
+    moved = b.to("cpu")
+    assert moved.loss_rows.tolist() == (b.labels != -100).nonzero().squeeze(1).tolist()
+    hidden = torch.randn(b.num_tokens, 3)
+    full = loss_inputs(hidden, moved)
+    rows, labels, segs = loss_inputs(hidden, moved, compact=True)
+    keep = full[1] != -100
+    assert torch.equal(rows, full[0][keep]) and torch.equal(labels, full[1][keep]) and torch.equal(segs, full[2][keep])
+    assert (labels != -100).all()

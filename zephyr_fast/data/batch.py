@@ -26,6 +26,9 @@ Conventions (all tensors 1-D, on the same device):
   chosen token; that extra prediction is carried as ``extra_rows (P,) int64`` (row of the last
   prompt token), ``extra_labels (P,) int64`` (first rejected token) and ``extra_segment_ids (P,)``
   (``2*i+1``).  :func:`loss_inputs` appends them so the loss code never special-cases the layout.
+* ``loss_rows: (M,) int64`` or None — the rows whose label is not ``-100``, computed on the host
+  when the batch leaves the CPU (:meth:`PackedBatch.to`), so that the LM-head loss on a GPU gets
+  only the rows that carry a loss without a device-to-host read (:func:`loss_inputs`, ``compact``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class PackedBatch:
     extra_rows: Optional[torch.Tensor] = None
     extra_labels: Optional[torch.Tensor] = None
     extra_segment_ids: Optional[torch.Tensor] = None
+    loss_rows: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -65,11 +69,15 @@ class PackedBatch:
         return 0 if self.pair_index is None else int(self.pair_index.numel())
 
     def to(self, device, non_blocking: bool = True) -> "PackedBatch":
+        src = self
+        if self.loss_rows is None and self.labels.device.type == "cpu":
+            # host-side (free on CPU): the loss rows travel with the batch, no sync on the device
+            src = replace(self, loss_rows=(self.labels != IGNORE_INDEX).nonzero().squeeze(1))
         moved = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
+        for f in fields(src):
+            v = getattr(src, f.name)
             moved[f.name] = v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
-        return replace(self, **moved)
+        return replace(src, **moved)
 
     def validate(self) -> None:
         """Cheap structural checks (host-side; call in tests and data code, not in the hot loop)."""
@@ -115,21 +123,29 @@ class PackedBatch:
                 raise ValueError("PackedBatch.extra_segment_ids must be rejected segments (2i+1)")
 
 
-def loss_inputs(hidden: torch.Tensor, batch: PackedBatch):
+def loss_inputs(hidden: torch.Tensor, batch: PackedBatch, compact: bool = False):
     """Rows, targets and segments that the fused losses consume.
 
     Args:
         hidden: (N, D) final hidden states of ``batch`` (any float dtype).
+        compact: keep only the rows that carry a loss (``batch.loss_rows``, known on the host
+            since the batch left the CPU).  For CUDA: the kernels' default CUDA path never reads a
+            count back, so it would otherwise run its GEMMs over prompt rows too.  (On CPU the
+            torch path compacts by itself.)
     Returns:
         ``(hidden_rows (M, D), labels (M,) int64, segment_ids (M,) int64)`` where ``M = N`` except
-        in the prefix-shared layout, where the ``P`` extra predictions are appended.
+        in the prefix-shared layout, where the ``P`` extra predictions are appended, and with
+        ``compact`` (and ``loss_rows`` known), where only the loss rows (then the extras) remain.
     """
+    rows, labels, segs = hidden, batch.labels, batch.segment_ids
+    if compact and batch.loss_rows is not None:
+        rows, labels, segs = (x.index_select(0, batch.loss_rows) for x in (hidden, labels, segs))
     if batch.extra_rows is None:
-        return hidden, batch.labels, batch.segment_ids
+        return rows, labels, segs
     return (
-        torch.cat([hidden, hidden.index_select(0, batch.extra_rows)], 0),
-        torch.cat([batch.labels, batch.extra_labels]),
-        torch.cat([batch.segment_ids, batch.extra_segment_ids]),
+        torch.cat([rows, hidden.index_select(0, batch.extra_rows)], 0),
+        torch.cat([labels, batch.extra_labels]),
+        torch.cat([segs, batch.extra_segment_ids]),
     )
 
 
