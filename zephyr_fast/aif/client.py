@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -215,6 +216,20 @@ class JudgeClient:
 
         with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
             return list(tqdm(pool.map(safe, items), total=len(items), desc=desc, disable=not progress))
+
+
+def cli_status(body: Callable[[], None]) -> int:
+    """Exit status of a CLI ``body``: bad input (``ValueError`` — file, row and field named —, missing
+    file) prints ``error: ...`` and gives 2; a judge endpoint that failed for good gives 1; else 0."""
+    try:
+        body()
+    except JudgeRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _describe(exc) -> str:

@@ -37,7 +37,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .store import AppendLog, JsonlError, iter_jsonl, read_input_jsonl, write_jsonl_atomic
+from .client import cli_status
+from .store import AppendLog, iter_jsonl, read_input_jsonl, write_jsonl_atomic
 from .ultrafeedback import pick_principle
 
 PARTS, FINAL = "completions.parts.jsonl", "completions.jsonl"
@@ -221,17 +222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, help="first N prompts only")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    try:
-        rep = generate_completions(load_prompts(a.prompts, a.limit), parse_pool(a.pool), a.out_dir,
-                                   n_models=a.n_models, seed=a.seed, max_new_tokens=a.max_new_tokens,
-                                   temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
-                                   backend=a.backend, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError, JsonlError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(rep)
-    return 0
-
+    return cli_status(lambda: print(generate_completions(
+        load_prompts(a.prompts, a.limit), parse_pool(a.pool), a.out_dir, n_models=a.n_models, seed=a.seed,
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
+        backend=a.backend, progress=not a.no_progress)))
 
 if __name__ == "__main__":
     sys.exit(main())

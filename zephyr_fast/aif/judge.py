@@ -30,9 +30,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from .client import JudgeClient, JudgeConfig, JudgeRequestError
+from .client import JudgeClient, JudgeConfig, JudgeRequestError, cli_status
 from .scoring import ask_until_parsed
-from .store import JsonlError, JudgeCache, cache_key, read_input_jsonl, write_jsonl_atomic
+from .store import JudgeCache, cache_key, read_input_jsonl, write_jsonl_atomic
 from .ultrafeedback import ASPECTS, RATINGS, TEMPLATE_VERSION, judge_messages, parse_rating
 
 
@@ -215,20 +215,13 @@ def main(argv=None) -> int:
     add_judge_args(ap)
     args = ap.parse_args(argv)
     aspects = [a for a in args.aspects.split(",") if a]
-    try:
+
+    def body():
         if any(a not in ASPECTS for a in aspects):
             raise ValueError(f"--aspects: expected a comma list of {ASPECTS}, got {args.aspects!r}")
-        report = judge_file(args.input, args.output, judge_config_from_args(args), cache_path=args.cache,
-                            aspects=aspects, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, JsonlError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except JudgeRequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(report)
-    return 0
-
+        print(judge_file(args.input, args.output, judge_config_from_args(args), cache_path=args.cache,
+                         aspects=aspects, progress=not args.no_progress))
+    return cli_status(body)
 
 if __name__ == "__main__":
     sys.exit(main())

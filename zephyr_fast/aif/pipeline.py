@@ -33,11 +33,11 @@ from dataclasses import fields
 import yaml
 
 from ..data.binarize import SCORES, binarize_rows
-from .client import JudgeConfig, JudgeRequestError
+from .client import JudgeConfig, cli_status
 from .generate import GenerateReport, generate_completions, load_prompts
 from .judge import judge_file
 from .serve import serve_local
-from .store import JsonlError, read_input_jsonl, write_jsonl_atomic
+from .store import read_input_jsonl, write_jsonl_atomic
 from .ultrafeedback import ASPECTS
 
 SECTIONS = {
@@ -155,18 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("recipe")
     ap.add_argument("--no-progress", action="store_true")
     args, overrides = ap.parse_known_args(argv)
-    from ..data.validate import DataValidationError
-
-    try:
-        run_aif(load_recipe(args.recipe, overrides), progress=not args.no_progress)
-    except (RecipeError, ValueError, FileNotFoundError, JsonlError, DataValidationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except JudgeRequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
+    return cli_status(lambda: run_aif(load_recipe(args.recipe, overrides), progress=not args.no_progress) and None)
 
 if __name__ == "__main__":
     sys.exit(main())

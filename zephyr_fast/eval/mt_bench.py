@@ -28,15 +28,14 @@ import functools
 import json
 import os
 import pathlib
-import re
 import sys
 import time
 import uuid
 from typing import Optional
 
-from ..aif.client import JudgeClient, JudgeConfig, JudgeRequestError
+from ..aif.client import JudgeClient, JudgeConfig, cli_status
 from ..aif.judge import add_judge_args, judge_config_from_args
-from ..aif.store import AppendLog, JsonlError, JudgeCache, iter_jsonl, read_input_jsonl
+from ..aif.store import AppendLog, JudgeCache, iter_jsonl, read_input_jsonl
 from .grading import grade_pairwise, grade_single
 from .report import build_report, write_report
 
@@ -178,20 +177,14 @@ def main(argv=None) -> int:
     if not a.model_dir and not a.answers:
         ap.error("give MODEL_DIR or --answers")
     out = a.out or os.path.join(a.model_dir or os.path.dirname(a.answers), "mt_bench")
-    try:
+
+    def body():
         report = run_mt_bench(a.model_dir, out, judge_config_from_args(a), answers_path=a.answers,
                               per_category=a.per_category, baseline=a.baseline, max_new_tokens=a.max_new_tokens,
                               batch_size=a.batch_size, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError, JsonlError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except JudgeRequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(report["table"])
-    print(json.dumps({k: report[k] for k in ("overall", "turn_1", "turn_2", "failures")}))
-    return 0
-
+        print(report["table"])
+        print(json.dumps({k: report[k] for k in ("overall", "turn_1", "turn_2", "failures")}))
+    return cli_status(body)
 
 if __name__ == "__main__":
     sys.exit(main())
