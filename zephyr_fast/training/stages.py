@@ -4,8 +4,9 @@ A stage owns everything that differs between objectives (SFT, DPO; ORPO / KTO la
 
 * ``tokenize`` -- dataset rows -> examples (``zephyr_fast.data.sft`` / ``zephyr_fast.data.preference``);
 * ``pack`` -- examples -> padding-free ``PackedBatch`` micro-batches (``zephyr_fast.data.packing``);
-* ``loss`` -- the loss head: final hidden rows + LM-head weight -> ``(loss_sum, metric_sums)`` through
-  a ``zephyr_kernels`` fused loss, built once when the stage is made (its arguments checked there);
+* ``loss_head`` -- the loss head: final hidden rows + LM-head weight -> ``(loss_sum, metric_sums)``
+  through a ``zephyr_kernels`` fused loss, built once per model with the model's logit transform
+  (``zephyr_fast.model.forward.head_transform``: Gemma 2's final-logit softcap), arguments checked there;
 * ``denominator`` -- which host-side count of a micro-batch (``MicroStats`` field) the summed loss
   of an optimiser step is divided by;
 * ``tokens_per_example`` -- how many ``max_length`` sequences one example puts into a micro-batch
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from zephyr_kernels import LOSS_TYPES, FusedLinearDPOLoss, check_dpo_args, linear_cross_entropy
@@ -42,12 +43,12 @@ from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_dpo, pack_sft
 from zephyr_fast.data.preference import build_dpo_examples
 from zephyr_fast.data.sft import tokenize_sft
-from zephyr_fast.model.forward import forward_hidden, lm_head_weight, unwrap_model
+from zephyr_fast.model.forward import forward_hidden, head_transform, lm_head_weight, unwrap_model
 
 
 class Stage:
     """Base class; subclasses set the class attributes and implement :meth:`tokenize`, :meth:`pack`,
-    :meth:`loss`."""
+    :meth:`loss_head`."""
 
     name: str = ""
     section: Optional[str] = None  # the Config section holding this stage's own keys (e.g. "dpo")
@@ -76,10 +77,10 @@ class Stage:
         """``examples`` -> ``PackedBatches`` (``list[PackedBatch]`` with ``.stats``), a multiple of ``num_shards``."""
         raise NotImplementedError
 
-    def loss(self, rows: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor,
-             ref) -> tuple:
-        """Loss head: ``rows (M, D)``, ``weight (V, D)``, ``labels (M,) int64``, ``segment_ids (M,) int64``
-        (``zephyr_fast.data.batch.loss_inputs``), ``ref`` the reference log-probs or None
+    def loss_head(self, *, temperature: float, softcap: Optional[float]) -> Callable:
+        """The loss head for a model with this logit transform, built (and checked) once:
+        ``(rows (M, D), weight (V, D), labels (M,) int64, segment_ids (M,) int64, ref)``
+        (``zephyr_fast.data.batch.loss_inputs``; ``ref`` the reference log-probs or None)
         -> ``(loss_sum () fp32, {name: 0-d metric sum})``."""
         raise NotImplementedError
 
@@ -110,8 +111,12 @@ class SFTStage(Stage):
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
         return pack_sft(examples, max_tokens, seed=seed, overlong=data.overlong, num_shards=num_shards)
 
-    def loss(self, rows, weight, labels, segment_ids, ref):
-        return linear_cross_entropy(rows, weight, labels, reduction="sum", impl=self.impl), {}
+    def loss_head(self, *, temperature: float, softcap: Optional[float]) -> Callable:
+        def head(rows, weight, labels, segment_ids, ref):
+            return linear_cross_entropy(rows, weight, labels, reduction="sum", temperature=temperature,
+                                        softcap=softcap, impl=self.impl), {}
+
+        return head
 
 
 @dataclass
@@ -145,9 +150,6 @@ class DPOStage(Stage):
 
     def __init__(self, impl: str = "auto", section: Optional[DPOConfig] = None):
         super().__init__(impl, section or DPOConfig())
-        d = self.cfg
-        self.dpo_loss = FusedLinearDPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                                           rpo_alpha=d.rpo_alpha, reduction="sum", impl=impl)
 
     @classmethod
     def check(cls, data: DataConfig) -> None:
@@ -162,9 +164,18 @@ class DPOStage(Stage):
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
         return pack_dpo(examples, max_tokens, layout=data.dpo_layout, seed=seed, num_shards=num_shards)
 
-    def loss(self, rows, weight, labels, segment_ids, ref):
-        ref_chosen, ref_rejected = ref
-        return self.dpo_loss(rows, weight, labels, segment_ids, ref_chosen, ref_rejected)
+    def loss_head(self, *, temperature: float, softcap: Optional[float]) -> Callable:
+        d = self.cfg
+        # the identity transform is the fused loss's default: passed only when a model needs another one
+        transform = {} if softcap is None and temperature == 1.0 else {"temperature": temperature, "softcap": softcap}
+        dpo_loss = FusedLinearDPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                                      rpo_alpha=d.rpo_alpha, reduction="sum", impl=self.impl, **transform)
+
+        def head(rows, weight, labels, segment_ids, ref):
+            ref_chosen, ref_rejected = ref
+            return dpo_loss(rows, weight, labels, segment_ids, ref_chosen, ref_rejected)
+
+        return head
 
     def log_metrics(self, pairs: int, seconds: float) -> dict:
         return {"train_pairs_per_second": pairs / seconds}
@@ -199,14 +210,14 @@ class LossModule(torch.nn.Module):
     def __init__(self, model, stage: Stage):
         super().__init__()
         self.model = model  # the state dict's "model." prefix is what the HF export strips
-        self.stage = stage
+        self.loss_head = stage.loss_head(**head_transform(model))  # as packed_logps scores the reference
 
     def forward(self, batch, ref=None):
         core = unwrap_model(self.model)
         hidden = forward_hidden(core, batch)
         rows, labels, segment_ids = loss_inputs(hidden, batch)
         with lm_head_weight(core) as weight:
-            return self.stage.loss(rows, weight, labels, segment_ids, ref)
+            return self.loss_head(rows, weight, labels, segment_ids, ref)
 
 
 STAGES = {cls.name: cls for cls in (SFTStage, RefLogpsStage, DPOStage)}  # recipe ``stage:`` -> class
