@@ -79,7 +79,7 @@ def test_config_errors(tmp_path):
         load_rows(DataConfig(dataset_mixer={str(tmp_path / "nope.jsonl"): 1.0}))
     bad = tmp_path / "broken.jsonl"
     bad.write_text('{"messages": []}\n{oops\n')
-    with pytest.raises(ValueError, match="broken.jsonl' could not be parsed as json"):
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 2 \(row 1\): invalid JSON"):
         load_rows(DataConfig(dataset_mixer={str(bad): 1.0}, cache_dir=str(tmp_path / "c")))
 
 

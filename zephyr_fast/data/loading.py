@@ -19,21 +19,41 @@ New schema (alignment-handbook >= 0.2)::
 are concatenated and ``test_split_size`` rows (int) or fraction (float) are held out.
 
 ``id`` may be a local file (``.json``/``.jsonl``/``.parquet``/``.arrow``), a directory holding
-``<split>.<ext>`` files, a ``save_to_disk`` directory, or a hub id.  Loading goes through
-``datasets`` so results are cached as Arrow files.  Every row gets ``_source`` / ``_source_row``
-columns so that errors can name the original file and row even after mixing and shuffling.
+``<split>.<ext>`` files, a ``save_to_disk`` directory, or a hub id.  Every row gets ``_source`` /
+``_source_row`` columns so that errors can name the original file and row even after mixing and
+shuffling.
+
+Local files are never served stale: JSON / JSON Lines are parsed here, line by line, into an
+in-memory dataset (no ``datasets`` cache; a line with bad UTF-8 or invalid JSON becomes a row that
+fails validation naming file, line and row, so ``skip_invalid_rows`` can skip it); Parquet / Arrow go
+through ``datasets`` with a cache directory keyed by the file's content digest (``datasets`` keys its
+own cache by path and mtime).  :func:`rows_digest` is the identity of the rows actually used, after
+mixture and split.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import Optional, Union
 from urllib.parse import urlparse
 
-from .validate import SOURCE_COL, SOURCE_ROW_COL
+from .validate import (
+    LOAD_ERROR_COL,
+    SOURCE_COL,
+    SOURCE_ROW_COL,
+    DataError,
+    DataValidationError,
+    column_names,
+    encode_load_error,
+    iter_chunks,
+    load_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +220,115 @@ def _load_file(path: str, cache_dir: Optional[str]):
     ext = os.path.splitext(path)[1].lower()
     if ext not in LOCAL_EXTS:
         raise ValueError(f"dataset file '{path}': unsupported extension {ext!r} (use one of {sorted(LOCAL_EXTS)})")
+    if os.path.getsize(path) == 0:
+        raise _file_error(path, "the file is empty (0 bytes)", "empty_file")
+    if LOCAL_EXTS[ext] == "json":
+        ds = _read_json(path)
+    else:
+        try:  # cache keyed by content: an edited file (even with its old mtime) gets a fresh Arrow copy
+            ds = datasets.load_dataset(LOCAL_EXTS[ext], data_files=path, split="train",
+                                       cache_dir=_content_cache_dir(path, cache_dir))
+        except Exception as exc:  # datasets wraps parser errors in several exception types
+            raise ValueError(f"dataset file '{path}' could not be parsed as {LOCAL_EXTS[ext]}: {exc}") from exc
+    if len(ds) == 0:
+        raise _file_error(path, "the file has no rows", "empty_file")
+    return ds
+
+
+def _file_error(path: str, message: str, kind: str, line: int = 0) -> DataValidationError:
+    """A problem with a whole file (one line; skipping rows cannot help)."""
+    return DataValidationError([DataError(path, -1, "", message, kind, line=line)])
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _content_cache_dir(path: str, cache_dir: Optional[str]) -> str:
+    import datasets
+
+    return os.path.join(cache_dir or str(datasets.config.HF_DATASETS_CACHE), "by_content", file_digest(path))
+
+
+def _read_json(path: str):
+    """A JSON Lines file (or a ``.json`` list / dict of columns / lines) as an in-memory ``Dataset``.
+
+    A line that is not UTF-8, not JSON or not an object becomes a row holding only
+    ``LOAD_ERROR_COL`` (validation reports it with file, line and row; ``skip_invalid_rows`` skips it).
+    """
+    import datasets
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+        data = data[3:]
+    if not data.strip():
+        raise _file_error(path, "the file is empty (whitespace only)", "empty_file")
+    rows = _json_document(path, data)
+    if rows is None:
+        rows = _json_lines(data)
+    errors = {i: r[LOAD_ERROR_COL] for i, r in enumerate(rows) if LOAD_ERROR_COL in r}
+    if len(errors) == len(rows):  # nothing readable: the whole file is the problem
+        raise DataValidationError([e for i, v in errors.items() for e in load_errors(v, dataset=path, row=i)])
+    names = list(dict.fromkeys(k for r in rows for k in r))
     try:
-        return datasets.load_dataset(LOCAL_EXTS[ext], data_files=path, split="train", cache_dir=cache_dir)
-    except Exception as exc:  # datasets wraps parser errors in several exception types
-        raise ValueError(f"dataset file '{path}' could not be parsed as {LOCAL_EXTS[ext]}: {exc}") from exc
+        return datasets.Dataset.from_dict({n: [r.get(n) for r in rows] for n in names})
+    except Exception as exc:  # pyarrow type inference: one field with different types in different rows
+        raise ValueError(f"dataset file '{path}' could not be parsed as json: its rows do not share one schema "
+                         f"({exc.__class__.__name__}: {exc})") from None
+
+
+def _json_document(path: str, data: bytes):
+    """Rows of a whole-file JSON document (a list of objects, or a dict of equal-length columns);
+    None when the file is JSON Lines."""
+    head = data.lstrip()[:1]
+    if head not in (b"[", b"{"):
+        return None
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        if head == b"{":
+            return None
+        raise _file_error(path, f"not valid UTF-8: {_bad_byte(data, exc.start)}", "encoding",
+                          line=data.count(b"\n", 0, exc.start) + 1) from None
+    except json.JSONDecodeError as exc:
+        if head == b"{":
+            return None  # JSON Lines (several objects), or a broken line that _json_lines names
+        raise _file_error(path, f"invalid JSON: {exc.msg} (column {exc.colno})", "invalid_json", line=exc.lineno) from None
+    if isinstance(doc, list):
+        return [r if isinstance(r, dict) else
+                {LOAD_ERROR_COL: encode_load_error("invalid_json", 0, f"list item {i}: expected a JSON object, "
+                                                   f"got {type(r).__name__}")} for i, r in enumerate(doc)]
+    cols = list(doc.values())
+    if cols and all(isinstance(c, list) for c in cols) and len({len(c) for c in cols}) == 1:
+        return [dict(zip(doc, vals)) for vals in zip(*cols)]
+    return [doc]
+
+
+def _bad_byte(data: bytes, pos: int) -> str:
+    line_start = data.rfind(b"\n", 0, pos) + 1
+    return f"byte 0x{data[pos]:02x} at column {pos - line_start + 1}"
+
+
+def _json_lines(data: bytes) -> list:
+    rows = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            problem = None if isinstance(obj, dict) else ("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
+        except UnicodeDecodeError as exc:
+            problem = ("encoding", f"not valid UTF-8: {_bad_byte(raw, exc.start)}")
+        except json.JSONDecodeError as exc:
+            problem = ("invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})")
+        rows.append(obj if problem is None else {LOAD_ERROR_COL: encode_load_error(problem[0], n, problem[1])})
+    return rows
 
 
 def _tag(ds, name: str):
@@ -220,7 +345,8 @@ def _keep_columns(ds, columns, name):
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise ValueError(f"dataset '{name}': columns {missing} not found (has {ds.column_names})")
-    return ds.select_columns(list(columns) + [c for c in (SOURCE_COL, SOURCE_ROW_COL) if c in ds.column_names])
+    bookkeeping = [c for c in (SOURCE_COL, SOURCE_ROW_COL, LOAD_ERROR_COL) if c in ds.column_names]
+    return ds.select_columns(list(columns) + bookkeeping)
 
 
 def _reweight(ds, weight: Optional[float], seed: int, name: str):
@@ -279,10 +405,14 @@ def load_rows(data_cfg: DataConfig) -> dict:
         seed = mix.seed
     if not train_parts:
         raise ValueError("data config: no train split was loaded (check dataset_splits / dataset_mixture)")
+    if not data_cfg.skip_invalid_rows:
+        _raise_load_errors(train_parts + test_parts)
     train = _concat(train_parts, "train")
     test = _concat(test_parts, "test") if test_parts else None
     if data_cfg.dataset_mixture is not None and data_cfg.dataset_mixture.test_split_size:
-        split = train.train_test_split(test_size=data_cfg.dataset_mixture.test_split_size, seed=seed)
+        size = data_cfg.dataset_mixture.test_split_size
+        _check_test_split_size(size, len(train))
+        split = train.train_test_split(test_size=size, seed=seed)
         train, test = split["train"], split["test"]
     if data_cfg.shuffle:
         train = train.shuffle(seed=seed)
@@ -290,11 +420,55 @@ def load_rows(data_cfg: DataConfig) -> dict:
     return {"train": train, "test": test}
 
 
+def _check_test_split_size(size, n: int) -> None:
+    """``test_split_size`` must leave at least one row on each side of the split."""
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+        raise ValueError(f"dataset_mixture.test_split_size: must be a positive int (rows) or a fraction in (0, 1), "
+                         f"got {size!r}")
+    if isinstance(size, float) and size >= 1:
+        raise ValueError(f"dataset_mixture.test_split_size: a fraction must be < 1, got {size}")
+    n_test = size if isinstance(size, int) else math.ceil(size * n)
+    if n_test >= n:
+        raise ValueError(f"dataset_mixture.test_split_size: {size!r} ({n_test} rows) leaves no training rows: the mixed "
+                         f"train data has only {n} rows; use fewer than {n} rows or a smaller fraction")
+
+
+def _raise_load_errors(parts) -> None:
+    """Unreadable lines (bad UTF-8, invalid JSON) stop the run here unless ``skip_invalid_rows``."""
+    errors = []
+    for ds in parts:
+        if LOAD_ERROR_COL not in ds.column_names:
+            continue
+        for _, cols, origins in iter_chunks(ds, [LOAD_ERROR_COL], 4096, "dataset"):
+            for v, (name, row) in zip(cols[LOAD_ERROR_COL], origins):
+                errors += load_errors(v, dataset=name, row=row)
+    if errors:
+        raise DataValidationError(errors, sum(len(ds) for ds in parts))
+
+
 def _concat(parts, what):
     import datasets
 
+    if any(LOAD_ERROR_COL in p.column_names for p in parts):  # every part needs the column to mix
+        parts = [p if LOAD_ERROR_COL in p.column_names else p.add_column(LOAD_ERROR_COL, [None] * len(p)) for p in parts]
     try:
         return datasets.concatenate_datasets(parts)
     except ValueError as exc:
         raise ValueError(f"cannot mix the {what} datasets: their columns/types differ ({exc}); "
                          "select common columns with `columns` / `columns_to_keep`") from exc
+
+
+def rows_digest(rows) -> str:
+    """sha256 (hex) of the rows actually used, in order: every column's values except the
+    ``_source`` / ``_source_row`` bookkeeping, so it depends on content, not on paths or mtimes.
+
+    ``rows``: a ``datasets.Dataset`` (e.g. ``load_rows(cfg)["train"]``, after mixture, split and
+    shuffle) or a list of dict rows; both give the same digest for the same rows.
+    """
+    names = sorted(c for c in column_names(rows) if c not in (SOURCE_COL, SOURCE_ROW_COL))
+    h = hashlib.sha256(json.dumps(names).encode())
+    for _, cols, origins in iter_chunks(rows, names, 1024, "rows"):
+        for j in range(len(origins)):
+            row = [cols[n][j] for n in names]
+            h.update(json.dumps(row, ensure_ascii=False, sort_keys=True, default=repr).encode() + b"\n")
+    return h.hexdigest()

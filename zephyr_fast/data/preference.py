@@ -21,12 +21,14 @@ from typing import Optional
 from .chat import render_fast, tokenize_kwargs
 from .sft import TOKENIZE_CHUNK, with_empty_system
 from .validate import (
+    LOAD_ERROR_COL,
     DataError,
     SkipReport,
     check_messages,
     check_string,
     column_names,
     iter_chunks,
+    load_errors,
     resolve,
     DataValidationError,
 )
@@ -163,10 +165,13 @@ def build_dpo_examples(
     bos_id = tokenizer.bos_token_id if kw.get("add_special_tokens", True) else None
     errors, examples = [], []
     bar = tqdm(total=n, desc="tokenize DPO", unit="pair", disable=not show_progress or n < 4096)
-    for c0, cols, origins in iter_chunks(rows, ("prompt", "chosen", "rejected"), TOKENIZE_CHUNK, dataset_name):
+    for c0, cols, origins in iter_chunks(rows, ("prompt", "chosen", "rejected", LOAD_ERROR_COL), TOKENIZE_CHUNK,
+                                         dataset_name):
         keep, ptxt, ctxt, rtxt = [], [], [], []
         for j, (ds, r) in enumerate(origins):
-            pm, c, rj, errs = parse_pair({f: cols[f][j] for f in cols}, ds=ds, r=r)
+            errs = load_errors(cols[LOAD_ERROR_COL][j], dataset=ds, row=r)
+            if not errs:
+                pm, c, rj, errs = parse_pair({f: cols[f][j] for f in ("prompt", "chosen", "rejected")}, ds=ds, r=r)
             if errs:
                 errors += [replace(e, position=c0 + j) for e in errs]
                 continue

@@ -12,7 +12,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .chat import ZEPHYR_CHAT_TEMPLATE, render, tokenize_kwargs
-from .validate import DataError, SkipReport, check_columns, check_messages, column_names, iter_chunks, resolve
+from .validate import (
+    LOAD_ERROR_COL,
+    DataError,
+    SkipReport,
+    check_columns,
+    check_messages,
+    column_names,
+    iter_chunks,
+    load_errors,
+    resolve,
+)
 
 TOKENIZE_CHUNK = 1024
 
@@ -135,11 +145,12 @@ def tokenize_sft(
     kw = tokenize_kwargs(tokenizer)
     errors, examples = [], []
     bar = tqdm(total=len(rows), desc="tokenize SFT", unit="row", disable=not show_progress or len(rows) < 4096)
-    for c0, cols, origins in iter_chunks(rows, [messages_field], TOKENIZE_CHUNK, dataset_name):
+    for c0, cols, origins in iter_chunks(rows, [messages_field, LOAD_ERROR_COL], TOKENIZE_CHUNK, dataset_name):
         texts, spans, keep = [], [], []
         for j, msgs in enumerate(cols[messages_field]):
             ds, r = origins[j]
-            errs = check_messages(msgs, dataset=ds, row=r, field=messages_field)
+            errs = (load_errors(cols[LOAD_ERROR_COL][j], dataset=ds, row=r)
+                    or check_messages(msgs, dataset=ds, row=r, field=messages_field))
             if errs:
                 errors += [replace(e, position=c0 + j) for e in errs]
                 continue

@@ -27,10 +27,16 @@ class DataError:
     kind: str = "invalid"
     # position of the row in the rows being processed (== row unless a mixture reordered them)
     position: int = -1
+    # 1-based line in the file, for problems found while reading it (0: not known / not a line)
+    line: int = 0
 
     def __str__(self) -> str:
-        where = "all rows" if self.row < 0 else f"row {self.row}"
-        return f"{self.dataset}: {where}, field '{self.field}': {self.message}"
+        if self.line:
+            where = f"line {self.line} (row {self.row})" if self.row >= 0 else f"line {self.line}"
+        else:
+            where = f"row {self.row}" if self.row >= 0 else "all rows" if self.field else ""
+        what = ", ".join(p for p in (where, f"field '{self.field}'" if self.field else "") if p)
+        return f"{self.dataset}: {what}: {self.message}" if what else f"{self.dataset}: {self.message}"
 
 
 class DataValidationError(ValueError):
@@ -38,6 +44,9 @@ class DataValidationError(ValueError):
 
     def __init__(self, errors: Sequence[DataError], total_rows: Optional[int] = None):
         self.errors = list(errors)
+        if all(e.row < 0 for e in self.errors):  # whole-file problems: skipping rows cannot help
+            super().__init__("\n".join(str(e) for e in self.errors))
+            return
         counts = Counter(e.kind for e in self.errors)
         rows = len({(e.dataset, e.row) for e in self.errors})
         of = f" of {total_rows}" if total_rows is not None else ""
@@ -168,6 +177,22 @@ def check_columns(column_names: Iterable[str], required: Sequence[str], *, datas
 # --- row access shared by sft.py / preference.py / binarize.py -------------------------------------
 
 SOURCE_COL, SOURCE_ROW_COL = "_source", "_source_row"
+# set by load_rows on a row whose line could not be read (bad encoding, invalid JSON); None elsewhere.
+# The row stays in place (so positions and skip counts stay right) and fails validation here.
+LOAD_ERROR_COL = "_load_error"
+
+
+def encode_load_error(kind: str, line: int, message: str) -> str:
+    """The ``LOAD_ERROR_COL`` value for a line that could not be read (see :func:`load_errors`)."""
+    return f"{kind}\t{line}\t{message}"
+
+
+def load_errors(value: Optional[str], *, dataset: str, row: int, position: int = -1) -> list:
+    """``[DataError]`` for a row that ``load_rows`` could not read, ``[]`` for a readable row."""
+    if value is None:
+        return []
+    kind, line, message = value.split("\t", 2)
+    return [DataError(dataset, row, "", message, kind, position=position, line=int(line))]
 
 
 def column_names(rows) -> list:

@@ -1,0 +1,158 @@
+"""Issue 12 bad inputs: each is reproduced from a file in tmp_path and ends in one line naming the
+file, the line (row) and what is wrong -- or, for cached data, in the file's current rows."""
+
+import json
+import os
+
+import pytest
+
+from zephyr_fast.data.loading import DataConfig, load_rows, rows_digest
+from zephyr_fast.data.preference import build_dpo_examples
+from zephyr_fast.data.sft import tokenize_sft
+from zephyr_fast.data.validate import DataValidationError
+
+U = lambda c: {"role": "user", "content": c}  # noqa: E731
+A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+
+
+def line(row) -> bytes:
+    return json.dumps(row).encode() + b"\n"
+
+
+def sft_row(text):
+    return {"messages": [U(f"Say {text}"), A(text)]}
+
+
+def mixture(path, tmp_path, **kw):
+    return DataConfig(dataset_mixture={"datasets": [{"id": str(path)}], **kw.pop("mixture", {})}, shuffle=False,
+                      cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def write_bad_encoding(tmp_path):
+    """Four SFT rows; line 3 (row 2) has a Latin-1 byte in it."""
+    path = tmp_path / "latin1.jsonl"
+    bad = line(sft_row("caf\u00e9")).replace("\\u00e9".encode(), b"\xe9")
+    path.write_bytes(line(sft_row("a")) + line(sft_row("b")) + bad + line(sft_row("d")))
+    return path
+
+
+# --- 1. non-UTF-8 bytes: a row error naming file, line and row; skip_invalid_rows skips it ----------
+
+def test_non_utf8_line_is_a_named_row_error(tmp_path, tok):
+    path = write_bad_encoding(tmp_path)
+    with pytest.raises(DataValidationError) as info:
+        load_rows(mixture(path, tmp_path))
+    assert f"{path}: line 3 (row 2): not valid UTF-8: byte 0xe9 at column" in str(info.value)
+    assert [e.kind for e in info.value.errors] == ["encoding"]
+
+
+def test_non_utf8_line_is_skipped_and_counted(tmp_path, tok):
+    path = write_bad_encoding(tmp_path)
+    rows = load_rows(mixture(path, tmp_path, skip_invalid_rows=True))["train"]
+    assert len(rows) == 4  # the unreadable row keeps its place
+    examples, report = tokenize_sft(rows, tok, max_length=256, skip_invalid_rows=True, show_progress=False)
+    assert [e["index"] for e in examples] == [0, 1, 3]
+    assert report.skipped.num_skipped == 1 and dict(report.skipped.by_kind) == {"encoding": 1}
+    assert "line 3 (row 2): not valid UTF-8" in str(report)
+    with pytest.raises(DataValidationError, match=r"latin1.jsonl: line 3 \(row 2\): not valid UTF-8"):
+        tokenize_sft(rows, tok, max_length=256, show_progress=False)
+
+
+def test_non_utf8_line_in_dpo_rows_is_skipped(tmp_path, tok):
+    path = tmp_path / "prefs.jsonl"
+    good = {"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}
+    path.write_bytes(line(good) + b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n' + line(good))
+    rows = load_rows(mixture(path, tmp_path, skip_invalid_rows=True))["train"]
+    examples, report = build_dpo_examples(rows, tok, max_length=64, skip_invalid_rows=True, show_progress=False)
+    assert [e["index"] for e in examples] == [0, 2] and dict(report.skipped.by_kind) == {"encoding": 1}
+
+
+# --- 2. a malformed JSON line names its line -------------------------------------------------------
+
+def test_malformed_json_line_names_the_line(tmp_path, tok):
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(line(sft_row("a")) + b"\n" + b'{"messages": [}\n' + line(sft_row("c")))
+    with pytest.raises(DataValidationError, match=r"broken.jsonl: line 3 \(row 1\): invalid JSON: .*\(column 15\)"):
+        load_rows(mixture(path, tmp_path))
+    rows = load_rows(mixture(path, tmp_path, skip_invalid_rows=True))["train"]
+    examples, report = tokenize_sft(rows, tok, max_length=256, skip_invalid_rows=True, show_progress=False)
+    assert len(examples) == 2 and dict(report.skipped.by_kind) == {"invalid_json": 1}
+
+
+def test_malformed_json_array_document_names_the_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"messages": []},\n  {"messages": [,]}\n]\n')
+    with pytest.raises(DataValidationError, match=r"rows.json: line 3: invalid JSON") as info:
+        load_rows(mixture(path, tmp_path))
+    assert "\n" not in str(info.value)
+
+
+# --- 3. an empty file says so, in one line ---------------------------------------------------------
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", b""), ("blank.jsonl", b"\n  \n"), ("empty.json", b""),
+                                          ("empty.parquet", b"")])
+def test_empty_file_says_it_is_empty(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataValidationError) as info:
+        load_rows(mixture(path, tmp_path))
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: the file is empty") and "\n" not in msg
+
+
+# --- 4. test_split_size larger than the data -------------------------------------------------------
+
+@pytest.mark.parametrize("size,shown", [(4, "4 (4 rows)"), (10, "10 (10 rows)"), (0.99, "0.99 (4 rows)")])
+def test_test_split_size_larger_than_the_data(tmp_path, size, shown):
+    path = tmp_path / "four.jsonl"
+    path.write_bytes(b"".join(line(sft_row(t)) for t in "abcd"))
+    with pytest.raises(ValueError) as info:
+        load_rows(mixture(path, tmp_path, mixture={"test_split_size": size}))
+    msg = str(info.value)
+    assert msg.startswith(f"dataset_mixture.test_split_size: {shown} leaves no training rows") and "only 4 rows" in msg
+    assert "\n" not in msg
+    rows = load_rows(mixture(path, tmp_path, mixture={"test_split_size": 3}))
+    assert len(rows["train"]) == 1 and len(rows["test"]) == 3
+
+
+# --- 6. data identity follows content ---------------------------------------------------------------
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_content_change_with_the_same_mtime_is_not_served_from_cache(tmp_path, ext):
+    import datasets
+
+    path = tmp_path / f"data.{ext}"
+
+    def write(texts):
+        rows = [sft_row(t) for t in texts]
+        if ext == "jsonl":
+            path.write_bytes(b"".join(line(r) for r in rows))
+        else:
+            datasets.Dataset.from_list(rows).to_parquet(str(path))
+        os.utime(path, ns=(10**18, 10**18))  # the same mtime for both versions
+        return rows
+
+    first = write(["old-1", "old-2"])
+    rows = load_rows(mixture(path, tmp_path))["train"]
+    assert rows["messages"] == [r["messages"] for r in first]
+    digest = rows_digest(rows)
+    second = write(["new-1", "new-2"])
+    rows = load_rows(mixture(path, tmp_path))["train"]
+    assert rows["messages"] == [r["messages"] for r in second]
+    assert rows_digest(rows) != digest
+
+
+def test_rows_digest_is_the_content_actually_used(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    data = b"".join(line(sft_row(t)) for t in "abcdef")
+    a.write_bytes(data)
+    b.write_bytes(data)
+    cfg = lambda p, **m: mixture(p, tmp_path, mixture={"seed": 0, "test_split_size": 2, **m})  # noqa: E731
+    ra, rb = load_rows(cfg(a))["train"], load_rows(cfg(b))["train"]
+    assert rows_digest(ra) == rows_digest(rb) == rows_digest(ra.to_list())  # content, not path; Dataset == list
+    assert rows_digest(ra) != rows_digest(load_rows(cfg(a, seed=1))["train"])  # another split -> other rows
+    b.write_bytes(data + line(sft_row("g")))
+    assert rows_digest(load_rows(mixture(a, tmp_path))["train"]) != rows_digest(load_rows(mixture(b, tmp_path))["train"])
+    os.utime(a)  # touching (or rewriting the same bytes) changes nothing
+    a.write_bytes(data)
+    assert rows_digest(load_rows(cfg(a))["train"]) == rows_digest(ra)
