@@ -115,6 +115,32 @@ def test_test_split_size_larger_than_the_data(tmp_path, size, shown):
     assert len(rows["train"]) == 1 and len(rows["test"]) == 3
 
 
+# --- 5. messages ------------------------------------------------------------------------------------
+
+def test_dpo_unknown_role_is_named(tmp_path, tok):
+    path = tmp_path / "human.jsonl"
+    human = {"role": "human", "content": "Hi"}
+    good = {"chosen": [U("Hi"), A("Hello")], "rejected": [U("Hi"), A("Go away")]}
+    path.write_bytes(line(good) + line({"chosen": [human, A("Hello")], "rejected": [human, A("Go away")]}))
+    rows = load_rows(mixture(path, tmp_path))["train"]
+    with pytest.raises(DataValidationError) as info:
+        build_dpo_examples(rows, tok, max_length=64, show_progress=False)
+    assert (f"{path}: row 1, field 'chosen[0].role': unknown role 'human' "
+            "(expected one of ('system', 'user', 'assistant'))") in str(info.value)
+    assert "got list" not in str(info.value)
+
+
+def test_sft_conversation_ending_on_a_user_turn_is_refused(tmp_path, tok):
+    path = tmp_path / "trailing_user.jsonl"
+    path.write_bytes(line(sft_row("a")) + line({"messages": [U("Hi"), A("Hello"), U("And then?")]}))
+    rows = load_rows(mixture(path, tmp_path))["train"]
+    with pytest.raises(DataValidationError, match=rf"{path}: row 1, field 'messages\[2\]\.role': last turn must be "
+                                                  r"'assistant', got 'user'"):
+        tokenize_sft(rows, tok, max_length=256, show_progress=False)
+    examples, report = tokenize_sft(rows, tok, max_length=256, skip_invalid_rows=True, show_progress=False)
+    assert [e["index"] for e in examples] == [0] and report.skipped.num_skipped == 1
+
+
 # --- 6. data identity follows content ---------------------------------------------------------------
 
 @pytest.mark.parametrize("ext", ["jsonl", "parquet"])

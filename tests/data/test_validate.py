@@ -41,7 +41,7 @@ DPO_CASES = [
     ({"chosen": [U("Hi"), A("Same")], "rejected": [U("Hi"), A("Same")]}, "field 'rejected': chosen and rejected completions are identical"),
     ({"prompt": "Hi", "chosen": "Same", "rejected": "Same"}, "field 'rejected': chosen and rejected completions are identical"),
     ({"chosen": [U("Hi"), A("Hello")], "rejected": [U("Hi")]}, r"field 'rejected\[0\]\.role': last turn must be 'assistant'"),
-    ({"prompt": "Hi", "chosen": 3, "rejected": "x"}, "field 'chosen': expected a string or a message list, got int"),
+    ({"prompt": "Hi", "chosen": 3, "rejected": "x"}, "field 'chosen': expected a string, a one-message assistant list or a whole conversation, got int"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "field 'prompt': empty string"),
     ({"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt': missing"),
     ({"prompt": "Hi", "chosen": [{"role": "tool", "content": "x"}], "rejected": "b"},

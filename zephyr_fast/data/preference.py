@@ -70,16 +70,20 @@ def _as_assistant(value, *, ds, row, fld):
             return None, [DataError(ds, row, fld + "[0].role", f"completion must be an assistant turn, got {m.get('role')!r}", "role_order")]
         errs = check_string(m.get("content"), dataset=ds, row=row, field=fld + "[0].content")
         return (m if not errs else None), errs
-    return None, [DataError(ds, row, fld, f"expected a string or a message list, got {type(value).__name__}", "wrong_type")]
+    got = f"a list of {len(value)} messages" if isinstance(value, (list, tuple)) else type(value).__name__
+    return None, [DataError(ds, row, fld, f"expected a string, a one-message assistant list or a whole conversation, "
+                            f"got {got}", "wrong_type")]
 
 
 def parse_pair(row: dict, *, ds: str, r: int):
     """``(prompt_messages, chosen_message, rejected_message, errors)`` for one row, any format."""
     chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
     errs = []
+    # a whole conversation: several turns, or one that opens a conversation (TRL's explicit-prompt
+    # completion is one turn); check_messages checks its roles, so 'human' is named as an unknown role
     full = (
         isinstance(chosen, (list, tuple)) and chosen and isinstance(chosen[0], dict)
-        and chosen[0].get("role") in ("system", "user")
+        and (len(chosen) > 1 or chosen[0].get("role") in ("system", "user"))
     )
     if full:
         errs += check_messages(chosen, dataset=ds, row=r, field="chosen", last_role="assistant")

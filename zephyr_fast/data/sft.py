@@ -121,7 +121,8 @@ def tokenize_sft(
 
     Args:
         rows: ``datasets.Dataset`` or list of dicts with a ``messages`` column
-            (``[{"role", "content"}, ...]``, optional system turn, then user/assistant alternating).
+            (``[{"role", "content"}, ...]``, optional system turn, then user/assistant alternating,
+            ending on an assistant turn).
         tokenizer: a fast Hugging Face tokenizer with a chat template (see :func:`load_tokenizer`).
         max_length: sequences are cut to their first ``max_length`` tokens (counted in the report).
         assistant_only_loss: train only on assistant turns (content, ``</s>`` and the turn's
@@ -150,7 +151,7 @@ def tokenize_sft(
         for j, msgs in enumerate(cols[messages_field]):
             ds, r = origins[j]
             errs = (load_errors(cols[LOAD_ERROR_COL][j], dataset=ds, row=r)
-                    or check_messages(msgs, dataset=ds, row=r, field=messages_field))
+                    or check_messages(msgs, dataset=ds, row=r, field=messages_field, last_role="assistant"))
             if errs:
                 errors += [replace(e, position=c0 + j) for e in errs]
                 continue
