@@ -58,6 +58,18 @@ def test_non_utf8_line_is_skipped_and_counted(tmp_path, tok):
         tokenize_sft(rows, tok, max_length=256, show_progress=False)
 
 
+def test_unreadable_rows_mix_with_clean_files(tmp_path, tok):
+    bad, clean = write_bad_encoding(tmp_path), tmp_path / "clean.jsonl"
+    clean.write_bytes(line(sft_row("e")) + line(sft_row("f")))
+    cfg = DataConfig(dataset_mixture={"datasets": [{"id": str(clean)}, {"id": str(bad)}], "seed": 0,
+                                      "test_split_size": 2}, skip_invalid_rows=True, cache_dir=str(tmp_path / "c"))
+    rows = load_rows(cfg)
+    reports = [tokenize_sft(rows[s], tok, max_length=256, skip_invalid_rows=True, show_progress=False)[1]
+               for s in ("train", "test")]
+    assert sum(r.rows for r in reports) == 6 and sum(r.skipped.num_skipped for r in reports) == 1
+    assert sum("latin1.jsonl: line 3 (row 2): not valid UTF-8" in str(r) for r in reports) == 1
+
+
 def test_non_utf8_line_in_dpo_rows_is_skipped(tmp_path, tok):
     path = tmp_path / "prefs.jsonl"
     good = {"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}
