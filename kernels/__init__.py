@@ -7,7 +7,7 @@ Public API (contracts in docs/ARCHITECTURE.md):
 * :func:`dpo_loss`, :func:`fused_linear_dpo_loss`, :class:`FusedLinearDPOLoss`,
   :class:`LigerFusedLinearDPOLoss` (Liger's drop-in; old name
   ``LigerCompatibleFusedLinearDPOLoss``).
-* ``impl="auto" | "triton" | "torch"`` on every entry point (:mod:`zephyr_kernels.dispatch`);
+* ``impl="auto" | "triton" | "triton_tiled" | "torch"`` on every entry point (:mod:`zephyr_kernels.dispatch`);
   :mod:`zephyr_kernels.reference` holds the naive fp32 references.
 
 Importing this package touches neither CUDA nor Triton; the Triton backend loads on first use.

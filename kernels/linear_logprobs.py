@@ -85,7 +85,7 @@ def linear_logprobs(
             inside the kernel.  ``num_segments`` should be given (else it is read from the tensor,
             which syncs with the device).
         return_lse: also return the per-row log-sum-exp ``(N,)`` fp32 (0 on ignored rows).
-        impl: ``"auto" | "triton" | "torch"`` (see :mod:`zephyr_kernels.dispatch`).
+        impl: ``"auto" | "triton" | "triton_tiled" | "torch"`` (see :mod:`zephyr_kernels.dispatch`).
 
     Returns:
         ``token_logps (N,) fp32`` (0 where ignored); with ``segment_ids`` the tuple

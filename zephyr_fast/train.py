@@ -17,6 +17,7 @@ if __name__ == "__main__":  # run as a script: its folder must not shadow top-le
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from zephyr_fast.config import ConfigError, load_config  # noqa: E402
+from zephyr_fast.data.validate import DataValidationError  # noqa: E402
 from zephyr_fast.training.distributed import teardown  # noqa: E402
 from zephyr_fast.training.run import run  # noqa: E402
 
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
         return 2
     try:
         run(cfg, stop_after=stop_after)
+    except DataValidationError as e:  # bad input: one line naming file, row and field
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         teardown()
     return 0

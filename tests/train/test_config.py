@@ -149,3 +149,18 @@ def test_handbook_dtype_auto_and_ignored_keys():
     c = cfg_of(torch_dtype=None, bf16=True, dataset_num_proc=12, preprocessing_num_workers=4, log_level="info")
     assert c.model.dtype == "bfloat16"
     assert cfg_of(torch_dtype="auto").model.dtype == "float32"
+
+
+def test_bad_data_row_is_one_line_and_exit_status_2(tmp_path, capsys):
+    """A data error (here: a line that is not valid UTF-8) ends the launch with status 2 and the
+    file / line in the message, not a traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    (data / "train.jsonl").write_bytes(good.encode() + b'{"messages": "\xe9"}\n')
+    (data / "test.jsonl").write_text(good)
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe("sft", str(tmp_path / "out"), str(data))))
+    assert main([str(r)]) == 2
+    err = capsys.readouterr().err
+    assert "data[train]: line 2" in err and "UTF-8" in err and "Traceback" not in err

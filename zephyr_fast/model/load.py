@@ -182,24 +182,11 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
     Returns:
         the ``transformers`` causal LM, in train mode.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if (name_or_path is None) == (config is None):
-        raise ValueError("load_model: pass exactly one of name_or_path or config")
-    if trust_remote_code:
-        raise ValueError("load_model: trust_remote_code=True is refused; zephyr_fast never executes code "
-                         "from a checkpoint (every supported family is built into transformers)")
+    config = _checked_config(name_or_path, config, trust_remote_code, liger_ops)
     torch_dtype = resolve_dtype(dtype)
-    if config is None:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
-    check_supported(config)
     attn_name = _resolve_attn(attn_impl, torch_dtype, config)
-    if liger_ops and config.model_type not in _LIGER_PATCHES:
-        raise ValueError(f"liger_ops=True is wired for {sorted(_LIGER_PATCHES)} only, not {config.model_type!r}; "
-                         "set liger_ops: false")
-    if liger_ops:
-        _check_liger()
-
     if zero3 is not None:
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -221,6 +208,27 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
         _apply_liger(model)
     model.train()
     return model
+
+
+def _checked_config(name_or_path, config, trust_remote_code: bool, liger_ops: bool):
+    """The model config (read from the checkpoint when not given), refused in one line when the
+    arguments, the family or the Liger request cannot be honoured."""
+    from transformers import AutoConfig
+
+    if (name_or_path is None) == (config is None):
+        raise ValueError("load_model: pass exactly one of name_or_path or config")
+    if trust_remote_code:
+        raise ValueError("load_model: trust_remote_code=True is refused; zephyr_fast never executes code "
+                         "from a checkpoint (every supported family is built into transformers)")
+    if config is None:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    check_supported(config)
+    if liger_ops and config.model_type not in _LIGER_PATCHES:
+        raise ValueError(f"liger_ops=True is wired for {sorted(_LIGER_PATCHES)} only, not {config.model_type!r}; "
+                         "set liger_ops: false")
+    if liger_ops:
+        _check_liger()
+    return config
 
 
 def _check_liger() -> None:

@@ -32,13 +32,13 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from zephyr_fast.data.loading import DataConfig
+from zephyr_fast.data.loading import DataConfig, rows_digest
 from zephyr_fast.data.packing import pack_dpo
 from zephyr_fast.model.forward import packed_logps
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects, sharded_forwards
 from zephyr_fast.training.stages import DPOConfig
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the dataset is keyed by rows_digest (content), not the datasets fingerprint
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -65,13 +65,6 @@ def examples_fingerprint(examples) -> str:
     for ex in examples:
         h.update(json.dumps([ex["index"], ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]).encode())
     return h.hexdigest()
-
-
-def dataset_fingerprint(rows) -> str:
-    fp = getattr(rows, "_fingerprint", None)  # datasets.Dataset: content + transform history
-    if fp:
-        return f"datasets:{fp}"
-    return _sha(json.dumps(list(rows), sort_keys=True, default=str))
 
 
 def weights_fingerprint(model_name_or_path: Optional[str], model=None, *, revision: str = "main",
@@ -110,7 +103,7 @@ def cache_key(*, split: str, rows, examples, tokenizer, weights: str, max_length
     return {
         "version": CACHE_VERSION,
         "split": split,
-        "dataset": dataset_fingerprint(rows),
+        "dataset": rows_digest(rows),  # content of the rows used (not paths or mtimes)
         "model_weights": weights,
         "tokenizer_and_template": tokenizer_fingerprint(tokenizer),
         "lengths": {"max_length": max_length, "max_prompt_length": max_prompt_length},

@@ -166,10 +166,9 @@ class DPOStage(Stage):
 
     def loss_head(self, *, temperature: float, softcap: Optional[float]) -> Callable:
         d = self.cfg
-        # the identity transform is the fused loss's default: passed only when a model needs another one
-        transform = {} if softcap is None and temperature == 1.0 else {"temperature": temperature, "softcap": softcap}
         dpo_loss = FusedLinearDPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                                      rpo_alpha=d.rpo_alpha, reduction="sum", impl=self.impl, **transform)
+                                      rpo_alpha=d.rpo_alpha, reduction="sum", temperature=temperature,
+                                      softcap=softcap, impl=self.impl)
 
         def head(rows, weight, labels, segment_ids, ref):
             ref_chosen, ref_rejected = ref
@@ -215,7 +214,9 @@ class LossModule(torch.nn.Module):
     def forward(self, batch, ref=None):
         core = unwrap_model(self.model)
         hidden = forward_hidden(core, batch)
-        rows, labels, segment_ids = loss_inputs(hidden, batch)
+        # on CUDA only the loss rows reach the head (found on the host at packing: no sync); the
+        # CPU path of the kernels compacts by itself
+        rows, labels, segment_ids = loss_inputs(hidden, batch, compact=hidden.is_cuda)
         with lm_head_weight(core) as weight:
             return self.loss_head(rows, weight, labels, segment_ids, ref)
 
