@@ -112,3 +112,32 @@ def test_bench_lm_head_every_mode_records(mode):
     assert info["mode"] == mode and info["provider"] == "zephyr_fast" and info["device"] == "cpu"
     assert b.stats.rounds == 2 and b.stats.median > 0 and info["tokens_per_s"] > 0
     assert ("tflops" in info) == (mode == "full")
+
+
+def test_gpu_check_plan_covers_issue_9_table_in_priority_order():
+    """Every (task, V, inputs) cell at N=8192 has zephyr_fast and each anchor; N=16384 follows;
+    torch.compile (compile time) comes last so the time guard drops it first."""
+    plan = gpu_check.lm_head_plan(smoke=False)
+    cells = {(t, v, n, k) for t, _, _, v, n, k in plan}
+    for task in ("ce", "dpo"):
+        for v in (32000, 128256):
+            for kind in ("peaked", "normal"):
+                have = {p for t, p, _, vv, n, k in plan if (t, vv, n, k) == (task, v, 8192, kind)}
+                assert have == {"zephyr_fast", "naive_torch", "liger", "cce", "torch_compile"}, (task, v, kind)
+            assert (task, v, 16384, "peaked") in cells
+    providers = [p for _, p, *_ in plan]
+    first_compile = providers.index("torch_compile")
+    assert all(p == "torch_compile" for p in providers[first_compile:])
+    first_big = next(i for i, row in enumerate(plan) if row[4] == 16384)
+    last_table = max(i for i, row in enumerate(plan) if row[4] == 8192 and row[1] != "torch_compile")
+    assert last_table < first_big < first_compile
+
+
+def test_gpu_check_section_fails_when_a_benchmark_raises(tmp_path):
+    c = gpu_check.Check(tmp_path, budget_s=60, smoke=True)
+
+    def boom(b):
+        raise RuntimeError("kernel exploded")
+
+    c.section("lm_head", lambda: c.bench("lm_head[x]", boom), need_s=0)
+    assert c.sections["lm_head"].startswith("FAILED") and c.errors == 1
