@@ -266,7 +266,8 @@ def _accumulate(dz, h32, w_c, v0, v1, dxc, dw, db):
 def _sparse_grads(hidden, weight, bias, targets, lse, tgt, A, B, idx, active, *, temperature, softcap,
                   need_dx, need_dw, need_db):
     """Filtered gradient pass: ``A·p`` on active (row, tile) pairs only, each tile one GEMM over the
-    rows that need it.
+    rows that need it, accumulated straight into the gradient buffers (no per-call copies of the
+    valid rows: this path must stay within the memory of the dense one).
 
     The target column is taken out of those GEMMs and handled by gather/scatter with
     ``A·exp(tgt - lse) + B``, from the forward's own target logit: where ``p_t ≈ 1`` its gradient
@@ -275,35 +276,34 @@ def _sparse_grads(hidden, weight, bias, targets, lse, tgt, A, B, idx, active, *,
     """
     V = weight.shape[0]
     dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
-    h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
-    h32 = h.float()
     lse_v, tgt_v, A_v, B_v = (x.float().index_select(0, idx) for x in (lse, tgt, A, B))
-    dxv = torch.zeros(idx.numel(), hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_dx else None
     th_t = None if softcap is None else tgt_v * (temperature / softcap)  # tanh of the target logit
     b = _chain(A_v * (tgt_v - lse_v).clamp_min(_EXP_FLOOR).exp() + B_v, th_t, temperature)
-    if dxv is not None:
-        dxv.add_(b[:, None] * weight.index_select(0, t).float())
-    if dw is not None:
-        dw.index_add_(0, t, b[:, None] * h32)
-    if db is not None:
-        db.index_add_(0, t, b)
-    for j, rows in _tile_rows(active):
+    for i in range(0, idx.numel(), _ROW_BLOCK):  # the target column, a row block at a time
+        rows, t, b_i = idx[i : i + _ROW_BLOCK], targets.index_select(0, idx[i : i + _ROW_BLOCK]), b[i : i + _ROW_BLOCK]
+        if dx is not None:
+            dx.index_put_((rows,), b_i[:, None] * weight.index_select(0, t).float(), accumulate=True)
+        # index_put_(accumulate=True), not index_add_: see the note on dx below
+        if dw is not None:
+            dw.index_put_((t,), b_i[:, None] * hidden.index_select(0, rows).float(), accumulate=True)
+        if db is not None:
+            db.index_put_((t,), b_i, accumulate=True)
+    for j, sel in _tile_rows(active):
         v0, v1 = j * _TILE, min(V, (j + 1) * _TILE)
-        hr, w_c, t_r = h.index_select(0, rows), weight[v0:v1], t.index_select(0, rows)
+        rows = idx.index_select(0, sel)
+        hr, w_c, t_r = hidden.index_select(0, rows), weight[v0:v1], targets.index_select(0, rows)
         z, th = _logits(hr, w_c, None if bias is None else bias[v0:v1], temperature, softcap)
-        p = z.sub_(lse_v.index_select(0, rows)[:, None]).clamp_min_(_EXP_FLOOR).exp_()
-        p.mul_(A_v.index_select(0, rows)[:, None])
+        p = z.sub_(lse_v.index_select(0, sel)[:, None]).clamp_min_(_EXP_FLOOR).exp_()
+        p.mul_(A_v.index_select(0, sel)[:, None])
         col = (t_r - v0).clamp(0, v1 - v0 - 1)[:, None]
         outside = ((t_r < v0) | (t_r >= v1))[:, None]
         p.scatter_(1, col, p.gather(1, col) * outside)  # the target column is handled above
         dz = _chain(p, th, temperature)
-        _accumulate(dz, h32.index_select(0, rows) if dw is not None else None, w_c, v0, v1, None, dw, db)
-        if dxv is not None:
+        _accumulate(dz, hr.float() if dw is not None else None, w_c, v0, v1, None, dw, db)
+        if dx is not None:
             # index_put_ (rows are unique): CPU index_add_ of a few rows is ~1000x slower with 2 threads
-            dxv.index_put_((rows,), dz @ w_c if w_c.dtype == torch.float32 else (dz.to(w_c.dtype) @ w_c).float(),
-                           accumulate=True)
-    if dx is not None:
-        dx.index_copy_(0, idx, dxv)
+            dx.index_put_((rows,), dz @ w_c if w_c.dtype == torch.float32 else (dz.to(w_c.dtype) @ w_c).float(),
+                          accumulate=True)
     return dx, dw, db
 
 

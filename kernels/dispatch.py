@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from zephyr_kernels import chunked
+
 IMPLS = ("auto", "triton", "triton_tiled", "torch")
 _TRITON_MODULES = {"triton": "zephyr_kernels.triton_chunked", "triton_tiled": "zephyr_kernels.triton_kernels"}
 
@@ -93,8 +95,6 @@ def backend(impl: str, device: torch.device):
     name = resolve(impl, device)
     if name in _TRITON_MODULES:
         return _triton_module(name)[0]
-    from zephyr_kernels import chunked
-
     return chunked
 
 

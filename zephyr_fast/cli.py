@@ -15,9 +15,25 @@ Multi-GPU training goes through a launcher: ``deepspeed --num_gpus N zephyr_fast
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 USAGE = __doc__.split("\n\n")[1]
+
+# command -> (module, function taking argv, extra argv); each module is imported only when its command
+# runs, so `zephyr-fast binarize` or `--help` does not pay for torch, transformers or the Hub
+COMMANDS = {
+    "train": ("zephyr_fast.train", "main", []),
+    "ref-logps": ("zephyr_fast.train", "main", ["--stage=ref_logps"]),
+    "binarize": ("zephyr_fast.data.binarize", "main", []),
+    "plot": ("zephyr_fast.training.metrics", "plot_main", []),
+    "demo": ("zephyr_fast.demo", "main", []),
+    "generate": ("zephyr_fast.aif.generate", "main", []),
+    "judge": ("zephyr_fast.aif.judge", "main", []),
+    "aif": ("zephyr_fast.aif.pipeline", "main", []),
+    "mt-bench": ("zephyr_fast.eval.mt_bench", "main", []),
+}
+ALIASES = {"ref_logps": "ref-logps", "mt_bench": "mt-bench"}
 
 
 def main(argv=None) -> int:
@@ -25,49 +41,13 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "train":
-        from zephyr_fast.train import main as train_main
-
-        return train_main(rest)
-    if cmd in ("ref-logps", "ref_logps"):
-        from zephyr_fast.train import main as train_main
-
-        return train_main(rest + ["--stage=ref_logps"])
-    if cmd == "binarize":
-        from zephyr_fast.data.binarize import main as binarize_main
-
-        return binarize_main(rest)
-    if cmd == "plot":
-        from zephyr_fast.training.metrics import plot_runs
-
-        if len(rest) < 2 or any("=" not in r for r in rest[1:]):
-            print("usage: zephyr-fast plot OUT.png LABEL=metrics.jsonl [LABEL=metrics.jsonl ...]", file=sys.stderr)
-            return 2
-        print(plot_runs(dict(r.split("=", 1) for r in rest[1:]), rest[0]))
-        return 0
-    if cmd == "demo":
-        from zephyr_fast.demo import main as demo_main
-
-        return demo_main(rest)
-    if cmd == "generate":
-        from zephyr_fast.aif.generate import main as generate_main
-
-        return generate_main(rest)
-    if cmd == "judge":
-        from zephyr_fast.aif.judge import main as judge_main
-
-        return judge_main(rest)
-    if cmd == "aif":
-        from zephyr_fast.aif.pipeline import main as aif_main
-
-        return aif_main(rest)
-    if cmd in ("mt-bench", "mt_bench"):
-        from zephyr_fast.eval.mt_bench import main as mt_bench_main
-
-        return mt_bench_main(rest)
-    print(f"zephyr-fast: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    cmd, rest = ALIASES.get(argv[0], argv[0]), argv[1:]
+    if cmd not in COMMANDS:
+        print(f"zephyr-fast: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module, func, extra = COMMANDS[cmd]
+    # the one deferred import of the package (see COMMANDS): the command's own module
+    return getattr(importlib.import_module(module), func)(rest + extra)
 
 
 if __name__ == "__main__":

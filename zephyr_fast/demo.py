@@ -29,6 +29,19 @@ import os
 import pathlib
 import time
 
+import torch
+from transformers import AutoConfig
+
+from zephyr_fast.aif.client import JudgeConfig
+from zephyr_fast.aif.pipeline import dpo_data_override, run_aif
+from zephyr_fast.aif.serve import serve_local
+from zephyr_fast.config import load_config
+from zephyr_fast.data.chat import load_tokenizer
+from zephyr_fast.eval.mt_bench import run_mt_bench
+from zephyr_fast.model import load_model
+from zephyr_fast.train import run
+from zephyr_fast.training.metrics import plot_runs, read_jsonl
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 UF_PROMPTS = REPO / "assets" / "data" / "ultrafeedback_binarized" / "sample16.jsonl"
 # transformers serve samples only when asked through the generation config (greedy otherwise, and a
@@ -43,12 +56,6 @@ def _first_last(rows: list, key: str):
 
 def _save_random_init(sft_dir: str, out_dir: str) -> str:
     """The dSFT model's architecture at random init (seed 0): the pool's second, weaker model."""
-    import torch
-    from transformers import AutoConfig
-
-    from zephyr_fast.data.chat import load_tokenizer
-    from zephyr_fast.model import load_model
-
     if not os.path.exists(os.path.join(out_dir, "config.json")):
         torch.manual_seed(0)
         load_model(config=AutoConfig.from_pretrained(sft_dir)).save_pretrained(out_dir)
@@ -58,8 +65,6 @@ def _save_random_init(sft_dir: str, out_dir: str) -> str:
 
 def _aif(out: str, server, args) -> dict:
     """Step 2: generate -> judge (the served model) -> binarize; returns the pipeline's result."""
-    from zephyr_fast.aif.pipeline import run_aif
-
     recipe = {"output_dir": f"{out}/aif",
               "generate": {"prompts": str(UF_PROMPTS), "limit": args.aif_prompts, "n_models": 2, "seed": 0,
                            "pool": {"dsft": f"{out}/sft", "init": _save_random_init(f"{out}/sft", f"{out}/init")},
@@ -73,9 +78,6 @@ def _aif(out: str, server, args) -> dict:
 
 def _mt_bench(out: str, server, args) -> dict:
     """Step 5: MT-Bench answers of the dDPO model graded by the served judge."""
-    from zephyr_fast.aif.client import JudgeConfig
-    from zephyr_fast.eval.mt_bench import run_mt_bench
-
     judge = JudgeConfig(base_url=server.base_url, model=server.model, api_key="local",
                         constrain_tokenizer=server.model, temperature=1.0, concurrency=2, extra_body=SAMPLE_JUDGE)
     return run_mt_bench(f"{out}/dpo", f"{out}/mt_bench", judge, per_category=args.questions,
@@ -94,14 +96,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.fast:
         args.sft_epochs, args.dpo_epochs, args.aif_prompts, args.max_new_tokens = 1, 1, 8, 16
-
-    import torch
-
-    from zephyr_fast.aif.pipeline import dpo_data_override
-    from zephyr_fast.aif.serve import serve_local
-    from zephyr_fast.config import load_config
-    from zephyr_fast.train import run
-    from zephyr_fast.training.metrics import plot_runs, read_jsonl
 
     os.chdir(REPO)  # recipes name repo-relative data and tokenizer paths
     out = os.path.abspath(args.out)

@@ -129,3 +129,14 @@ def test_foreign_benchmarks_ignored_and_empty_report(tmp_path):
     md = report.render(records, metas)
     assert "No benchmark results" in md
     assert "- `test_ce_cuda[liger]`: needs a CUDA device" in md   # skipped anchors are listed, with why
+
+
+def test_a_later_json_replaces_whole_groups(tmp_path):
+    """A re-measured group comes from the later run only (both providers), others stay."""
+    first = _write(tmp_path, _doc([_lm("zephyr_fast", 1.0, 84 * MiB), _lm("cce", 2.0, 420 * MiB),
+                                   _lm("zephyr_fast", 5.0, 84 * MiB, inputs="normal")]), "a.json")
+    second = _write(tmp_path, _doc([_lm("zephyr_fast", 0.5, 80 * MiB), _lm("cce", 2.5, 420 * MiB)]), "b.json")
+    records, _ = report.load([first, second])
+    peaked = [r for r in records if r["inputs"] == "peaked"]
+    assert sorted(r["median_s"] for r in peaked) == [0.5, 2.5] and {r["source"] for r in peaked} == {str(second)}
+    assert [r["median_s"] for r in records if r["inputs"] == "normal"] == [5.0]

@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from ..data.chat import load_tokenizer
+from ..model import generate, load_model
 from .client import cli_status
 from .store import AppendLog, iter_jsonl, read_input_jsonl, write_jsonl_atomic
 from .ultrafeedback import pick_principle
@@ -92,9 +94,6 @@ def assign(prompts: list, pool: list, n_models: int, seed: int) -> dict:
 
 
 def _transformers_backend(model_dir: str, device: str):
-    from zephyr_fast.data.chat import load_tokenizer
-    from zephyr_fast.model import generate, load_model
-
     model = load_model(model_dir).to(device).eval()
     tok = load_tokenizer(model_dir)
 

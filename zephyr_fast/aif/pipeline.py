@@ -32,7 +32,9 @@ from dataclasses import fields
 
 import yaml
 
+from ..config import load_config
 from ..data.binarize import SCORES, binarize_rows
+from ..training.run import run
 from .client import JudgeConfig, cli_status
 from .generate import GenerateReport, generate_completions, load_prompts
 from .judge import judge_file
@@ -138,9 +140,6 @@ def run_aif(recipe: dict, *, progress: bool = True) -> dict:
 
 def train_dpo(train: dict, pairs_path: str) -> dict:
     """dDPO (``stage: dpo``) on the AIF pairs: the recipe's dataset replaced by ``pairs_path``."""
-    from zephyr_fast.config import load_config
-    from zephyr_fast.train import run
-
     return run(load_config(train["recipe"], [dpo_data_override(pairs_path), "--stage=dpo", *train.get("overrides", [])]))
 
 

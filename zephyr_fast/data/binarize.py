@@ -36,7 +36,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .validate import DataError, SkipReport, check_string, resolve
+from .loading import load_split
+from .validate import DataError, DataValidationError, SkipReport, check_string, resolve
 
 SCORES = ("auto", "overall", "mean_rating", "weighted_rating")
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
@@ -239,8 +240,6 @@ def read_rows(path: str) -> list:
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of rows")
         return data
-    from .loading import load_split
-
     return list(load_split(path, "train"))
 
 
@@ -254,8 +253,6 @@ def main(argv=None) -> int:
                          "weighted_rating: the same with the judge's probability-weighted ratings where present")
     ap.add_argument("--skip-invalid-rows", action="store_true")
     args = ap.parse_args(argv)
-    from .validate import DataValidationError
-
     try:
         rows = read_rows(args.input)
         pairs, report = binarize_rows(rows, seed=args.seed, score=args.score, skip_invalid_rows=args.skip_invalid_rows,

@@ -33,6 +33,11 @@ import time
 import uuid
 from typing import Optional
 
+import torch
+from tqdm.auto import tqdm
+
+from ..data.chat import load_tokenizer
+from ..model import generate, load_model
 from ..aif.client import JudgeClient, JudgeConfig, cli_status
 from ..aif.judge import add_judge_args, judge_config_from_args
 from ..aif.store import AppendLog, JudgeCache, iter_jsonl, read_input_jsonl
@@ -85,12 +90,6 @@ def answer_questions(model_dir: str, questions: list, out_path: str, *, model_id
                      max_new_tokens: int = 1024, batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
                      progress: bool = True) -> dict:
     """Answer both turns of every question not yet in ``out_path``; returns all answers by id."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from zephyr_fast.data.chat import load_tokenizer
-    from zephyr_fast.model import generate, load_model
-
     done = read_answers(out_path) if os.path.exists(out_path) else {}
     todo = [q for q in questions if q["question_id"] not in done]
     if not todo:

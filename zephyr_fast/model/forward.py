@@ -11,6 +11,7 @@ import contextlib
 import logging
 
 import torch
+from zephyr_kernels import linear_logprobs
 
 from ..data.batch import PackedBatch, loss_inputs
 from .attention import (META_KWARG, attention_implementation, backend_of, build_varlen_meta,
@@ -192,8 +193,6 @@ def packed_logps(model, batch: PackedBatch, impl: str = "auto"):
         ``M = N`` except in the prefix-shared layout, where the ``P`` extra predictions of
         :func:`~zephyr_fast.data.batch.loss_inputs` are appended.
     """
-    from zephyr_kernels import linear_logprobs
-
     hidden = forward_hidden(model, batch)
     rows, labels, segment_ids = loss_inputs(hidden, batch)
     with lm_head_weight(model) as weight:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
 from typing import Optional
 
@@ -148,3 +149,12 @@ def plot_runs(runs: dict, out_png: str) -> str:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_main(argv) -> int:
+    """``zephyr-fast plot OUT.png LABEL=metrics.jsonl [...]``: :func:`plot_runs` from the command line."""
+    if len(argv) < 2 or any("=" not in a for a in argv[1:]):
+        print("usage: zephyr-fast plot OUT.png LABEL=metrics.jsonl [LABEL=metrics.jsonl ...]", file=sys.stderr)
+        return 2
+    print(plot_runs(dict(a.split("=", 1) for a in argv[1:]), argv[0]))
+    return 0
