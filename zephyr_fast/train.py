@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         return 2
     try:
         run(cfg, stop_after=stop_after)
-    except DataValidationError as e:  # bad input: one line naming file, row and field
+    except (ConfigError, DataValidationError) as e:  # bad input: one line naming file, row / key and field
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

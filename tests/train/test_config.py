@@ -164,3 +164,19 @@ def test_bad_data_row_is_one_line_and_exit_status_2(tmp_path, capsys):
     assert main([str(r)]) == 2
     err = capsys.readouterr().err
     assert "data[train]: line 2" in err and "UTF-8" in err and "Traceback" not in err
+
+
+def test_unsupported_model_refused_before_any_data_work(tmp_path, capsys):
+    """A checkpoint of a family zephyr_fast cannot train is refused in one line (status 2) before
+    the data is read: here the data directory does not even exist."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    r = recipe("sft", str(tmp_path / "out"), str(tmp_path / "no-such-data"))
+    r.pop("model_init")
+    r["model_name_or_path"] = str(ckpt)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(r))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "no-such-data" not in err and "Traceback" not in err

@@ -18,9 +18,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from zephyr_fast.config import ModelConfig, TrainingConfig
+from zephyr_fast.config import ConfigError, ModelConfig, TrainingConfig
 from zephyr_fast.model.forward import unwrap_model
-from zephyr_fast.model.load import load_model, tiny_config
+from zephyr_fast.model.load import check_supported, load_model, tiny_config
 from zephyr_fast.training import metrics as M
 from zephyr_fast.training.distributed import DistInfo
 
@@ -34,6 +34,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def check_model(m: ModelConfig, path: Optional[str]) -> str:
+    """The model family of ``path`` (only its ``config.json`` is read) or of ``model_init``, refused as
+    a one-line ``ConfigError`` when zephyr_fast cannot train it — before any data work."""
+    try:
+        return check_supported(path if path else tiny_config(**m.model_init))
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 def build_model(m: ModelConfig, dist: DistInfo, *, seed: int, path: Optional[str] = None):

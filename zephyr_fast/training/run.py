@@ -18,7 +18,8 @@ from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.model.forward import unwrap_model
 from zephyr_fast.training import checkpoint as ckpt
 from zephyr_fast.training import distributed
-from zephyr_fast.training.build import build_engine, build_model, flops_counter, peak_tflops, seed_everything
+from zephyr_fast.training.build import (build_engine, build_model, check_model, flops_counter, peak_tflops,
+                                        seed_everything)
 from zephyr_fast.training.loop import LoopState, TrainLoop
 from zephyr_fast.training.metrics import MetricLogger, read_jsonl
 from zephyr_fast.training.plan import make_plan, prepare
@@ -38,6 +39,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
     t, m = cfg.training, cfg.model
     dist, log = _setup(cfg)
     stage = make_stage(cfg)
+    check_model(m, stage.model_path(m.model_name_or_path))  # an unsupported model: refused before any data work
     tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, cfg.data.chat_template,
                                revision=m.model_revision)
 
