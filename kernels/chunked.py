@@ -253,6 +253,11 @@ def _dense_grads(hidden, weight, bias, targets, lse, A, B, C, *, ignore_index, t
     return dx, dw, db
 
 
+def _dz_w(dz, w):
+    """``dz @ w`` in fp32: ``dz`` (fp32) is cast to a low-precision ``w``'s dtype for the GEMM."""
+    return dz @ w if w.dtype == torch.float32 else (dz.to(w.dtype) @ w).float()
+
+
 def _accumulate(dz, h32, w_c, v0, v1, dxc, dw, db):
     """``db[v0:v1] += Σ dz``, ``dW[v0:v1] += dzᵀ h``, ``dxc += dz W[v0:v1]`` for one logits block."""
     if db is not None:
@@ -302,8 +307,7 @@ def _sparse_grads(hidden, weight, bias, targets, lse, tgt, A, B, idx, active, *,
         _accumulate(dz, hr.float() if dw is not None else None, w_c, v0, v1, None, dw, db)
         if dx is not None:
             # index_put_ (rows are unique): CPU index_add_ of a few rows is ~1000x slower with 2 threads
-            dx.index_put_((rows,), dz @ w_c if w_c.dtype == torch.float32 else (dz.to(w_c.dtype) @ w_c).float(),
-                          accumulate=True)
+            dx.index_put_((rows,), _dz_w(dz, w_c), accumulate=True)
     return dx, dw, db
 
 
@@ -368,5 +372,5 @@ def _row_tiled(hidden, weight, bias, targets, c, *, ignore_index, temperature, s
         if dw is not None:
             dw.addmm_(p.t(), h.float())
         if dx is not None:
-            dx.index_copy_(0, idx, p @ weight if weight.dtype == torch.float32 else (p.to(weight.dtype) @ weight).float())
+            dx.index_copy_(0, idx, _dz_w(p, weight))
     return lse, tgt, zsum, dx, dw, db

@@ -20,9 +20,10 @@ import random
 import re
 from typing import Optional
 
+from ..data.binarize import ASPECTS  # the four UltraFeedback aspects, one definition
+
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 TEMPLATE_VERSION = "ultrafeedback@bf80fd4/single-text-v1"
-ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 RATINGS = ("1", "2", "3", "4", "5")
 # Which principle UltraFeedback draws per completion, by prompt source (main.py::instruction_completion).
 PRINCIPLE_MIX = {
