@@ -34,8 +34,12 @@ from zephyr_kernels.dispatch import IMPLS
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.training.stages import STAGES, DPOConfig, stage_class
 
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adam", "rmsprop", "sgd")
+# transformers' names; the ones beyond the first four are built by transformers.get_scheduler
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr", "inverse_sqrt",
+              "polynomial", "warmup_stable_decay")
+# the bitsandbytes ones (paged / 8-bit) need CUDA and bitsandbytes: refused at start otherwise
+OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adam", "rmsprop", "sgd",
+              "paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit", "adamw_8bit")
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("no", "steps", "epoch")
 
@@ -65,6 +69,12 @@ class ModelConfig:
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict = field(default_factory=dict)  # e.g. {use_reentrant: false}
+    # QLoRA (bitsandbytes, CUDA only; refused at start elsewhere)
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    use_bnb_nested_quant: bool = False
     use_liger_ops: bool = False  # Liger RMSNorm/SwiGLU/RoPE (CUDA only), never its loss
     use_peft: bool = False
     lora_r: int = 16
@@ -93,6 +103,7 @@ class TrainingConfig:
     max_steps: int = -1
     learning_rate: float = 2.0e-5
     lr_scheduler_type: str = "cosine"
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # e.g. {min_lr_rate: 0.1} (cosine_with_min_lr)
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     optim: str = "adamw_torch"
@@ -105,15 +116,27 @@ class TrainingConfig:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     bf16: bool = False  # DeepSpeed bf16 mixed precision (the model dtype is ``dtype``)
+    fp16: bool = False  # refused: fp16 needs loss scaling; use bf16
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON; default ZeRO-3 when world > 1
     logging_steps: int = 10
     eval_strategy: str = "no"  # no | steps | epoch (alias evaluation_strategy)
     eval_steps: int = 0
     save_strategy: str = "steps"  # no | steps | epoch
     save_steps: int = 0  # 0: only the final save
-    save_total_limit: int = 2
+    save_total_limit: Optional[int] = 2  # None: keep every checkpoint (HF's default)
     resume_from_checkpoint: Optional[str] = None  # auto | PATH
-    report_to: list = field(default_factory=lambda: ["tensorboard"])
+    report_to: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | none
+    run_name: Optional[str] = None  # wandb run name (default: the output_dir's name)
+    wandb_project: Optional[str] = None  # default: $WANDB_PROJECT or "zephyr_fast"
+    wandb_entity: Optional[str] = None
+    wandb_run_group: Optional[str] = None
+    # Hub upload of the exported model (huggingface_hub); checked at start, not at the end
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None  # default: the output_dir's name under the token's user
+    hub_strategy: str = "every_save"  # end | every_save | checkpoint | all_checkpoints
+    hub_private_repo: Optional[bool] = None
+    hub_model_revision: Optional[str] = None  # branch to push to (default: main)
+    hub_token: Optional[str] = None  # default: $HF_TOKEN / the cached login
     peak_tflops: float = 0.0  # per device, for MFU; 0: detect from the CUDA card name
     kernel_impl: str = "auto"  # zephyr_kernels dispatch: one of zephyr_kernels.dispatch.IMPLS
     packing: bool = True  # always packed (padding-free); false is refused
@@ -135,6 +158,7 @@ class TrainingConfig:
             _check(getattr(self, key) in STRATEGIES, key, f"must be no | steps | epoch, got {getattr(self, key)!r}")
         _check(self.eval_strategy != "steps" or self.eval_steps > 0, "eval_steps",
                "must be > 0 when eval_strategy is 'steps'")
+        _check(not self.fp16, "fp16", "is not supported (fp16 training needs loss scaling); use bf16: true")
         _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         _check(self.packing, "packing",
                "zephyr_fast always trains on padding-free packed batches; remove packing: false")
@@ -187,14 +211,13 @@ ALIASES = {
     "precompute_ref_logps_dir": "ref_logps_dir",
 }
 IGNORED = {
-    "bf16_full_eval", "do_eval", "do_train", "hub_model_id", "hub_strategy", "hub_private_repo",
-    "push_to_hub", "log_level", "logging_strategy", "logging_first_step", "overwrite_output_dir",
-    "remove_unused_columns", "run_name", "gradient_checkpointing_kwargs", "save_only_model",
+    "bf16_full_eval", "do_eval", "do_train", "log_level", "logging_strategy", "logging_first_step", "overwrite_output_dir",
+    "remove_unused_columns", "save_only_model",
     "dataloader_num_workers", "ddp_timeout", "tf32", "use_flash_attention_2", "optim_args",
     "include_tokens_per_second", "dataset_kwargs", "precompute_ref_log_probs", "force_use_ref_model",
-    "model_init_kwargs", "load_in_4bit", "load_in_8bit", "use_bnb_nested_quant", "bnb_4bit_quant_type",
-    "dataset_text_field", "eval_accumulation_steps", "fp16", "preprocessing_num_workers", "dataset_num_proc",
-    "hub_model_revision", "wandb_project", "ddp_find_unused_parameters",
+    "model_init_kwargs",
+    "dataset_text_field", "eval_accumulation_steps", "preprocessing_num_workers", "dataset_num_proc",
+    "ddp_find_unused_parameters",
 }
 
 # Flat keys that legitimately exist in several sections and are set in all of them.
