@@ -1,4 +1,4 @@
-"""Training metrics with TRL's names, throughput, MFU, metrics.jsonl / TensorBoard, and the plot.
+"""Training metrics with TRL's names, throughput, MFU, metrics.jsonl / TensorBoard / wandb, and the plot.
 
 Names follow TRL's DPOTrainer / SFTTrainer logs (``loss``, ``grad_norm``, ``learning_rate``,
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
@@ -11,10 +11,16 @@ MFU follows PaLM (Chowdhery et al. 2022, appendix B): training FLOPs per token
 d model width, T attention context). For padding-free packed batches every token attends within
 its own sequence, so the attention term sums ``len²`` over the packed sequences instead of
 ``tokens·T``.
+
+``report_to`` (HF's key): ``tensorboard`` | ``wandb`` | ``none`` | ``all``. wandb receives the same
+scalars under HF Trainer's names (``train/loss``, ``eval/loss``, ``train/global_step`` as the step
+metric), the resolved config as the run config; a resumed run continues the same wandb run (its id
+is kept in ``{output_dir}/wandb_run_id``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -23,6 +29,11 @@ import time
 from typing import Optional
 
 import torch
+
+from zephyr_fast.config import ConfigError, TrainingConfig
+
+REPORTERS = ("tensorboard", "wandb")
+WANDB_ID_FILE = "wandb_run_id"
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 PEAK_TFLOPS = {
@@ -70,27 +81,100 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-class MetricLogger:
-    """metrics.jsonl (+ TensorBoard when installed and requested) on rank 0; no-op elsewhere."""
+def check_report_to(report_to) -> tuple:
+    """The reporters ``report_to`` asks for (``tensorboard`` / ``wandb``), refused in one line when a
+    name is unknown or wandb is asked for but not installed -- call it at start, before any data work."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or ())
+    out: list = []
+    for name in (str(n).lower() for n in names):
+        if name == "all":  # HF: every installed integration
+            out += [r for r in REPORTERS if r != "wandb" or _wandb_installed()]
+        elif name in REPORTERS:
+            out.append(name)
+        elif name != "none":
+            raise ConfigError(f"report_to: {name!r} is not supported; use tensorboard, wandb, none or all")
+    if "wandb" in out and not _wandb_installed():
+        raise ConfigError("report_to: wandb is requested but not installed; pip install wandb, or drop wandb from "
+                          "report_to")
+    return tuple(dict.fromkeys(out))
 
-    def __init__(self, output_dir: str, *, enabled: bool, report_to=("tensorboard",), resume: bool = False):
+
+def _wandb_installed() -> bool:
+    return importlib.util.find_spec("wandb") is not None
+
+
+def wandb_settings(t: TrainingConfig) -> dict:
+    """``wandb.init``'s project / entity / name / group from the recipe (defaults: $WANDB_PROJECT or
+    ``zephyr_fast``, $WANDB_ENTITY, the output_dir's name)."""
+    return {"project": t.wandb_project or os.environ.get("WANDB_PROJECT") or "zephyr_fast",
+            "entity": t.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
+            "name": t.run_name or os.path.basename(os.path.abspath(t.output_dir)),
+            "group": t.wandb_run_group}
+
+
+def wandb_keys(metrics: dict) -> dict:
+    """HF Trainer's wandb names (``rewrite_logs``): ``eval_x`` -> ``eval/x``, ``test_x`` -> ``test/x``,
+    anything else -> ``train/x``; only numeric scalars."""
+    out = {}
+    for k, v in metrics.items():
+        if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        prefix = next((p for p in ("eval", "test") if k.startswith(p + "_")), None)
+        out[f"{prefix}/{k[len(prefix) + 1:]}" if prefix else f"train/{k}"] = v
+    return out
+
+
+class MetricLogger:
+    """metrics.jsonl (+ TensorBoard / wandb as ``report_to`` asks) on rank 0; no-op elsewhere.
+
+    ``wandb``: :func:`wandb_settings` (project, entity, name, group); ``run_config``: the resolved
+    config, logged as the wandb run config. ``resume`` appends to metrics.jsonl and continues the
+    wandb run whose id ``{output_dir}/wandb_run_id`` holds.
+    """
+
+    def __init__(self, output_dir: str, *, enabled: bool, report_to=("tensorboard",), resume: bool = False,
+                 wandb: Optional[dict] = None, run_config: Optional[dict] = None):
         self.enabled = enabled
+        self.output_dir = output_dir
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.history: list = []
-        self._tb = None
+        self._tb = self._wandb = None
         self._t0 = time.time()
         if not enabled:
             return
+        reporters = check_report_to(report_to)
         os.makedirs(output_dir, exist_ok=True)
         if not resume and os.path.exists(self.path):
             os.remove(self.path)
-        if "tensorboard" in (report_to or ()):
+        if "tensorboard" in reporters:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard may be absent
 
                 self._tb = SummaryWriter(os.path.join(output_dir, "runs"))
             except ImportError:  # tensorboard not installed: jsonl only
                 self._tb = None
+        if "wandb" in reporters:
+            self._wandb = self._start_wandb(wandb or {}, run_config or {}, resume)
+
+    def _start_wandb(self, settings: dict, run_config: dict, resume: bool):
+        """A wandb run (resumed by id when ``resume``), stepped by ``train/global_step`` as in HF."""
+        import wandb  # optional dependency: only when report_to has wandb (checked by check_report_to)
+
+        id_path = os.path.join(self.output_dir, WANDB_ID_FILE)
+        run_id = os.environ.get("WANDB_RUN_ID")
+        if not run_id and resume and os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        try:  # no id: wandb picks a fresh one
+            run = wandb.init(id=run_id or None, resume="allow", config=run_config, **settings)
+        except wandb.errors.Error as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"report_to: wandb.init failed: {first} (WANDB_MODE=offline logs locally)") from None
+        with open(id_path, "w") as f:
+            f.write(run.id + "\n")
+        run.define_metric("train/global_step")
+        run.define_metric("*", step_metric="train/global_step", step_sync=True)
+        return run
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _num(v) for k, v in metrics.items()}}
@@ -103,10 +187,20 @@ class MetricLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({**wandb_keys(row), "train/global_step": step})
+
+    @property
+    def wandb_run(self):
+        """The live wandb run, or None."""
+        return self._wandb
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def _num(v):
