@@ -3,17 +3,24 @@ refusals and gradient_checkpointing_kwargs -- each exercised through the real li
 CPU machine allows (wandb offline files read back, a closed HF_ENDPOINT port, transformers' own
 scheduler values); the CUDA-only paths are marked ``cuda``."""
 
+import base64
 import glob
+import http.server
 import json
 import os
+import re
+import socket
 import struct
 import sys
+import threading
+import urllib.parse
 
 import pytest
+from huggingface_hub import constants as hf_constants
 from wandb.proto import wandb_internal_pb2
 
 from zephyr_fast.config import ConfigError, TrainingConfig
-from zephyr_fast.training import metrics
+from zephyr_fast.training import hub, metrics
 from zephyr_fast.training.metrics import MetricLogger, check_report_to, read_jsonl, wandb_settings
 
 # ---- wandb ---------------------------------------------------------------------------------------
@@ -114,3 +121,189 @@ def test_wandb_off_unless_requested(tmp_path, wandb_offline):
     logger.log(1, {"loss": 1.0})
     logger.close()
     assert logger.wandb_run is None and not glob.glob(str(wandb_offline / "wandb" / "*"))
+
+
+# ---- a local Hub (the HTTP endpoints huggingface_hub's whoami / create_repo / create_branch / upload_folder use)
+
+class LocalHub(http.server.ThreadingHTTPServer):
+    """A minimal Hub on 127.0.0.1: whoami, repo and branch creation, preupload (every file "regular")
+    and the NDJSON commit; ``files[(repo, revision)][path] = bytes`` as committed, ``commits`` in order."""
+
+    def __init__(self, token: str, user: str = "tester"):
+        super().__init__(("127.0.0.1", 0), _HubHandler)
+        self.token, self.user = token, user
+        self.repos: dict = {}  # repo_id -> {"visibility": ..., "branches": set}
+        self.files: dict = {}
+        self.commits: list = []
+        self.unhandled: list = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _reply(self, status: int, body) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_GET(self):
+        hub = self.server
+        if self.headers.get("Authorization") != f"Bearer {hub.token}":
+            return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+        if self.path == "/api/whoami-v2":
+            return self._reply(200, {"type": "user", "name": hub.user, "auth": {}})
+        hub.unhandled.append(("GET", self.path))
+        return self._reply(404, {"error": "not found"})
+
+    def do_POST(self):
+        hub, body = self.server, self._body()
+        if self.headers.get("Authorization") != f"Bearer {hub.token}":
+            return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+        path = urllib.parse.unquote(self.path.split("?")[0])
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            repo = f"{req.get('organization') or hub.user}/{req['name']}"
+            hub.repos.setdefault(repo, {"visibility": req.get("visibility"), "branches": {"main"}})
+            return self._reply(200, {"url": f"{hub.url}/{repo}", "name": repo})
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|preupload|commit)/(.+)", path)
+        if m is None or m.group(1) not in hub.repos:
+            hub.unhandled.append(("POST", self.path))
+            return self._reply(404, {"error": "not found"})
+        repo, op, rev = m.groups()
+        if op == "branch":
+            hub.repos[repo]["branches"].add(rev)
+            return self._reply(200, {})
+        if op == "preupload":
+            files = json.loads(body)["files"]
+            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})
+        return self._commit(repo, rev, body)
+
+    def _commit(self, repo: str, rev: str, body: bytes):
+        hub = self.server
+        if rev not in hub.repos[repo]["branches"]:
+            return self._reply(404, {"error": f"revision {rev} not found"})
+        lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
+        header = next(x["value"] for x in lines if x["key"] == "header")
+        store = hub.files.setdefault((repo, rev), {})
+        for x in lines:
+            if x["key"] == "file":
+                store[x["value"]["path"]] = base64.b64decode(x["value"]["content"])
+        hub.commits.append((repo, rev, header["summary"], sorted(x["value"]["path"] for x in lines if x["key"] == "file")))
+        return self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{len(hub.commits)}",
+                                 "commitOid": f"{len(hub.commits):040x}"})
+
+
+@pytest.fixture
+def local_hub(monkeypatch):
+    hub = LocalHub(token="hf_localtest")
+    thread = threading.Thread(target=hub.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield hub
+    hub.shutdown()
+    hub.server_close()
+
+
+def closed_port_url() -> str:
+    """An http URL on a local port nothing listens on (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def hub_training(tmp_path, **kw) -> TrainingConfig:
+    return TrainingConfig(stage="sft", output_dir=str(tmp_path / "zephyr-test"), push_to_hub=True, **kw)
+
+
+def fill_output_dir(out) -> None:
+    """What a run leaves in output_dir mid-training: logs, caches, a checkpoint and one being written."""
+    files = {"config.yaml": "stage: sft\n", "metrics.jsonl": '{"step": 2, "loss": 1.5}\n', "runs/events.out": "tb",
+             "ref_logps/train.json": "{}", "wandb_run_id": "abc\n", "wandb/run/x.wandb": "w",
+             "checkpoint-2/model.safetensors": "weights-2", "checkpoint-2/trainer_state.json": '{"global_step": 2}',
+             ".checkpoint-4.tmp/model.safetensors": "partial"}
+    for rel, text in files.items():
+        path = os.path.join(out, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+@pytest.fixture
+def no_cached_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+
+
+def test_hub_check_without_token_refuses_before_any_network(tmp_path, monkeypatch, no_cached_token):
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    assert hub.check(TrainingConfig(stage="sft"), str(tmp_path)) is None  # push_to_hub off: nothing checked
+    with pytest.raises(ConfigError, match=r"^push_to_hub: no Hugging Face token .*--push_to_hub=false$"):
+        hub.check(hub_training(tmp_path), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^hub_strategy: must be one of end \| every_save"):
+        hub.check(hub_training(tmp_path, hub_strategy="sometimes", hub_token="hf_x"), str(tmp_path))
+
+
+def test_hub_check_unreachable_hub_is_one_line(tmp_path, monkeypatch, no_cached_token):
+    url = closed_port_url()
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")  # the environment's token is used when hub_token is unset
+    with pytest.raises(ConfigError) as e:
+        hub.check(hub_training(tmp_path), str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(f"push_to_hub: cannot reach the Hugging Face Hub at {url} (") and "\n" not in msg
+    assert msg.endswith("or run without pushing: --push_to_hub=false")
+
+
+def test_hub_check_rejected_token(tmp_path, local_hub):
+    with pytest.raises(ConfigError, match=r"^push_to_hub: the Hub at .* rejected the token \(401 on whoami\)"):
+        hub.check(hub_training(tmp_path, hub_token="hf_wrong"), str(tmp_path))
+    assert local_hub.repos == {}
+
+
+@pytest.mark.parametrize("strategy,ckpt_files", [
+    ("end", []),
+    ("every_save", []),
+    ("checkpoint", ["last-checkpoint/model.safetensors", "last-checkpoint/trainer_state.json"]),
+    ("all_checkpoints", ["checkpoint-2/model.safetensors", "checkpoint-2/trainer_state.json"]),
+])
+def test_push_per_hub_strategy_to_a_local_hub(tmp_path, local_hub, strategy, ckpt_files):
+    t = hub_training(tmp_path, hub_strategy=strategy, hub_token="hf_localtest", hub_private_repo=True,
+                     hub_model_revision="dpo-run")
+    target = hub.check(t, t.output_dir)
+    assert (target.repo_id, target.revision) == ("tester/zephyr-test", "dpo-run")
+    assert local_hub.repos == {"tester/zephyr-test": {"visibility": "private", "branches": {"main", "dpo-run"}}}
+    fill_output_dir(t.output_dir)
+    hub.push_checkpoint(target, t.output_dir, os.path.join(t.output_dir, "checkpoint-2"))
+    logs = ["config.yaml", "metrics.jsonl", "runs/events.out"]
+    expected = [] if strategy == "end" else [("Training in progress, checkpoint-2", logs)]
+    if ckpt_files:
+        expected.append((f"checkpoint-2 as {ckpt_files[0].split('/')[0]}", ckpt_files))
+    assert [(c[2], c[3]) for c in local_hub.commits] == expected
+    with open(os.path.join(t.output_dir, "model.safetensors"), "w") as f:  # the final export
+        f.write("final weights")
+    hub.push_final(target, t.output_dir)
+    assert local_hub.commits[-1][2:] == ("End of training", sorted(logs + ["model.safetensors"]))
+    stored = local_hub.files[("tester/zephyr-test", "dpo-run")]
+    assert stored["model.safetensors"] == b"final weights" and local_hub.unhandled == []
+    if ckpt_files:
+        assert stored[ckpt_files[0]] == b"weights-2"
+
+
+def test_hub_model_id_rules():
+    assert hub.repo_id_for(None, "me", "/x/outputs/zephyr-7b-sft") == "me/zephyr-7b-sft"
+    assert hub.repo_id_for("zephyr-dpo", "me", "/x/o") == "me/zephyr-dpo"
+    assert hub.repo_id_for("org/zephyr-dpo", "me", "/x/o") == "org/zephyr-dpo"
