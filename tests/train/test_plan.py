@@ -1,65 +1,132 @@
-"""Step plan (which micro-batches form a step, global loss denominators) and LR schedules."""
+"""Step plan (which micro-batches form a step: token bins or exactly the recipe's examples) and LR schedules."""
 
 import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from zephyr_fast.config import TrainingConfig
-from zephyr_fast.data.packing import pack_sft
+from zephyr_fast.data.loading import DataConfig
+from zephyr_fast.data.packing import pack_sft, pair_tokens
 from zephyr_fast.training.build import build_optimizer, build_scheduler
-from zephyr_fast.training.plan import denominators, make_plan, micro_stats
+from zephyr_fast.training.plan import ExampleSchedule, TokenSchedule, make_plan, micro_stats
+from zephyr_fast.training.stages import DPOStage, SFTStage
+
+
+def _sft_examples(n, base=5, spread=300):
+    return [{"index": i, "input_ids": list(range(1, base + (37 * i) % spread)),
+             "loss_mask": [0, 0] + [1] * (base - 3 + (37 * i) % spread)} for i in range(n)]
+
+
+def _dpo_examples(n):
+    return [{"index": i, "prompt_ids": list(range(1, 3 + i % 7)), "chosen_ids": list(range(2, 4 + (5 * i) % 11)),
+             "rejected_ids": list(range(3, 5 + (3 * i) % 13))} for i in range(n)]
+
+
+def _token_plan(batches, *, world, accum, seed=3, epochs=2, max_steps=-1):
+    sched = TokenSchedule(batches, per_step=world * accum, seed=seed)
+    return make_plan(sched, world_size=world, grad_accum=accum, num_train_epochs=epochs, max_steps=max_steps)
+
+
+def _example_plan(examples, *, per_device, world, accum, seed=3, epochs=1, max_steps=-1):
+    stage = DPOStage() if "prompt_ids" in examples[0] else SFTStage()
+    data = DataConfig(dataset_mixer={"x": 1.0}, max_length=512)
+    sched = ExampleSchedule(examples, [stage.size(ex, data) for ex in examples], lambda e: stage.collate(e, data),
+                            per_micro=per_device, micro_per_step=world * accum, seed=seed)
+    return make_plan(sched, world_size=world, grad_accum=accum, num_train_epochs=epochs, max_steps=max_steps)
+
+
+def _ids(micros):
+    return [m.batch.input_ids.tolist() for m in micros]
 
 
 def test_global_step_content_depends_only_on_world_times_accumulation():
-    single = make_plan(12, world_size=1, grad_accum=4, seed=3, num_train_epochs=2, max_steps=-1)
-    multi = make_plan(12, world_size=2, grad_accum=2, seed=3, num_train_epochs=2, max_steps=-1)
-    assert single.total_steps == multi.total_steps == 6
-    for epoch in (0, 1):
-        o1, o2 = single.epoch_order(epoch), multi.epoch_order(epoch)
-        for step in range(single.steps_per_epoch):
-            s1, s2 = single.step_micro(step, o1), multi.step_micro(step, o2)
-            assert s1 == s2
-            ranks = multi.rank_micro(s2, 0) + multi.rank_micro(s2, 1)
-            assert ranks == s2  # the two ranks split the step without overlap
-    assert single.epoch_order(0) != single.epoch_order(1)  # reshuffled every epoch
+    batches = pack_sft(_sft_examples(40), 256, seed=0, num_shards=4)
+    single, multi = _token_plan(batches, world=1, accum=4), _token_plan(batches, world=2, accum=2)
+    assert single.total_steps == multi.total_steps == 2 * len(batches) // 4
+    for step in range(single.total_steps):
+        s1, s2 = single.step_micro(step), multi.step_micro(step)
+        assert _ids(s1) == _ids(s2)
+        assert _ids(multi.rank_micro(s2, 0) + multi.rank_micro(s2, 1)) == _ids(s2)  # ranks split the step
+    spe = single.steps_per_epoch
+    assert _ids(single.step_micro(0)) != _ids(single.step_micro(spe))  # reshuffled every epoch
 
 
 def test_plan_errors_and_max_steps():
+    batches = pack_sft(_sft_examples(8), 64, seed=0, num_shards=2)
     with pytest.raises(ValueError, match="not enough data for one optimiser step"):
-        make_plan(3, world_size=2, grad_accum=2, seed=0, num_train_epochs=1, max_steps=-1)
-    assert make_plan(8, world_size=1, grad_accum=2, seed=0, num_train_epochs=1, max_steps=11).total_steps == 11
-    assert make_plan(8, world_size=1, grad_accum=2, seed=0, num_train_epochs=0.5, max_steps=-1).total_steps == 2
+        _token_plan(batches[:3], world=2, accum=2)
+    with pytest.raises(ValueError, match="has 6 examples, one step needs 8"):
+        _example_plan(_dpo_examples(6), per_device=2, world=2, accum=2)
+    assert _token_plan(batches, world=1, accum=2, max_steps=11).total_steps == 11
+    assert _token_plan(batches, world=1, accum=2, epochs=0.5).total_steps == len(batches) // 4
 
 
-def test_denominators_count_targets_of_the_whole_step():
-    examples = [{"index": i, "input_ids": list(range(1, 6 + i)), "loss_mask": [0, 0] + [1] * (3 + i)}
-                for i in range(6)]
-    batches = list(pack_sft(examples, 16, seed=0))
-    stats = [micro_stats(b) for b in batches]
-    for b, s in zip(batches, stats):
+def test_micro_stats_count_targets_tokens_and_attention():
+    for b in pack_sft(_sft_examples(6, base=6, spread=7), 16, seed=0):
+        s = micro_stats(b)
         assert s.targets == int((b.labels != -100).sum()) and s.tokens == b.num_tokens
         lens = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).long()
-        assert s.attn_sq == int((lens ** 2).sum())
-    plan = make_plan(len(batches), world_size=1, grad_accum=len(batches), seed=0, num_train_epochs=1, max_steps=-1)
-    assert denominators(plan, stats, 0, "targets") == [sum(s.targets for s in stats)]
+        assert s.attn_sq == int((lens ** 2).sum()) and s.examples == b.num_segments
 
 
-def test_schedule_from_packed_data():
-    """The step plan over packed data (replaces packing.shard_batches / num_training_steps): packed
-    with ``num_shards = world x accumulation``, every step gives each rank the same number of
-    micro-batches, an epoch covers every micro-batch once, ``max_steps`` overrides the epochs."""
-    examples = [{"index": i, "input_ids": list(range(1, 20 + (37 * i) % 300)), "loss_mask": [1] * (19 + (37 * i) % 300)}
-                for i in range(50)]
-    batches = pack_sft(examples, 512, seed=0, num_shards=4 * 2)
-    plan = make_plan(len(batches), world_size=4, grad_accum=2, seed=0, num_train_epochs=3, max_steps=-1)
+def test_token_schedule_covers_every_micro_batch_once_per_epoch():
+    """Packed with ``num_shards = world x accumulation``: every step gives each rank the same number
+    of micro-batches, an epoch covers every micro-batch once, ``max_steps`` overrides the epochs."""
+    batches = pack_sft(_sft_examples(50, base=20), 512, seed=0, num_shards=4 * 2)
+    plan = _token_plan(batches, world=4, accum=2, seed=0, epochs=3)
     assert len(batches) % 8 == 0 and plan.steps_per_epoch == len(batches) // 8
     assert plan.total_steps == 3 * plan.steps_per_epoch
-    assert make_plan(len(batches), world_size=4, grad_accum=2, seed=0, num_train_epochs=3, max_steps=7).total_steps == 7
-    order = plan.epoch_order(0)
+    assert _token_plan(batches, world=4, accum=2, epochs=3, max_steps=7).total_steps == 7
+    seen = []
     for step in range(plan.steps_per_epoch):
-        shards = [plan.rank_micro(plan.step_micro(step, order), r) for r in range(4)]
-        assert {len(s) for s in shards} == {2}
-    assert sorted(i for s in range(plan.steps_per_epoch) for i in plan.step_micro(s, order)) == list(range(len(batches)))
+        micros = plan.step_micro(step)
+        assert {len(plan.rank_micro(micros, r)) for r in range(4)} == {2}
+        seen += _ids(micros)
+    assert sorted(seen) == sorted(b.input_ids.tolist() for b in batches)
+
+
+@pytest.mark.parametrize("world, accum, per_device", [(1, 1, 4), (2, 2, 3), (4, 2, 1), (8, 1, 4)])
+def test_example_schedule_makes_exactly_the_recipes_pairs_per_step(world, accum, per_device):
+    """TRL's count: every optimiser step holds exactly per_device x accumulation x world pairs, every
+    micro-batch exactly per_device; an epoch uses each pair at most once and leaves out fewer than a
+    step; the pairs of a step are balanced by tokens across its micro-batches."""
+    examples = _dpo_examples(103)
+    plan = _example_plan(examples, per_device=per_device, world=world, accum=accum, epochs=2)
+    per_step = per_device * accum * world
+    assert plan.steps_per_epoch == 103 // per_step and plan.total_steps == 2 * (103 // per_step)
+    for epoch in range(2):
+        seen = []
+        for s in range(plan.steps_per_epoch):
+            micros = plan.step_micro(epoch * plan.steps_per_epoch + s)
+            assert len(micros) == world * accum
+            assert [m.stats.pairs for m in micros] == [per_device] * (world * accum)
+            assert sum(len(plan.rank_micro(micros, r)) for r in range(world)) == world * accum
+            for m in micros:
+                seen += m.batch.pair_index.tolist()
+                assert m.batch.num_tokens == sum(pair_tokens(examples[i], "separate") for i in m.batch.pair_index.tolist())
+            sizes = [m.stats.tokens for m in micros]
+            biggest = max(pair_tokens(examples[i], "separate") for m in micros for i in m.batch.pair_index.tolist())
+            assert max(sizes) - min(sizes) <= biggest  # balanced: within one pair of each other
+        assert len(seen) == len(set(seen)) == plan.steps_per_epoch * per_step
+        assert 103 - len(seen) < per_step
+
+
+def test_example_schedule_is_invariant_to_world_vs_accumulation_and_reshuffles():
+    examples = _dpo_examples(40)
+    a = _example_plan(examples, per_device=2, world=1, accum=4, epochs=2)
+    b = _example_plan(examples, per_device=2, world=2, accum=2, epochs=2)
+    for step in range(a.total_steps):
+        assert _ids(a.step_micro(step)) == _ids(b.step_micro(step))
+    first = lambda p, e: sorted(i for m in p.step_micro(e * p.steps_per_epoch) for i in m.batch.pair_index.tolist())
+    assert first(a, 0) != first(a, 1)
+
+
+def test_example_schedule_sft_without_packing_takes_whole_sequences():
+    examples = _sft_examples(20)
+    plan = _example_plan(examples, per_device=3, world=1, accum=2)
+    for m in plan.step_micro(0):
+        assert m.batch.num_segments == 3 == m.stats.examples
+        assert m.stats.targets == int((m.batch.labels != -100).sum())
 
 
 @pytest.mark.parametrize("kind, ref", [("cosine", get_cosine_schedule_with_warmup),

@@ -108,6 +108,13 @@ class DataConfig:
     # None: the trainer's config derives it (per_device_train_batch_size x max_length x the
     # stage's sequences per example, zephyr_fast.config.Config.__post_init__)
     max_tokens_per_batch: Optional[int] = None
+    # How the train split becomes micro-batches (zephyr_fast.training.plan.Batching):
+    # "examples": exactly per_device_train_batch_size examples (DPO pairs / SFT conversations) per
+    #   micro-batch, as TRL counts them, packed padding-free; "tokens": bins of max_tokens_per_batch
+    #   tokens; "auto" (the default when max_tokens_per_batch is not given): examples for DPO and for
+    #   SFT with packing: false, tokens for packed SFT (TRL's packing: B sequences of max_length).
+    #   An explicit max_tokens_per_batch without batch_by means "tokens".
+    batch_by: Optional[str] = None
     dpo_layout: str = "separate"  # "separate" | "prefix_shared"
     overlong: str = "truncate"  # "truncate" | "split" (SFT sequences longer than a bin)
     # bad input
@@ -122,6 +129,10 @@ class DataConfig:
             raise ValueError(f"data config: dpo_layout must be 'separate' or 'prefix_shared', got {self.dpo_layout!r}")
         if self.max_length <= 1:
             raise ValueError(f"max_length: must be > 1, got {self.max_length}")
+        if self.batch_by is None:
+            self.batch_by = "tokens" if self.max_tokens_per_batch is not None else "auto"
+        if self.batch_by not in ("auto", "examples", "tokens"):
+            raise ValueError(f"batch_by: must be auto | examples | tokens, got {self.batch_by!r}")
         if self.overlong not in ("truncate", "split"):
             raise ValueError(f"data config: overlong must be 'truncate' or 'split', got {self.overlong!r}")
 

@@ -3,7 +3,7 @@
 Normalisation (why results do not depend on gradient accumulation or world size): every
 micro-batch returns a *sum* (the stage's loss head, ``reduction="sum"``) which is divided by the
 global count of its optimiser step -- target tokens (SFT) or pairs (DPO) over every micro-batch and
-rank, counted on the host at setup (:func:`zephyr_fast.training.plan.denominators`). The step's
+rank, counted on the host from the step's micro-batches (:mod:`zephyr_fast.training.plan`). The step's
 gradient is then exactly the gradient of ``Σ losses / Σ count``; under DeepSpeed,
 :class:`~zephyr_fast.training.build.Optimisation` undoes its own accumulation / rank averaging.
 
@@ -25,7 +25,7 @@ from zephyr_fast.config import TrainingConfig
 from zephyr_fast.training.build import Optimisation
 from zephyr_fast.training.distributed import DistInfo, all_reduce_sum, sharded_forwards
 from zephyr_fast.training.metrics import MetricLogger, peak_memory_gb
-from zephyr_fast.training.plan import SplitData, StepPlan, denominators, total
+from zephyr_fast.training.plan import SplitData, StepPlan, total
 from zephyr_fast.training.stages import Stage
 
 
@@ -75,23 +75,24 @@ class Window:
         return out
 
 
-def _ref(refs: Optional[list], j: int, device):
-    """Micro-batch ``j``'s reference log-probs on ``device`` (None when the stage uses none)."""
+def _ref(refs, batch, device):
+    """``batch``'s reference log-probs (``RefLogps.lookup``, host tensors) on ``device``; None without refs."""
     if refs is None:
         return None
-    c, r = refs[j]
+    c, r = refs.lookup(batch.pair_index)
     return c.to(device, non_blocking=True), r.to(device, non_blocking=True)
 
 
-def evaluate(runner, stage: Stage, split: SplitData, refs: Optional[list], *, dist: DistInfo) -> dict:
+def evaluate(runner, stage: Stage, split: SplitData, refs, *, dist: DistInfo) -> dict:
     """Loss (and DPO metrics) over the whole eval split, sharded across ranks, ``eval_`` prefixed."""
-    results = sharded_forwards(runner, split.batches, lambda j, b: runner(b, _ref(refs, j, dist.device)), dist=dist)
+    batches = [m.batch for m in split.micros]
+    results = sharded_forwards(runner, batches, lambda j, b: runner(b, _ref(refs, b, dist.device)), dist=dist)
     loss, sums = torch.zeros((), device=dist.device), {}
     for ls, mets in results:
         loss += ls.float()
         _accumulate(sums, mets)
     keys, vec = _sums_to_vector(loss, sums, dist.device)
-    denom = max(total(split.stats, range(len(split.stats)), stage.denominator), 1)
+    denom = max(total(split.micros, stage.denominator), 1)
     out = {"eval_loss": float(vec[0]) / denom}
     for i, k in enumerate(keys):
         out["eval_" + k] = float(vec[i + 1]) / denom
@@ -123,13 +124,13 @@ class TrainLoop:
     opt: Optimisation
     plan: StepPlan
     train: SplitData
-    train_refs: Optional[list]
+    train_refs: object  # RefLogps of the train split, or None
     logger: MetricLogger
     save: Callable
     flops: Callable
     peak_tflops: Optional[float] = None
     eval_split: Optional[SplitData] = None
-    eval_refs: Optional[list] = None
+    eval_refs: object = None  # RefLogps of the eval split, or None
     log: Callable = print
 
     def run(self, state: LoopState, stop_after: Optional[int] = None) -> LoopState:
@@ -138,25 +139,20 @@ class TrainLoop:
         target = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
         bar = tqdm(total=plan.total_steps, initial=state.step, disable=not dist.is_main, desc=self.t.stage, unit="step")
         window = Window(dist.device)
-        epoch, order, denoms = -1, [], []
         self.opt.module.train()
         while state.step < target:
-            if state.step // plan.steps_per_epoch != epoch:
-                epoch = state.step // plan.steps_per_epoch
-                order = plan.epoch_order(epoch)
-                denoms = denominators(plan, self.train.stats, epoch, self.stage.denominator)
-            idx = plan.step_micro(state.step, order)
-            step_loss, step_mets = self._micro_batches(state.step, idx, denoms[state.step % plan.steps_per_epoch])
+            micros = plan.step_micro(state.step)
+            step_loss, step_mets = self._micro_batches(state.step, micros, total(micros, self.stage.denominator))
             lr = self.opt.scheduler.get_last_lr()[0]
             grad_norm = self.opt.step()
             state.step += 1
-            tokens, pairs = total(self.train.stats, idx, "tokens"), total(self.train.stats, idx, "pairs")
-            flops = self.flops([self.train.stats[i] for i in idx])
-            window.add(step_loss, step_mets, pairs=pairs, tokens=tokens, flops=flops)
+            tokens, pairs = total(micros, "tokens"), total(micros, "pairs")
+            window.add(step_loss, step_mets, pairs=pairs, tokens=tokens, flops=self.flops([m.stats for m in micros]))
             state.train_tokens += tokens
             state.train_pairs += pairs
             bar.update(1)
-            if state.step % max(self.t.logging_steps, 1) == 0 or state.step in (plan.total_steps, target):
+            first = getattr(self.t, "logging_first_step", False) and state.step == 1
+            if state.step % max(self.t.logging_steps, 1) == 0 or first or state.step in (plan.total_steps, target):
                 state.last_metrics = self._log_window(window, state, lr, grad_norm)
                 bar.set_postfix(loss=f"{state.last_metrics['loss']:.4f}")
                 window = Window(dist.device)
@@ -166,13 +162,13 @@ class TrainLoop:
         bar.close()
         return state
 
-    def _micro_batches(self, step: int, idx: list, denom: int) -> tuple:
+    def _micro_batches(self, step: int, micros: list, denom: int) -> tuple:
         """Forward + backward of this rank's micro-batches of step ``step``; ``(step_loss, metric_sums)``."""
         dist = self.dist
-        mine = self.plan.rank_micro(idx, dist.rank)
+        mine = self.plan.rank_micro(micros, dist.rank)
         step_loss, step_mets = torch.zeros((), device=dist.device), {}
-        for k, j in enumerate(mine):
-            ls, mets = self.opt.runner(self.train.batches[j].to(dist.device), _ref(self.train_refs, j, dist.device))
+        for k, m in enumerate(mine):
+            ls, mets = self.opt.runner(m.batch.to(dist.device), _ref(self.train_refs, m.batch, dist.device))
             loss = ls / max(denom, 1)
             step_loss = step_loss + loss.detach().float()
             _accumulate(step_mets, mets)

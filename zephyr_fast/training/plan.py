@@ -1,25 +1,37 @@
-"""The run's data plan: packed splits with host-side counts, which micro-batch each rank runs at
-each optimiser step, and the global loss denominators.
+"""The run's data plan: how the train split becomes optimiser steps, which micro-batches each rank
+runs at each step, and the global loss denominators.
 
-:func:`prepare` tokenises and packs each split the stage's way. Tokenisation and packing run
-identically on every rank (they are deterministic given the seed and cheap next to training), so
-every rank knows every micro-batch's token / target / pair counts (:class:`MicroStats`).
+Two ways to batch the train split (``batch_by``, resolved by :meth:`Batching.resolve`):
 
-The packed micro-batches of an epoch are shuffled with ``seed + epoch`` and cut into optimiser
-steps of ``world_size * gradient_accumulation_steps`` micro-batches; rank ``r`` runs micro-batches
-``[r*G, (r+1)*G)`` of its step. The global set of micro-batches in a step therefore depends only on
-``world_size * G``, so a run with 2 ranks x G=1 sees exactly the data of 1 rank x G=2, and the
-loss denominator of a step -- its total target tokens (SFT) or pairs (DPO) across every rank and
-micro-batch -- is counted here, once, on the host, so the hot loop needs no collective to normalise.
+* ``examples`` (default for DPO, and for SFT with ``packing: false``): exactly
+  ``per_device_train_batch_size`` examples per micro-batch, so one optimiser step holds exactly
+  ``per_device_train_batch_size x gradient_accumulation_steps x world_size`` pairs -- TRL's and the
+  paper's count. Epoch ``e`` shuffles the examples with ``seed + e`` and cuts them into steps (the
+  last ``n mod per_step`` examples of each epoch's order are left out, a different remainder each
+  epoch); a step's examples are split into its ``world x accumulation`` micro-batches balanced by
+  tokens (longest first, into the lightest micro-batch that still has room) and each micro-batch is
+  packed padding-free. No micro-batch holds more than ``per_device x max_length`` tokens per sequence
+  slot, the memory of TRL's padded batch.
+* ``tokens`` (packed SFT: TRL's ``packing`` with ``per_device_train_batch_size`` sequences of
+  ``max_length``; or any stage with an explicit ``max_tokens_per_batch``): micro-batches are bins of at
+  most ``max_tokens_per_batch`` tokens packed once (best-fit decreasing), shuffled per epoch with
+  ``seed + epoch`` and cut into steps of ``world x accumulation`` micro-batches. A DPO step then holds
+  as many pairs as fit, not the recipe's count; the plan says so.
 
-The order is a pure function of ``(seed, epoch)``; resuming at global step ``k`` needs nothing but
-``k`` (the data position is the step counter).
+Either way rank ``r`` runs micro-batches ``[r*G, (r+1)*G)`` of its step, so the global content of a
+step depends only on ``world_size * G``: 2 ranks x G=1 see exactly the data of 1 rank x G=2. The
+step's loss denominator -- its total target tokens (SFT) or pairs (DPO) over every rank and
+micro-batch -- is counted on the host from the same micro-batches, so the hot loop needs no
+collective to normalise. Tokenisation and batching are deterministic and run identically on every
+rank. The order is a pure function of ``(seed, epoch)``; resuming at global step ``k`` needs only ``k``.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -30,12 +42,13 @@ from zephyr_fast.training.stages import Stage
 
 @dataclass
 class MicroStats:
-    """Host-side counts of one micro-batch, computed once at setup."""
+    """Host-side counts of one micro-batch."""
 
     tokens: int  # real (packed) tokens
     targets: int  # tokens with a label (SFT loss denominator)
     pairs: int  # DPO pairs (DPO loss denominator)
     attn_sq: int  # sum of squared attention-segment lengths (PaLM attention FLOPs term)
+    examples: int = 0  # examples (pairs / SFT sequences) in it
 
 
 def micro_stats(batch: PackedBatch) -> MicroStats:
@@ -43,29 +56,135 @@ def micro_stats(batch: PackedBatch) -> MicroStats:
     targets = int((batch.labels != IGNORE_INDEX).sum())
     if batch.extra_labels is not None:
         targets += int((batch.extra_labels != IGNORE_INDEX).sum())
-    return MicroStats(batch.num_tokens, targets, batch.num_pairs, int((lens * lens).sum()))
+    examples = batch.num_pairs if batch.pair_index is not None else batch.num_segments
+    return MicroStats(batch.num_tokens, targets, batch.num_pairs, int((lens * lens).sum()), examples)
+
+
+@dataclass
+class Micro:
+    """One micro-batch and its host-side counts."""
+
+    batch: PackedBatch
+    stats: MicroStats
+
+
+def total(micros: list, key: str) -> int:
+    """Sum of one :class:`MicroStats` field (``tokens`` | ``targets`` | ``pairs`` | ``attn_sq``) over ``micros``."""
+    return sum(getattr(m.stats, key) for m in micros)
+
+
+@dataclass
+class Batching:
+    """How the train split becomes optimiser steps; resolved once from the recipe."""
+
+    by: str  # "examples" | "tokens"
+    per_device: int  # examples per micro-batch ("examples")
+    max_tokens: int  # token budget of a micro-batch ("tokens")
+    eval_max_tokens: int  # token budget of an eval micro-batch (eval results do not depend on it)
+    world_size: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.world_size * self.grad_accum
+
+    @classmethod
+    def resolve(cls, data: DataConfig, stage: Stage, *, per_device_train_batch_size: int,
+                per_device_eval_batch_size: int, gradient_accumulation_steps: int, packing: bool, seed: int,
+                world_size: int) -> "Batching":
+        """``batch_by: auto`` -> the stage's way (DPO: examples; SFT: tokens, or examples without packing)."""
+        by = data.batch_by
+        if by == "auto":
+            by = stage.batch_by if packing else "examples"
+        explicit = data.batch_by == "tokens"
+        k = stage.tokens_per_example
+        eval_tokens = data.max_tokens_per_batch if explicit else per_device_eval_batch_size * data.max_length * k
+        return cls(by, per_device_train_batch_size, data.max_tokens_per_batch, max(eval_tokens, data.max_length * k),
+                   world_size, gradient_accumulation_steps, seed)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+class TokenSchedule:
+    """``batch_by: tokens``: bins packed once; an epoch is a seeded shuffle of them cut into steps."""
+
+    by = "tokens"
+
+    def __init__(self, batches: list, *, per_step: int, seed: int):
+        self.packing = getattr(batches, "stats", None)  # PackingStats of the bins
+        self.micros = [Micro(b, micro_stats(b)) for b in batches]
+        self.per_step, self.seed = per_step, seed
+        self.steps_per_epoch = len(self.micros) // per_step  # a ragged last step would break invariance
+        self.leftover = len(self.micros) % per_step  # 0: packing makes a multiple of per_step
+        self._cache: tuple = (None, [])
+
+    def step(self, epoch: int, s: int) -> list:
+        """The micro-batches (all ranks) of step ``s`` of ``epoch``."""
+        if self._cache[0] != epoch:
+            self._cache = (epoch, _epoch_order(len(self.micros), self.seed, epoch))
+        return [self.micros[i] for i in self._cache[1][s * self.per_step:(s + 1) * self.per_step]]
+
+
+def balance(items: list, sizes: list, groups: int, per_group: int) -> list:
+    """Split ``items`` (``groups * per_group`` of them) into ``groups`` lists of exactly ``per_group``
+    items with near-equal total ``sizes[item]``: longest first, into the lightest group with room."""
+    out: list = [[] for _ in range(groups)]
+    heap = [(0, g) for g in range(groups)]  # (tokens, group) of the groups that still have room
+    for i in sorted(items, key=lambda i: (-sizes[i], i)):
+        tokens, g = heapq.heappop(heap)
+        out[g].append(i)
+        if len(out[g]) < per_group:
+            heapq.heappush(heap, (tokens + sizes[i], g))
+    return out
+
+
+class ExampleSchedule:
+    """``batch_by: examples``: exactly ``per_micro`` examples per micro-batch, ``per_micro x micro_per_step``
+    per optimiser step, balanced by tokens across the step's micro-batches, packed padding-free."""
+
+    by = "examples"
+
+    def __init__(self, examples: list, sizes: list, collate: Callable, *, per_micro: int, micro_per_step: int,
+                 seed: int):
+        self.examples, self.sizes, self.collate = examples, sizes, collate
+        self.per_micro, self.micro_per_step, self.seed = per_micro, micro_per_step, seed
+        self.per_step = per_micro * micro_per_step  # examples per optimiser step
+        self.steps_per_epoch = len(examples) // self.per_step
+        self.leftover = len(examples) % self.per_step  # examples each epoch leaves out (its order's tail)
+        self._cache: tuple = (None, [])
+
+    def step(self, epoch: int, s: int) -> list:
+        """The micro-batches (all ranks) of step ``s`` of ``epoch``, built now (host, a few ms)."""
+        if self._cache[0] != epoch:
+            self._cache = (epoch, _epoch_order(len(self.examples), self.seed, epoch))
+        items = self._cache[1][s * self.per_step:(s + 1) * self.per_step]
+        groups = balance(items, self.sizes, self.micro_per_step, self.per_micro)
+        batches = [self.collate([self.examples[i] for i in g]) for g in groups]
+        return [Micro(b, micro_stats(b)) for b in batches]
 
 
 @dataclass
 class SplitData:
-    """One split: its rows, the stage's examples, the packed micro-batches and their host-side counts."""
+    """One split: its rows, the stage's examples, and how they are batched.
+
+    Train: ``schedule`` (a :class:`TokenSchedule` or :class:`ExampleSchedule`). Eval: ``micros``,
+    packed once by the eval token budget (an eval average does not depend on how it is batched).
+    """
 
     name: str
     rows: object
     examples: list
-    batches: list  # list[PackedBatch]
-    stats: list = field(default_factory=list)  # list[MicroStats], one per micro-batch
     report: str = ""
     packing: str = ""
+    schedule: object = None
+    micros: list = field(default_factory=list)
 
 
-def prepare(data: DataConfig, stage: Stage, tokenizer, *, seed: int, world_size: int = 1, grad_accum: int = 1,
-            log=print) -> dict:
-    """``{"train": SplitData, "test": SplitData | None}`` packed into ``data.max_tokens_per_batch`` micro-batches.
-
-    Train packs into a multiple of ``world_size * grad_accum`` micro-batches (whole optimiser
-    steps, none dropped), test into a multiple of ``world_size`` (one per rank at least).
-    """
+def prepare(data: DataConfig, stage: Stage, tokenizer, batching: Batching, *, log=print) -> dict:
+    """``{"train": SplitData, "test": SplitData | None}``: tokenised, and batched the ``batching`` way."""
     rows = load_rows(data)
     out: dict = {"train": None, "test": None}
     for split in ("train", "test"):
@@ -75,63 +194,82 @@ def prepare(data: DataConfig, stage: Stage, tokenizer, *, seed: int, world_size:
         examples, report = stage.tokenize(r, tokenizer, data, split)
         if not examples:
             raise ValueError(f"data ({split}): no usable examples after tokenisation: {report}")
-        shards = world_size * (grad_accum if split == "train" else 1)
-        batches = stage.pack(examples, data, data.max_tokens_per_batch, seed=seed, num_shards=shards)
-        stats = [micro_stats(b) for b in batches]
-        out[split] = SplitData(split, r, examples, list(batches), stats, str(report), str(batches.stats))
         log(f"data ({split}): {report}")
-        log(f"data ({split}): {batches.stats}")
+        sd = SplitData(split, r, examples, str(report))
+        if split == "train":
+            sd.schedule = _train_schedule(examples, data, stage, batching)
+            sd.packing = describe_schedule(sd.schedule, stage, batching)
+        else:
+            batches = stage.pack(examples, data, batching.eval_max_tokens, seed=batching.seed,
+                                 num_shards=batching.world_size)
+            sd.micros = [Micro(b, micro_stats(b)) for b in batches]
+            sd.packing = str(batches.stats)
+        log(f"data ({split}): {sd.packing}")
+        out[split] = sd
     if out["train"] is None:
         raise ValueError("data: the train split is empty")
     return out
 
 
+def _train_schedule(examples: list, data: DataConfig, stage: Stage, b: Batching):
+    if b.by == "tokens":
+        batches = stage.pack(examples, data, b.max_tokens, seed=b.seed, num_shards=b.micro_per_step)
+        return TokenSchedule(batches, per_step=b.micro_per_step, seed=b.seed)
+    sizes = [stage.size(ex, data) for ex in examples]
+    return ExampleSchedule(examples, sizes, lambda exs: stage.collate(exs, data), per_micro=b.per_device,
+                           micro_per_step=b.micro_per_step, seed=b.seed)
+
+
+def describe_schedule(sched, stage: Stage, b: Batching) -> str:
+    """One line: what an optimiser step holds, relative to the recipe's batch."""
+    name = stage.example_name
+    if sched.by == "examples":
+        n = len(sched.examples)
+        return (f"batch_by examples: {b.per_device} {name}s per micro-batch x {b.grad_accum} accumulation x "
+                f"{b.world_size} ranks = {sched.per_step} {name}s per optimiser step, packed padding-free; "
+                f"{n} {name}s -> {sched.steps_per_epoch} steps per epoch ({sched.leftover} left out per epoch)")
+    per_step = [total(sched.step(0, s), "examples") for s in range(sched.steps_per_epoch)]
+    mean = sum(per_step) / max(len(per_step), 1)
+    rng = f"{min(per_step)}-{max(per_step)}" if per_step else "0"
+    return (f"batch_by tokens: micro-batches of <= {b.max_tokens} tokens ({sched.packing}); "
+            f"{b.micro_per_step} per optimiser step hold {mean:.1f} {name}s on average ({rng}), "
+            f"where the recipe's per_device_train_batch_size x accumulation x world is "
+            f"{b.per_device * b.micro_per_step}")
+
+
 @dataclass
 class StepPlan:
-    num_micro: int
+    schedule: object  # TokenSchedule | ExampleSchedule
     world_size: int
     grad_accum: int
-    seed: int
-    steps_per_epoch: int
     total_steps: int
 
     @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch
+
+    @property
     def per_step(self) -> int:
+        """Micro-batches per optimiser step (all ranks)."""
         return self.world_size * self.grad_accum
 
-    def epoch_order(self, epoch: int) -> list:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_micro, generator=g).tolist()
+    def step_micro(self, step: int) -> list:
+        """Every micro-batch (all ranks) of global step ``step`` (0-based): a list of :class:`Micro`."""
+        return self.schedule.step(step // self.steps_per_epoch, step % self.steps_per_epoch)
 
-    def step_micro(self, step: int, order: list) -> list:
-        """Indices of every micro-batch (all ranks) in global step ``step`` (0-based) of its epoch."""
-        s = step % self.steps_per_epoch
-        return order[s * self.per_step:(s + 1) * self.per_step]
-
-    def rank_micro(self, step_indices: list, rank: int) -> list:
-        return step_indices[rank * self.grad_accum:(rank + 1) * self.grad_accum]
+    def rank_micro(self, micros: list, rank: int) -> list:
+        return micros[rank * self.grad_accum:(rank + 1) * self.grad_accum]
 
 
-def make_plan(num_micro: int, *, world_size: int, grad_accum: int, seed: int, num_train_epochs: float,
-              max_steps: int) -> StepPlan:
-    per_step = world_size * grad_accum
-    steps_per_epoch = num_micro // per_step  # a ragged last step would break the invariance above
-    if steps_per_epoch == 0:
+def make_plan(schedule, *, world_size: int, grad_accum: int, num_train_epochs: float, max_steps: int) -> StepPlan:
+    if schedule.steps_per_epoch == 0:
+        unit = "examples" if schedule.by == "examples" else "micro-batches"
+        have = len(schedule.examples) if schedule.by == "examples" else len(schedule.micros)
+        need = schedule.per_step if schedule.by == "examples" else world_size * grad_accum
         raise ValueError(
-            f"not enough data for one optimiser step: the data packed into {num_micro} micro-batches, "
-            f"but one step needs world_size x gradient_accumulation_steps = {per_step}; lower "
-            f"gradient_accumulation_steps or max_tokens_per_batch, or add data"
+            f"not enough data for one optimiser step: the train split has {have} {unit}, one step needs "
+            f"{need} (per_device_train_batch_size x gradient_accumulation_steps x world_size); lower them or add data"
         )
-    total = max_steps if max_steps > 0 else int(math.ceil(num_train_epochs * steps_per_epoch))
-    return StepPlan(num_micro, world_size, grad_accum, seed, steps_per_epoch, max(1, total))
-
-
-def total(stats: list, indices, key: str) -> int:
-    """Sum of one :class:`MicroStats` field (``tokens`` | ``targets`` | ``pairs`` | ``attn_sq``) over ``indices``."""
-    return sum(getattr(stats[i], key) for i in indices)
-
-
-def denominators(plan: StepPlan, stats: list, epoch: int, key: str) -> list:
-    """Per step of ``epoch``: the global count (``key`` = "targets" | "pairs") over all ranks."""
-    order = plan.epoch_order(epoch)
-    return [total(stats, plan.step_micro(s, order), key) for s in range(plan.steps_per_epoch)]
+    spe = schedule.steps_per_epoch
+    steps = max_steps if max_steps > 0 else int(math.ceil(num_train_epochs * spe))
+    return StepPlan(schedule, world_size, grad_accum, max(1, steps))

@@ -13,6 +13,8 @@ import os
 import time
 from typing import Optional
 
+import torch
+
 from zephyr_fast.config import Config, ConfigError, config_hash
 from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.model.forward import unwrap_model
@@ -22,7 +24,7 @@ from zephyr_fast.training.build import (build_engine, build_model, check_model, 
                                         seed_everything)
 from zephyr_fast.training.loop import LoopState, TrainLoop
 from zephyr_fast.training.metrics import MetricLogger, read_jsonl
-from zephyr_fast.training.plan import make_plan, prepare
+from zephyr_fast.training.plan import Batching, make_plan, prepare
 from zephyr_fast.training.reference import ReferencePass, ref_summary, weights_fingerprint
 from zephyr_fast.training.stages import LossModule, make_stage
 
@@ -44,8 +46,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
                                revision=m.model_revision)
 
     # ---- data --------------------------------------------------------------------------------
-    data = prepare(cfg.data, stage, tokenizer, seed=t.seed, world_size=dist.world_size,
-                   grad_accum=t.gradient_accumulation_steps, log=log)
+    data = prepare(cfg.data, stage, tokenizer, batching(cfg, stage, dist.world_size), log=log)
     if stage.trains and t.eval_strategy == "no":
         data["test"] = None  # no evaluation: no test-split reference pass either
 
@@ -77,6 +78,15 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
     if return_model:
         summary["model"] = unwrap_model(lm.model)
     return summary
+
+
+def batching(cfg: Config, stage, world_size: int) -> Batching:
+    """The train split's batching (``batch_by``) for this recipe, stage and world size."""
+    t = cfg.training
+    return Batching.resolve(cfg.data, stage, per_device_train_batch_size=t.per_device_train_batch_size,
+                            per_device_eval_batch_size=t.per_device_eval_batch_size,
+                            gradient_accumulation_steps=t.gradient_accumulation_steps, packing=t.packing, seed=t.seed,
+                            world_size=world_size)
 
 
 def _setup(cfg: Config) -> tuple:
@@ -113,15 +123,15 @@ def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: di
 def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, *, stop_after, log) -> tuple:
     """Plan, optimiser, reference log-probs, resume, then the loop; ``(loss_module, state, plan, opt)``."""
     t = cfg.training
-    plan = make_plan(len(data["train"].batches), world_size=dist.world_size, grad_accum=t.gradient_accumulation_steps,
-                     seed=t.seed, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps)
+    plan = make_plan(data["train"].schedule, world_size=dist.world_size, grad_accum=t.gradient_accumulation_steps,
+                     num_train_epochs=t.num_train_epochs, max_steps=t.max_steps)
     log(f"{t.stage}: {plan.total_steps} optimiser steps ({plan.steps_per_epoch}/epoch) of {plan.per_step} "
         f"micro-batches (world {dist.world_size} x accumulation {t.gradient_accumulation_steps})")
     lm = LossModule(model, stage)
     opt = build_engine(t, dist, lm, plan.total_steps)
     refs = reference_logps(unwrap_model(lm.model)) if reference_logps is not None else {}
-    # per micro-batch (ref_chosen (P,), ref_rejected (P,)), resolved once before the loop
-    lookups = {split: [refs[split].lookup(b.pair_index) for b in data[split].batches] for split in refs}
+    for split, ref in refs.items():  # every example has its reference log-probs: checked once, before the loop
+        ref.lookup(torch.tensor([ex["index"] for ex in data[split].examples], dtype=torch.int64))
     state, logger = _resume(cfg, dist, lm, opt, log)
 
     def save(step: int, extra: dict) -> str:
@@ -133,9 +143,9 @@ def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, *, stop
         log(f"checkpoint: {path}")
         return path
 
-    loop = TrainLoop(t, stage, dist, opt, plan, data["train"], lookups.get("train"), logger, save,
+    loop = TrainLoop(t, stage, dist, opt, plan, data["train"], refs.get("train"), logger, save,
                      flops_counter(lm.model), peak_tflops(t, dist), eval_split=data["test"],
-                     eval_refs=lookups.get("test"), log=log)
+                     eval_refs=refs.get("test"), log=log)
     state = loop.run(state, stop_after)
     logger.close()
     state.metrics_path = logger.path

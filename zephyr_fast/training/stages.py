@@ -40,7 +40,7 @@ from zephyr_kernels import LOSS_TYPES, FusedLinearDPOLoss, check_dpo_args, linea
 
 from zephyr_fast.data.batch import loss_inputs
 from zephyr_fast.data.loading import DataConfig
-from zephyr_fast.data.packing import pack_dpo, pack_sft
+from zephyr_fast.data.packing import dpo_batch, pack_dpo, pack_sft, pair_tokens, sft_batch
 from zephyr_fast.data.preference import build_dpo_examples
 from zephyr_fast.data.sft import tokenize_sft
 from zephyr_fast.model.forward import forward_hidden, head_transform, lm_head_weight, unwrap_model
@@ -54,6 +54,8 @@ class Stage:
     section: Optional[str] = None  # the Config section holding this stage's own keys (e.g. "dpo")
     tokens_per_example: int = 1  # max_length-long sequences one example adds to a micro-batch
     denominator: str = "targets"  # MicroStats field counting the loss terms: "targets" | "pairs"
+    batch_by: str = "tokens"  # what ``batch_by: auto`` means for this stage (zephyr_fast.training.plan)
+    example_name: str = "example"  # what one example is called in logs and plans
     uses_reference: bool = False  # needs reference log-probs (zephyr_fast.training.reference)
     trains: bool = True  # False: the run ends after the reference pass
 
@@ -75,6 +77,14 @@ class Stage:
 
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
         """``examples`` -> ``PackedBatches`` (``list[PackedBatch]`` with ``.stats``), a multiple of ``num_shards``."""
+        raise NotImplementedError
+
+    def size(self, example: dict, data: DataConfig) -> int:
+        """Tokens ``example`` occupies in a packed micro-batch."""
+        raise NotImplementedError
+
+    def collate(self, examples: list, data: DataConfig):
+        """``examples`` -> one padding-free ``PackedBatch`` holding all of them (``batch_by: examples``)."""
         raise NotImplementedError
 
     def loss_head(self, *, temperature: float, softcap: Optional[float]) -> Callable:
@@ -103,6 +113,7 @@ class SFTStage(Stage):
     name = "sft"
     tokens_per_example = 1
     denominator = "targets"
+    example_name = "sequence"
 
     def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
         return tokenize_sft(rows, tokenizer, assistant_only_loss=data.assistant_only_loss,
@@ -110,6 +121,12 @@ class SFTStage(Stage):
 
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
         return pack_sft(examples, max_tokens, seed=seed, overlong=data.overlong, num_shards=num_shards)
+
+    def size(self, example: dict, data: DataConfig) -> int:
+        return len(example["input_ids"])
+
+    def collate(self, examples: list, data: DataConfig):
+        return sft_batch([(ex["input_ids"], ex["loss_mask"]) for ex in examples])  # each <= max_length already
 
     def loss_head(self, *, temperature: float, softcap: Optional[float]) -> Callable:
         def head(rows, weight, labels, segment_ids, ref):
@@ -146,6 +163,8 @@ class DPOStage(Stage):
     section = "dpo"
     tokens_per_example = 2  # a pair holds two completions
     denominator = "pairs"
+    batch_by = "examples"  # TRL counts DPO batches in pairs
+    example_name = "pair"
     uses_reference = True
 
     def __init__(self, impl: str = "auto", section: Optional[DPOConfig] = None):
@@ -163,6 +182,12 @@ class DPOStage(Stage):
 
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
         return pack_dpo(examples, max_tokens, layout=data.dpo_layout, seed=seed, num_shards=num_shards)
+
+    def size(self, example: dict, data: DataConfig) -> int:
+        return pair_tokens(example, data.dpo_layout)
+
+    def collate(self, examples: list, data: DataConfig):
+        return dpo_batch(examples, data.dpo_layout)
 
     def loss_head(self, *, temperature: float, softcap: Optional[float]) -> Callable:
         d = self.cfg
