@@ -1,6 +1,9 @@
 """``zephyr-fast`` console script: one entry point for the pipeline's stages.
 
-    zephyr-fast train RECIPE.yaml [--key=value ...]      # stage from the recipe (sft | ref_logps | dpo)
+    zephyr-fast train RECIPE.yaml [--key=value ...]      # stage from the recipe (sft | ref_logps | dpo); --help: keys
+    zephyr-fast sft RECIPE.yaml [--key=value ...]        # train, stage sft (refused if the recipe has DPO keys)
+    zephyr-fast dpo RECIPE.yaml [--key=value ...]        # train, stage dpo (refused if the recipe is SFT data)
+    zephyr-fast plan RECIPE.yaml [--key=value ...]       # what the run would do, without training
     zephyr-fast ref-logps RECIPE.yaml [--key=value ...]  # only the offline reference pass of a DPO recipe
     zephyr-fast binarize IN OUT [--seed N] [--score ...] # UltraFeedback raw/flat -> ultrafeedback_binarized
     zephyr-fast plot OUT.png LABEL=metrics.jsonl ...     # loss / reward-margin plot of finished runs
@@ -24,7 +27,10 @@ USAGE = __doc__.split("\n\n")[1]
 # runs, so `zephyr-fast binarize` or `--help` does not pay for torch, transformers or the Hub
 COMMANDS = {
     "train": ("zephyr_fast.train", "main", []),
+    "sft": ("zephyr_fast.train", "main", ["--stage=sft"]),
+    "dpo": ("zephyr_fast.train", "main", ["--stage=dpo"]),
     "ref-logps": ("zephyr_fast.train", "main", ["--stage=ref_logps"]),
+    "plan": ("zephyr_fast.training.preview", "main", []),
     "binarize": ("zephyr_fast.data.binarize", "main", []),
     "plot": ("zephyr_fast.training.metrics", "plot_main", []),
     "demo": ("zephyr_fast.demo", "main", []),

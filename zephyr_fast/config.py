@@ -3,11 +3,17 @@
 A recipe is one YAML mapping. Keys may be flat (``learning_rate: 5.0e-7``, as in the
 alignment-handbook recipes) or grouped under the section names ``model:``, ``data:``,
 ``training:``, ``dpo:``; both resolve to the same :class:`Config`. Field names are unique across
-sections, so a flat key always has exactly one home. Legacy names are accepted as aliases
-(``max_seq_length`` -> ``max_length``, ``torch_dtype`` -> ``dtype``, ...). A handful of TRL /
-transformers keys that have no effect here (hub pushing, logging backends, ...) are accepted and
-ignored so that published recipes load unchanged; anything else unknown is an error with a
-did-you-mean suggestion.
+sections, so a flat key always has exactly one home. Every other key a published alignment-handbook /
+TRL recipe uses is handled by :mod:`zephyr_fast.recipe_keys`: an alias, a translation, a value that
+is what zephyr_fast always does, a key with no effect on results (accepted, and listed in
+:attr:`Config.notices` for the run to print), or a one-line refusal saying what to use instead;
+anything else unknown is an error with a did-you-mean suggestion. Nothing is silently ignored.
+
+The stage is read from the recipe (:func:`zephyr_fast.recipe_keys.infer_stage`): handbook recipes
+have no ``stage:`` key, their DPO keys (``beta``, ``loss_type``, ...) or preference data make them
+``dpo``; an explicit ``stage`` the keys contradict is refused. Command-line values are parsed by
+the key's type (``--eval_strategy=no`` is the string "no"), and their errors name
+``command line --key`` even when a section's own check fails.
 
 Each section is the dataclass of the layer that owns it, and checks its own values once, when it
 is built: ``data`` is ``zephyr_fast.data.loading.DataConfig``, ``dpo`` is the DPO stage's
@@ -24,6 +30,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -31,6 +38,8 @@ from typing import Any, Optional
 import yaml
 from zephyr_kernels.dispatch import IMPLS
 
+from zephyr_fast import recipe_keys as rk
+from zephyr_fast.recipe_keys import CLI, ConfigError, typed
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.training.stages import STAGES, DPOConfig, stage_class
 
@@ -44,10 +53,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("no", "steps", "epoch")
 
 
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the file and key."""
-
-
 def _check(cond: bool, key: str, msg: str) -> None:
     """A section's own check: ``ValueError("key: msg")`` (``build_config`` adds the recipe path)."""
     if not cond:
@@ -55,7 +60,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 
 def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    """``; did you mean 'x'?`` only for a really close name (a typo), else nothing."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
@@ -64,6 +70,7 @@ class ModelConfig:
     model_name_or_path: Optional[str] = None  # None: random init from ``model_init`` (tiny runs)
     model_init: dict = field(default_factory=dict)  # kwargs for zephyr_fast.model.tiny_config
     tokenizer_name_or_path: Optional[str] = None  # default: model_name_or_path
+    eos_token: Optional[str] = None  # replaces the tokenizer's EOS (TRL / SmolLM3: <|im_end|>)
     model_revision: str = "main"
     dtype: str = "float32"  # parameter dtype (alias torch_dtype)
     attn_implementation: str = "auto"
@@ -96,7 +103,7 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    stage: str = "sft"
+    stage: Optional[str] = None  # None: inferred from the recipe's keys (recipe_keys.infer_stage)
     output_dir: str = "outputs/run"
     seed: int = 42
     num_train_epochs: float = 1.0
@@ -119,6 +126,7 @@ class TrainingConfig:
     fp16: bool = False  # refused: fp16 needs loss scaling; use bf16
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON; default ZeRO-3 when world > 1
     logging_steps: int = 10
+    logging_first_step: bool = False  # also log the first optimiser step
     eval_strategy: str = "no"  # no | steps | epoch (alias evaluation_strategy)
     eval_steps: int = 0
     save_strategy: str = "steps"  # no | steps | epoch
@@ -139,12 +147,12 @@ class TrainingConfig:
     hub_token: Optional[str] = None  # default: $HF_TOKEN / the cached login
     peak_tflops: float = 0.0  # per device, for MFU; 0: detect from the CUDA card name
     kernel_impl: str = "auto"  # zephyr_kernels dispatch: one of zephyr_kernels.dispatch.IMPLS
-    packing: bool = True  # always packed (padding-free); false is refused
+    packing: bool = True  # false: exactly per_device_train_batch_size examples per micro-batch (still padding-free)
     save_final_model: bool = True
 
     def __post_init__(self):
         names = tuple(STAGES)
-        _check(self.stage in STAGES, "stage",
+        _check(self.stage is None or self.stage in STAGES, "stage",
                f"must be one of {names}, got {self.stage!r}{_suggest(self.stage, names)}")
         _check(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
                f"must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
@@ -160,8 +168,6 @@ class TrainingConfig:
                "must be > 0 when eval_strategy is 'steps'")
         _check(not self.fp16, "fp16", "is not supported (fp16 training needs loss scaling); use bf16: true")
         _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
-        _check(self.packing, "packing",
-               "zephyr_fast always trains on padding-free packed batches; remove packing: false")
         _check(self.kernel_impl in IMPLS, "kernel_impl", f"must be {' | '.join(IMPLS)}, got {self.kernel_impl!r}")
         _check(self.deepspeed is None or os.path.isfile(self.deepspeed), "deepspeed",
                f"file not found: {self.deepspeed!r}")
@@ -177,9 +183,13 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     source: Optional[str] = None  # the recipe path (for messages and the model card)
+    # "key: why" for each accepted key that has no effect on results; the run prints them at start
+    notices: list = field(default_factory=list)
 
     def __post_init__(self):
         """The cross-section values: the micro-batch token budget (derived here and nowhere else)."""
+        if self.training.stage is None:  # built in code, not from a recipe: nothing to infer from
+            self.training.stage = "sft"
         stage, d = stage_class(self.training.stage), self.data
         k = stage.tokens_per_example  # max_length-long sequences per example (a DPO pair: 2)
         if d.max_tokens_per_batch is None:  # HF-style batch sizes -> a packed token budget
@@ -193,32 +203,34 @@ class Config:
         return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
 
     def save(self, path: str) -> None:
-        """Write the resolved config (sectioned YAML) -- loadable again with :func:`load_config`."""
+        """Write the resolved config (sectioned YAML) -- loadable again with :func:`load_config`.
+
+        An sft config leaves out the DPO keys at their defaults: written out, they would read as
+        DPO keys contradicting ``stage: sft`` when the file is loaded again.
+        """
+        out = self.to_dict()
+        if self.training.stage == "sft":
+            _drop_dpo_defaults(out)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             if self.source:
                 f.write(f"# resolved from {self.source}\n")
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+            yaml.safe_dump(out, f, sort_keys=False)
 
 
-# Legacy / TRL / alignment-handbook names -> ours. A value of None in IGNORED means "accepted, no effect".
-ALIASES = {
-    "max_seq_length": "max_length",
-    "torch_dtype": "dtype",
-    "evaluation_strategy": "eval_strategy",
-    "attn_impl": "attn_implementation",
-    "layout": "dpo_layout",
-    "precompute_ref_logps_dir": "ref_logps_dir",
-}
-IGNORED = {
-    "bf16_full_eval", "do_eval", "do_train", "log_level", "logging_strategy", "logging_first_step", "overwrite_output_dir",
-    "remove_unused_columns", "save_only_model",
-    "dataloader_num_workers", "ddp_timeout", "tf32", "use_flash_attention_2", "optim_args",
-    "include_tokens_per_second", "dataset_kwargs", "precompute_ref_log_probs", "force_use_ref_model",
-    "model_init_kwargs",
-    "dataset_text_field", "eval_accumulation_steps", "preprocessing_num_workers", "dataset_num_proc",
-    "ddp_find_unused_parameters",
-}
+def _defaults(cls) -> dict:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)}
+
+
+def _drop_dpo_defaults(out: dict) -> None:
+    """Remove the DPO-only values still at their defaults from a ``to_dict()`` (in place)."""
+    dpo, data = _defaults(DPOConfig), _defaults(DataConfig)
+    out["dpo"] = {k: v for k, v in out["dpo"].items() if v != dpo[k]}
+    out["data"] = {k: v for k, v in out["data"].items() if k not in rk.DPO_DATA_KEYS or v != data[k]}
+    if not out["dpo"]:
+        del out["dpo"]
+
 
 # Flat keys that legitimately exist in several sections and are set in all of them.
 SHARED_KEYS = {"seed"}
@@ -240,141 +252,146 @@ def _field_types(cls) -> dict:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
-_NO = object()  # "this value does not convert"
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _to_bool(value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
-        return value.lower() in _TRUE
-    return bool(value) if isinstance(value, int) and value in (0, 1) else _NO
-
-
-def _to_number(value, tp):
-    """int / float from a number or a numeric string; never from a bool; a float only if integral for int."""
-    if isinstance(value, bool):
-        return _NO
-    if isinstance(value, str):
-        try:
-            return tp(value)
-        except ValueError:
-            return _NO
-    if tp is int and isinstance(value, float):
-        return int(value) if value.is_integer() else _NO
-    return tp(value) if isinstance(value, (int, float)) else _NO
-
-
-def _to_str(value):
-    return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else _NO
-
-
-def _to_list(value):
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return list(value) if isinstance(value, (list, tuple)) else _NO
-
-
-def _convert(value, tp):
-    """``value`` as annotation ``tp`` (not a Union), or ``_NO``."""
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        return _to_bool(value)
-    if tp in (int, float):
-        return _to_number(value, tp)
-    if tp is str:
-        return _to_str(value)
-    if tp is list or origin is list:
-        return _to_list(value)
-    if tp is dict or origin is dict:
-        return value if isinstance(value, dict) else _NO
-    return value  # Any, and the data layer's own annotations: trust YAML's typing
-
-
-def _coerce(value, tp, where: str):
-    """Coerce ``value`` (already YAML-parsed) to annotation ``tp``; raise ConfigError naming ``where``."""
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        for a in args[:-1]:
-            try:
-                return _coerce(value, a, where)
-            except ConfigError:
-                continue
-        return _coerce(value, args[-1], where)
-    out = _convert(value, tp)
-    if out is _NO:
-        name = getattr(tp, "__name__", str(tp))
-        raise ConfigError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
-    return out
-
-
-def _parse_override(arg: str, where: str):
+def _parse_override(arg: str):
     if not arg.startswith("--") or "=" not in arg:
-        raise ConfigError(f"{where}: override {arg!r} must look like --key=value")
+        raise ConfigError(f"{CLI}: override {arg!r} must look like --key=value")
     key, raw = arg[2:].split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.replace("-", "_"), value
+    return key.replace("-", "_"), raw
+
+
+def _blame(msg: str, seen: dict, source: str) -> ConfigError:
+    """A check's ``"key: problem"`` as one line naming where ``key`` was set (recipe or command line)."""
+    key, sep, rest = msg.partition(": ")
+    if sep and key in seen:
+        return ConfigError(f"{seen[key]}: {rest}")
+    for k, where in seen.items():  # a message that names a command-line key elsewhere (the kernels' checks)
+        if where.startswith(CLI) and re.search(rf"\b{re.escape(k)}\b", msg):
+            return ConfigError(f"{where}: {msg}")
+    return ConfigError(f"{source}: {msg}")
 
 
 def build_config(raw: dict, *, source: str = "<dict>", overrides=()) -> Config:
     """Resolve a flat or sectioned mapping (+ ``--key=value`` strings) into a validated Config."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a recipe must be a YAML mapping, got {type(raw).__name__}")
-    kwargs = _section_kwargs(_flatten(raw, source, overrides))
-    try:  # every section checks its own values; Config the cross-section ones
-        return Config(**{sec: cls(**kwargs[sec]) for sec, cls in SECTIONS.items()}, source=source)
+    refusal = rk.objective_of_path(source) if os.path.isfile(source) else None
+    if refusal:
+        raise ConfigError(f"{source}: {refusal}")
+    keys = _RecipeKeys(source)
+    keys.read(raw, overrides)
+    kwargs = _section_kwargs(keys.flat)
+    try:
+        _resolve_stage(kwargs, keys)
+        sections = {sec: cls(**kwargs[sec]) for sec, cls in SECTIONS.items()}
+        # every section checks its own values; Config the cross-section ones
+        cfg = Config(**sections, source=source, notices=list(keys.notices.values()))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: {e}") from e
+        raise _blame(str(e), keys.seen, source) from e
+    cfg.notices += _default_notices(cfg, keys.seen)
+    return cfg
 
 
-def _flatten(raw: dict, source: str, overrides) -> dict:
-    """``{(section, key): (value, where)}`` from the recipe then the overrides (aliases resolved)."""
-    index = _field_index()
-    known = set(index) | set(ALIASES) | IGNORED | set(SECTIONS)
-    flat: dict = {}
+def _resolve_stage(kwargs: dict, keys: "_RecipeKeys") -> None:
+    """Set ``training.stage``: the explicit one checked against the recipe's keys, else inferred."""
+    dpo_keys = [k for k in keys.seen if k in _dpo_keys()]
+    stage, notices = rk.infer_stage(kwargs["training"].get("stage"), dpo_keys, rk.data_kind(kwargs["data"]))
+    kwargs["training"]["stage"] = stage
+    keys.notices.update((n.split(":", 1)[0], n) for n in notices)
 
-    def put(key, value, where):
+
+def _dpo_keys() -> set:
+    """The keys only the DPO stage reads (their presence makes a recipe a DPO one)."""
+    return {f.name for f in dataclasses.fields(DPOConfig)} | set(rk.DPO_DATA_KEYS) | set(rk.DPO_TRL_KEYS)
+
+
+def _default_notices(cfg: Config, seen: dict) -> list:
+    """Notices for the result-setting keys left out whose default here differs from transformers' / TRL's."""
+    values = {k: getattr(getattr(cfg, secs[0]), k) for k, secs in _field_index().items() if k in rk.HF_DEFAULTS}
+    return rk.default_notices(values, seen, cfg.training.stage, _dpo_keys())
+
+
+class _RecipeKeys:
+    """The keys of one recipe, read in order: the recipe's, then the command line's.
+
+    ``flat``: ``{(section, key): (value, where)}`` for the section fields; ``seen``: ``{key: where}``
+    for every key named (aliases resolved); ``notices``: ``{key: "key: why"}``.
+    """
+
+    def __init__(self, source: str):
+        self.source, self.index = source, _field_index()
+        self.known = set(self.index) | rk.extra_keys()
+        self.flat: dict = {}
+        self.seen: dict = {}
+        self.notices: dict = {}
+        self.dataset: dict = {}  # TRL's dataset_name & co -> (value, where)
+
+    def read(self, raw: dict, overrides) -> None:
+        for key, value in raw.items():
+            if key in SECTIONS and isinstance(value, dict):
+                for k, v in value.items():
+                    self.put(f"{key}.{k}", v, f"{self.source}: {key}.{k}")
+            else:
+                self.put(str(key), value, f"{self.source}: {key}")
+        for arg in overrides:
+            key, value = _parse_override(arg)
+            self.put(key, value, f"{CLI} --{key}")
+        if self.dataset:
+            self._translate_dataset()
+
+    def put(self, key: str, value, where: str) -> None:
         sec_hint = None
         if "." in key:
             sec_hint, key = key.split(".", 1)
             if sec_hint not in SECTIONS:
                 raise ConfigError(f"{where}: unknown section {sec_hint!r}{_suggest(sec_hint, SECTIONS)}")
-        key = ALIASES.get(key, key)
-        if key in IGNORED:
-            return
-        if key not in index:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, known)}")
-        if sec_hint is not None and sec_hint not in index[key]:
-            raise ConfigError(f"{where}: key {key!r} belongs to section {index[key][0]!r}, not {sec_hint!r}")
-        for sec in ([sec_hint] if sec_hint else index[key]):
-            flat[(sec, key)] = (value, where)
+        key = rk.ALIASES.get(key, key)
+        self.seen[key] = where
+        if key not in self.index:
+            return self._extra(key, value, where)
+        if sec_hint is not None and sec_hint not in self.index[key]:
+            raise ConfigError(f"{where}: key {key!r} belongs to section {self.index[key][0]!r}, not {sec_hint!r}")
+        if key in rk.STEP_KEYS:
+            rk.check_step_count(key, value, where)
+        for sec in ([sec_hint] if sec_hint else self.index[key]):
+            self.flat[(sec, key)] = (value, where)
 
-    for key, value in raw.items():
-        if key in SECTIONS and isinstance(value, dict):
-            for k, v in value.items():
-                put(f"{key}.{k}", v, f"{source}: {key}.{k}")
-        else:
-            put(str(key), value, f"{source}: {key}")
-    for arg in overrides:
-        key, value = _parse_override(arg, "command line")
-        put(key, value, f"command line --{key}")
-    return flat
+    def _extra(self, key: str, value, where: str) -> None:
+        """A key that is no section's field (:func:`zephyr_fast.recipe_keys.extra_key`), or unknown."""
+        if key in rk.DATASET_KEYS:
+            self.dataset[key] = (typed(value, Optional[str], where), where)
+            return
+        try:
+            puts, notice = rk.extra_key(key, value, where)
+        except KeyError:
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, self.known)}") from None
+        if notice:
+            self.notices[key] = notice
+        for k, v, w in puts:
+            self.put(k, v, w)
+
+    def _translate_dataset(self) -> None:
+        where = self.dataset.get("dataset_name", next(iter(self.dataset.values())))[1]
+        for other in ("dataset_mixer", "dataset_mixture"):
+            if str(self.flat.get(("data", other), (None,))[0]).lower() not in ("none", "null"):
+                raise ConfigError(f"{where}: give either dataset_name (TRL) or {other}, not both")
+        try:
+            out = rk.translate_dataset({k: v for k, (v, _) in self.dataset.items()})
+        except ValueError as e:
+            key, _, rest = str(e).partition(": ")
+            raise ConfigError(f"{self.dataset.get(key, (None, where))[1]}: {rest}") from None
+        for k, v in out.items():
+            self.put(k, v, where)
 
 
 def _section_kwargs(flat: dict) -> dict:
-    """``{section: {key: value coerced to the field's type}}``."""
+    """``{section: {key: value as the field's type}}``."""
     kwargs: dict = {sec: {} for sec in SECTIONS}
     for (sec, key), (value, where) in flat.items():
-        if key == "dtype" and value in (None, "auto"):  # HF: "the checkpoint's dtype" -> bf16 runs stay bf16
-            bf16 = flat.get(("training", "bf16"), (False, ""))[0]
-            value = "bfloat16" if _coerce(bf16, bool, where) else "float32"
-        kwargs[sec][key] = _coerce(value, _field_types(SECTIONS[sec])[key], where)
+        if key == "dtype" and (value is None or str(value).lower() in ("auto", "none", "null")):
+            # HF: "the checkpoint's dtype" -> bf16 runs stay bf16
+            bf16, bf16_where = flat.get(("training", "bf16"), (False, ""))
+            value = "bfloat16" if typed(bf16, bool, bf16_where) else "float32"
+        kwargs[sec][key] = typed(value, _field_types(SECTIONS[sec])[key], where)
     return kwargs
 
 
@@ -388,6 +405,11 @@ def load_config(path: str, overrides=()) -> Config:
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
     return build_config(raw or {}, source=path, overrides=list(overrides))
+
+
+def keys_help() -> str:
+    """The ``train.py --help`` text: every key with its section, type, default and accepted aliases."""
+    return rk.describe_keys(SECTIONS, {sec: _field_types(cls) for sec, cls in SECTIONS.items()})
 
 
 def config_hash(cfg: Config) -> str:

@@ -1,5 +1,9 @@
 """zephyr_fast trainer launch script: ``train.py RECIPE.yaml [--key=value ...]``, stage ``sft | ref_logps | dpo``.
 
+``train.py --help`` lists every recipe key with its section, type, default and the handbook / TRL
+names it accepts. Bad input ends the launch with one line ``error: ...`` and status 2; ``--debug``
+shows the traceback instead.
+
 Launch with ``python`` (one process, plain torch optimiser), ``torchrun`` or ``deepspeed``
 (``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 zephyr_fast/train.py recipes/tiny/dpo.yaml`` on CPU),
 or ``python -m zephyr_fast.train``. In-process: ``run(load_config(path, overrides)) -> summary dict``.
@@ -16,12 +20,14 @@ import sys
 if __name__ == "__main__":  # run as a script: its folder must not shadow top-level modules
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from zephyr_fast.config import ConfigError, load_config  # noqa: E402
+from zephyr_fast.config import ConfigError, keys_help, load_config  # noqa: E402
 from zephyr_fast.data.validate import DataValidationError  # noqa: E402
 from zephyr_fast.training.distributed import teardown  # noqa: E402
 from zephyr_fast.training.run import run  # noqa: E402
 
 __all__ = ["load_config", "main", "parse_args", "run"]
+
+USAGE = "usage: train.py RECIPE.yaml [--key=value ...] [--debug] [--stop_after=N]   (--help: every recipe key)"
 
 
 def parse_args(argv: list) -> tuple:
@@ -36,7 +42,7 @@ def parse_args(argv: list) -> tuple:
             continue
         args.append(a)
     if not args or args[0].startswith("--"):
-        raise SystemExit("usage: train.py RECIPE.yaml [--key=value ...]")
+        raise SystemExit(USAGE)
     overrides = []
     rest = args[1:]
     i = 0
@@ -51,22 +57,43 @@ def parse_args(argv: list) -> tuple:
     return args[0], overrides
 
 
+def _run_option(overrides: list, name: str) -> tuple:
+    """Remove the run option ``--name[=value]`` (not a recipe key); ``(its last value or None, rest)``."""
+    found = [o for o in overrides if o == f"--{name}" or o.startswith(f"--{name}=")]
+    rest = [o for o in overrides if o not in found]
+    return (found[-1].partition("=")[2] or "true" if found else None), rest
+
+
 def main(argv=None) -> int:
-    path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    # --stop_after=N is a run option, not a recipe key: stop after N steps as if preempted
-    stop = [o for o in overrides if o.startswith("--stop_after=")]
-    overrides = [o for o in overrides if o not in stop]
-    stop_after = int(stop[-1].split("=", 1)[1]) if stop else None
+    """Load the recipe and run it; status 0, or 2 with one line naming the bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"{USAGE}\n\n{keys_help()}")
+        return 0
     try:
-        cfg = load_config(path, overrides)
-    except ConfigError as e:
+        path, overrides = parse_args(argv)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 2
+    debug, overrides = _run_option(overrides, "debug")
+    stop, overrides = _run_option(overrides, "stop_after")  # stop after N steps as if preempted
+    debug = debug is not None and debug.lower() not in ("false", "0", "no")
+    if stop is not None and not stop.isdigit():
+        print(f"error: command line --stop_after: expected a number of steps, got {stop!r}", file=sys.stderr)
+        return 2
+    try:
+        return _load_and_run(path, overrides, int(stop) if stop else None)
+    except (ConfigError, DataValidationError) as e:  # bad input: one line naming file, row / key and field
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _load_and_run(path: str, overrides: list, stop_after) -> int:
+    cfg = load_config(path, overrides)
     try:
         run(cfg, stop_after=stop_after)
-    except (ConfigError, DataValidationError) as e:  # bad input: one line naming file, row / key and field
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         teardown()
     return 0

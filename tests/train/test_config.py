@@ -14,6 +14,11 @@ DATA = {"dataset_mixer": {"assets/data/ultrachat_200k/sample16.jsonl": 1.0}, "da
 BASE = {"tokenizer_name_or_path": "tok", "model_init": {"hidden_size": 64}, **DATA}
 
 
+def key_notices(cfg):
+    """The notices about keys the recipe gave (not the "not set" ones about defaults)."""
+    return [n for n in cfg.notices if ": not set, so" not in n]
+
+
 def cfg_of(**kw):
     return build_config({**BASE, **kw}, source="r.yaml")
 
@@ -38,9 +43,10 @@ def test_flat_and_sectioned_recipes_resolve_identically():
 
 def test_legacy_aliases_map_to_their_fields():
     c = cfg_of(max_seq_length=333, torch_dtype="bfloat16", evaluation_strategy="steps", eval_steps=5,
-               rpo_alpha=1.0, push_to_hub=True, hub_model_id="x/y")
+               rpo_alpha=1.0, max_prompt_length=100, push_to_hub=True, hub_model_id="x/y")
     assert c.data.max_length == 333 and c.model.dtype == "bfloat16"
     assert c.training.eval_strategy == "steps" and c.dpo.rpo_alpha == 1.0
+    assert c.training.stage == "dpo"  # rpo_alpha is a DPO key
 
 
 def test_seed_is_shared_by_training_and_data():
@@ -84,7 +90,8 @@ def test_default_token_budget_follows_batch_size_and_stage():
     ({**BASE, "gradient_accumulation_steps": 0}, (), "gradient_accumulation_steps: must be >= 1"),
     ({**BASE, "eval_strategy": "steps"}, (), "eval_steps: must be > 0 when eval_strategy is 'steps'"),
     ({**BASE, "save_strategy": "sometimes"}, (), "save_strategy: must be no | steps | epoch"),
-    ({**BASE, "packing": False}, (), "packing: zephyr_fast always trains on padding-free packed batches"),
+    ({**BASE, "padding_free": False}, (), "r.yaml: padding_free: False is not supported: zephyr_fast always trains"),
+    ({**BASE}, ["--average_tokens_across_devices=false"], "command line --average_tokens_across_devices: False is not"),
     ({**BASE, "stage": "dpo", "beta": 0}, (), "beta must be > 0"),
     ({**BASE, "stage": "dpo", "loss_type": "sigmoidd"}, (), "did you mean 'sigmoid'?"),
     ({**BASE, "stage": "dpo", "label_smoothing": 1.0}, (), "label_smoothing must lie in [0"),  # the kernels' rule
@@ -96,6 +103,12 @@ def test_default_token_budget_follows_batch_size_and_stage():
     ({**DATA, "model_init": {"hidden_size": 8}}, (), "tokenizer_name_or_path: is required"),
     ({"tokenizer_name_or_path": "tok", "model_init": {"a": 1}}, (), "dataset_mixer"),
     ({**BASE}, ["learning_rate=3"], "override 'learning_rate=3' must look like --key=value"),
+    ({**BASE}, ["--learning_rate=-1"], "command line --learning_rate: must be >= 0, got -1.0"),
+    ({**BASE}, ["--warmup_ratio=2"], "command line --warmup_ratio: must be in [0, 1)"),
+    ({**BASE}, ["--dtype=fp8"], "command line --dtype: must be one of"),
+    ({**BASE, "stage": "dpo"}, ["--beta=0"], "command line --beta: beta must be > 0"),
+    ({**BASE}, ["--max_length=64", "--max_tokens_per_batch=10"], "command line --max_tokens_per_batch: must hold"),
+    ({**BASE}, ["--lr_scheduler_kwargs=fast"], "command line --lr_scheduler_kwargs: expected a YAML / JSON mapping"),
     ([1, 2], (), "a recipe must be a YAML mapping"),
 ])
 def test_config_errors_name_the_key_and_fix(raw, overrides, needle):
@@ -133,7 +146,11 @@ def test_cli_parsing_drops_launcher_args_and_reports_errors(tmp_path, capsys):
     assert "did you mean 'learning_rate'?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "recipes" / "**" / "*.yaml"), recursive=True)))
+TRAINER_RECIPES = [p for p in sorted(glob.glob(str(REPO / "recipes" / "**" / "*.yaml"), recursive=True))
+                   if os.sep + "accelerate" + os.sep not in p]  # recipes/accelerate/: launcher configs
+
+
+@pytest.mark.parametrize("path", TRAINER_RECIPES)
 def test_every_recipe_loads_and_opens_with_its_launch_command(path, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes use repo-relative paths
     with open(path) as f:
@@ -145,10 +162,21 @@ def test_every_recipe_loads_and_opens_with_its_launch_command(path, monkeypatch)
     assert cfg.training.stage in ("sft", "ref_logps", "dpo")
 
 
-def test_handbook_dtype_auto_and_ignored_keys():
+def test_handbook_dtype_auto_and_no_effect_keys_are_noticed():
     c = cfg_of(torch_dtype=None, bf16=True, dataset_num_proc=12, preprocessing_num_workers=4, log_level="info")
     assert c.model.dtype == "bfloat16"
-    assert cfg_of(torch_dtype="auto").model.dtype == "float32"
+    assert [n.split(":")[0] for n in key_notices(c)] == ["dataset_num_proc", "preprocessing_num_workers", "log_level"]
+    assert all(len(n.split(": ", 1)[1]) > 10 for n in c.notices)  # each says why it has no effect
+    assert cfg_of(torch_dtype="auto").model.dtype == "float32" and key_notices(cfg_of()) == []
+
+
+def test_left_out_keys_whose_default_differs_from_hf_are_noticed():
+    notes = cfg_of(stage="sft").notices
+    assert "learning_rate: not set, so zephyr_fast's default 2e-05 (transformers / TRL: 5e-05)" in notes
+    assert "num_train_epochs: not set, so zephyr_fast's default 1.0 (transformers / TRL: 3.0)" in notes
+    assert not any(n.startswith(("beta:", "max_prompt_length:")) for n in notes)  # DPO keys: not for sft
+    set_all = cfg_of(learning_rate=5e-5, num_train_epochs=3, lr_scheduler_type="linear", max_length=1024)
+    assert set_all.notices == []
 
 
 def test_bad_data_row_is_one_line_and_exit_status_2(tmp_path, capsys):
@@ -180,3 +208,100 @@ def test_unsupported_model_refused_before_any_data_work(tmp_path, capsys):
     assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert "gpt2" in err and "no-such-data" not in err and "Traceback" not in err
+
+
+def test_packing_false_is_accepted():
+    assert cfg_of(packing=False).training.packing is False
+    assert cfg_of().training.packing is True
+
+
+@pytest.mark.parametrize("raw, stage", [
+    ({}, "sft"),
+    ({"beta": 0.01}, "dpo"),
+    ({"loss_type": "ipo"}, "dpo"),
+    ({"max_prompt_length": 64, "max_length": 128}, "dpo"),
+    ({"precompute_ref_log_probs": True}, "dpo"),
+    ({"dpo": {"label_smoothing": 0.1}}, "dpo"),
+    ({"dataset_mixer": {"d": 1.0}, "dataset_splits": ["train_prefs", "test_prefs"]}, "dpo"),
+    ({"dataset_mixer": {"d": 1.0}, "dataset_splits": ["train_sft", "test_sft"]}, "sft"),
+    ({"dataset_mixer": None, "dataset_mixture": {"datasets": [{"id": "d", "columns": ["chosen", "rejected"]}]}}, "dpo"),
+    ({"dataset_mixer": None, "dataset_mixture": {"datasets": [{"id": "d", "columns": ["messages"]}]}}, "sft"),
+    ({"stage": "ref_logps", "beta": 0.1}, "ref_logps"),
+])
+def test_stage_is_inferred_from_the_recipe_keys(raw, stage):
+    assert cfg_of(**raw).training.stage == stage
+
+
+@pytest.mark.parametrize("raw, overrides, needle", [
+    ({"stage": "sft", "beta": 0.1}, (), "r.yaml: stage: 'sft' contradicts the DPO key(s) beta"),
+    ({"beta": 0.1}, ["--stage=sft"], "command line --stage: 'sft' contradicts the DPO key(s) beta"),
+    ({"loss_type": "sigmoid"}, ["--stage=sft"], "contradicts the DPO key(s) loss_type"),
+    ({"dataset_splits": ["train_prefs"]}, ["--stage=sft"], "contradicts the preference data"),
+    ({"dataset_splits": ["train_sft"]}, ["--stage=dpo"], "command line --stage: 'dpo' contradicts the chat (SFT) data"),
+    ({"dataset_splits": ["train_sft"], "beta": 0.1}, (), "r.yaml: beta: a DPO key, but the data is chat (SFT) data"),
+    ({"dataset_splits": ["train_sft", "test_prefs"]}, (), "mixes preference"),
+    ({"cpo_alpha": 1.0}, (), "r.yaml: cpo_alpha: is a CPO key; that objective is not implemented"),
+    ({"desirable_weight": 1.0}, (), "KTO"),
+])
+def test_stage_contradictions_and_other_objectives_are_refused(raw, overrides, needle):
+    assert needle in err({**BASE, **raw}, overrides)
+
+
+def test_explicit_sft_with_only_max_prompt_length_is_a_notice():
+    c = cfg_of(stage="sft", max_prompt_length=64)
+    assert c.training.stage == "sft" and key_notices(c) == ["max_prompt_length: a DPO key, unused by stage sft"]
+
+
+def test_sft_config_round_trips_without_dpo_keys(tmp_path):
+    c = cfg_of(stage="sft", learning_rate=1e-4)
+    c.save(str(tmp_path / "c.yaml"))
+    saved = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert "dpo" not in saved and "max_prompt_length" not in saved["data"]
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again.to_dict() == c.to_dict() and again.training.stage == "sft"
+
+
+def test_overrides_parse_by_the_key_type_not_yaml():
+    c = build_config({**BASE, "run_name": "x"}, source="r.yaml", overrides=[
+        "--eval_strategy=no", "--save_strategy=no", "--run_name=none", "--report_to=[tensorboard, wandb]",
+        "--lr_scheduler_kwargs={min_lr_rate: 0.1}", "--gradient_checkpointing_kwargs={\"use_reentrant\": false}",
+        "--lora_target_modules=q_proj,v_proj", "--hub_model_id=007", "--bf16=yes", "--logging_first_step=1"])
+    t = c.training
+    assert t.eval_strategy == "no" and t.save_strategy == "no" and t.run_name is None
+    assert t.report_to == ["tensorboard", "wandb"] and t.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert c.model.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert c.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert t.hub_model_id == "007" and t.bf16 is True and t.logging_first_step is True
+
+
+@pytest.mark.parametrize("typo, suggestion", [
+    ("learnig_rate", "learning_rate"), ("num_train_epoch", "num_train_epochs"), ("eos_tokens", "eos_token"),
+    ("max_seq_lenght", "max_seq_length"), ("use_flash_attention2", "use_flash_attention_2"),
+])
+def test_did_you_mean_for_typos(typo, suggestion):
+    assert f"did you mean {suggestion!r}?" in err({**BASE, typo: 1})
+
+
+@pytest.mark.parametrize("name", ["tokens", "max_token", "model", "rate", "flash"])
+def test_no_did_you_mean_for_distant_names(name):
+    msg = err({**BASE, name: 1})
+    assert f"unknown key {name!r}" in msg and "did you mean" not in msg
+
+
+def test_help_lists_every_key_with_section_type_default_and_aliases(capsys):
+    assert main(["--help"]) == 0 and main(["-h"]) == 0
+    out = capsys.readouterr().out
+    assert "[training]" in out and "[dpo]" in out
+    assert "  learning_rate: float = 2e-05" in out and "  rpo_alpha: Optional[float] = None" in out
+    assert "  max_length: int = 2048  (also: max_seq_length)" in out
+    assert "use_flash_attention_2" in out and "dataset_name" in out and "padding_free: True" in out
+
+
+def test_debug_shows_the_traceback_instead_of_one_line(tmp_path, capsys):
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({**BASE, "learnig_rate": 1}))
+    assert main([str(r)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(ConfigError, match="learnig_rate"):
+        main([str(r), "--debug"])
+    assert main([]) == 2 and "usage:" in capsys.readouterr().err

@@ -125,11 +125,21 @@ def tokenize_kwargs(tokenizer) -> dict:
     return dict(cached[1])
 
 
-def load_tokenizer(path_or_id: str, chat_template: Optional[str] = None, *, revision: Optional[str] = None):
+def _set_eos(tok, eos_token: str, name: str) -> None:
+    """Make ``eos_token`` the tokenizer's EOS; a string that is not one token of the vocabulary is refused."""
+    if eos_token not in tok.get_vocab():
+        raise ValueError(f"eos_token: {eos_token!r} is not a token of the tokenizer {name!r}")
+    tok.eos_token = eos_token
+
+
+def load_tokenizer(path_or_id: str, chat_template: Optional[str] = None, *, revision: Optional[str] = None,
+                   eos_token: Optional[str] = None):
     """Load a Hugging Face tokenizer ready for zephyr_fast.
 
     * ``chat_template`` given: it replaces whatever the tokenizer has.  Otherwise an existing
       template is kept and the Zephyr template is added only when there is none (Mistral base).
+    * ``eos_token`` given (a recipe's ``eos_token``, e.g. ``<|im_end|>``): it replaces the
+      tokenizer's EOS, as TRL does; it must already be a token of the vocabulary.
     * ``pad_token`` falls back to EOS (alignment-handbook); packed batches never pad, only
       generation does.
     * ``trust_remote_code`` is always off.
@@ -149,6 +159,8 @@ def load_tokenizer(path_or_id: str, chat_template: Optional[str] = None, *, revi
             "Pass a local path instead (a folder with tokenizer.json / tokenizer_config.json), e.g. "
             "assets/tokenizers/mistral-7b-v0.1."
         ) from exc
+    if eos_token is not None:
+        _set_eos(tok, eos_token, path_or_id)
     if chat_template is not None:
         tok.chat_template = chat_template
     elif getattr(tok, "chat_template", None) is None:

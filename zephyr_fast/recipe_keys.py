@@ -1,0 +1,465 @@
+"""What every alignment-handbook / TRL / transformers recipe key becomes in zephyr_fast.
+
+:mod:`zephyr_fast.config` owns the typed sections; this module owns the keys that are *not* a
+field of one of them, and the rules that read the recipe as a whole:
+
+* :data:`ALIASES` -- another name for a field (``max_seq_length`` -> ``max_length``).
+* :data:`ALWAYS` -- a TRL switch whose one value is what zephyr_fast always does (``padding_free:
+  true``); the other value is refused, saying what zephyr_fast does instead.
+* :data:`NO_EFFECT` -- keys that cannot change a result (worker counts, log verbosity, ...): accepted,
+  and the run prints one notice listing them with the reason (``Config.notices``).
+* :data:`REFUSED` and :data:`OBJECTIVE_KEYS` -- refused in one line saying what to use instead.
+* translations: ``use_flash_attention_2``, ``model_init_kwargs``, ``dataset_kwargs`` and TRL's
+  ``dataset_name`` / ``dataset_config`` / ``dataset_train_split`` / ``dataset_test_split``.
+* the stage: :func:`infer_stage` reads it from the DPO keys and the data when the recipe has no
+  ``stage:`` (alignment-handbook recipes never do: its script chose the objective), and refuses a
+  ``stage:`` that the recipe's keys contradict.
+
+It also reads a value as its key's type (:func:`typed`): a YAML value is coerced, a command-line
+value parsed from its text by that type (never as YAML: ``--eval_strategy=no`` is the string "no").
+Nothing here imports the sections; :mod:`zephyr_fast.config` passes them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Optional
+
+import yaml
+
+CLI = "command line"  # the ``where`` of a command-line value: "command line --key"
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the file and key."""
+
+
+# --- values: a key's value as its field's type -------------------------------------------------
+
+_NO = object()  # "this value does not convert"
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _to_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    return bool(value) if isinstance(value, int) and value in (0, 1) else _NO
+
+
+def _to_number(value, tp):
+    """int / float from a number or a numeric string; never from a bool; a float only if integral for int."""
+    if isinstance(value, bool):
+        return _NO
+    if isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            return _NO
+    if tp is int and isinstance(value, float):
+        return int(value) if value.is_integer() else _NO
+    return tp(value) if isinstance(value, (int, float)) else _NO
+
+
+def _to_str(value):
+    return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else _NO
+
+
+def _to_list(value):
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else _NO
+
+
+def _convert(value, tp):
+    """``value`` as annotation ``tp`` (not a Union), or ``_NO``."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return _to_bool(value)
+    if tp in (int, float):
+        return _to_number(value, tp)
+    if tp is str:
+        return _to_str(value)
+    if tp is list or origin is list:
+        return _to_list(value)
+    if tp is dict or origin is dict:
+        return value if isinstance(value, dict) else _NO
+    return value  # Any, and the data layer's own annotations: trust YAML's typing
+
+
+def coerce(value, tp, where: str):
+    """Coerce ``value`` (already YAML-parsed) to annotation ``tp``; raise ConfigError naming ``where``."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        for a in args[:-1]:
+            try:
+                return coerce(value, a, where)
+            except ConfigError:
+                continue
+        return coerce(value, args[-1], where)
+    out = _convert(value, tp)
+    if out is _NO:
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
+    return out
+
+
+def _yaml_or_text(raw: str):
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _from_text(raw: str, tp, where: str):
+    """A command-line value parsed by the key's type, not as YAML: ``--eval_strategy=no`` is "no".
+
+    bool / int / float / str from the text; ``none`` / ``null`` for an Optional key; a list from
+    ``a,b`` or ``[a, b]``; a dict from a YAML / JSON mapping; anything else as YAML.
+    """
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw.strip().lower() in ("none", "null", "~"):
+            return None
+        if len(args) > 1:
+            return coerce(_yaml_or_text(raw), tp, where)
+        tp = args[0]
+    if tp in (bool, int, float, str):
+        return coerce(raw, tp, where)
+    if tp is list or typing.get_origin(tp) is list:
+        return coerce(_yaml_or_text(raw) if raw.lstrip().startswith("[") else raw, tp, where)
+    if tp is dict or typing.get_origin(tp) is dict:
+        value = _yaml_or_text(raw)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a YAML / JSON mapping such as {{a: 1}}, got {raw!r}")
+        return value
+    return coerce(_yaml_or_text(raw), tp, where)
+
+
+def typed(value, tp, where: str):
+    """``value`` as type ``tp``: a command-line string is parsed by type, a YAML value coerced."""
+    if where.startswith(CLI) and isinstance(value, str):  # (a translated key's value is typed already)
+        return _from_text(value, tp, where)
+    return coerce(value, tp, where)
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+ALIASES = {
+    "max_seq_length": "max_length",
+    "torch_dtype": "dtype",
+    "evaluation_strategy": "eval_strategy",
+    "attn_impl": "attn_implementation",
+    "layout": "dpo_layout",
+    "precompute_ref_logps_dir": "ref_logps_dir",
+}
+
+# key -> (the only value zephyr_fast implements, what it does)
+ALWAYS = {
+    "padding_free": (True, "zephyr_fast always trains on padding-free packed batches"),
+    "use_liger_kernel": (True, "zephyr_fast always computes the loss with its fused zephyr_kernels head "
+                               "(Liger's RMSNorm/SwiGLU/RoPE kernels: use_liger_ops)"),
+    "precompute_ref_log_probs": (True, "zephyr_fast always precomputes the reference log-probs (stage ref_logps) "
+                                       "and never holds a reference model"),
+    "average_tokens_across_devices": (True, "zephyr_fast always divides the loss by the step's global token count"),
+    "packing_strategy": ("bfd", "zephyr_fast always packs best-fit-decreasing"),
+    "logging_strategy": ("steps", "zephyr_fast logs every logging_steps optimiser steps"),
+}
+
+# key -> why it cannot change a result (printed once at the start of the run)
+NO_EFFECT = {
+    "log_level": "zephyr_fast's log lines are fixed (rank 0)",
+    "dataloader_num_workers": "batches are packed in memory before training; there is no DataLoader",
+    "dataset_num_proc": "tokenising runs in the main process; the rows do not depend on it",
+    "preprocessing_num_workers": "tokenising runs in the main process; the rows do not depend on it",
+    "ddp_timeout": "zephyr_fast keeps torch.distributed's default timeout",
+    "ddp_find_unused_parameters": "every parameter takes part in every step",
+    "overwrite_output_dir": "zephyr_fast writes into output_dir and resumes only when resume_from_checkpoint is set",
+    "remove_unused_columns": "a stage only ever reads its own columns",
+    "do_train": "the stage always trains",
+    "do_eval": "evaluation follows eval_strategy",
+    "bf16_full_eval": "evaluation runs in the model's dtype",
+    "eval_accumulation_steps": "evaluation sums its metrics on the host step by step",
+    "include_tokens_per_second": "throughput is always logged (train_tokens_per_second)",
+    "save_only_model": "checkpoints always hold the optimiser state so that they resume",
+    "tf32": "zephyr_fast leaves torch's TF32 setting alone; bfloat16 matmuls do not use it",
+    "force_use_ref_model": "the reference log-probs always come from ref_model_name_or_path (default: the model)",
+}
+
+REFUSED = {
+    "dataset_text_field": "raw-text (continued pretraining) data is not implemented: zephyr_fast trains on chat "
+                          "`messages` (sft) or `chosen`/`rejected` pairs (dpo)",
+    "optim_args": "set adam_beta1 / adam_beta2 / adam_epsilon / weight_decay instead",
+    "use_reentrant": "set gradient_checkpointing_kwargs: {use_reentrant: ...} instead",
+}
+
+# keys of objectives zephyr_fast does not implement -> the objective
+OBJECTIVE_KEYS = {
+    "desirable_weight": "KTO", "undesirable_weight": "KTO", "cpo_alpha": "CPO", "simpo_gamma": "SimPO",
+    "prompt_sample_size": "BCO", "min_density_ratio": "BCO", "max_density_ratio": "BCO",
+    "orpo_alpha": "ORPO", "num_generations": "GRPO", "reward_funcs": "GRPO", "kl_coef": "PPO",
+    "cliprange": "PPO", "vf_coef": "PPO", "reward_model_path": "PPO/RLOO", "rloo_k": "RLOO",
+}
+# alignment-handbook keeps a recipe under a folder named after the script that runs it
+OBJECTIVE_DIRS = {"orpo": "ORPO", "kto": "KTO", "cpo": "CPO", "simpo": "SimPO", "bco": "BCO", "ppo": "PPO",
+                  "grpo": "GRPO", "rloo": "RLOO", "cpt": "continued pretraining on raw text (run_cpt.py)"}
+
+# model_init_kwargs entries -> the recipe key they become
+MODEL_INIT_KWARGS = {"torch_dtype": "dtype", "dtype": "dtype", "attn_implementation": "attn_implementation",
+                     "revision": "model_revision", "trust_remote_code": "trust_remote_code",
+                     "use_flash_attention_2": "use_flash_attention_2"}
+# TRL ScriptArguments -> one dataset_mixer entry
+DATASET_KEYS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split")
+TRANSLATED = ("use_flash_attention_2", "model_init_kwargs", "dataset_kwargs") + DATASET_KEYS
+STEP_KEYS = ("save_steps", "eval_steps", "logging_steps")
+
+# transformers TrainingArguments / TRL defaults of the keys that set a result: a recipe that leaves one
+# out gets zephyr_fast's default, and a notice when that differs (see default_notices)
+HF_DEFAULTS = {
+    "learning_rate": 5.0e-5, "num_train_epochs": 3.0, "lr_scheduler_type": "linear", "warmup_ratio": 0.0,
+    "warmup_steps": 0, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "optim": "adamw_torch",
+    "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 42, "max_length": 1024,
+    "max_prompt_length": 512, "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+}
+
+# the DPO stage's keys outside the ``dpo`` section (DPO evidence for infer_stage)
+DPO_DATA_KEYS = ("max_prompt_length", "dpo_layout")
+DPO_TRL_KEYS = ("precompute_ref_log_probs", "force_use_ref_model")
+WEAK_DPO_KEYS = ("max_prompt_length",)  # with an explicit stage sft: a notice, not a refusal
+
+
+def extra_keys() -> set:
+    """Every accepted key that is not a section field (for did-you-mean and ``--help``)."""
+    return set(ALIASES) | set(ALWAYS) | set(NO_EFFECT) | set(TRANSLATED)
+
+
+def check_always(key: str, value) -> None:
+    """``ValueError`` unless ``value`` is what zephyr_fast always does for ``key``."""
+    want, what = ALWAYS[key]
+    if value != want:
+        raise ValueError(f"{key}: {value!r} is not supported: {what} ({key}: {want!r}); remove it")
+
+
+def check_step_count(key: str, value, where: str) -> None:
+    """HF's ``save_steps: 0.5`` (a fraction of the run) is refused; an integral float is fine."""
+    if isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{where}: a fraction of the run ({value}) is not supported; give a number of "
+                          "optimiser steps")
+
+
+def objective_key(key: str) -> Optional[str]:
+    """The one-line refusal for a key of an objective zephyr_fast does not implement, or None."""
+    if key not in OBJECTIVE_KEYS:
+        return None
+    return (f"{key}: is a {OBJECTIVE_KEYS[key]} key; that objective is not implemented "
+            "(zephyr_fast trains sft | ref_logps | dpo)")
+
+
+def objective_of_path(path: str) -> Optional[str]:
+    """The refusal for an alignment-handbook recipe of another objective (``.../orpo/config.yaml``)."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    if folder not in OBJECTIVE_DIRS:
+        return None
+    return (f"an alignment-handbook {OBJECTIVE_DIRS[folder]} recipe (folder {folder}/): that objective is not "
+            "implemented (zephyr_fast trains sft | ref_logps | dpo)")
+
+
+def extra_key(key: str, value, where: str) -> tuple:
+    """What a key that is no section's field becomes: ``([(key, value, where)...] to set, notice or None)``.
+
+    Raises ``ConfigError`` naming ``where`` when the key is refused, ``KeyError`` when it is unknown.
+    TRL's dataset keys are not handled here (they combine: :func:`translate_dataset`).
+    """
+    try:
+        return _extra_key(key, value, where)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{where}: {str(e).removeprefix(key + ': ')}") from None
+
+
+def _extra_key(key: str, value, where: str) -> tuple:
+    refusal = REFUSED.get(key) or objective_key(key)
+    if refusal:
+        raise ValueError(refusal)
+    if key in ALWAYS:
+        check_always(key, typed(value, type(ALWAYS[key][0]), where))
+        return [], None
+    if key in NO_EFFECT:
+        return [], f"{key}: {NO_EFFECT[key]}"
+    if key == "use_flash_attention_2":
+        return [(k, v, where) for k, v in flash_attention(typed(value, bool, where)).items()], None
+    if key == "model_init_kwargs":
+        return model_init_kwargs(typed(value, dict, where), where), None
+    if key == "dataset_kwargs":
+        kw = typed(value, dict, where)
+        dataset_kwargs(kw)
+        return [], dataset_kwargs_notice(kw)
+    raise KeyError(key)
+
+
+def model_init_kwargs(kwargs: dict, where: str) -> list:
+    """TRL's ``model_init_kwargs`` -> the recipe keys of the entries that have a home here."""
+    out = []
+    for sub, value in kwargs.items():
+        if sub not in MODEL_INIT_KWARGS:
+            raise ConfigError(f"{where}.{sub}: has no zephyr_fast equivalent (model_init_kwargs takes "
+                              f"{', '.join(MODEL_INIT_KWARGS)}); remove it")
+        out.append((MODEL_INIT_KWARGS[sub], value, f"{where}.{sub}"))
+    return out
+
+
+def flash_attention(value: bool) -> dict:
+    """``use_flash_attention_2`` (transformers < 4.36) -> ``attn_implementation``."""
+    return {"attn_implementation": "flash_attention_2" if value else "sdpa"}
+
+
+def dataset_kwargs(value: dict) -> dict:
+    """TRL's SFT ``dataset_kwargs``: only the values that describe what zephyr_fast does are accepted."""
+    unknown = sorted(set(value) - {"add_special_tokens", "append_concat_token", "skip_prepare_dataset"})
+    if unknown:
+        raise ValueError(f"dataset_kwargs: {unknown[0]!r} has no zephyr_fast equivalent; remove it")
+    if value.get("append_concat_token"):
+        raise ValueError("dataset_kwargs: append_concat_token: true is not supported: packed sequences are kept "
+                         "apart by segment ids, never joined by a token; remove it")
+    if value.get("skip_prepare_dataset"):
+        raise ValueError("dataset_kwargs: skip_prepare_dataset: true is not supported: zephyr_fast always "
+                         "tokenises the rows itself; remove it")
+    return {}
+
+
+def dataset_kwargs_notice(value: dict) -> Optional[str]:
+    """``add_special_tokens`` is decided per tokenizer (no double BOS), whatever the recipe says."""
+    if "add_special_tokens" not in value:
+        return None
+    return ("dataset_kwargs.add_special_tokens: BOS is added once, only when the chat template does not emit it "
+            "(zephyr_fast.data.chat.tokenize_kwargs)")
+
+
+def translate_dataset(values: dict) -> dict:
+    """TRL's ``dataset_name`` (+ config / train / test split) -> ``dataset_mixer`` + ``dataset_splits``."""
+    if "dataset_name" not in values:
+        raise ValueError(f"{next(iter(values))}: needs dataset_name (TRL ScriptArguments)")
+    train = str(values.get("dataset_train_split", "train"))
+    test = str(values.get("dataset_test_split", "test"))
+    for key, split, part in (("dataset_train_split", train, "train"), ("dataset_test_split", test, "test")):
+        if part not in split:
+            raise ValueError(f"{key}: split {split!r} must contain {part!r} (zephyr_fast tells train from test "
+                             "rows by the split's name)")
+    out = {"dataset_mixer": {str(values["dataset_name"]): 1.0}, "dataset_splits": [train, test]}
+    if values.get("dataset_config") is not None:
+        out["dataset_configs"] = [str(values["dataset_config"])]
+    return out
+
+
+def _kinds_of_spec(spec) -> set:
+    """'dpo' / 'sft' evidence of one dataset_mixture entry (its columns and split name)."""
+    if not isinstance(spec, dict):
+        spec = getattr(spec, "__dict__", {})
+    cols = set(spec.get("columns") or ())
+    split = str(spec.get("split") or "")
+    kinds = set()
+    if {"chosen", "rejected"} <= cols or split.endswith("_prefs"):
+        kinds.add("dpo")
+    if ("messages" in cols and "chosen" not in cols) or split.endswith("_sft"):
+        kinds.add("sft")
+    return kinds
+
+
+def data_kind(data: dict) -> Optional[str]:
+    """'dpo' (preference data), 'sft' (chat data) or None (the recipe does not say) from the data keys.
+
+    Raises ``ValueError`` when the recipe mixes both kinds.
+    """
+    kinds: set = set()
+    mixture = data.get("dataset_mixture")
+    if mixture is not None:
+        specs = mixture.get("datasets", ()) if isinstance(mixture, dict) else getattr(mixture, "datasets", ())
+        for spec in specs or ():
+            kinds |= _kinds_of_spec(spec)
+    elif data.get("dataset_mixer") is not None:
+        for split in data.get("dataset_splits") or ():
+            kinds |= _kinds_of_spec({"split": split})
+    if len(kinds) > 1:
+        raise ValueError("dataset: mixes preference (chosen/rejected, *_prefs) and chat (messages, *_sft) data; "
+                         "a run trains one stage")
+    return kinds.pop() if kinds else None
+
+
+def infer_stage(explicit: Optional[str], dpo_keys: list, kind: Optional[str]) -> tuple:
+    """``(stage, notices)`` from an explicit ``stage`` (or None), the DPO keys present and the data kind.
+
+    Raises ``ValueError("key: ...")`` when they contradict each other.
+    """
+    strong = [k for k in dpo_keys if k not in WEAK_DPO_KEYS]
+    if explicit is None:
+        if strong and kind == "sft":
+            raise ValueError(f"{strong[0]}: a DPO key, but the data is chat (SFT) data; give preference data "
+                             "(chosen/rejected) or remove the DPO keys")
+        return ("dpo" if dpo_keys or kind == "dpo" else "sft"), []
+    if explicit == "sft":
+        if strong:
+            raise ValueError(f"stage: 'sft' contradicts the DPO key(s) {', '.join(strong)}; remove them, "
+                             "or train stage dpo (zephyr-fast dpo RECIPE)")
+        if kind == "dpo":
+            raise ValueError("stage: 'sft' contradicts the preference data (chosen/rejected, *_prefs); "
+                             "train stage dpo (zephyr-fast dpo RECIPE)")
+        return explicit, [f"{k}: a DPO key, unused by stage sft" for k in dpo_keys]
+    if kind == "sft":
+        raise ValueError(f"stage: {explicit!r} contradicts the chat (SFT) data (messages, *_sft); give preference "
+                         "data (chosen/rejected) or train stage sft (zephyr-fast sft RECIPE)")
+    return explicit, []
+
+
+def default_notices(values: dict, seen, stage: str, dpo_keys) -> list:
+    """``"key: not set; ..."`` for each :data:`HF_DEFAULTS` key the recipe leaves out whose zephyr_fast
+    default (``values[key]``) differs from transformers' / TRL's (DPO keys only for a DPO stage)."""
+    out = []
+    for key, hf in HF_DEFAULTS.items():
+        if key in seen or (stage == "sft" and key in dpo_keys) or values[key] == hf:
+            continue
+        out.append(f"{key}: not set, so zephyr_fast's default {values[key]!r} (transformers / TRL: {hf!r})")
+    return out
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return "Optional[" + ", ".join(_type_name(a) for a in args) + "]"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def describe_keys(sections: dict, types: dict) -> str:
+    """The ``--help`` key table: ``{section: dataclass}`` and ``{section: {field: type}}``."""
+    by_target: dict = {}
+    for alias, target in ALIASES.items():
+        by_target.setdefault(target, []).append(alias)
+    for sub, target in MODEL_INIT_KWARGS.items():
+        by_target.setdefault(target, []).append(f"model_init_kwargs.{sub}")
+    by_target.setdefault("attn_implementation", []).append("use_flash_attention_2")
+    lines = ["recipe keys (flat, or under their section; --key=value / --section.key=value on the command line,",
+             "parsed by the key's type: a list as a,b or [a, b], a dict as {a: 1}, none/null for an Optional key).",
+             "stage: sft | ref_logps | dpo; when the recipe has none: dpo if it has a DPO key (beta, loss_type, ...,",
+             "max_prompt_length) or preference data (chosen/rejected columns, *_prefs splits), else sft."]
+    for sec, cls in sections.items():
+        lines.append(f"\n[{sec}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            also = by_target.get(f.name)
+            alias = f"  (also: {', '.join(also)})" if also else ""
+            lines.append(f"  {f.name}: {_type_name(types[sec][f.name])} = {default!r}{alias}")
+    lines.append("\n[TRL dataset keys] " + ", ".join(DATASET_KEYS) + " -> dataset_mixer + dataset_splits")
+    lines.append("[dataset_kwargs] add_special_tokens (decided per tokenizer), append_concat_token: false")
+    lines.append("\n[accepted: what zephyr_fast always does; any other value is refused]")
+    lines += [f"  {k}: {v!r}  ({what})" for k, (v, what) in ALWAYS.items()]
+    lines.append("\n[accepted, no effect on results: listed in a notice at the start of the run]")
+    lines += [f"  {k}  ({why})" for k, why in NO_EFFECT.items()]
+    lines.append("\n[refused]")
+    lines += [f"  {k}: {why}" for k, why in REFUSED.items()]
+    lines.append("  " + ", ".join(OBJECTIVE_KEYS) + ": objectives zephyr_fast does not implement")
+    return "\n".join(lines)
