@@ -198,7 +198,7 @@ def prepare(data: DataConfig, stage: Stage, tokenizer, batching: Batching, *, lo
         sd = SplitData(split, r, examples, str(report))
         if split == "train":
             sd.schedule = _train_schedule(examples, data, stage, batching)
-            sd.packing = describe_schedule(sd.schedule, stage, batching)
+            sd.packing = describe_schedule(sd.schedule, stage, batching, data.max_length)
         else:
             batches = stage.pack(examples, data, batching.eval_max_tokens, seed=batching.seed,
                                  num_shards=batching.world_size)
@@ -220,7 +220,7 @@ def _train_schedule(examples: list, data: DataConfig, stage: Stage, b: Batching)
                            micro_per_step=b.micro_per_step, seed=b.seed)
 
 
-def describe_schedule(sched, stage: Stage, b: Batching) -> str:
+def describe_schedule(sched, stage: Stage, b: Batching, max_length: int) -> str:
     """One line: what an optimiser step holds, relative to the recipe's batch."""
     name = stage.example_name
     if sched.by == "examples":
@@ -229,12 +229,14 @@ def describe_schedule(sched, stage: Stage, b: Batching) -> str:
                 f"{b.world_size} ranks = {sched.per_step} {name}s per optimiser step, packed padding-free; "
                 f"{n} {name}s -> {sched.steps_per_epoch} steps per epoch ({sched.leftover} left out per epoch)")
     per_step = [total(sched.step(0, s), "examples") for s in range(sched.steps_per_epoch)]
-    mean = sum(per_step) / max(len(per_step), 1)
-    rng = f"{min(per_step)}-{max(per_step)}" if per_step else "0"
-    return (f"batch_by tokens: micro-batches of <= {b.max_tokens} tokens ({sched.packing}); "
-            f"{b.micro_per_step} per optimiser step hold {mean:.1f} {name}s on average ({rng}), "
-            f"where the recipe's per_device_train_batch_size x accumulation x world is "
-            f"{b.per_device * b.micro_per_step}")
+    head = (f"batch_by tokens: {b.micro_per_step} micro-batches of <= {b.max_tokens} tokens per optimiser step "
+            f"({sched.packing})")
+    if stage.batch_by == "tokens" and b.max_tokens == b.per_device * max_length * stage.tokens_per_example:
+        return (f"{head}; a micro-batch is TRL packing's: {b.per_device} packed sequences of max_length "
+                f"{max_length}, without padding")
+    return (f"{head}; a step holds {sum(per_step) / max(len(per_step), 1):.1f} {name}s on average "
+            f"({min(per_step, default=0)}-{max(per_step, default=0)}), not the recipe's "
+            f"per_device_train_batch_size x accumulation x world = {b.per_device * b.micro_per_step}")
 
 
 @dataclass
