@@ -16,11 +16,19 @@ import threading
 import urllib.parse
 
 import pytest
+import torch
+import transformers.optimization as tf_opt
 from huggingface_hub import constants as hf_constants
 from wandb.proto import wandb_internal_pb2
 
-from zephyr_fast.config import ConfigError, TrainingConfig
-from zephyr_fast.training import hub, metrics
+from tests.model.helpers import assert_grads_close, grads, random_seqs, sft_packed, tiny_model
+from zephyr_fast.config import ConfigError, ModelConfig, TrainingConfig
+from zephyr_fast.model import forward_hidden, load_model, tiny_config
+from zephyr_fast.training import build, hub, metrics
+from zephyr_fast.training.build import (build_model, build_optimizer, build_scheduler, check_runtime,
+                                        quantization_config, set_tf32)
+from zephyr_fast.training.checkpoint import safe_torch_load
+from zephyr_fast.training.distributed import DistInfo
 from zephyr_fast.training.metrics import MetricLogger, check_report_to, read_jsonl, wandb_settings
 
 # ---- wandb ---------------------------------------------------------------------------------------
@@ -307,3 +315,188 @@ def test_hub_model_id_rules():
     assert hub.repo_id_for(None, "me", "/x/outputs/zephyr-7b-sft") == "me/zephyr-7b-sft"
     assert hub.repo_id_for("zephyr-dpo", "me", "/x/o") == "me/zephyr-dpo"
     assert hub.repo_id_for("org/zephyr-dpo", "me", "/x/o") == "org/zephyr-dpo"
+
+
+# ---- LR schedules ----------------------------------------------------------------------------------
+
+def lr_curve(scheduler, steps: int) -> list:
+    """The LR before each of ``steps`` updates (the optimiser steps first, as in training)."""
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def reference_optimizer():
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3)
+
+
+@pytest.mark.parametrize("kind,kwargs,reference", [
+    ("cosine_with_min_lr", {"min_lr_rate": 0.1},
+     lambda o, w, n: tf_opt.get_cosine_with_min_lr_schedule_with_warmup(o, w, n, min_lr_rate=0.1)),
+    ("cosine_with_min_lr", {"min_lr": 2e-4, "num_cycles": 0.25},
+     lambda o, w, n: tf_opt.get_cosine_with_min_lr_schedule_with_warmup(o, w, n, min_lr=2e-4, num_cycles=0.25)),
+    ("inverse_sqrt", {"timescale": 7}, lambda o, w, n: tf_opt.get_inverse_sqrt_schedule(o, w, timescale=7)),
+    ("polynomial", {"lr_end": 1e-5, "power": 2.0},
+     lambda o, w, n: tf_opt.get_polynomial_decay_schedule_with_warmup(o, w, n, lr_end=1e-5, power=2.0)),
+    ("warmup_stable_decay", {"num_decay_steps": 12, "min_lr_ratio": 0.05},
+     lambda o, w, n: tf_opt.get_wsd_schedule(o, w, 12, n, min_lr_ratio=0.05)),
+    ("cosine", {"num_cycles": 1.5}, lambda o, w, n: tf_opt.get_cosine_schedule_with_warmup(o, w, n, num_cycles=1.5)),
+    ("constant", {}, lambda o, w, n: tf_opt.get_constant_schedule(o)),  # transformers: no warmup on "constant"
+    ("constant_with_warmup", {}, lambda o, w, n: tf_opt.get_constant_schedule_with_warmup(o, w)),
+])
+def test_schedules_follow_transformers_curves(kind, kwargs, reference):
+    total = 41  # warmup_ratio 0.1 -> ceil(4.1) = 5 warmup steps
+    t = TrainingConfig(stage="sft", learning_rate=1e-3, lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs,
+                       warmup_ratio=0.1)
+    ours = lr_curve(build_scheduler(build_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], t), t, total), total)
+    theirs = lr_curve(reference(reference_optimizer(), 5, total), total)
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+    # a real curve, not a constant stand-in (transformers' "constant" ignores the warmup)
+    assert len(set(ours)) == 1 if kind == "constant" else len(set(ours)) > 5
+
+
+@pytest.mark.parametrize("kind,kwargs,match", [
+    ("linear", {"min_lr_rate": 0.1}, r"'min_lr_rate' means nothing to lr_scheduler_type 'linear' \(it takes: none\)"),
+    ("cosine", {"power": 2}, r"'power' means nothing to lr_scheduler_type 'cosine' \(it takes: num_cycles\)"),
+    ("cosine_with_min_lr", {}, r".*min_lr.*\(lr_scheduler_type 'cosine_with_min_lr'\)"),
+    ("warmup_stable_decay", {}, r".*missing .*num_decay_steps.*\(lr_scheduler_type 'warmup_stable_decay'\)"),
+    ("polynomial", {"floor": 0.1}, r".*unexpected keyword argument 'floor'.*\(lr_scheduler_type 'polynomial'\)"),
+])
+def test_scheduler_kwargs_refused_in_one_line_at_start(kind, kwargs, match):
+    t = TrainingConfig(stage="sft", lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs)
+    with pytest.raises(ConfigError, match=r"^lr_scheduler_kwargs: " + match) as e:
+        check_runtime(ModelConfig(model_init={"arch": "mistral"}, tokenizer_name_or_path="x"), t,
+                      torch.device("cpu"))
+    assert "\n" not in str(e.value)
+
+
+def test_transformers_schedule_resumes_from_a_checkpointed_state(tmp_path):
+    t = TrainingConfig(stage="sft", learning_rate=1e-3, lr_scheduler_type="cosine_with_min_lr",
+                       lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=3)
+    full = lr_curve(build_scheduler(build_optimizer([torch.nn.Parameter(torch.zeros(2))], t), t, 20), 20)
+    first = build_scheduler(build_optimizer([torch.nn.Parameter(torch.zeros(2))], t), t, 20)
+    lr_curve(first, 8)
+    torch.save(first.state_dict(), tmp_path / "scheduler.pt")
+    resumed = build_scheduler(build_optimizer([torch.nn.Parameter(torch.zeros(2))], t), t, 20)
+    resumed.load_state_dict(safe_torch_load(str(tmp_path / "scheduler.pt")))  # what load_checkpoint does
+    assert lr_curve(resumed, 12) == pytest.approx(full[8:], rel=1e-12)
+
+
+# ---- bitsandbytes optimisers / QLoRA: refused off CUDA ---------------------------------------------
+
+def model_section(**kw) -> ModelConfig:
+    return ModelConfig(model_name_or_path=kw.pop("model_name_or_path", "some/checkpoint"), **kw)
+
+
+@pytest.mark.parametrize("m,t,device,match", [
+    ({}, {"optim": "paged_adamw_8bit"}, "cpu",
+     r"^optim: 'paged_adamw_8bit' needs a CUDA device \(bitsandbytes\); on cpu, use optim: adamw_torch$"),
+    ({"load_in_4bit": True}, {}, "cpu", r"^load_in_4bit: quantized weights are frozen; .* set use_peft: true$"),
+    ({"load_in_8bit": True, "use_peft": True}, {}, "cpu", r"^load_in_8bit: QLoRA loading needs a CUDA device"),
+    ({"load_in_4bit": True, "load_in_8bit": True, "use_peft": True}, {}, "cuda", r"^load_in_4bit: and load_in_8bit"),
+    ({"load_in_4bit": True, "use_peft": True, "model_name_or_path": None, "model_init": {"arch": "mistral"},
+      "tokenizer_name_or_path": "x"}, {}, "cuda", r"^load_in_4bit: needs model_name_or_path"),
+    ({"load_in_4bit": True, "use_peft": True, "bnb_4bit_quant_type": "int4"}, {}, "cuda",
+     r"^bnb_4bit_quant_type: must be nf4 \| fp4, got 'int4'$"),
+])
+def test_check_runtime_refusals(m, t, device, match):
+    with pytest.raises(ConfigError, match=match):
+        check_runtime(model_section(**m), TrainingConfig(stage="sft", **t), torch.device(device))
+
+
+def test_check_runtime_without_bitsandbytes(monkeypatch):
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else True)
+    with pytest.raises(ConfigError, match=r"^optim: 'adamw_bnb_8bit' needs bitsandbytes, which is not installed; "
+                                          r"pip install bitsandbytes"):
+        check_runtime(model_section(), TrainingConfig(stage="sft", optim="adamw_bnb_8bit"), torch.device("cuda"))
+    with pytest.raises(ConfigError, match=r"^load_in_4bit: QLoRA loading needs bitsandbytes"):
+        check_runtime(model_section(load_in_4bit=True, use_peft=True), TrainingConfig(stage="sft"),
+                      torch.device("cuda"))
+    check_runtime(model_section(use_peft=True), TrainingConfig(stage="sft"), torch.device("cpu"))  # nothing to refuse
+
+
+def test_quantization_config_is_trl_shaped():
+    q = quantization_config(model_section(load_in_4bit=True, use_peft=True, dtype="bfloat16",
+                                          bnb_4bit_quant_type="fp4", use_bnb_nested_quant=True))
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant) == (True, "fp4", True)
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config(model_section(load_in_8bit=True)).load_in_8bit
+    assert quantization_config(model_section()) is None
+    with pytest.raises(ValueError, match="quantization_config needs a checkpoint"):
+        load_model(config=tiny_config("mistral", vocab_size=300, hidden_size=64, num_hidden_layers=1),
+                   quantization_config=q)
+
+
+# ---- gradient_checkpointing_kwargs, tf32 -----------------------------------------------------------
+
+def test_gradient_checkpointing_kwargs_reach_the_layers_and_stay_exact():
+    seqs = random_seqs([6, 1, 9], seed=21)
+    batch = sft_packed(seqs)
+    results, dist = [], DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), use_deepspeed=False)
+    for gc, kwargs in ((False, {}), (True, {}), (True, {"use_reentrant": True})):
+        m = ModelConfig(model_init={"arch": "mistral", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2},
+                        tokenizer_name_or_path="x", attn_implementation="sdpa_segments", gradient_checkpointing=gc,
+                        gradient_checkpointing_kwargs=kwargs)
+        model = build_model(m, dist, seed=22)
+        for layer in model.model.layers:
+            assert layer.gradient_checkpointing is gc
+            if gc:  # what the recipe asked for, over the non-reentrant default
+                assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False, **kwargs}
+        hidden = forward_hidden(model, batch)
+        (hidden * torch.linspace(-1, 1, hidden.numel()).view_as(hidden)).sum().backward()
+        results.append((hidden.detach(), grads(model)))
+    for hidden, g in results[1:]:
+        torch.testing.assert_close(results[0][0], hidden, atol=1e-6, rtol=0)
+        assert_grads_close(results[0][1], g)
+
+
+def test_set_tf32_switches_both_backends():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        set_tf32(True)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        set_tf32(None)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        set_tf32(False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# ---- CUDA only -------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("optim", sorted(build.BNB_OPTIMIZERS))
+def test_bitsandbytes_optimizers_step_on_cuda(optim):
+    import bitsandbytes
+
+    lin = torch.nn.Linear(256, 256).cuda()  # >= 4096 elements: the 8-bit state path
+    t = TrainingConfig(stage="sft", optim=optim, learning_rate=1e-2, weight_decay=0.1)
+    check_runtime(model_section(), t, torch.device("cuda"))
+    opt = build_optimizer(lin.parameters(), t)
+    assert type(opt).__name__ == build.BNB_OPTIMIZERS[optim] and isinstance(opt, bitsandbytes.optim.optimizer.Optimizer8bit)
+    before = lin.weight.detach().clone()
+    lin(torch.randn(4, 256, device="cuda")).square().sum().backward()
+    opt.step()
+    assert not torch.equal(before, lin.weight.detach())
+
+
+@pytest.mark.cuda
+def test_qlora_4bit_trains_lora_on_cuda(tmp_path):
+    from peft.tuners.lora import Linear4bit
+
+    tiny_model("mistral", seed=23).save_pretrained(tmp_path, safe_serialization=True)
+    m = ModelConfig(model_name_or_path=str(tmp_path), dtype="bfloat16", load_in_4bit=True, use_peft=True,
+                    use_bnb_nested_quant=True, gradient_checkpointing=True)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0), use_deepspeed=False)
+    check_runtime(m, TrainingConfig(stage="sft"), dist.device)
+    model = build_model(m, dist, seed=23, path=m.model_name_or_path)
+    assert any(isinstance(mod, Linear4bit) for mod in model.modules())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 and p.is_cuda for p in trainable)
+    hidden = forward_hidden(model.get_base_model(), sft_packed(random_seqs([20, 7], seed=24)).to("cuda"))
+    hidden.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)

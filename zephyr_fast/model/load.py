@@ -161,7 +161,8 @@ def _check_zero3(zero3) -> dict:
 
 def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float32", attn_impl: str = "auto",
                trust_remote_code: bool = False, zero3: Optional[dict] = None,
-               gradient_checkpointing: bool = False, liger_ops: bool = False):
+               gradient_checkpointing: bool = False, liger_ops: bool = False,
+               gradient_checkpointing_kwargs: Optional[dict] = None, quantization_config=None, device_map=None):
     """Load a checkpoint of a supported family (hub id or local dir) or build one from ``config``.
 
     Args:
@@ -177,14 +178,18 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
             inside ``deepspeed.zero.Init`` (transformers does this while an ``HfDeepSpeedConfig`` is
             alive), so no rank ever holds the full weights; random init is done on rank 0 and
             broadcast, so every rank agrees.
-        gradient_checkpointing: non-reentrant activation checkpointing of every decoder layer.
+        gradient_checkpointing: activation checkpointing of every decoder layer (non-reentrant by default).
         liger_ops: Liger-Kernel RMSNorm/SwiGLU/RoPE (CUDA only; Mistral/Llama only; never Liger's loss).
+        gradient_checkpointing_kwargs: keywords for ``torch.utils.checkpoint.checkpoint`` over
+            ``{"use_reentrant": False}`` (the recipes' ``gradient_checkpointing_kwargs``).
+        quantization_config: a ``transformers.BitsAndBytesConfig`` (QLoRA; a checkpoint only, CUDA),
+            loaded with ``device_map`` (e.g. ``{"": device}``).
     Returns:
         the ``transformers`` causal LM, in train mode.
     """
     from transformers import AutoModelForCausalLM
 
-    config = _checked_config(name_or_path, config, trust_remote_code, liger_ops)
+    config = _checked_config(name_or_path, config, trust_remote_code, liger_ops, quantization_config)
     torch_dtype = resolve_dtype(dtype)
     attn_name = _resolve_attn(attn_impl, torch_dtype, config)
     if zero3 is not None:
@@ -193,9 +198,10 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
         ds_config = HfDeepSpeedConfig(_check_zero3(zero3))
         _LIVE_DS_CONFIGS.append(ds_config)
     if name_or_path is not None:
+        quant = {"quantization_config": quantization_config, "device_map": device_map} if quantization_config else {}
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, config=config, dtype=torch_dtype, attn_implementation=attn_name,
-            trust_remote_code=False, use_safetensors=True)
+            trust_remote_code=False, use_safetensors=True, **quant)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_name,
                                                  trust_remote_code=False)
@@ -203,20 +209,23 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
         model._zephyr_ds_config = ds_config  # tie the config's lifetime to the model too
 
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     if liger_ops:
         _apply_liger(model)
     model.train()
     return model
 
 
-def _checked_config(name_or_path, config, trust_remote_code: bool, liger_ops: bool):
+def _checked_config(name_or_path, config, trust_remote_code: bool, liger_ops: bool, quantization_config=None):
     """The model config (read from the checkpoint when not given), refused in one line when the
     arguments, the family or the Liger request cannot be honoured."""
     from transformers import AutoConfig
 
     if (name_or_path is None) == (config is None):
         raise ValueError("load_model: pass exactly one of name_or_path or config")
+    if quantization_config is not None and name_or_path is None:
+        raise ValueError("load_model: quantization_config needs a checkpoint (name_or_path), not a random init")
     if trust_remote_code:
         raise ValueError("load_model: trust_remote_code=True is refused; zephyr_fast never executes code "
                          "from a checkpoint (every supported family is built into transformers)")

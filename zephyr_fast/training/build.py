@@ -5,11 +5,19 @@ The schedule length is the number of *optimiser* steps the packed data gives (se
 changes how many micro-batches an epoch has, and warmup_ratio must be a fraction of real steps.
 
 Each builder takes the config section it reads: ``build_model(cfg.model, ...)``,
-``build_engine(cfg.training, ...)``.
+``build_engine(cfg.training, ...)``. :func:`check_runtime` refuses, at start and in one line, what
+this machine cannot run (bitsandbytes optimisers and QLoRA off CUDA or without bitsandbytes,
+quantized weights without LoRA, ``lr_scheduler_kwargs`` the schedule does not take).
+
+Schedules: ``cosine`` / ``linear`` / ``constant`` / ``constant_with_warmup`` are computed here
+(HF-Trainer shaped; cosine takes ``num_cycles``); the rest of transformers' names are built by
+``transformers.get_scheduler`` with ``lr_scheduler_kwargs`` (e.g. ``cosine_with_min_lr`` with
+``{min_lr_rate: 0.1}``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 from dataclasses import dataclass
@@ -17,15 +25,22 @@ from typing import Optional
 
 import numpy as np
 import torch
+import transformers
 
 from zephyr_fast.config import ConfigError, ModelConfig, TrainingConfig
 from zephyr_fast.model.forward import unwrap_model
-from zephyr_fast.model.load import check_supported, load_model, tiny_config
+from zephyr_fast.model.load import check_supported, load_model, resolve_dtype, tiny_config
 from zephyr_fast.training import metrics as M
 from zephyr_fast.training.distributed import DistInfo
 
 # transformers' names for attention implementations map onto our registered varlen backends
 _ATTN_ALIASES = {"flash_attention_2": "auto", "sdpa": "auto", "eager": "auto", None: "auto"}
+# HF Trainer's bitsandbytes optimiser names -> bitsandbytes.optim classes (CUDA only)
+BNB_OPTIMIZERS = {"paged_adamw_32bit": "PagedAdamW32bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                  "adamw_bnb_8bit": "AdamW8bit", "adamw_8bit": "AdamW8bit"}
+# schedules computed here, and the lr_scheduler_kwargs each takes (the others go to transformers)
+NATIVE_SCHEDULERS = {"cosine": ("num_cycles",), "linear": (), "constant": (), "constant_with_warmup": ()}
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 
 
 def seed_everything(seed: int) -> None:
@@ -45,6 +60,55 @@ def check_model(m: ModelConfig, path: Optional[str]) -> str:
         raise ConfigError(f"model: {e}") from None
 
 
+def check_runtime(m: ModelConfig, t: TrainingConfig, device) -> None:
+    """Refuse in one ``ConfigError`` line, before any data work, what cannot run on ``device``:
+    QLoRA (``load_in_4bit`` / ``load_in_8bit``) and bitsandbytes optimisers off CUDA or without
+    bitsandbytes, quantized weights without LoRA or without a checkpoint, and ``lr_scheduler_kwargs``
+    that the schedule does not take (the schedule is built once on a dummy parameter)."""
+    if m.load_in_4bit and m.load_in_8bit:
+        raise ConfigError("load_in_4bit: and load_in_8bit are exclusive; set one of them")
+    quant = "load_in_4bit" if m.load_in_4bit else "load_in_8bit" if m.load_in_8bit else None
+    if quant:
+        if not m.use_peft:
+            raise ConfigError(f"{quant}: quantized weights are frozen; QLoRA trains LoRA adapters, set use_peft: true")
+        if m.model_name_or_path is None:
+            raise ConfigError(f"{quant}: needs model_name_or_path (a checkpoint to quantize), not a random init")
+        if m.bnb_4bit_quant_type not in BNB_4BIT_QUANT_TYPES:
+            raise ConfigError(f"bnb_4bit_quant_type: must be nf4 | fp4, got {m.bnb_4bit_quant_type!r}")
+        _need_bitsandbytes(quant, "QLoRA loading", device, "drop it (full or LoRA training in dtype)")
+    if t.optim in BNB_OPTIMIZERS:
+        _need_bitsandbytes("optim", repr(t.optim), device, "use optim: adamw_torch")
+    build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.learning_rate or 1.0), t, 10)
+
+
+def _need_bitsandbytes(key: str, what: str, device, instead: str) -> None:
+    if torch.device(device).type != "cuda":
+        raise ConfigError(f"{key}: {what} needs a CUDA device (bitsandbytes); on {torch.device(device).type}, "
+                          f"{instead}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{key}: {what} needs bitsandbytes, which is not installed; pip install bitsandbytes, "
+                          f"or {instead}")
+
+
+def quantization_config(m: ModelConfig):
+    """transformers' ``BitsAndBytesConfig`` for ``load_in_4bit`` / ``load_in_8bit`` (None otherwise); the
+    4-bit compute dtype is the model dtype (as TRL's ``get_quantization_config``)."""
+    if m.load_in_4bit:
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=m.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=m.use_bnb_nested_quant, bnb_4bit_compute_dtype=resolve_dtype(m.dtype))
+    if m.load_in_8bit:
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def set_tf32(enabled: Optional[bool]) -> None:
+    """``tf32``: TF32 tensor-core matmuls / convolutions on CUDA (None: leave torch's defaults)."""
+    if enabled is not None:
+        torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+        torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
 def build_model(m: ModelConfig, dist: DistInfo, *, seed: int, path: Optional[str] = None):
     """The policy (or reference) model from ``path`` (a checkpoint), or a random init from ``model_init``."""
     # A checkpoint is loaded inside zero.Init (no rank ever holds the full weights). A random init
@@ -55,15 +119,22 @@ def build_model(m: ModelConfig, dist: DistInfo, *, seed: int, path: Optional[str
     # the same seed on every rank (and in a single process): a random init is identical everywhere
     seed_everything(seed)
     config = None if path else tiny_config(**m.model_init)
+    quant = quantization_config(m)  # QLoRA: placed on this rank's device while loading (no .to() after)
     model = load_model(path, config=config, dtype=m.dtype, attn_impl=attn, trust_remote_code=False, zero3=zero3,
-                       gradient_checkpointing=m.gradient_checkpointing, liger_ops=m.use_liger_ops)
+                       gradient_checkpointing=m.gradient_checkpointing, liger_ops=m.use_liger_ops,
+                       gradient_checkpointing_kwargs=m.gradient_checkpointing_kwargs, quantization_config=quant,
+                       device_map={"": dist.device} if quant is not None else None)
     if m.use_peft:
         from peft import LoraConfig, get_peft_model  # optional dependency: LoRA runs only
 
         lora = LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                           target_modules=list(m.lora_target_modules), task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
-    if not dist.use_deepspeed:
+        if quant is not None:  # as TRL: the adapters train in the model dtype, not the quantized storage's
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(resolve_dtype(m.dtype))
+    if not dist.use_deepspeed and quant is None:
         model = model.to(dist.device)
     return model
 
@@ -75,6 +146,11 @@ def build_optimizer(params, t: TrainingConfig) -> torch.optim.Optimizer:
     no_decay = [p for p in params if _ndim(p) < 2]  # norms and biases are not decayed, as in HF Trainer
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    if t.optim in BNB_OPTIMIZERS:
+        import bitsandbytes  # optional CUDA-only dependency; check_runtime refused its absence at start
+
+        cls = getattr(bitsandbytes.optim, BNB_OPTIMIZERS[t.optim])
+        return cls(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     if t.optim.startswith("adam"):
         # foreach keeps the CPU and CUDA paths identical; fused is CUDA-only and not bitwise-stable
         return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
@@ -95,28 +171,44 @@ def warmup_steps(t: TrainingConfig, total_steps: int) -> int:
     return t.warmup_steps if t.warmup_steps > 0 else int(math.ceil(t.warmup_ratio * total_steps))
 
 
-def lr_lambda(kind: str, total_steps: int, warmup: int):
-    """Multiplier of the base LR at step ``s`` (0-based, before the s-th update), HF-Trainer shaped."""
+def lr_lambda(kind: str, total_steps: int, warmup: int, num_cycles: float = 0.5):
+    """Multiplier of the base LR at step ``s`` (0-based, before the s-th update), as transformers'
+    schedules of the same name (``constant`` has no warmup there either)."""
 
     def f(s: int) -> float:
+        if kind == "constant":
+            return 1.0
         if s < warmup:
             return float(s) / float(max(1, warmup))
-        if kind in ("constant", "constant_with_warmup"):
+        if kind == "constant_with_warmup":
             return 1.0
         progress = float(s - warmup) / float(max(1, total_steps - warmup))
         if kind == "linear":
             return max(0.0, 1.0 - progress)
         if kind == "cosine":
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress)))
         raise ValueError(f"lr_scheduler_type: unsupported {kind!r}")
 
     return f
 
 
 def build_scheduler(optimizer, t: TrainingConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.lr_scheduler_type, total_steps, warmup_steps(t, total_steps))
-    )
+    """The LR schedule over ``total_steps`` optimiser steps; one-line ``ConfigError`` for
+    ``lr_scheduler_kwargs`` the schedule does not take (or a transformers schedule's missing ones)."""
+    kind, kwargs, warmup = t.lr_scheduler_type, dict(t.lr_scheduler_kwargs or {}), warmup_steps(t, total_steps)
+    if kind in NATIVE_SCHEDULERS:
+        extra = sorted(set(kwargs) - set(NATIVE_SCHEDULERS[kind]))
+        if extra:
+            takes = ", ".join(NATIVE_SCHEDULERS[kind]) or "none"
+            raise ConfigError(f"lr_scheduler_kwargs: {extra[0]!r} means nothing to lr_scheduler_type {kind!r} "
+                              f"(it takes: {takes})")
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, total_steps, warmup, **kwargs))
+    try:
+        return transformers.get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                                          scheduler_specific_kwargs=kwargs)
+    except (TypeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"lr_scheduler_kwargs: {first} (lr_scheduler_type {kind!r})") from None
 
 
 @dataclass
