@@ -11,6 +11,8 @@ field of one of them, and the rules that read the recipe as a whole:
 * :data:`REFUSED` and :data:`OBJECTIVE_KEYS` -- refused in one line saying what to use instead.
 * translations: ``use_flash_attention_2``, ``model_init_kwargs``, ``dataset_kwargs`` and TRL's
   ``dataset_name`` / ``dataset_config`` / ``dataset_train_split`` / ``dataset_test_split``.
+* :data:`HF_DEFAULTS` -- transformers' / TRL's defaults of the result-setting keys: a recipe that leaves
+  one out where zephyr_fast's default differs gets a notice (:func:`default_notices`).
 * the stage: :func:`infer_stage` reads it from the DPO keys and the data when the recipe has no
   ``stage:`` (alignment-handbook recipes never do: its script chose the objective), and refuses a
   ``stage:`` that the recipe's keys contradict.
