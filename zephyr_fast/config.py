@@ -123,6 +123,7 @@ class TrainingConfig:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     bf16: bool = False  # DeepSpeed bf16 mixed precision (the model dtype is ``dtype``)
+    tf32: Optional[bool] = None  # TF32 matmuls on CUDA (training.build.set_tf32); None: torch's default
     fp16: bool = False  # refused: fp16 needs loss scaling; use bf16
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON; default ZeRO-3 when world > 1
     logging_steps: int = 10

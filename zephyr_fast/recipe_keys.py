@@ -189,7 +189,6 @@ NO_EFFECT = {
     "eval_accumulation_steps": "evaluation sums its metrics on the host step by step",
     "include_tokens_per_second": "throughput is always logged (train_tokens_per_second)",
     "save_only_model": "checkpoints always hold the optimiser state so that they resume",
-    "tf32": "zephyr_fast leaves torch's TF32 setting alone; bfloat16 matmuls do not use it",
     "force_use_ref_model": "the reference log-probs always come from ref_model_name_or_path (default: the model)",
 }
 

@@ -44,7 +44,7 @@ FIELDS = {
     "training.optim": ("optim",), "training.max_grad_norm": ("max_grad_norm",), "training.seed": ("seed",),
     "training.eval_strategy": ("eval_strategy", "evaluation_strategy"), "training.eval_steps": ("eval_steps",),
     "training.save_strategy": ("save_strategy",), "training.save_total_limit": ("save_total_limit",),
-    "training.logging_steps": ("logging_steps",), "training.bf16": ("bf16",),
+    "training.logging_steps": ("logging_steps",), "training.bf16": ("bf16",), "training.tf32": ("tf32",),
     "training.output_dir": ("output_dir",), "training.hub_model_id": ("hub_model_id",),
     "data.max_length": ("max_length", "max_seq_length"), "data.max_prompt_length": ("max_prompt_length",),
     "data.dataset_mixer": ("dataset_mixer",), "data.dataset_splits": ("dataset_splits",),
@@ -124,7 +124,7 @@ def test_original_zephyr_7b_beta_recipes_load_as_published():
     assert dpo.data.dataset_splits == ["train_prefs", "test_prefs"]
     sft = load_config(os.path.join(HERE, "a0b8d49/zephyr-7b-beta/sft/config_full.yaml"))
     assert sft.training.stage == "sft" and sft.training.save_total_limit is None
-    assert any(n.startswith("tf32:") for n in sft.notices)
+    assert sft.training.tf32 is True and dpo.training.tf32 is None
 
 
 def test_trl_dataset_keys_become_a_dataset_mixer():
