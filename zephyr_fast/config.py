@@ -294,7 +294,7 @@ def build_config(raw: dict, *, source: str = "<dict>", overrides=()) -> Config:
 
 def _resolve_stage(kwargs: dict, keys: "_RecipeKeys") -> None:
     """Set ``training.stage``: the explicit one checked against the recipe's keys, else inferred."""
-    dpo_keys = [k for k in keys.seen if k in _dpo_keys()]
+    dpo_keys = {k: where for k, where in keys.seen.items() if k in _dpo_keys()}
     stage, notices = rk.infer_stage(kwargs["training"].get("stage"), dpo_keys, rk.data_kind(kwargs["data"]))
     kwargs["training"]["stage"] = stage
     keys.notices.update((n.split(":", 1)[0], n) for n in notices)

@@ -392,12 +392,12 @@ def data_kind(data: dict) -> Optional[str]:
     return kinds.pop() if kinds else None
 
 
-def infer_stage(explicit: Optional[str], dpo_keys: list, kind: Optional[str]) -> tuple:
-    """``(stage, notices)`` from an explicit ``stage`` (or None), the DPO keys present and the data kind.
-
-    Raises ``ValueError("key: ...")`` when they contradict each other.
+def infer_stage(explicit: Optional[str], dpo_keys: dict, kind: Optional[str]) -> tuple:
+    """``(stage, notices)`` from an explicit ``stage`` (or None), the DPO keys present (``{key: where}``)
+    and the data kind. Raises ``ValueError("key: ...")`` when they contradict each other.
     """
     strong = [k for k in dpo_keys if k not in WEAK_DPO_KEYS]
+    named = [f"{k} ({dpo_keys[k]})" if dpo_keys[k].startswith(CLI) else k for k in strong]
     if explicit is None:
         if strong and kind == "sft":
             raise ValueError(f"{strong[0]}: a DPO key, but the data is chat (SFT) data; give preference data "
@@ -405,7 +405,7 @@ def infer_stage(explicit: Optional[str], dpo_keys: list, kind: Optional[str]) ->
         return ("dpo" if dpo_keys or kind == "dpo" else "sft"), []
     if explicit == "sft":
         if strong:
-            raise ValueError(f"stage: 'sft' contradicts the DPO key(s) {', '.join(strong)}; remove them, "
+            raise ValueError(f"stage: 'sft' contradicts the DPO key(s) {', '.join(named)}; remove them, "
                              "or train stage dpo (zephyr-fast dpo RECIPE)")
         if kind == "dpo":
             raise ValueError("stage: 'sft' contradicts the preference data (chosen/rejected, *_prefs); "

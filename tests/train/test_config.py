@@ -305,3 +305,8 @@ def test_debug_shows_the_traceback_instead_of_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="learnig_rate"):
         main([str(r), "--debug"])
     assert main([]) == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_a_dpo_key_from_the_command_line_is_named_in_the_contradiction():
+    msg = err({**BASE, "stage": "sft"}, ["--beta=0.2"])
+    assert msg.startswith("r.yaml: stage: 'sft' contradicts the DPO key(s) beta (command line --beta)")
