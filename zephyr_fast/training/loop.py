@@ -151,7 +151,7 @@ class TrainLoop:
             state.train_tokens += tokens
             state.train_pairs += pairs
             bar.update(1)
-            first = getattr(self.t, "logging_first_step", False) and state.step == 1
+            first = self.t.logging_first_step and state.step == 1
             if state.step % max(self.t.logging_steps, 1) == 0 or first or state.step in (plan.total_steps, target):
                 state.last_metrics = self._log_window(window, state, lr, grad_norm)
                 bar.set_postfix(loss=f"{state.last_metrics['loss']:.4f}")

@@ -27,13 +27,12 @@ import sys
 import torch
 
 from zephyr_fast.config import ConfigError, load_config
-from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.data.validate import DataValidationError
 from zephyr_fast.model.load import tiny_config
 from zephyr_fast.training.build import check_model
 from zephyr_fast.training.plan import make_plan, prepare, total
 from zephyr_fast.training.reference import ReferencePass, cache_paths
-from zephyr_fast.training.run import batching
+from zephyr_fast.training.run import batching, recipe_tokenizer
 from zephyr_fast.training.stages import make_stage
 
 GIB = 1024 ** 3
@@ -84,8 +83,7 @@ def build_plan(cfg, *, world_size: int = 1, log=lambda *a, **k: None) -> dict:
     stage = make_stage(cfg)
     path = stage.model_path(m.model_name_or_path)
     check_model(m, path)
-    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, d.chat_template,
-                               revision=m.model_revision)
+    tokenizer = recipe_tokenizer(cfg)
     b = batching(cfg, stage, world_size)
     data = prepare(d, stage, tokenizer, b, log=log)
     train = data["train"]

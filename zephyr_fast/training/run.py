@@ -20,10 +20,11 @@ from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.model.forward import unwrap_model
 from zephyr_fast.training import checkpoint as ckpt
 from zephyr_fast.training import distributed
-from zephyr_fast.training.build import (build_engine, build_model, check_model, flops_counter, peak_tflops,
-                                        seed_everything)
+from zephyr_fast.training import hub
+from zephyr_fast.training.build import (build_engine, build_model, check_model, check_runtime, flops_counter,
+                                        peak_tflops, seed_everything, set_tf32)
 from zephyr_fast.training.loop import LoopState, TrainLoop
-from zephyr_fast.training.metrics import MetricLogger, read_jsonl
+from zephyr_fast.training.metrics import MetricLogger, check_report_to, read_jsonl, wandb_settings
 from zephyr_fast.training.plan import Batching, make_plan, prepare
 from zephyr_fast.training.reference import ReferencePass, ref_summary, weights_fingerprint
 from zephyr_fast.training.stages import LossModule, make_stage
@@ -41,9 +42,13 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
     t, m = cfg.training, cfg.model
     dist, log = _setup(cfg)
     stage = make_stage(cfg)
-    check_model(m, stage.model_path(m.model_name_or_path))  # an unsupported model: refused before any data work
-    tokenizer = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, cfg.data.chat_template,
-                               revision=m.model_revision)
+    # what cannot run is refused in one line before any data work: the model family, QLoRA / bitsandbytes
+    # off CUDA, the schedule's kwargs, the reporters, the Hub (push_to_hub: token, reachability, repo)
+    check_model(m, stage.model_path(m.model_name_or_path))
+    check_runtime(m, t, dist.device)
+    check_report_to(t.report_to)
+    hub_target = hub.check(t, t.output_dir) if dist.is_main else None
+    tokenizer = recipe_tokenizer(cfg)
 
     # ---- data --------------------------------------------------------------------------------
     data = prepare(cfg.data, stage, tokenizer, batching(cfg, stage, dist.world_size), log=log)
@@ -67,13 +72,17 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
         return summary
 
     # ---- train and save ----------------------------------------------------------------------
-    lm, state, plan, opt = _train(cfg, dist, stage, model, data, reference_logps, stop_after=stop_after, log=log)
+    lm, state, plan, opt = _train(cfg, dist, stage, model, data, reference_logps, hub_target,
+                                  stop_after=stop_after, log=log)
     summary.update(_train_summary(stage, state, plan))
     summary["runtime_seconds"] = time.time() - t0
     if summary["finished"] and t.save_final_model:
         ckpt.export_final(t.output_dir, cfg=cfg, dist=dist, model=lm.model if m.use_peft else unwrap_model(lm.model),
                           tokenizer=tokenizer, engine=opt.engine, results=_jsonable(summary))
         summary["model_dir"] = t.output_dir
+        if dist.is_main and hub_target is not None:
+            hub.push_final(hub_target, t.output_dir)
+            summary["hub_repo"] = hub_target.repo_id
     _write_summary(t.output_dir, dist, summary, log)
     if return_model:
         summary["model"] = unwrap_model(lm.model)
@@ -94,6 +103,9 @@ def _setup(cfg: Config) -> tuple:
     t, m = cfg.training, cfg.model
     dist = distributed.setup(t, bf16=t.bf16 or m.dtype == "bfloat16")
     log = print if dist.is_main else (lambda *a, **k: None)
+    for notice in cfg.notices:  # keys accepted without effect, defaults that differ from TRL's
+        log(f"note: {notice}")
+    set_tf32(t.tf32)
     if m.use_peft and dist.zero_stage == 3:
         raise ConfigError(f"{cfg.source}: use_peft: LoRA runs use ZeRO-2 or one process (frozen base weights need "
                           f"no partitioning); pass --deepspeed=recipes/deepspeed/zero2.json")
@@ -102,6 +114,16 @@ def _setup(cfg: Config) -> tuple:
         cfg.save(os.path.join(t.output_dir, "config.yaml"))
     seed_everything(t.seed)
     return dist, log
+
+
+def recipe_tokenizer(cfg: Config):
+    """The recipe's tokenizer (``eos_token`` replaced as TRL does); a bad ``eos_token`` is one line."""
+    m = cfg.model
+    try:
+        return load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, cfg.data.chat_template,
+                              revision=m.model_revision, eos_token=m.eos_token)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: {e}") from None
 
 
 def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: dict, log):
@@ -120,7 +142,7 @@ def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: di
     return reference_logps
 
 
-def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, *, stop_after, log) -> tuple:
+def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, hub_target, *, stop_after, log) -> tuple:
     """Plan, optimiser, reference log-probs, resume, then the loop; ``(loss_module, state, plan, opt)``."""
     t = cfg.training
     plan = make_plan(data["train"].schedule, world_size=dist.world_size, grad_accum=t.gradient_accumulation_steps,
@@ -141,6 +163,8 @@ def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, *, stop
                                     scheduler=opt.scheduler, engine=opt.engine, state=st,
                                     total_limit=t.save_total_limit)
         log(f"checkpoint: {path}")
+        if dist.is_main:
+            hub.push_checkpoint(hub_target, t.output_dir, path)
         return path
 
     loop = TrainLoop(t, stage, dist, opt, plan, data["train"], refs.get("train"), logger, save,
@@ -164,7 +188,8 @@ def _resume(cfg: Config, dist, lm, opt, log) -> tuple:
             log(f"warning: {resume} was written by a different config; resuming anyway")
         state.step = int(restored["global_step"])
         log(f"resumed from {resume} at step {state.step}")
-    logger = MetricLogger(t.output_dir, enabled=dist.is_main, report_to=t.report_to, resume=bool(resume))
+    logger = MetricLogger(t.output_dir, enabled=dist.is_main, report_to=t.report_to, resume=bool(resume),
+                          wandb=wandb_settings(t), run_config=cfg.to_dict())
     if resume and dist.is_main:
         _trim_metrics(logger.path, state.step)
     return state, logger
