@@ -13,23 +13,27 @@ import socket
 import struct
 import sys
 import threading
+import time
 import urllib.parse
 
 import pytest
 import torch
 import transformers.optimization as tf_opt
+import wandb
 from huggingface_hub import constants as hf_constants
 from wandb.proto import wandb_internal_pb2
 
 from tests.model.helpers import assert_grads_close, grads, random_seqs, sft_packed, tiny_model
-from zephyr_fast.config import ConfigError, ModelConfig, TrainingConfig
+from tests.train.helpers import recipe
+from zephyr_fast.config import ConfigError, ModelConfig, TrainingConfig, build_config
 from zephyr_fast.model import forward_hidden, load_model, tiny_config
 from zephyr_fast.training import build, hub, metrics
 from zephyr_fast.training.build import (build_model, build_optimizer, build_scheduler, check_runtime,
                                         quantization_config, set_tf32)
 from zephyr_fast.training.checkpoint import safe_torch_load
 from zephyr_fast.training.distributed import DistInfo
-from zephyr_fast.training.metrics import MetricLogger, check_report_to, read_jsonl, wandb_settings
+from zephyr_fast.training.run import run
+from zephyr_fast.training.metrics import MetricLogger, check_report_to, read_jsonl, wandb_keys, wandb_settings
 
 # ---- wandb ---------------------------------------------------------------------------------------
 
@@ -78,7 +82,9 @@ def wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(d))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
-    return d
+    wandb.teardown()  # wandb keeps the first WANDB_DIR of the process in its settings singleton
+    yield d
+    wandb.teardown()
 
 
 def test_report_to_refusals(monkeypatch):
@@ -104,6 +110,7 @@ def test_wandb_offline_run_gets_hf_names_config_and_resumes(tmp_path, wandb_offl
     logger.log(1, {"eval_loss": 2.25, "eval_rewards/accuracies": 0.75})
     run_id = logger.wandb_run.id
     logger.close()
+    time.sleep(1.1)  # offline run folders are named to the second: a resume in the same second would share one
     again = MetricLogger(t.output_dir, enabled=True, report_to=t.report_to, wandb=wandb_settings(t),
                          run_config=run_config, resume=True)
     again.log(2, {"loss": 2.0})
@@ -122,6 +129,17 @@ def test_wandb_offline_run_gets_hf_names_config_and_resumes(tmp_path, wandb_offl
     assert by_step[1][1] == {"eval/loss": 2.25, "eval/rewards/accuracies": 0.75, "train/global_step": 1}
     assert by_step[2][1] == {"train/loss": 2.0, "train/global_step": 2}
     assert [r["step"] for r in read_jsonl(logger.path)] == [1, 1, 2]  # metrics.jsonl has the same rows
+
+
+def test_trainer_run_sends_its_metrics_to_wandb(tmp_path, sft_dir, wandb_offline):
+    """A real tiny SFT run: every metrics.jsonl row reaches wandb under HF's names, same values."""
+    cfg = build_config(recipe("sft", tmp_path / "run", sft_dir, report_to=["wandb"], eval_strategy="epoch",
+                              max_steps=2), source="test")
+    run(cfg)
+    rows = read_jsonl(os.path.join(cfg.training.output_dir, "metrics.jsonl"))
+    logged = [{k: v for k, v in r.items() if not k.startswith("_")} for r in wandb_history(wandb_offline)]
+    assert logged == [{**wandb_keys(r), "train/global_step": r["step"]} for r in rows]
+    assert any("train/loss" in r for r in logged) and any("eval/loss" in r for r in logged)
 
 
 def test_wandb_off_unless_requested(tmp_path, wandb_offline):
