@@ -90,33 +90,37 @@ def common_args(out, batch, lr, max_length, optim):
                 disable_tqdm=True)
 
 
+def trl_trainer(trainer_class, args, model_dir, rows, tok):
+    """TRL's ``trainer_class`` (DPOTrainer / SFTTrainer) on a fresh copy of the model and ``rows``."""
+    return trainer_class(model=load_model(model_dir), args=args, train_dataset=Dataset.from_list(with_system(rows)),
+                         processing_class=tok)
+
+
 def trl_tokenised(trainer_class, args, model_dir, rows, tok):
-    """The train split as ``trainer_class`` (TRL's DPOTrainer / SFTTrainer) tokenises ``rows``; no training."""
-    trainer = trainer_class(model=load_model(model_dir), args=args, train_dataset=Dataset.from_list(with_system(rows)),
-                            processing_class=tok)
-    return trainer.train_dataset
+    """The train split as TRL's ``trainer_class`` tokenises ``rows``; no training."""
+    return trl_trainer(trainer_class, args, model_dir, rows, tok).train_dataset
 
 
-def trl_dpo(model_dir, out, rows, *, beta, lr, max_length, optim, template=ZEPHYR_BOS_TEMPLATE):
-    """TRL's DPOTrainer for ``STEPS`` steps of all ``rows`` -> ``(logged rows, model, tokenised dataset)``."""
-    args = DPOConfig(beta=beta, precompute_ref_log_probs=True, **common_args(out, len(rows), lr, max_length, optim))
-    trainer = DPOTrainer(model=load_model(model_dir), args=args, train_dataset=Dataset.from_list(with_system(rows)),
-                         processing_class=tokenizer(template))
+def trl_train(trainer_class, args, model_dir, rows, tok):
+    """TRL's ``STEPS`` steps -> ``(logged rows, trained model, tokenised dataset)``."""
+    trainer = trl_trainer(trainer_class, args, model_dir, rows, tok)
     dataset = trainer.train_dataset
     trainer.train()
     return train_logs(trainer.state.log_history), trainer.model, dataset
+
+
+def trl_dpo(model_dir, out, rows, *, beta, lr, max_length, optim):
+    """TRL's DPOTrainer for ``STEPS`` steps of all ``rows`` as one batch, reference log-probs precomputed."""
+    args = DPOConfig(beta=beta, precompute_ref_log_probs=True, **common_args(out, len(rows), lr, max_length, optim))
+    return trl_train(DPOTrainer, args, model_dir, rows, tokenizer())
 
 
 def trl_sft(model_dir, out, rows, *, lr, max_length, optim, assistant_only_loss):
-    """TRL's SFTTrainer (unpacked, padded) for ``STEPS`` steps of all ``rows`` -> ``(logged rows, model, dataset)``."""
+    """TRL's SFTTrainer (unpacked, padded, not shuffled) for ``STEPS`` steps of all ``rows`` as one batch."""
     args = SFTConfig(assistant_only_loss=assistant_only_loss, packing=False, padding_free=False,
                      shuffle_dataset=False, **common_args(out, len(rows), lr, max_length, optim))
     template = ZEPHYR_BOS_GENERATION_TEMPLATE if assistant_only_loss else ZEPHYR_BOS_TEMPLATE
-    trainer = SFTTrainer(model=load_model(model_dir), args=args, train_dataset=Dataset.from_list(with_system(rows)),
-                         processing_class=tokenizer(template))
-    dataset = trainer.train_dataset
-    trainer.train()
-    return train_logs(trainer.state.log_history), trainer.model, dataset
+    return trl_train(SFTTrainer, args, model_dir, rows, tokenizer(template))
 
 
 def train_logs(history):
