@@ -11,7 +11,6 @@ import os
 import re
 import socket
 import struct
-import sys
 import threading
 import time
 import urllib.parse
@@ -32,8 +31,8 @@ from zephyr_fast.training.build import (build_model, build_optimizer, build_sche
                                         quantization_config, set_tf32)
 from zephyr_fast.training.checkpoint import safe_torch_load
 from zephyr_fast.training.distributed import DistInfo
-from zephyr_fast.training.run import run
 from zephyr_fast.training.metrics import MetricLogger, check_report_to, read_jsonl, wandb_keys, wandb_settings
+from zephyr_fast.training.run import run
 
 # ---- wandb ---------------------------------------------------------------------------------------
 
@@ -61,17 +60,10 @@ def wandb_records(run_dir) -> list:
 
 
 def wandb_history(run_dir) -> list:
-    """Every ``run.log`` row of the offline runs under ``run_dir`` as a dict."""
-    rows = []
-    for kind, rec in wandb_records(run_dir):
-        if kind == "history":
-            rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in rec.history.item})
-    return rows
-
-
-def wandb_runs(run_dir) -> list:
-    """The ``RunRecord``s (id, project, name, group, config) of the offline runs under ``run_dir``."""
-    return [rec.run for kind, rec in wandb_records(run_dir) if kind == "run"]
+    """Every ``run.log`` row of the offline runs under ``run_dir``, without wandb's own ``_`` keys."""
+    items = [rec.history.item for kind, rec in wandb_records(run_dir) if kind == "history"]
+    return [{it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in row
+             if not (it.key or it.nested_key[0]).startswith("_")} for row in items]
 
 
 @pytest.fixture
@@ -93,7 +85,6 @@ def test_report_to_refusals(monkeypatch):
     assert check_report_to(["all"]) == ("tensorboard", "wandb")
     with pytest.raises(ConfigError, match=r"^report_to: 'mlflow' is not supported"):
         check_report_to(["tensorboard", "mlflow"])
-    monkeypatch.setitem(sys.modules, "wandb", None)  # what an absent package looks like to the import system
     monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None if name == "wandb" else True)
     with pytest.raises(ConfigError, match=r"^report_to: wandb is requested but not installed"):
         check_report_to(["wandb"])
@@ -117,17 +108,16 @@ def test_wandb_offline_run_gets_hf_names_config_and_resumes(tmp_path, wandb_offl
     assert again.wandb_run.id == run_id  # the resumed run continues the same wandb run
     again.close()
 
-    runs = wandb_runs(wandb_offline)
+    runs = [rec.run for kind, rec in wandb_records(wandb_offline) if kind == "run"]
     assert [r.run_id for r in runs] == [run_id, run_id]
     assert {(r.project, r.display_name, r.run_group) for r in runs} == {("proj", "zephyr-test", "grp")}
     config = {u.key: json.loads(u.value_json) for u in runs[0].config.update}
     assert config["training"] == run_config["training"]
-    rows = wandb_history(wandb_offline)
-    by_step = [(r["train/global_step"], {k: v for k, v in r.items() if not k.startswith("_")}) for r in rows]
-    assert by_step[0][1] == {"train/loss": 2.5, "train/learning_rate": 1e-4, "train/rewards/margins": 0.25,
-                             "train/epoch": 0.5, "train/global_step": 1}
-    assert by_step[1][1] == {"eval/loss": 2.25, "eval/rewards/accuracies": 0.75, "train/global_step": 1}
-    assert by_step[2][1] == {"train/loss": 2.0, "train/global_step": 2}
+    assert wandb_history(wandb_offline) == [
+        {"train/loss": 2.5, "train/learning_rate": 1e-4, "train/rewards/margins": 0.25, "train/epoch": 0.5,
+         "train/global_step": 1},
+        {"eval/loss": 2.25, "eval/rewards/accuracies": 0.75, "train/global_step": 1},
+        {"train/loss": 2.0, "train/global_step": 2}]
     assert [r["step"] for r in read_jsonl(logger.path)] == [1, 1, 2]  # metrics.jsonl has the same rows
 
 
@@ -137,7 +127,7 @@ def test_trainer_run_sends_its_metrics_to_wandb(tmp_path, sft_dir, wandb_offline
                               max_steps=2), source="test")
     run(cfg)
     rows = read_jsonl(os.path.join(cfg.training.output_dir, "metrics.jsonl"))
-    logged = [{k: v for k, v in r.items() if not k.startswith("_")} for r in wandb_history(wandb_offline)]
+    logged = wandb_history(wandb_offline)
     assert logged == [{**wandb_keys(r), "train/global_step": r["step"]} for r in rows]
     assert any("train/loss" in r for r in logged) and any("eval/loss" in r for r in logged)
 
@@ -157,20 +147,14 @@ class LocalHub(http.server.ThreadingHTTPServer):
 
     def __init__(self, token: str, user: str = "tester"):
         super().__init__(("127.0.0.1", 0), _HubHandler)
-        self.token, self.user = token, user
+        self.token, self.user, self.url = token, user, f"http://127.0.0.1:{self.server_address[1]}"
         self.repos: dict = {}  # repo_id -> {"visibility": ..., "branches": set}
-        self.files: dict = {}
-        self.commits: list = []
-        self.unhandled: list = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        self.files, self.commits, self.unhandled = {}, [], []
 
 
 class _HubHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
-        pass
+        return None
 
     def _reply(self, status: int, body) -> None:
         data = json.dumps(body).encode()
@@ -386,8 +370,7 @@ def test_schedules_follow_transformers_curves(kind, kwargs, reference):
 def test_scheduler_kwargs_refused_in_one_line_at_start(kind, kwargs, match):
     t = TrainingConfig(stage="sft", lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs)
     with pytest.raises(ConfigError, match=r"^lr_scheduler_kwargs: " + match) as e:
-        check_runtime(ModelConfig(model_init={"arch": "mistral"}, tokenizer_name_or_path="x"), t,
-                      torch.device("cpu"))
+        check_runtime(model_section(), t, torch.device("cpu"))
     assert "\n" not in str(e.value)
 
 
@@ -472,16 +455,13 @@ def test_gradient_checkpointing_kwargs_reach_the_layers_and_stay_exact():
 
 
 def test_set_tf32_switches_both_backends():
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
-        set_tf32(True)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
-        set_tf32(None)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
-        set_tf32(False)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before, seen = flags(), []
+    for value in (True, None, False):  # None: left as it was
+        set_tf32(value)
+        seen.append(flags())
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert seen == [(True, True), (True, True), (False, False)]
 
 
 # ---- CUDA only -------------------------------------------------------------------------------------
