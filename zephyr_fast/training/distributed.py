@@ -205,35 +205,40 @@ def from_accelerate(f: dict, where: str) -> tuple:
     SHARD_GRAD_OP -> 2, NO_SHARD -> 1), ``fsdp_offload_params`` -> optimiser and parameters on CPU;
     MULTI_GPU / NO: stage 1 (data parallel: DDP's update, the optimiser state sharded).
     """
-    kind = f["distributed_type"]
-    if kind == "DEEPSPEED" and f.get("config_file"):
+    if f["distributed_type"] == "DEEPSPEED" and f.get("config_file"):
         conf, _ = read_ds_file(str(f["config_file"]))
         return conf, f.get("mixed_precision")
-    if kind == "DEEPSPEED":
-        stage = _int(f.get("zero_stage") if f.get("zero_stage") is not None else 2, where, "zero_stage")
-    elif kind == "FSDP":
-        strategy = str(f.get("fsdp_sharding_strategy") or "FULL_SHARD").upper()
-        if strategy not in FSDP_TO_ZERO:
-            raise ConfigError(f"{where}: fsdp_sharding_strategy: {strategy!r} must be one of "
-                              f"{' | '.join(k for k in FSDP_TO_ZERO if not k.isdigit())}")
-        stage = FSDP_TO_ZERO[strategy]
-    elif kind in ("MULTI_GPU", "MULTI_CPU", "NO"):
-        stage = DDP_ZERO_STAGE
-    else:
-        raise ConfigError(f"{where}: distributed_type: {kind} is not supported; use DEEPSPEED, FSDP or MULTI_GPU")
+    stage = _accelerate_stage(f, where)
     zero = {"stage": stage}
     if stage > 0:
         zero.update(overlap_comm=True, contiguous_gradients=True)
-    offload_all = kind == "FSDP" and str(f.get("fsdp_offload_params")).lower() == "true"
+    offload_all = f["distributed_type"] == "FSDP" and str(f.get("fsdp_offload_params")).lower() == "true"
     for key, name in (("offload_optimizer_device", "offload_optimizer"), ("offload_param_device", "offload_param")):
         device = "cpu" if offload_all else str(f.get(key) or "none").lower()
         if device not in ("none", "cpu"):
             raise ConfigError(f"{where}: {key}: {device!r} must be none | cpu (nvme: use a DeepSpeed JSON)")
-        if device == "cpu" and (stage == 0 or (name == "offload_param" and stage != 3)):
-            raise ConfigError(f"{where}: {key}: cpu offload needs zero_stage {'3' if name == 'offload_param' else '>= 1'}")
+        needs = 3 if name == "offload_param" else 1
+        if device == "cpu" and stage < needs:
+            raise ConfigError(f"{where}: {key}: cpu offload needs zero_stage {needs}{'' if needs == 3 else ' or more'}")
         if device == "cpu":
             zero[name] = {"device": "cpu", "pin_memory": True}
     return {"zero_optimization": zero}, f.get("mixed_precision")
+
+
+def _accelerate_stage(f: dict, where: str) -> int:
+    """The ZeRO stage for accelerate launch fields ``f`` (see :func:`from_accelerate`)."""
+    kind = f["distributed_type"]
+    if kind == "DEEPSPEED":
+        return _int(f.get("zero_stage") if f.get("zero_stage") is not None else 2, where, "zero_stage")
+    if kind == "FSDP":
+        strategy = str(f.get("fsdp_sharding_strategy") or "FULL_SHARD").upper()
+        if strategy not in FSDP_TO_ZERO:
+            raise ConfigError(f"{where}: fsdp_sharding_strategy: {strategy!r} must be one of "
+                              f"{' | '.join(k for k in FSDP_TO_ZERO if not k.isdigit())}")
+        return FSDP_TO_ZERO[strategy]
+    if kind in ("MULTI_GPU", "MULTI_CPU", "NO"):
+        return DDP_ZERO_STAGE
+    raise ConfigError(f"{where}: distributed_type: {kind} is not supported; use DEEPSPEED, FSDP or MULTI_GPU")
 
 
 def _int(value, where: str, key: str) -> int:
