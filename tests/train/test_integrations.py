@@ -94,7 +94,7 @@ def test_report_to_refusals(monkeypatch):
 def test_wandb_offline_run_gets_hf_names_config_and_resumes(tmp_path, wandb_offline):
     t = TrainingConfig(stage="sft", output_dir=str(tmp_path / "out"), run_name="zephyr-test", wandb_project="proj",
                        wandb_run_group="grp", report_to=["wandb"])
-    run_config = {"training": {"learning_rate": 3e-4, "stage": "sft"}}
+    run_config = {"training": {"learning_rate": 3e-4, "stage": "sft", "hub_token": "hf_secret"}}
     logger = MetricLogger(t.output_dir, enabled=True, report_to=t.report_to, wandb=wandb_settings(t),
                           run_config=run_config)
     logger.log(1, {"loss": 2.5, "learning_rate": 1e-4, "rewards/margins": 0.25, "epoch": 0.5})
@@ -112,7 +112,7 @@ def test_wandb_offline_run_gets_hf_names_config_and_resumes(tmp_path, wandb_offl
     assert [r.run_id for r in runs] == [run_id, run_id]
     assert {(r.project, r.display_name, r.run_group) for r in runs} == {("proj", "zephyr-test", "grp")}
     config = {u.key: json.loads(u.value_json) for u in runs[0].config.update}
-    assert config["training"] == run_config["training"]
+    assert config["training"] == {**run_config["training"], "hub_token": "<redacted>"}  # no secret in wandb
     assert wandb_history(wandb_offline) == [
         {"train/loss": 2.5, "train/learning_rate": 1e-4, "train/rewards/margins": 0.25, "train/epoch": 0.5,
          "train/global_step": 1},
@@ -244,7 +244,7 @@ def fill_output_dir(out) -> None:
     files = {"config.yaml": "stage: sft\n", "metrics.jsonl": '{"step": 2, "loss": 1.5}\n', "runs/events.out": "tb",
              "ref_logps/train.json": "{}", "wandb_run_id": "abc\n", "wandb/run/x.wandb": "w",
              "checkpoint-2/model.safetensors": "weights-2", "checkpoint-2/trainer_state.json": '{"global_step": 2}',
-             ".checkpoint-4.tmp/model.safetensors": "partial"}
+             ".checkpoint-4.tmp/model.safetensors": "partial", "resolved.yaml": "hub_token: hf_localtest\n"}
     for rel, text in files.items():
         path = os.path.join(out, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -298,7 +298,7 @@ def test_push_per_hub_strategy_to_a_local_hub(tmp_path, local_hub, strategy, ckp
     assert local_hub.repos == {"tester/zephyr-test": {"visibility": "private", "branches": {"main", "dpo-run"}}}
     fill_output_dir(t.output_dir)
     hub.push_checkpoint(target, t.output_dir, os.path.join(t.output_dir, "checkpoint-2"))
-    logs = ["config.yaml", "metrics.jsonl", "runs/events.out"]
+    logs = ["config.yaml", "metrics.jsonl", "runs/events.out"]  # never resolved.yaml: it holds the token
     expected = [] if strategy == "end" else [("Training in progress, checkpoint-2", logs)]
     if ckpt_files:
         expected.append((f"checkpoint-2 as {ckpt_files[0].split('/')[0]}", ckpt_files))

@@ -18,7 +18,9 @@ failure at the end of training.
 * ``all_checkpoints``: as ``every_save`` plus every checkpoint under its own ``checkpoint-N/``.
 
 Uploads run on rank 0 only (the caller's business) and block until committed, so a checkpoint
-rotated away by ``save_total_limit`` is never half uploaded.
+rotated away by ``save_total_limit`` is never half uploaded. A file that contains the token (a
+resolved config written with ``hub_token`` in it) is never uploaded; :func:`redact_secrets` gives the
+config with the secrets masked, for anything that publishes it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
 NO_PUSH = "or run without pushing: --push_to_hub=false"
 # never uploaded with the output_dir: checkpoints (per strategy), half-written ones, local caches
 IGNORE = ["_*", "checkpoint-*", ".checkpoint-*", "ref_logps/*", "wandb/*", "wandb_run_id"]
+SECRET_KEYS = ("hub_token",)
+_SCAN_BYTES = 16 << 20  # files up to this size are searched for the token before an upload
+
+
+def redact_secrets(config: dict) -> dict:
+    """A copy of a (sectioned or flat) config dict with every :data:`SECRET_KEYS` value masked."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out[k] = redact_secrets(v)
+        else:
+            out[k] = "<redacted>" if k in SECRET_KEYS and v else v
+    return out
 
 
 @dataclass
@@ -125,5 +140,19 @@ def push_final(target: Optional[HubTarget], output_dir: str) -> Optional[object]
 
 
 def _upload(api: HfApi, target: HubTarget, folder: str, path_in_repo, message: str, ignore):
+    ignore = list(ignore or []) + files_containing(folder, target.token)
     return api.upload_folder(repo_id=target.repo_id, folder_path=folder, path_in_repo=path_in_repo,
                              commit_message=message, revision=target.revision, ignore_patterns=ignore)
+
+
+def files_containing(folder: str, secret: str) -> list:
+    """Paths (relative, ``/``-separated) of the files under ``folder`` up to 16 MiB that contain ``secret``."""
+    found, needle = [], secret.encode()
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) <= _SCAN_BYTES:
+                with open(path, "rb") as f:
+                    if needle in f.read():
+                        found.append(os.path.relpath(path, folder).replace(os.sep, "/"))
+    return found

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from zephyr_fast.config import ConfigError, TrainingConfig
+from zephyr_fast.training.hub import redact_secrets
 
 REPORTERS = ("tensorboard", "wandb")
 WANDB_ID_FILE = "wandb_run_id"
@@ -166,7 +167,7 @@ class MetricLogger:
             with open(id_path) as f:
                 run_id = f.read().strip()
         try:  # no id: wandb picks a fresh one
-            run = wandb.init(id=run_id or None, resume="allow", config=run_config, **settings)
+            run = wandb.init(id=run_id or None, resume="allow", config=redact_secrets(run_config), **settings)
         except wandb.errors.Error as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"report_to: wandb.init failed: {first} (WANDB_MODE=offline logs locally)") from None
