@@ -125,7 +125,7 @@ class TrainingConfig:
     bf16: bool = False  # DeepSpeed bf16 mixed precision (the model dtype is ``dtype``)
     tf32: Optional[bool] = None  # TF32 matmuls on CUDA (training.build.set_tf32); None: torch's default
     fp16: bool = False  # refused: fp16 needs loss scaling; use bf16
-    deepspeed: Optional[str] = None  # path to a DeepSpeed JSON; default ZeRO-3 when world > 1
+    deepspeed: Optional[str] = None  # a DeepSpeed JSON or an accelerate config (docs/LAUNCH.md); default ZeRO-3 when world > 1
     logging_steps: int = 10
     logging_first_step: bool = False  # also log the first optimiser step
     eval_strategy: str = "no"  # no | steps | epoch (alias evaluation_strategy)
@@ -154,7 +154,7 @@ class TrainingConfig:
     def __post_init__(self):
         names = tuple(STAGES)
         _check(self.stage is None or self.stage in STAGES, "stage",
-               f"must be one of {names}, got {self.stage!r}{_suggest(self.stage, names)}")
+               f"must be one of {names}, got {self.stage!r}{_suggest(str(self.stage), names)}")
         _check(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
                f"must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
         _check(self.optim in OPTIMIZERS, "optim", f"must be one of {OPTIMIZERS}, got {self.optim!r}")

@@ -17,8 +17,11 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__":  # run as a script: its folder must not shadow top-level modules
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+if __name__ == "__main__":  # run as a script or with -m: neither its folder nor the repo root (whose kernels/
+    # folder would shadow the Hugging Face `kernels` package that transformers imports) may be on sys.path;
+    # the installed zephyr_fast / zephyr_kernels packages are found through site-packages
+    _PKG = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") not in (_PKG, os.path.dirname(_PKG))]
 
 from zephyr_fast.config import ConfigError, keys_help, load_config  # noqa: E402
 from zephyr_fast.data.validate import DataValidationError  # noqa: E402

@@ -118,12 +118,11 @@ def test_python_m_lora_with_deepspeed_key_from_repo_root(two_steps, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="train.py's __main__ must also drop the repo root from sys.path (docs/LAUNCH.md)")
 def test_python_m_from_repo_root_with_hf_kernels_installed(sft_dir, tmp_path):
     """With the Hugging Face ``kernels`` package installed (a dist-info in its supported range stands in
     for it), transformers imports ``kernels`` -- from the repo root that is the repo's kernels/ folder,
-    and ``import peft`` fails (ImportError: cannot import name 'CUDAProperties')."""
+    and ``import peft`` failed (ImportError: cannot import name 'CUDAProperties') until train.py's
+    ``__main__`` dropped the repo root from ``sys.path``."""
     dist_info = tmp_path / "site" / "kernels-0.18.5.dist-info"
     dist_info.mkdir(parents=True)
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.18.5\n")
