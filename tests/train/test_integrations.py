@@ -20,6 +20,7 @@ import torch
 import transformers.optimization as tf_opt
 import wandb
 from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError
 from wandb.proto import wandb_internal_pb2
 
 from tests.model.helpers import assert_grads_close, grads, random_seqs, sft_packed, tiny_model
@@ -153,8 +154,7 @@ class LocalHub(http.server.ThreadingHTTPServer):
 
 
 class _HubHandler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):  # quiet
-        return None
+    log_message = staticmethod(lambda *args: None)  # quiet
 
     def _reply(self, status: int, body) -> None:
         data = json.dumps(body).encode()
@@ -163,9 +163,6 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-
-    def _body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def do_GET(self):
         hub = self.server
@@ -177,7 +174,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         return self._reply(404, {"error": "not found"})
 
     def do_POST(self):
-        hub, body = self.server, self._body()
+        hub, body = self.server, self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.headers.get("Authorization") != f"Bearer {hub.token}":
             return self._reply(401, {"error": "Invalid credentials in Authorization header"})
         path = urllib.parse.unquote(self.path.split("?")[0])
@@ -206,11 +203,9 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             return self._reply(404, {"error": f"revision {rev} not found"})
         lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
         header = next(x["value"] for x in lines if x["key"] == "header")
-        store = hub.files.setdefault((repo, rev), {})
-        for x in lines:
-            if x["key"] == "file":
-                store[x["value"]["path"]] = base64.b64decode(x["value"]["content"])
-        hub.commits.append((repo, rev, header["summary"], sorted(x["value"]["path"] for x in lines if x["key"] == "file")))
+        files = {x["value"]["path"]: base64.b64decode(x["value"]["content"]) for x in lines if x["key"] == "file"}
+        hub.files.setdefault((repo, rev), {}).update(files)
+        hub.commits.append((repo, rev, header["summary"], sorted(files)))
         return self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{len(hub.commits)}",
                                  "commitOid": f"{len(hub.commits):040x}"})
 
@@ -218,8 +213,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def local_hub(monkeypatch):
     hub = LocalHub(token="hf_localtest")
-    thread = threading.Thread(target=hub.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     yield hub
@@ -313,6 +307,17 @@ def test_push_per_hub_strategy_to_a_local_hub(tmp_path, local_hub, strategy, ckp
         assert stored[ckpt_files[0]] == b"weights-2"
 
 
+def test_failed_checkpoint_push_warns_and_training_goes_on(tmp_path, local_hub, caplog):
+    t = hub_training(tmp_path, hub_strategy="checkpoint", hub_token="hf_localtest")
+    target = hub.check(t, t.output_dir)
+    fill_output_dir(t.output_dir)
+    local_hub.token = "hf_rotated"  # every upload from now on is refused (401)
+    assert hub.push_checkpoint(target, t.output_dir, os.path.join(t.output_dir, "checkpoint-2")) == []
+    assert "push_to_hub: pushing checkpoint-2 to tester/zephyr-test failed" in caplog.text
+    with pytest.raises(HfHubHTTPError):  # the final push does fail loudly
+        hub.push_final(target, t.output_dir)
+
+
 def test_hub_model_id_rules():
     assert hub.repo_id_for(None, "me", "/x/outputs/zephyr-7b-sft") == "me/zephyr-7b-sft"
     assert hub.repo_id_for("zephyr-dpo", "me", "/x/o") == "me/zephyr-dpo"
@@ -329,10 +334,6 @@ def lr_curve(scheduler, steps: int) -> list:
         scheduler.optimizer.step()
         scheduler.step()
     return out
-
-
-def reference_optimizer():
-    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3)
 
 
 @pytest.mark.parametrize("kind,kwargs,reference", [
@@ -354,7 +355,7 @@ def test_schedules_follow_transformers_curves(kind, kwargs, reference):
     t = TrainingConfig(stage="sft", learning_rate=1e-3, lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs,
                        warmup_ratio=0.1)
     ours = lr_curve(build_scheduler(build_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], t), t, total), total)
-    theirs = lr_curve(reference(reference_optimizer(), 5, total), total)
+    theirs = lr_curve(reference(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3), 5, total), total)
     assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
     # a real curve, not a constant stand-in (transformers' "constant" ignores the warmup)
     assert len(set(ours)) == 1 if kind == "constant" else len(set(ours)) > 5
@@ -434,8 +435,7 @@ def test_quantization_config_is_trl_shaped():
 # ---- gradient_checkpointing_kwargs, tf32 -----------------------------------------------------------
 
 def test_gradient_checkpointing_kwargs_reach_the_layers_and_stay_exact():
-    seqs = random_seqs([6, 1, 9], seed=21)
-    batch = sft_packed(seqs)
+    batch = sft_packed(random_seqs([6, 1, 9], seed=21))
     results, dist = [], DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), use_deepspeed=False)
     for gc, kwargs in ((False, {}), (True, {}), (True, {"use_reentrant": True})):
         m = ModelConfig(model_init={"arch": "mistral", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2},
@@ -475,7 +475,7 @@ def test_bitsandbytes_optimizers_step_on_cuda(optim):
     t = TrainingConfig(stage="sft", optim=optim, learning_rate=1e-2, weight_decay=0.1)
     check_runtime(model_section(), t, torch.device("cuda"))
     opt = build_optimizer(lin.parameters(), t)
-    assert type(opt).__name__ == build.BNB_OPTIMIZERS[optim] and isinstance(opt, bitsandbytes.optim.optimizer.Optimizer8bit)
+    assert type(opt) is getattr(bitsandbytes.optim, build.BNB_OPTIMIZERS[optim])
     before = lin.weight.detach().clone()
     lin(torch.randn(4, 256, device="cuda")).square().sum().backward()
     opt.step()

@@ -25,6 +25,7 @@ config with the secrets masked, for anything that publishes it.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -33,6 +34,8 @@ from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from zephyr_fast.config import ConfigError, TrainingConfig
+
+logger = logging.getLogger(__name__)
 
 HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
 NO_PUSH = "or run without pushing: --push_to_hub=false"
@@ -121,14 +124,20 @@ def _first_line(e: Exception) -> str:
 
 
 def push_checkpoint(target: Optional[HubTarget], output_dir: str, checkpoint_dir: str) -> list:
-    """After a checkpoint is written (rank 0): what ``hub_strategy`` uploads; returns the commits."""
+    """After a checkpoint is written (rank 0): what ``hub_strategy`` uploads; returns the commits. A failed
+    upload is a warning, not the end of training (the checkpoint is safe on disk; the final push retries)."""
     if target is None or target.strategy == "end":
         return []
     api, name = target.api(), os.path.basename(os.path.normpath(checkpoint_dir))
-    commits = [_upload(api, target, output_dir, None, f"Training in progress, {name}", IGNORE)]
-    if target.strategy in ("checkpoint", "all_checkpoints"):
-        dest = "last-checkpoint" if target.strategy == "checkpoint" else name
-        commits.append(_upload(api, target, checkpoint_dir, dest, f"{name} as {dest}", None))
+    commits = []
+    try:
+        commits.append(_upload(api, target, output_dir, None, f"Training in progress, {name}", IGNORE))
+        if target.strategy in ("checkpoint", "all_checkpoints"):
+            dest = "last-checkpoint" if target.strategy == "checkpoint" else name
+            commits.append(_upload(api, target, checkpoint_dir, dest, f"{name} as {dest}", None))
+    except Exception as e:  # noqa: BLE001 - any HTTP / Hub failure: keep training, say so
+        logger.warning("push_to_hub: pushing %s to %s failed (%s); training continues", name, target.repo_id,
+                       _first_line(e))
     return commits
 
 
@@ -140,7 +149,10 @@ def push_final(target: Optional[HubTarget], output_dir: str) -> Optional[object]
 
 
 def _upload(api: HfApi, target: HubTarget, folder: str, path_in_repo, message: str, ignore):
-    ignore = list(ignore or []) + files_containing(folder, target.token)
+    secret = files_containing(folder, target.token)
+    if secret:
+        logger.warning("push_to_hub: not uploading %s: it contains the Hub token", ", ".join(secret))
+    ignore = list(ignore or []) + secret
     return api.upload_folder(repo_id=target.repo_id, folder_path=folder, path_in_repo=path_in_repo,
                              commit_message=message, revision=target.revision, ignore_patterns=ignore)
 
