@@ -198,7 +198,8 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
         ds_config = HfDeepSpeedConfig(_check_zero3(zero3))
         _LIVE_DS_CONFIGS.append(ds_config)
     if name_or_path is not None:
-        quant = {"quantization_config": quantization_config, "device_map": device_map} if quantization_config else {}
+        quant = {} if quantization_config is None else {"quantization_config": quantization_config,
+                                                         "device_map": device_map}
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, config=config, dtype=torch_dtype, attn_implementation=attn_name,
             trust_remote_code=False, use_safetensors=True, **quant)
