@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -41,6 +42,8 @@ from zephyr_kernels.dispatch import IMPLS
 from zephyr_fast import recipe_keys as rk
 from zephyr_fast.recipe_keys import CLI, ConfigError, typed
 from zephyr_fast.data.loading import DataConfig
+from zephyr_fast.model.attention import BACKENDS
+from zephyr_fast.model.load import _TINY, tiny_config
 from zephyr_fast.training.stages import STAGES, DPOConfig, stage_class
 
 # transformers' names; the ones beyond the first four are built by transformers.get_scheduler
@@ -51,6 +54,8 @@ OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adam", "rmsprop", "s
               "paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit", "adamw_8bit")
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("no", "steps", "epoch")
+# zephyr_fast's packed backends, and transformers' names that training.build._ATTN_ALIASES maps onto them
+ATTN_IMPLEMENTATIONS = ("auto",) + tuple(BACKENDS) + ("flash_attention_2", "sdpa", "eager")
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -99,6 +104,46 @@ class ModelConfig:
                "is required when model_name_or_path is not set (a random init needs its config)")
         _check(self.model_name_or_path is not None or self.tokenizer_name_or_path is not None,
                "tokenizer_name_or_path", "is required when model_name_or_path is not set (random init)")
+        _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, "attn_implementation",
+               f"must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
+               f"{_suggest(str(self.attn_implementation), ATTN_IMPLEMENTATIONS)}")
+        if self.model_name_or_path is None:
+            _check_model_init(self.model_init)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _model_init_keys(cls) -> set:
+    """The keys a random init reads: tiny_config's own and the fields of the arch's config class."""
+    own = set(inspect.signature(tiny_config).parameters) - {"overrides"}
+    fields = ({f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
+              else set(inspect.signature(cls.__init__).parameters))
+    return own | fields | set(getattr(cls, "attribute_map", {}))
+
+
+def _check_model_init(init: dict) -> None:
+    """``model_init``: a known ``arch``, and only keys its config class reads.
+
+    transformers keeps an unknown keyword (a typo such as ``hiden_size``) as an attribute nothing
+    reads, so the run would train a different model than the recipe says. A legacy key the class
+    converts (``rope_theta`` -> ``rope_parameters``) is not left behind, and is accepted.
+    """
+    arch = init.get("arch", "mistral")
+    _check(arch in _TINY, "model_init",
+           f"arch must be one of {tuple(sorted(_TINY))}, got {arch!r}{_suggest(str(arch), _TINY)}")
+    class_name = _TINY[arch][0]
+    try:
+        built = tiny_config(**init)
+    except Exception as e:  # noqa: BLE001 - the config class's own validation, whatever its type
+        raise ValueError(f"model_init: {class_name} refuses it: {_first_line(e)}") from None
+    known = _model_init_keys(type(built))
+    for key in init:
+        if key not in known and key in vars(built):
+            raise ValueError(f"model_init: {key!r} is not a {class_name} key (arch {arch!r}): nothing would read it"
+                             f"{_suggest(key, known)}")
 
 
 @dataclass
@@ -160,6 +205,7 @@ class TrainingConfig:
         _check(self.optim in OPTIMIZERS, "optim", f"must be one of {OPTIMIZERS}, got {self.optim!r}")
         _check(self.learning_rate >= 0, "learning_rate", f"must be >= 0, got {self.learning_rate}")
         _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        self._check_ranges()
         for key in ("gradient_accumulation_steps", "per_device_train_batch_size"):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", "or max_steps must be > 0")
@@ -172,6 +218,17 @@ class TrainingConfig:
         _check(self.kernel_impl in IMPLS, "kernel_impl", f"must be {' | '.join(IMPLS)}, got {self.kernel_impl!r}")
         _check(self.deepspeed is None or os.path.isfile(self.deepspeed), "deepspeed",
                f"file not found: {self.deepspeed!r}")
+
+    def _check_ranges(self) -> None:
+        """Optimiser and step counts: a value transformers would take silently but that means nothing
+        (a negative step count, a negative clipping norm) or that torch refuses mid-run (betas, eps)."""
+        for key in ("weight_decay", "warmup_steps", *rk.STEP_KEYS):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        # HF clips only when max_grad_norm > 0: 0 turns clipping off, a negative one did so silently
+        _check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        for key in ("adam_beta1", "adam_beta2"):
+            _check(0.0 <= getattr(self, key) < 1.0, key, f"must be in [0, 1), got {getattr(self, key)}")
+        _check(self.adam_epsilon > 0, "adam_epsilon", f"must be > 0, got {self.adam_epsilon}")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "dpo": DPOConfig}
@@ -200,8 +257,13 @@ class Config:
                f"got {d.max_tokens_per_batch} with max_length={d.max_length}")
         stage.check(d)
 
-    def to_dict(self) -> dict:  # noqa: D102 - sections only (source is bookkeeping)
-        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+    def to_dict(self) -> dict:
+        """The sections as plain dicts (``source`` is bookkeeping). Secrets are left out (``hub_token``
+        -> None, the environment's / cached login is used again): this dict is what config.yaml, the
+        model card, the wandb run config and the config hash see."""
+        out = {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+        out["training"]["hub_token"] = None
+        return out
 
     def save(self, path: str) -> None:
         """Write the resolved config (sectioned YAML) -- loadable again with :func:`load_config`.

@@ -150,7 +150,7 @@ class LocalHub(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _HubHandler)
         self.token, self.user, self.url = token, user, f"http://127.0.0.1:{self.server_address[1]}"
         self.repos: dict = {}  # repo_id -> {"visibility": ..., "branches": set}
-        self.files, self.commits, self.unhandled = {}, [], []
+        self.files, self.commits, self.unhandled, self.validated = {}, [], [], []
 
 
 class _HubHandler(http.server.BaseHTTPRequestHandler):
@@ -178,6 +178,9 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != f"Bearer {hub.token}":
             return self._reply(401, {"error": "Invalid credentials in Authorization header"})
         path = urllib.parse.unquote(self.path.split("?")[0])
+        if path == "/api/validate-yaml":  # the model card's metadata, checked before a README.md commit
+            hub.validated.append(json.loads(body)["content"])
+            return self._reply(200, {"errors": [], "warnings": []})
         if path == "/api/repos/create":
             req = json.loads(body)
             repo = f"{req.get('organization') or hub.user}/{req['name']}"
