@@ -179,6 +179,7 @@ class TrainingConfig:
     save_steps: int = 0  # 0: only the final save
     save_total_limit: Optional[int] = 2  # None: keep every checkpoint (HF's default)
     resume_from_checkpoint: Optional[str] = None  # auto | PATH
+    resume_allow_changes: bool = False  # resume although the config or data differ from the checkpoint's
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | none
     run_name: Optional[str] = None  # wandb run name (default: the output_dir's name)
     wandb_project: Optional[str] = None  # default: $WANDB_PROJECT or "zephyr_fast"
