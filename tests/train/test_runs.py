@@ -11,7 +11,7 @@ import torch
 from tests.train.helpers import TINY_MODEL, dpo_rows, recipe, write_dpo_dir
 
 from zephyr_fast.config import build_config
-from zephyr_fast.training.reference import StaleRefLogpsError
+from zephyr_fast.training.reference import StaleRefLogpsError, load_verified
 from zephyr_fast.train import run
 
 
@@ -116,7 +116,8 @@ def test_ref_cache_is_reused_and_refused_when_data_or_model_change(ref_cache, sf
     assert again["ref_logps_train_reused"] is True and os.path.getmtime(path) == mtime
 
     other_data = write_dpo_dir(tmp_path / "data2", dpo_rows(n=8, start=8))
-    with pytest.raises(StaleRefLogpsError, match=r"train.json: the cached reference log-probs do not match.*dataset"):
+    stale = r"train.safetensors: the cached reference log-probs do not match.*dataset"
+    with pytest.raises(StaleRefLogpsError, match=stale):
         run(_cfg("ref_logps", tmp_path / "d2", other_data, **common))
 
     with pytest.raises(StaleRefLogpsError, match=r"model_weights changed.*--ref_logps_recompute=true"):
@@ -130,8 +131,8 @@ def test_ref_cache_is_reused_and_refused_when_data_or_model_change(ref_cache, sf
     shutil.copytree(cache_dir, copy)
     redo = run(_cfg("ref_logps", tmp_path / "redo", data_dir, ref_logps_dir=copy, ref_logps_recompute=True))
     assert redo["ref_logps_train_reused"] is False
-    with open(os.path.join(copy, "train.json")) as f:
-        assert json.load(f)["model_weights"].startswith("params:")  # the random init's, not the SFT files'
+    key, _ = load_verified(os.path.join(copy, "train.safetensors"))  # the key lives inside the one cache file
+    assert key["model_weights"].startswith("params:")  # the random init's, not the SFT files'
 
 
 def test_dpo_uses_the_cache_and_raises_reward_margins(ref_cache, sft_model, tmp_path):

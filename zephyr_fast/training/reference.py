@@ -3,21 +3,33 @@
 DPO needs ``log π_ref(y|x)`` of every chosen and rejected completion. Instead of keeping a frozen
 reference model in memory (TRL's default, doubling weights memory and adding a forward per step),
 zephyr_fast runs the frozen dSFT model once over the preference data in large packed no-grad
-batches, sharded across ranks, and writes
+batches, sharded across ranks, and writes ONE file per split, ``{dir}/{split}.safetensors``:
 
-* ``{dir}/{split}.safetensors`` -- ``index (P,) int64`` (dataset row, sorted),
-  ``ref_chosen_logps (P,) fp32``, ``ref_rejected_logps (P,) fp32`` (summed over completion tokens);
-* ``{dir}/{split}.json`` -- the key: dataset fingerprint, model weights hash, tokenizer + chat
-  template hash, length settings, and a hash of the exact token ids of every pair.
+* tensors ``index (P,) int64`` (dataset row, strictly increasing), ``ref_chosen_logps (P,) fp32``,
+  ``ref_rejected_logps (P,) fp32`` (summed over completion tokens);
+* metadata ``key`` (JSON: dataset content, reference model identity, tokenizer + chat template,
+  length settings, dtype, a hash of the exact token ids of every pair), ``stats`` and ``sha256`` --
+  the digest of the metadata and every tensor's name, dtype, shape and bytes.
+
+Key and tensors are one unit: written to a temp file, fsynced and renamed over the old file, so a
+crash leaves the old cache or the new one, never new tensors under an old key. Reading verifies the
+digest, the shapes and dtypes, the index order and finite values before the key is even compared:
+a flipped byte anywhere is refused in one line naming the file (:class:`CorruptRefLogpsError`).
+Version-2 caches (a separate ``{split}.json`` key, no digest) are refused with a "recompute"
+message, not migrated: their key cannot vouch for the tensors beside it.
+
+The reference model's identity (``zephyr_fast.training.fingerprint``): a local checkpoint by its
+files' content (digested once, re-hashed when a file's stat changes), a hub id by the commit sha
+its revision resolves to (never by name), a random init by its parameters. :func:`reference_identity`
+picks the model: the policy at its initial weights, or -- in a ``stage: dpo`` run whose recipe names
+``ref_model_name_or_path`` -- that model, whose cache ``stage: ref_logps`` computed.
 
 :class:`ReferencePass` owns the pass: its cache directory (``ref_logps_dir``, default
 ``{output_dir}/ref_logps``), its token budget (``ref_logps_max_tokens``, default 4x the training
 micro-batch: no activations are kept) and its packing (the separate layout: exact per-sequence
-attention with any backend). ``stage: dpo`` reads the cache (computing it first, with the policy at
-its initial weights -- which *are* the reference weights -- when it is missing). A cache whose key differs from the
-current run is refused with the differing components named, because silently reusing reference
-log-probs of other data or another model gives a wrong DPO objective with no visible error.
-Train and eval splits have separate caches.
+attention with any backend). A cache whose key differs from the current run is refused with the
+differing components named, because silently reusing reference log-probs of other data or another
+model gives a wrong DPO objective with no visible error. Train and eval splits have separate caches.
 """
 
 from __future__ import annotations
@@ -25,38 +37,44 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from zephyr_fast.data.loading import DataConfig, rows_digest
 from zephyr_fast.data.packing import pack_dpo
 from zephyr_fast.model.forward import packed_logps
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects, sharded_forwards
+from zephyr_fast.training.fingerprint import sha256_text, weights_fingerprint
 from zephyr_fast.training.stages import DPOConfig
 
-CACHE_VERSION = 2  # 2: the dataset is keyed by rows_digest (content), not the datasets fingerprint
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+__all__ = ["CorruptRefLogpsError", "ReferenceIdentity", "ReferencePass", "RefLogps", "StaleRefLogpsError",
+           "cache_key", "cache_path", "read_cache", "ref_summary", "reference_identity", "weights_fingerprint",
+           "write_cache"]
+
+# 3: one file -- key + sha256 in the safetensors metadata; hub ids by commit sha, local dirs with config.json
+CACHE_VERSION = 3
+CACHE_FORMAT = "zephyr_fast.ref_logps"
+_TENSORS = {"index": torch.int64, "ref_chosen_logps": torch.float32, "ref_rejected_logps": torch.float32}
+_REDO = "delete it or pass --ref_logps_recompute=true to recompute it"
 
 
 class StaleRefLogpsError(RuntimeError):
     """The reference log-prob cache on disk was computed for other data, model or settings."""
 
 
-def _sha(*chunks) -> str:
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(c if isinstance(c, bytes) else str(c).encode())
-    return h.hexdigest()
+class CorruptRefLogpsError(StaleRefLogpsError):
+    """The reference log-prob cache file fails its integrity checks (digest, header, shapes, values)."""
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return _sha(vocab, tokenizer.chat_template or "", json.dumps(tokenizer.special_tokens_map, sort_keys=True))
+    return sha256_text(vocab, tokenizer.chat_template or "", json.dumps(tokenizer.special_tokens_map, sort_keys=True))
 
 
 def examples_fingerprint(examples) -> str:
@@ -65,37 +83,6 @@ def examples_fingerprint(examples) -> str:
     for ex in examples:
         h.update(json.dumps([ex["index"], ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]).encode())
     return h.hexdigest()
-
-
-def weights_fingerprint(model_name_or_path: Optional[str], model=None, *, revision: str = "main",
-                        init: Optional[dict] = None, seed: Optional[int] = None) -> str:
-    """Hash of the reference weights.
-
-    A local checkpoint directory: its weight files' bytes (works whatever the in-memory sharding).
-    A hub id: ``id@revision``. A random init: the model's parameters when they are not ZeRO-3
-    partitioned, else its config + seed (initialisation is deterministic given both).
-    """
-    if model_name_or_path and os.path.isdir(model_name_or_path):
-        h = hashlib.sha256()
-        names = sorted(n for n in os.listdir(model_name_or_path) if n.endswith(_WEIGHT_SUFFIXES))
-        if not names:
-            raise FileNotFoundError(f"{model_name_or_path}: no weight files to fingerprint")
-        for name in names:
-            h.update(name.encode())
-            with open(os.path.join(model_name_or_path, name), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-        return f"files:{h.hexdigest()}"
-    if model_name_or_path:
-        return f"hub:{model_name_or_path}@{revision}"
-    params = list(model.named_parameters()) if model is not None else []
-    if params and not any(hasattr(p, "ds_id") for _, p in params):
-        h = hashlib.sha256()
-        for name, p in params:
-            h.update(name.encode())
-            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return f"params:{h.hexdigest()}"
-    return "init:" + _sha(json.dumps(init or {}, sort_keys=True), seed)
 
 
 def cache_key(*, split: str, rows, examples, tokenizer, weights: str, max_length: int,
@@ -111,10 +98,6 @@ def cache_key(*, split: str, rows, examples, tokenizer, weights: str, max_length
         "examples": examples_fingerprint(examples),
         "num_pairs": len(examples),
     }
-
-
-def cache_paths(cache_dir: str, split: str):
-    return os.path.join(cache_dir, f"{split}.safetensors"), os.path.join(cache_dir, f"{split}.json")
 
 
 @dataclass
@@ -139,25 +122,116 @@ class RefLogps:
         return self.chosen[pos], self.rejected[pos]
 
 
-def read_cache(cache_dir: str, split: str, key: dict, *, recompute: bool = False) -> Optional[RefLogps]:
-    """The cached split if its key matches; None if absent (or stale and ``recompute``); else raise."""
-    st_path, key_path = cache_paths(cache_dir, split)
-    if not (os.path.exists(st_path) and os.path.exists(key_path)):
+def cache_path(cache_dir: str, split: str) -> str:
+    """The one file of a split's cache: tensors, key and digest together."""
+    return os.path.join(cache_dir, f"{split}.safetensors")
+
+
+def cache_paths(cache_dir: str, split: str):
+    """``(cache file, version-2 key file)``: the second exists only beside an old-format cache."""
+    return cache_path(cache_dir, split), os.path.join(cache_dir, f"{split}.json")
+
+
+def _digest(meta: dict, tensors: dict) -> str:
+    """sha256 of the metadata (all but the digest itself) and every tensor's name, dtype, shape, bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _header_metadata(path: str, data: bytes) -> dict:
+    """The safetensors header's ``__metadata__`` (``{}`` when absent); a broken header is refused."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= len(data) - 8:
+        raise CorruptRefLogpsError(f"{path}: corrupt reference log-prob cache: truncated file or broken "
+                                   f"header length; {_REDO}")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        raise CorruptRefLogpsError(f"{path}: corrupt reference log-prob cache: its header is not valid JSON; "
+                                   f"{_REDO}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_tensors(path: str, t: dict, num_pairs) -> None:
+    """Names, dtypes, shapes, strictly increasing index, finite log-probs (after the digest matched)."""
+    def bad(what: str):
+        return CorruptRefLogpsError(f"{path}: corrupt reference log-prob cache: {what}; {_REDO}")
+
+    if set(t) != set(_TENSORS):
+        raise bad(f"tensors {sorted(t)}, expected {sorted(_TENSORS)}")
+    for name, dtype in _TENSORS.items():
+        if t[name].dtype != dtype or t[name].dim() != 1 or t[name].numel() != num_pairs:
+            raise bad(f"{name} is {t[name].dtype} {list(t[name].shape)}, expected {dtype} [{num_pairs}]")
+    if t["index"].numel() > 1 and not bool((t["index"][1:] > t["index"][:-1]).all()):
+        raise bad("index is not strictly increasing")
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        if not bool(torch.isfinite(t[name]).all()):
+            raise bad(f"{name} has non-finite values")
+
+
+def load_verified(path: str) -> tuple:
+    """``(key, RefLogps)`` of a cache file whose digest and contents check out; else one-line refusal."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CorruptRefLogpsError(f"{path}: cannot read the reference log-prob cache ({e.strerror})") from None
+    meta = _header_metadata(path, data)
+    if meta.get("format") != CACHE_FORMAT:
+        legacy = cache_paths(os.path.dirname(path), os.path.basename(path)[:-len(".safetensors")])[1]
+        if os.path.exists(legacy):
+            raise StaleRefLogpsError(f"{path}: an old-format reference log-prob cache (key in {legacy}, no "
+                                     f"integrity digest) is not reused; {_REDO}")
+        raise CorruptRefLogpsError(f"{path}: not a zephyr_fast reference log-prob cache (no embedded key and "
+                                   f"digest); {_REDO}")
+    try:
+        tensors = load(data)
+        key, stats = json.loads(meta["key"]), json.loads(meta.get("stats", "{}"))
+    except Exception as e:  # safetensors raises its own error types for a broken layout
+        raise CorruptRefLogpsError(f"{path}: corrupt reference log-prob cache: {_first_line(e)}; {_REDO}") from None
+    if _digest(meta, tensors) != meta.get("sha256"):
+        raise CorruptRefLogpsError(f"{path}: corrupt reference log-prob cache: its sha256 does not match the digest "
+                                   f"stored with it (changed on disk after it was written); {_REDO}")
+    _check_tensors(path, tensors, key.get("num_pairs") if isinstance(key, dict) else None)
+    return key, RefLogps(tensors["index"], tensors["ref_chosen_logps"], tensors["ref_rejected_logps"], path=path,
+                         reused=True, seconds=float(stats.get("seconds", 0.0)), tokens=int(stats.get("tokens", 0)))
+
+
+def read_cache(cache_dir: str, split: str, key: dict, *, recompute: bool = False, fix: Optional[str] = None,
+               log=print) -> Optional[RefLogps]:
+    """The cached split if it verifies and its key matches; None if absent (or stale / corrupt and
+    ``recompute``); else raise (:class:`CorruptRefLogpsError` for a damaged file). ``fix``: the advice
+    appended to a key mismatch (default: delete / recompute / point elsewhere)."""
+    path = cache_path(cache_dir, split)
+    if not os.path.exists(path):
         return None
-    with open(key_path) as f:
-        stored = json.load(f)
-    diff = [k for k in key if stored.get(k) != key[k]]
-    if diff:
+    try:
+        stored, ref = load_verified(path)
+    except StaleRefLogpsError as e:
         if recompute:
+            log(f"reference log-probs ({split}): recomputing: {e}")
             return None
-        detail = "; ".join(f"{k}: cached {_short(stored.get(k))} vs now {_short(key[k])}" for k in diff)
-        raise StaleRefLogpsError(
-            f"{key_path}: the cached reference log-probs do not match this run ({', '.join(diff)} changed: "
-            f"{detail}). Delete {cache_dir} or pass --ref_logps_recompute=true to recompute them, or point "
-            f"--ref_logps_dir at a cache made for this data and model."
-        )
-    t = load_file(st_path)
-    return RefLogps(t["index"], t["ref_chosen_logps"], t["ref_rejected_logps"], path=st_path, reused=True)
+        raise
+    diff = [k for k in key if stored.get(k) != key[k]]
+    if not diff:
+        return ref
+    if recompute:
+        return None
+    detail = "; ".join(f"{k}: cached {_short(stored.get(k))} vs now {_short(key[k])}" for k in diff)
+    fix = fix or (f"Delete {cache_dir} or pass --ref_logps_recompute=true to recompute them, or point "
+                  f"--ref_logps_dir at a cache made for this data and model.")
+    raise StaleRefLogpsError(f"{path}: the cached reference log-probs do not match this run ({', '.join(diff)} "
+                             f"changed: {detail}). {fix}")
 
 
 def _short(v) -> str:
@@ -165,20 +239,41 @@ def _short(v) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
+def _atomic_write(path: str, data: bytes) -> None:
+    """``data`` to a temp file in the same directory, fsynced, renamed over ``path``, directory fsynced."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def write_cache(cache_dir: str, split: str, key: dict, ref: RefLogps) -> None:
-    """``{split}.safetensors`` then ``{split}.json``, each written to a temp file and renamed."""
+    """One ``{split}.safetensors`` holding the tensors, the key and their sha256, replaced atomically:
+    a crash leaves the previous file whole or the new one whole, never new tensors under an old key."""
     os.makedirs(cache_dir, exist_ok=True)
-    st_path, key_path = cache_paths(cache_dir, split)
+    path, legacy = cache_paths(cache_dir, split)
     tensors = {"index": ref.index.contiguous(), "ref_chosen_logps": ref.chosen.contiguous(),
                "ref_rejected_logps": ref.rejected.contiguous()}
-    save_file(tensors, st_path + ".tmp", metadata={"split": split})
-    with open(key_path + ".tmp", "w") as f:
-        json.dump({**key, "seconds": ref.seconds, "tokens": ref.tokens}, f, indent=2)
-    # tensors first, key last: a crash in between leaves a key-less (ignored) cache, never a stale pair
-    os.replace(st_path + ".tmp", st_path)
-    os.replace(key_path + ".tmp", key_path)
-    ref.path = st_path
-
+    meta = {"format": CACHE_FORMAT, "key": json.dumps(key, sort_keys=True),
+            "stats": json.dumps({"seconds": ref.seconds, "tokens": ref.tokens})}
+    meta["sha256"] = _digest(meta, tensors)
+    _atomic_write(path, save(tensors, metadata=meta))
+    if os.path.exists(legacy):  # the version-2 key beside it would only mislead a reader
+        os.remove(legacy)
+    ref.path = path
 
 def compute_ref_logps(model, batches: list, *, dist: DistInfo, impl: str = "auto", desc: str = "ref logps") -> RefLogps:
     """No-grad pass over packed DPO ``batches`` (sharded round-robin over ranks), gathered on every rank."""
@@ -213,11 +308,42 @@ def compute_and_write(model, batches: list, *, cache_dir: str, split: str, key: 
     if dist.is_main:
         write_cache(cache_dir, split, key, ref)
     barrier()
-    ref.path = cache_paths(cache_dir, split)[0]
+    ref.path = cache_path(cache_dir, split)
     tps = ref.tokens / max(ref.seconds, 1e-9)
     log(f"reference log-probs ({split}): {ref.index.numel()} pairs, {ref.tokens} tokens in {ref.seconds:.1f}s "
         f"({tps:.0f} tokens/s) -> {ref.path}")
     return ref
+
+
+@dataclass(frozen=True)
+class ReferenceIdentity:
+    """Which model the reference log-probs are of, and whether this run holds it."""
+
+    weights: str  # weights_fingerprint of the reference model (the cache key's model_weights)
+    source: str = ""  # for messages: the path / hub id, or the random init
+    computable: bool = True  # the model this run built *is* the reference: it may compute a missing cache
+
+
+def reference_identity(stage: str, dpo: DPOConfig, model_cfg, *, path: Optional[str], model=None,
+                       seed: Optional[int] = None) -> ReferenceIdentity:
+    """The reference model of a ``stage`` run: ``path`` (the model it built, ``model`` in memory) -- or,
+    in ``stage: dpo`` with ``dpo.ref_model_name_or_path`` naming another model, that model (whose
+    cache ``stage: ref_logps`` wrote; this run cannot compute it). Fingerprinted now, before training."""
+    ref = dpo.ref_model_name_or_path
+    revision = getattr(model_cfg, "model_revision", "main") or "main"
+    if stage == "dpo" and ref and not _same_model(ref, path):
+        return ReferenceIdentity(weights_fingerprint(ref, revision=revision), source=ref, computable=False)
+    weights = weights_fingerprint(path, model, revision=revision, init=getattr(model_cfg, "model_init", None),
+                                  seed=seed)
+    return ReferenceIdentity(weights, source=path or "the random init (model_init)")
+
+
+def _same_model(a: str, b: Optional[str]) -> bool:
+    if not b:
+        return False
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return a == b
 
 
 @dataclass
@@ -241,24 +367,39 @@ class ReferencePass:
                    lengths={"max_length": data.max_length, "max_prompt_length": data.max_prompt_length},
                    dtype=dtype, seed=seed, impl=impl)
 
-    def run(self, model, splits: dict, tokenizer, weights: str, *, dist: DistInfo, log=print) -> dict:
-        """``{split: RefLogps}`` for every split in ``splits`` (``SplitData`` or None): cached, else computed."""
+    def run(self, model, splits: dict, tokenizer, identity, *, dist: DistInfo, log=print) -> dict:
+        """``{split: RefLogps}`` for every split in ``splits`` (``SplitData`` or None): cached, else computed.
+
+        ``identity``: a :class:`ReferenceIdentity` (or a bare weights fingerprint: the model in hand).
+        """
+        identity = ReferenceIdentity(identity) if isinstance(identity, str) else identity
+        if identity.weights.startswith("unresolved:"):
+            log(f"note: {identity.source}: its revision cannot be resolved to a commit (offline and not in the "
+                f"HF cache?): its reference log-probs are computed, never reused")
         out = {}
         for name, split in splits.items():
             if split is None:
                 continue
-            key = cache_key(split=name, rows=split.rows, examples=split.examples, tokenizer=tokenizer, weights=weights,
-                            dtype=self.dtype, **self.lengths)
-            ref = read_cache(self.cache_dir, name, key, recompute=self.recompute)
-            if ref is None:
-                # the separate layout: exact per-sequence attention, any backend
-                batches = list(pack_dpo(split.examples, self.max_tokens, layout="separate", seed=self.seed))
-                ref = compute_and_write(model, batches, cache_dir=self.cache_dir, split=name, key=key, dist=dist,
-                                        impl=self.impl, log=log)
-            else:
-                log(f"reference log-probs ({name}): reusing {ref.path}")
-            out[name] = ref
+            key = cache_key(split=name, rows=split.rows, examples=split.examples, tokenizer=tokenizer,
+                            weights=identity.weights, dtype=self.dtype, **self.lengths)
+            out[name] = self._split(model, name, split, key, identity, dist=dist, log=log)
         return out
+
+    def _split(self, model, name: str, split, key: dict, identity: ReferenceIdentity, *, dist, log) -> RefLogps:
+        other = not identity.computable
+        fix = (f"Run this recipe with --stage=ref_logps (it computes them with ref_model_name_or_path="
+               f"{identity.source}) or point --ref_logps_dir at the cache it wrote.") if other else None
+        ref = read_cache(self.cache_dir, name, key, recompute=self.recompute and not other, fix=fix, log=log)
+        if ref is not None:
+            log(f"reference log-probs ({name}): reusing {ref.path}")
+            return ref
+        if other:
+            raise StaleRefLogpsError(f"{cache_path(self.cache_dir, name)}: no reference log-probs of "
+                                     f"ref_model_name_or_path={identity.source} for this data. {fix}")
+        # the separate layout: exact per-sequence attention, any backend
+        batches = list(pack_dpo(split.examples, self.max_tokens, layout="separate", seed=self.seed))
+        return compute_and_write(model, batches, cache_dir=self.cache_dir, split=name, key=key, dist=dist,
+                                 impl=self.impl, log=log)
 
 
 def ref_summary(refs: dict) -> dict:
