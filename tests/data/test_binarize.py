@@ -104,7 +104,37 @@ def test_cli(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n{not json\n")
     assert main([str(bad), str(out)]) == 2
-    assert "bad.jsonl: line 2: invalid JSON" in capsys.readouterr().err
+    assert "bad.jsonl: line 2 (row 1): invalid JSON: Expecting property name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, bad_line, kind, needle", [
+    ("latin1.jsonl", b'{"instruction": "caf\xe9"}\n', "encoding", "line 2 (row 1): not valid UTF-8: byte 0xe9 at column"),
+    ("broken.jsonl", b'{"instruction": \n', "invalid_json", "line 2 (row 1): invalid JSON: Expecting value"),
+])
+def test_cli_unreadable_line_names_file_and_line_and_is_skippable(tmp_path, capsys, name, bad_line, kind, needle):
+    """Issue 12: binarize reads JSON Lines with the loader's reader, so a line that is not UTF-8 (a bare
+    UnicodeDecodeError before) or not JSON is a row error naming file and line, and
+    --skip-invalid-rows skips and counts it like any other bad row."""
+    src, out = tmp_path / name, tmp_path / "bin.jsonl"
+    good = (json.dumps(raw(comp("a", 8.0), comp("b", 3.0))) + "\n").encode()
+    src.write_bytes(good + bad_line + good)
+    assert main([str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: {needle}" in err and "Traceback" not in err and not out.exists()
+    assert main([str(src), str(out), "--skip-invalid-rows"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+    assert f"1 rows skipped ({kind}: 1); first: {src}: {needle}" in capsys.readouterr().out
+
+
+def test_cli_reads_a_json_document_and_refuses_an_empty_file(tmp_path, capsys):
+    src, out = tmp_path / "rows.json", tmp_path / "bin.jsonl"
+    src.write_text(json.dumps([raw(comp("a", 8.0), comp("b", 3.0)), "not a row"]))
+    assert main([str(src), str(out), "--skip-invalid-rows"]) == 0
+    assert len(out.read_text().splitlines()) == 1 and "list item 1: expected a JSON object" in capsys.readouterr().out
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert main([str(empty), str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {empty}: the file is empty (0 bytes)"
 
 
 def test_weighted_rating_score_and_judge_failures_counted():

@@ -101,7 +101,7 @@ def test_default_token_budget_follows_batch_size_and_stage():
     ({**BASE, "deepspeed": "/nonexistent/zero3.json"}, (), "deepspeed: file not found"),
     ({**DATA, "tokenizer_name_or_path": "tok"}, (), "model_init: is required when model_name_or_path is not set"),
     ({**DATA, "model_init": {"hidden_size": 8}}, (), "tokenizer_name_or_path: is required"),
-    ({"tokenizer_name_or_path": "tok", "model_init": {"a": 1}}, (), "dataset_mixer"),
+    ({"tokenizer_name_or_path": "tok", "model_init": {"hidden_size": 64}}, (), "dataset_mixer"),
     ({**BASE}, ["learning_rate=3"], "override 'learning_rate=3' must look like --key=value"),
     ({**BASE}, ["--learning_rate=-1"], "command line --learning_rate: must be >= 0, got -1.0"),
     ({**BASE}, ["--warmup_ratio=2"], "command line --warmup_ratio: must be in [0, 1)"),
@@ -310,3 +310,72 @@ def test_debug_shows_the_traceback_instead_of_one_line(tmp_path, capsys):
 def test_a_dpo_key_from_the_command_line_is_named_in_the_contradiction():
     msg = err({**BASE, "stage": "sft"}, ["--beta=0.2"])
     assert msg.startswith("r.yaml: stage: 'sft' contradicts the DPO key(s) beta (command line --beta)")
+
+
+MIX = {"dataset_mixer": None, "dataset_splits": ["train"]}
+
+
+def mixture_of(**kw):
+    return {**MIX, "dataset_mixture": {"datasets": [{"id": "d.jsonl", **kw.pop("spec", {})}], **kw}}
+
+
+@pytest.mark.parametrize("raw, overrides, needle", [
+    ({"weight_decay": -0.1}, (), "r.yaml: weight_decay: must be >= 0, got -0.1"),
+    ({}, ["--weight_decay=-0.1"], "command line --weight_decay: must be >= 0, got -0.1"),
+    ({"max_grad_norm": -1.0}, (), "r.yaml: max_grad_norm: must be >= 0 (0: no clipping), got -1.0"),
+    ({"save_steps": -1}, (), "r.yaml: save_steps: must be >= 0, got -1"),
+    ({"eval_steps": -5}, (), "r.yaml: eval_steps: must be >= 0, got -5"),
+    ({}, ["--logging_steps=-10"], "command line --logging_steps: must be >= 0, got -10"),
+    ({"warmup_steps": -3}, (), "r.yaml: warmup_steps: must be >= 0, got -3"),
+    ({"adam_beta1": 1.0}, (), "r.yaml: adam_beta1: must be in [0, 1), got 1.0"),
+    ({}, ["--adam_beta2=-0.5"], "command line --adam_beta2: must be in [0, 1), got -0.5"),
+    ({"adam_epsilon": 0}, (), "r.yaml: adam_epsilon: must be > 0, got 0.0"),
+    ({"attn_implementation": "flash_attention_3"}, (), "r.yaml: attn_implementation: must be one of ('auto', "),
+    ({}, ["--attn_implementation=sdpa_segment"], "command line --attn_implementation: must be one of"),
+    ({"attn_implementation": "sdpa_segment"}, (), "got 'sdpa_segment'; did you mean 'sdpa_segments'?"),
+    ({"model_init_kwargs": {"attn_implementation": "flash"}}, (), "r.yaml: model_init_kwargs.attn_implementation: must"),
+    ({"model_init": {"hiden_size": 64}}, (), "r.yaml: model_init: 'hiden_size' is not a MistralConfig key (arch "
+                                             "'mistral'): nothing would read it; did you mean 'hidden_size'?"),
+    ({"model_init": {"arch": "qwen2", "rope_thetaa": 1.0}}, (), "'rope_thetaa' is not a Qwen2Config key"),
+    ({}, ["--model_init={num_layers: 2}"], "command line --model_init: 'num_layers' is not a MistralConfig key"),
+    ({"model_init": {"arch": "mistrall"}}, (), "r.yaml: model_init: arch must be one of"),
+    ({"model_init": {"arch": "mistrall"}}, (), "got 'mistrall'; did you mean 'mistral'?"),
+    (mixture_of(test_split_size=-1), (), "r.yaml: dataset_mixture: test_split_size: must be a positive int"),
+    (mixture_of(test_split_size=0), (), "dataset_mixture: test_split_size: must be a positive int"),
+    (mixture_of(test_split_size=1.5), (), "r.yaml: dataset_mixture: test_split_size: a fraction must be < 1, got 1.5"),
+    (mixture_of(test_split_size="ten"), (), "test_split_size: must be a positive int (rows) or a fraction"),
+    (mixture_of(test_split_size=True), (), "test_split_size: must be a positive int (rows) or a fraction"),
+    (mixture_of(spec={"weight": 0}), (), "r.yaml: dataset_mixture: datasets[0] ('d.jsonl'): weight must be > 0, got 0"),
+    (mixture_of(spec={"weight": -1.0}), (), "datasets[0] ('d.jsonl'): weight must be > 0, got -1.0"),
+    (mixture_of(spec={"weight": "half"}), (), "datasets[0] ('d.jsonl'): weight must be a number > 0, got 'half'"),
+    ({"dataset_mixer": {"d.jsonl": -0.5}}, (), "r.yaml: dataset_mixer: the fraction of 'd.jsonl' must be >= 0, "
+                                              "got -0.5"),
+    ({"dataset_mixer": {"d.jsonl": "all"}}, (), "dataset_mixer: the fraction of 'd.jsonl' must be a number >= 0"),
+])
+def test_ranges_are_checked_when_the_recipe_loads(raw, overrides, needle):
+    """Issue 12: a value out of range stops at load, in one line naming where it was set."""
+    msg = err({**BASE, **raw}, overrides)
+    assert needle in msg and "\n" not in msg
+
+
+def test_boundary_values_are_accepted():
+    """0 disables clipping (HF: max_grad_norm > 0 clips), as 0 steps mean "never" / "every step"."""
+    c = cfg_of(max_grad_norm=0, weight_decay=0, warmup_steps=0, save_steps=0, adam_beta1=0, adam_beta2=0.0)
+    assert c.training.max_grad_norm == 0.0 and c.training.adam_beta1 == 0.0
+    kept = cfg_of(model_init={"arch": "gemma2", "hidden_size": 64, "sliding_window": 8, "rope_theta": 1e4,
+                              "final_logit_softcapping": 30.0})  # a legacy key the config class converts is fine
+    assert kept.model.model_init["sliding_window"] == 8
+    mix = cfg_of(**mixture_of(test_split_size=0.25, spec={"weight": 2.5}))
+    assert mix.data.dataset_mixture.test_split_size == 0.25 and mix.data.dataset_mixture.datasets[0].weight == 2.5
+    assert cfg_of(dataset_mixer={"d.jsonl": 0}).data.dataset_mixer == {"d.jsonl": 0}  # handbook: test splits only
+
+
+def test_every_accepted_attn_implementation_is_one_the_model_loader_takes():
+    from zephyr_fast.config import ATTN_IMPLEMENTATIONS
+    from zephyr_fast.model.attention import BACKENDS
+    from zephyr_fast.training.build import _ATTN_ALIASES
+
+    aliases = {k for k in _ATTN_ALIASES if k is not None}
+    assert set(ATTN_IMPLEMENTATIONS) == {"auto", *BACKENDS, *aliases}
+    for name in ATTN_IMPLEMENTATIONS:
+        assert cfg_of(attn_implementation=name).model.attn_implementation == name

@@ -36,8 +36,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .loading import load_split
-from .validate import DataError, DataValidationError, SkipReport, check_string, resolve
+from .loading import load_split, read_json_rows
+from .validate import (
+    LOAD_ERROR_COL,
+    DataError,
+    DataValidationError,
+    SkipReport,
+    check_string,
+    load_errors,
+    resolve,
+)
 
 SCORES = ("auto", "overall", "mean_rating", "weighted_rating")
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
@@ -197,6 +205,9 @@ def binarize_rows(rows, *, seed: int = 42, score: str = "auto", skip_invalid_row
         if not isinstance(row, dict):
             errors.append(DataError(dataset_name, i, "<row>", f"expected an object, got {type(row).__name__}", "wrong_type"))
             continue
+        if row.get(LOAD_ERROR_COL) is not None:  # a line read_rows could not read (bad UTF-8 / JSON)
+            errors += load_errors(row[LOAD_ERROR_COL], dataset=dataset_name, row=i, position=i)
+            continue
         fmt = row_format(row)
         report.formats[fmt] = report.formats.get(fmt, 0) + 1
         if fmt == "raw":
@@ -222,24 +233,12 @@ def binarize_rows(rows, *, seed: int = 42, score: str = "auto", skip_invalid_row
 
 
 def read_rows(path: str) -> list:
-    """Rows of a .jsonl/.json (line-numbered errors) or .parquet/.arrow file."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}: line {n}: invalid JSON ({exc.msg})") from None
-        return rows
-    if ext == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of rows")
-        return data
+    """Rows of a .jsonl/.json file (the loader's reader: a line that is not UTF-8 or not JSON is a row
+    error naming file and line, skippable) or of a .parquet/.arrow file."""
+    if os.path.splitext(path)[1].lower() in (".json", ".jsonl"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        return read_json_rows(path)
     return list(load_split(path, "train"))
 
 

@@ -39,7 +39,7 @@ import logging
 import math
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 from urllib.parse import urlparse
 
@@ -74,12 +74,54 @@ class DatasetSpec:
 
 @dataclass
 class DatasetMixture:
+    """``dataset_mixture``: its datasets, the seed, and the held-out test rows; checked when built."""
+
     datasets: list = field(default_factory=list)  # list[DatasetSpec]
     seed: int = 0
     test_split_size: Optional[Union[int, float]] = None
 
     def __post_init__(self):
-        self.datasets = [d if isinstance(d, DatasetSpec) else DatasetSpec(**d) for d in self.datasets]
+        if not isinstance(self.datasets, (list, tuple)):
+            raise ValueError(f"dataset_mixture: datasets must be a list, got {type(self.datasets).__name__}")
+        self.datasets = [_spec(d, i) for i, d in enumerate(self.datasets)]
+        if self.test_split_size is not None:
+            check_test_split_value(self.test_split_size, "dataset_mixture: test_split_size")
+
+
+def _from_mapping(cls, value, where: str):
+    """``cls(**value)``, refusing a non-mapping or an unknown key in one line naming ``where``."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a mapping, got {value!r}")
+    names = [f.name for f in fields(cls)]
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(names)})")
+    return cls(**value)
+
+
+def _spec(value, i: int) -> DatasetSpec:
+    """One ``dataset_mixture.datasets`` entry, its ``weight`` a number > 0 (or left out)."""
+    where = f"dataset_mixture: datasets[{i}]"
+    spec = _from_mapping(DatasetSpec, value, where)
+    w, where = spec.weight, f"{where} ({spec.id!r})"
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))):
+        raise ValueError(f"{where}: weight must be a number > 0, got {w!r}")
+    if w is not None and not w > 0:
+        raise ValueError(f"{where}: weight must be > 0, got {w}")
+    return spec
+
+
+def _check_mixer(mixer) -> None:
+    """``dataset_mixer`` (old schema): ``{id: fraction >= 0}`` (0: only its test splits are used)."""
+    if not isinstance(mixer, dict):
+        raise ValueError(f"dataset_mixer: expected a mapping {{dataset: fraction}}, got {mixer!r}")
+    for ds_id, frac in mixer.items():
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)):
+            raise ValueError(f"dataset_mixer: the fraction of {ds_id!r} must be a number >= 0, got {frac!r}")
+        if not frac >= 0:
+            raise ValueError(f"dataset_mixer: the fraction of {ds_id!r} must be >= 0, got {frac}")
 
 
 @dataclass
@@ -121,10 +163,12 @@ class DataConfig:
     skip_invalid_rows: bool = False
 
     def __post_init__(self):
-        if isinstance(self.dataset_mixture, dict):
-            self.dataset_mixture = DatasetMixture(**self.dataset_mixture)
+        if self.dataset_mixture is not None:
+            self.dataset_mixture = _from_mapping(DatasetMixture, self.dataset_mixture, "dataset_mixture")
         if (self.dataset_mixer is None) == (self.dataset_mixture is None):
             raise ValueError("data config: give exactly one of `dataset_mixer` (+ `dataset_splits`) or `dataset_mixture`")
+        if self.dataset_mixer is not None:
+            _check_mixer(self.dataset_mixer)
         if self.dpo_layout not in ("separate", "prefix_shared"):
             raise ValueError(f"data config: dpo_layout must be 'separate' or 'prefix_shared', got {self.dpo_layout!r}")
         if self.max_length <= 1:
@@ -266,14 +310,15 @@ def _content_cache_dir(path: str, cache_dir: Optional[str]) -> str:
     return os.path.join(cache_dir or str(datasets.config.HF_DATASETS_CACHE), "by_content", file_digest(path))
 
 
-def _read_json(path: str):
-    """A JSON Lines file (or a ``.json`` list / dict of columns / lines) as an in-memory ``Dataset``.
+def read_json_rows(path: str) -> list:
+    """The rows of a JSON Lines file (or a ``.json`` list / dict of columns / lines) as dicts.
 
     A line that is not UTF-8, not JSON or not an object becomes a row holding only
     ``LOAD_ERROR_COL`` (validation reports it with file, line and row; ``skip_invalid_rows`` skips it).
+    A file that is empty or has no readable line at all is one :class:`DataValidationError`.
     """
-    import datasets
-
+    if os.path.getsize(path) == 0:
+        raise _file_error(path, "the file is empty (0 bytes)", "empty_file")
     with open(path, "rb") as f:
         data = f.read()
     if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
@@ -286,6 +331,14 @@ def _read_json(path: str):
     errors = {i: r[LOAD_ERROR_COL] for i, r in enumerate(rows) if LOAD_ERROR_COL in r}
     if len(errors) == len(rows):  # nothing readable: the whole file is the problem
         raise DataValidationError([e for i, v in errors.items() for e in load_errors(v, dataset=path, row=i)])
+    return rows
+
+
+def _read_json(path: str):
+    """:func:`read_json_rows` as an in-memory ``datasets.Dataset`` (no cache: never stale)."""
+    import datasets
+
+    rows = read_json_rows(path)
     names = list(dict.fromkeys(k for r in rows for k in r))
     try:
         return datasets.Dataset.from_dict({n: [r.get(n) for r in rows] for n in names})
@@ -363,8 +416,6 @@ def _keep_columns(ds, columns, name):
 def _reweight(ds, weight: Optional[float], seed: int, name: str):
     if weight is None or weight == 1.0:
         return ds
-    if weight <= 0:
-        raise ValueError(f"dataset '{name}': weight must be > 0, got {weight}")
     import datasets
 
     whole, frac = int(weight), weight - int(weight)
@@ -391,8 +442,6 @@ def load_rows(data_cfg: DataConfig) -> dict:
         if len(configs) != len(data_cfg.dataset_mixer):
             raise ValueError("data config: dataset_configs must have one entry per dataset_mixer entry")
         for (ds_id, frac), config in zip(data_cfg.dataset_mixer.items(), configs):
-            if frac < 0:
-                raise ValueError(f"dataset_mixer: fraction for '{ds_id}' must be >= 0, got {frac}")
             for split in data_cfg.dataset_splits:
                 ds = load_split(ds_id, split, config=config, cache_dir=data_cfg.cache_dir, file_is_split=False)
                 if ds is None:
@@ -420,7 +469,7 @@ def load_rows(data_cfg: DataConfig) -> dict:
         _raise_load_errors(train_parts + test_parts)
     train = _concat(train_parts, "train")
     test = _concat(test_parts, "test") if test_parts else None
-    if data_cfg.dataset_mixture is not None and data_cfg.dataset_mixture.test_split_size:
+    if data_cfg.dataset_mixture is not None and data_cfg.dataset_mixture.test_split_size is not None:
         size = data_cfg.dataset_mixture.test_split_size
         _check_test_split_size(size, len(train))
         split = train.train_test_split(test_size=size, seed=seed)
@@ -431,13 +480,18 @@ def load_rows(data_cfg: DataConfig) -> dict:
     return {"train": train, "test": test}
 
 
+def check_test_split_value(size, where: str = "dataset_mixture.test_split_size") -> None:
+    """``test_split_size`` is a positive int (rows) or a fraction in (0, 1) (leave it out for no test split)."""
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
+        raise ValueError(f"{where}: must be a positive int (rows) or a fraction in (0, 1); leave it out for no "
+                         f"test split; got {size!r}")
+    if isinstance(size, float) and size >= 1:
+        raise ValueError(f"{where}: a fraction must be < 1, got {size}")
+
+
 def _check_test_split_size(size, n: int) -> None:
     """``test_split_size`` must leave at least one row on each side of the split."""
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
-        raise ValueError(f"dataset_mixture.test_split_size: must be a positive int (rows) or a fraction in (0, 1), "
-                         f"got {size!r}")
-    if isinstance(size, float) and size >= 1:
-        raise ValueError(f"dataset_mixture.test_split_size: a fraction must be < 1, got {size}")
+    check_test_split_value(size)
     n_test = size if isinstance(size, int) else math.ceil(size * n)
     if n_test >= n:
         raise ValueError(f"dataset_mixture.test_split_size: {size!r} ({n_test} rows) leaves no training rows: the mixed "
