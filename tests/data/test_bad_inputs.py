@@ -142,6 +142,23 @@ def test_dpo_unknown_role_is_named(tmp_path, tok):
     assert "got list" not in str(info.value)
 
 
+@pytest.mark.parametrize("row, field, needle", [
+    ({"prompt": "Hi", "chosen": [{"role": "gpt", "content": "Hello"}], "rejected": [A("Go away")]}, "chosen[0].role",
+     "unknown role 'gpt' (expected one of ('system', 'user', 'assistant')); a completion is an 'assistant' turn"),
+    ({"prompt": "Hi", "chosen": [A("Hello")], "rejected": [U("Go away")]}, "rejected[0].role",
+     "a completion is an 'assistant' turn, got 'user'"),
+    ({"chosen": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+      "rejected": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Go"}]}, "chosen[0]",
+     "expected a dict with 'role' and 'content', got keys ['from', 'value']"),
+])
+def test_dpo_completion_roles_and_message_keys_are_named(tok, row, field, needle):
+    """The explicit-prompt form names a completion's unknown role with the accepted ones, and a
+    message in another schema (ShareGPT's from/value) names the keys it has."""
+    with pytest.raises(DataValidationError) as info:
+        build_dpo_examples([row], tok, max_length=64, show_progress=False, dataset_name="p.jsonl")
+    assert f"p.jsonl: row 0, field '{field}': {needle}" in str(info.value)
+
+
 def test_sft_conversation_ending_on_a_user_turn_is_refused(tmp_path, tok):
     path = tmp_path / "trailing_user.jsonl"
     path.write_bytes(line(sft_row("a")) + line({"messages": [U("Hi"), A("Hello"), U("And then?")]}))

@@ -45,7 +45,8 @@ DPO_CASES = [
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "field 'prompt': empty string"),
     ({"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt': missing"),
     ({"prompt": "Hi", "chosen": [{"role": "tool", "content": "x"}], "rejected": "b"},
-     r"field 'chosen\[0\]\.role': completion must be an assistant turn, got 'tool'"),
+     r"field 'chosen\[0\]\.role': unknown role 'tool' \(expected one of \('system', 'user', 'assistant'\)\); "
+     r"a completion is an 'assistant' turn"),
     ({"prompt": "Hi", "chosen": [U("x")], "rejected": "b"}, r"field 'chosen\[0\]\.role': last turn must be 'assistant'"),
     ({"prompt": "x " * 400, "chosen": "a", "rejected": "b"}, "field 'prompt': the prompt alone has 4.. tokens >= max_length=64"),
 ]

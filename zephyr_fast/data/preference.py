@@ -22,6 +22,7 @@ from .chat import render_fast, tokenize_kwargs
 from .sft import TOKENIZE_CHUNK, with_empty_system
 from .validate import (
     LOAD_ERROR_COL,
+    ROLES,
     DataError,
     SkipReport,
     check_messages,
@@ -59,6 +60,14 @@ class DPOReport:
         )
 
 
+def _completion_role_error(role, *, ds, row, fld) -> DataError:
+    """A one-message completion whose role is not ``assistant`` (an unknown one lists the accepted roles)."""
+    if role not in ROLES:
+        return DataError(ds, row, fld, f"unknown role {role!r} (expected one of {ROLES}); a completion is an "
+                         "'assistant' turn", "bad_role")
+    return DataError(ds, row, fld, f"a completion is an 'assistant' turn, got {role!r}", "role_order")
+
+
 def _as_assistant(value, *, ds, row, fld):
     """A completion given as a string or as ``[{"role": "assistant", ...}]``."""
     if isinstance(value, str) or value is None:
@@ -67,7 +76,7 @@ def _as_assistant(value, *, ds, row, fld):
     if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], dict):
         m = value[0]
         if m.get("role") != "assistant":
-            return None, [DataError(ds, row, fld + "[0].role", f"completion must be an assistant turn, got {m.get('role')!r}", "role_order")]
+            return None, [_completion_role_error(m.get("role"), ds=ds, row=row, fld=fld + "[0].role")]
         errs = check_string(m.get("content"), dataset=ds, row=row, field=fld + "[0].content")
         return (m if not errs else None), errs
     got = f"a list of {len(value)} messages" if isinstance(value, (list, tuple)) else type(value).__name__

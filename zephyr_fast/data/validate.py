@@ -128,7 +128,8 @@ def check_messages(
     for j, m in enumerate(messages):
         sub = f"[{j}]"
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            err("expected a dict with 'role' and 'content'", "wrong_type", sub)
+            got = f"got keys {sorted(m)}" if isinstance(m, dict) else f"got {type(m).__name__}"
+            err(f"expected a dict with 'role' and 'content', {got}", "wrong_type", sub)
             return errs
         role, content = m["role"], m["content"]
         if role not in ROLES:
