@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .loading import load_split, read_json_rows
+from .loading import load_split
 from .validate import (
     LOAD_ERROR_COL,
     DataError,
@@ -44,6 +44,7 @@ from .validate import (
     SkipReport,
     check_string,
     load_errors,
+    read_json_rows,
     resolve,
 )
 

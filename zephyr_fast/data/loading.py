@@ -47,12 +47,12 @@ from .validate import (
     LOAD_ERROR_COL,
     SOURCE_COL,
     SOURCE_ROW_COL,
-    DataError,
     DataValidationError,
     column_names,
-    encode_load_error,
+    file_error,
     iter_chunks,
     load_errors,
+    read_json_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def _load_file(path: str, cache_dir: Optional[str]):
     if ext not in LOCAL_EXTS:
         raise ValueError(f"dataset file '{path}': unsupported extension {ext!r} (use one of {sorted(LOCAL_EXTS)})")
     if os.path.getsize(path) == 0:
-        raise _file_error(path, "the file is empty (0 bytes)", "empty_file")
+        raise file_error(path, "the file is empty (0 bytes)", "empty_file")
     if LOCAL_EXTS[ext] == "json":
         ds = _read_json(path)
     else:
@@ -286,13 +286,8 @@ def _load_file(path: str, cache_dir: Optional[str]):
         except Exception as exc:  # datasets wraps parser errors in several exception types
             raise ValueError(f"dataset file '{path}' could not be parsed as {LOCAL_EXTS[ext]}: {exc}") from exc
     if len(ds) == 0:
-        raise _file_error(path, "the file has no rows", "empty_file")
+        raise file_error(path, "the file has no rows", "empty_file")
     return ds
-
-
-def _file_error(path: str, message: str, kind: str, line: int = 0) -> DataValidationError:
-    """A problem with a whole file (one line; skipping rows cannot help)."""
-    return DataValidationError([DataError(path, -1, "", message, kind, line=line)])
 
 
 def file_digest(path: str) -> str:
@@ -310,30 +305,6 @@ def _content_cache_dir(path: str, cache_dir: Optional[str]) -> str:
     return os.path.join(cache_dir or str(datasets.config.HF_DATASETS_CACHE), "by_content", file_digest(path))
 
 
-def read_json_rows(path: str) -> list:
-    """The rows of a JSON Lines file (or a ``.json`` list / dict of columns / lines) as dicts.
-
-    A line that is not UTF-8, not JSON or not an object becomes a row holding only
-    ``LOAD_ERROR_COL`` (validation reports it with file, line and row; ``skip_invalid_rows`` skips it).
-    A file that is empty or has no readable line at all is one :class:`DataValidationError`.
-    """
-    if os.path.getsize(path) == 0:
-        raise _file_error(path, "the file is empty (0 bytes)", "empty_file")
-    with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
-        data = data[3:]
-    if not data.strip():
-        raise _file_error(path, "the file is empty (whitespace only)", "empty_file")
-    rows = _json_document(path, data)
-    if rows is None:
-        rows = _json_lines(data)
-    errors = {i: r[LOAD_ERROR_COL] for i, r in enumerate(rows) if LOAD_ERROR_COL in r}
-    if len(errors) == len(rows):  # nothing readable: the whole file is the problem
-        raise DataValidationError([e for i, v in errors.items() for e in load_errors(v, dataset=path, row=i)])
-    return rows
-
-
 def _read_json(path: str):
     """:func:`read_json_rows` as an in-memory ``datasets.Dataset`` (no cache: never stale)."""
     import datasets
@@ -345,54 +316,6 @@ def _read_json(path: str):
     except Exception as exc:  # pyarrow type inference: one field with different types in different rows
         raise ValueError(f"dataset file '{path}' could not be parsed as json: its rows do not share one schema "
                          f"({exc.__class__.__name__}: {exc})") from None
-
-
-def _json_document(path: str, data: bytes):
-    """Rows of a whole-file JSON document (a list of objects, or a dict of equal-length columns);
-    None when the file is JSON Lines."""
-    head = data.lstrip()[:1]
-    if head not in (b"[", b"{"):
-        return None
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        if head == b"{":
-            return None
-        raise _file_error(path, f"not valid UTF-8: {_bad_byte(data, exc.start)}", "encoding",
-                          line=data.count(b"\n", 0, exc.start) + 1) from None
-    except json.JSONDecodeError as exc:
-        if head == b"{":
-            return None  # JSON Lines (several objects), or a broken line that _json_lines names
-        raise _file_error(path, f"invalid JSON: {exc.msg} (column {exc.colno})", "invalid_json", line=exc.lineno) from None
-    if isinstance(doc, list):
-        return [r if isinstance(r, dict) else
-                {LOAD_ERROR_COL: encode_load_error("invalid_json", 0, f"list item {i}: expected a JSON object, "
-                                                   f"got {type(r).__name__}")} for i, r in enumerate(doc)]
-    cols = list(doc.values())
-    if cols and all(isinstance(c, list) for c in cols) and len({len(c) for c in cols}) == 1:
-        return [dict(zip(doc, vals)) for vals in zip(*cols)]
-    return [doc]
-
-
-def _bad_byte(data: bytes, pos: int) -> str:
-    line_start = data.rfind(b"\n", 0, pos) + 1
-    return f"byte 0x{data[pos]:02x} at column {pos - line_start + 1}"
-
-
-def _json_lines(data: bytes) -> list:
-    rows = []
-    for n, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-            problem = None if isinstance(obj, dict) else ("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
-        except UnicodeDecodeError as exc:
-            problem = ("encoding", f"not valid UTF-8: {_bad_byte(raw, exc.start)}")
-        except json.JSONDecodeError as exc:
-            problem = ("invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})")
-        rows.append(obj if problem is None else {LOAD_ERROR_COL: encode_load_error(problem[0], n, problem[1])})
-    return rows
 
 
 def _tag(ds, name: str):
