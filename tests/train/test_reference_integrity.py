@@ -9,6 +9,8 @@ import types
 
 import pytest
 import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from zephyr_fast.data import loading
@@ -314,6 +316,40 @@ def test_unwritable_dir_falls_back_to_the_user_cache(tmp_path, monkeypatch):
     assert fp.weights_fingerprint(d) == first and len(opened) == 1
     assert len(os.listdir(tmp_path / "xdg" / "zephyr_fast" / "fingerprints")) == 1
     assert sorted(os.listdir(d)) == [fp.FINGERPRINT_FILE, "config.json", "model.safetensors"]  # no temp left
+
+
+def _rank_worker(rank, store, d, out):
+    """One gloo rank: fingerprint ``d`` (rank 0 only reads it) and a failing fingerprint (no hang)."""
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    reads, real = [], loading.file_digest
+
+    def counting(path):
+        reads.append(path)
+        return real(path)
+
+    fp.file_digest = counting  # this child process only
+    value = fp.weights_fingerprint(d)
+
+    def fail():
+        raise OSError("disk gone")
+
+    try:
+        fp.on_rank0(fail)
+        error = ""
+    except Exception as e:  # rank 0 re-raises its own error, the others a RuntimeError naming it
+        error = f"{type(e).__name__}: {e}"
+    tdist.destroy_process_group()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"value": value, "reads": len(reads), "error": error}, f)
+
+
+def test_fingerprint_is_computed_on_rank_0_and_broadcast(tmp_path):
+    d = model_dir(tmp_path)
+    mp.spawn(_rank_worker, args=(str(tmp_path / "store"), d, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
+    assert r0["value"] == r1["value"] == fp.weights_fingerprint(d)
+    assert (r0["reads"], r1["reads"]) == (2, 0)  # the weights and config.json, on rank 0 only
+    assert r0["error"] == "OSError: disk gone" and "rank 0 could not fingerprint" in r1["error"]
 
 
 # ---- ref_model_name_or_path: written by stage ref_logps, reused by stage dpo ---------------------------

@@ -3,7 +3,7 @@
 * A local checkpoint directory is identified by the **content** of its weight files and
   ``config.json``: one sha256 per file, combined. Hashing 14 GB at every start (on every rank) was
   the cost of doing this naively, so each file's digest is stored once in
-  ``{dir}/.zephyr_fingerprint.json`` (or, when the directory is read-only, under
+  ``{dir}/.zephyr_fingerprint.json`` (or, when that cannot be written, under
   ``$XDG_CACHE_HOME/zephyr_fast/fingerprints/``) together with the file's
   ``(size, mtime_ns, ctime_ns, inode)``; a later start re-hashes only files whose stat changed.
   ``ctime`` cannot be set from user space, so rewriting a file in place -- even at the same size with

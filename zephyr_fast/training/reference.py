@@ -104,7 +104,7 @@ def cache_key(*, split: str, rows, examples, tokenizer, weights: str, max_length
 class RefLogps:
     """Reference log-probs of one split, looked up by dataset row (``PackedBatch.pair_index``)."""
 
-    index: torch.Tensor  # (P,) int64, sorted
+    index: torch.Tensor  # (P,) int64, strictly increasing
     chosen: torch.Tensor  # (P,) fp32
     rejected: torch.Tensor  # (P,) fp32
     path: str = ""
