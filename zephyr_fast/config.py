@@ -42,6 +42,7 @@ from zephyr_kernels.dispatch import IMPLS
 from zephyr_fast import recipe_keys as rk
 from zephyr_fast.recipe_keys import CLI, ConfigError, typed
 from zephyr_fast.data.loading import DataConfig
+from zephyr_fast.data.validate import first_line
 from zephyr_fast.model.attention import BACKENDS
 from zephyr_fast.model.load import _TINY, tiny_config
 from zephyr_fast.training.stages import STAGES, DPOConfig, stage_class
@@ -111,11 +112,6 @@ class ModelConfig:
             _check_model_init(self.model_init)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _model_init_keys(cls) -> set:
     """The keys a random init reads: tiny_config's own and the fields of the arch's config class."""
     own = set(inspect.signature(tiny_config).parameters) - {"overrides"}
@@ -138,7 +134,7 @@ def _check_model_init(init: dict) -> None:
     try:
         built = tiny_config(**init)
     except Exception as e:  # noqa: BLE001 - the config class's own validation, whatever its type
-        raise ValueError(f"model_init: {class_name} refuses it: {_first_line(e)}") from None
+        raise ValueError(f"model_init: {class_name} refuses it: {first_line(e)}") from None
     known = _model_init_keys(type(built))
     for key in init:
         if key not in known and key in vars(built):

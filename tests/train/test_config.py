@@ -345,11 +345,11 @@ def mixture_of(**kw):
     (mixture_of(test_split_size=1.5), (), "r.yaml: dataset_mixture: test_split_size: a fraction must be < 1, got 1.5"),
     (mixture_of(test_split_size="ten"), (), "test_split_size: must be a positive int (rows) or a fraction"),
     (mixture_of(test_split_size=True), (), "test_split_size: must be a positive int (rows) or a fraction"),
-    (mixture_of(spec={"weight": 0}), (), "r.yaml: dataset_mixture: datasets[0] ('d.jsonl'): weight must be > 0, got 0"),
-    (mixture_of(spec={"weight": -1.0}), (), "datasets[0] ('d.jsonl'): weight must be > 0, got -1.0"),
+    (mixture_of(spec={"weight": 0}), (), "r.yaml: dataset_mixture: datasets[0] ('d.jsonl'): weight must be a number > 0, got 0"),
+    (mixture_of(spec={"weight": -1.0}), (), "datasets[0] ('d.jsonl'): weight must be a number > 0, got -1.0"),
     (mixture_of(spec={"weight": "half"}), (), "datasets[0] ('d.jsonl'): weight must be a number > 0, got 'half'"),
-    ({"dataset_mixer": {"d.jsonl": -0.5}}, (), "r.yaml: dataset_mixer: the fraction of 'd.jsonl' must be >= 0, "
-                                              "got -0.5"),
+    ({"dataset_mixer": {"d.jsonl": -0.5}}, (), "r.yaml: dataset_mixer: the fraction of 'd.jsonl' must be a number "
+                                              ">= 0, got -0.5"),
     ({"dataset_mixer": {"d.jsonl": "all"}}, (), "dataset_mixer: the fraction of 'd.jsonl' must be a number >= 0"),
 ])
 def test_ranges_are_checked_when_the_recipe_loads(raw, overrides, needle):

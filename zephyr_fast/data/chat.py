@@ -9,15 +9,19 @@ generation prompt is ``<|assistant|>\\n``::
 The template never emits ``bos_token``; the tokenizer adds ``<s>`` once (``add_special_tokens``).
 Templates that do emit it (e.g. Llama-3) are tokenised with ``add_special_tokens=False`` so there is
 never a double BOS — :func:`tokenize_kwargs` decides this once per tokenizer.
+
+:func:`ensure_hub_reachable` (shared with the dataset loader) fails in seconds, naming a local
+alternative, when a hub id is asked for and the Hub cannot be reached.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import socket
 from typing import Any, Optional, Sequence
+from urllib.parse import urlparse
 
-from .loading import ensure_hub_reachable
 
 # Byte-exact copy of the ``chat_template`` in alignment-handbook's
 # recipes/zephyr-7b-beta/{sft,dpo}/config_full.yaml (identical to its DEFAULT_CHAT_TEMPLATE).
@@ -130,6 +134,50 @@ def _set_eos(tok, eos_token: str, name: str) -> None:
     if eos_token not in tok.get_vocab():
         raise ValueError(f"eos_token: {eos_token!r} is not a token of the tokenizer {name!r}")
     tok.eos_token = eos_token
+
+
+DATA_EXTS = (".json", ".jsonl", ".parquet", ".arrow")  # the files the dataset loader reads
+
+
+# --- hub reachability (tokenizers here, datasets in loading.py) ----------------------------------------------------------------------------
+
+
+def is_local_path(path: str) -> bool:
+    """A path (it exists, starts like one or has a data file's extension), not a hub id."""
+    return os.path.exists(path) or path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in DATA_EXTS
+
+
+_LOCAL_HINT = {
+    "dataset": "a .json/.jsonl/.parquet/.arrow file or a directory, e.g. assets/data/ultrafeedback_binarized/sample16.jsonl",
+    "tokenizer": "a folder with tokenizer.json / tokenizer_config.json, e.g. assets/tokenizers/mistral-7b-v0.1",
+}
+
+
+def ensure_hub_reachable(repo_id: str, *, what: str = "dataset", timeout: float = 3.0) -> None:
+    """Fail in seconds with a useful message instead of hanging on network timeouts.
+
+    Offline mode (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) is respected: then the hub cache is
+    used and a miss is reported by :func:`load_rows` with the same advice.
+    """
+    if is_local_path(repo_id):
+        if not os.path.exists(os.path.expanduser(repo_id)):
+            raise FileNotFoundError(f"{what} '{repo_id}': no such file or directory")
+        return
+    if hub_offline():
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"{what} '{repo_id}' is not a local path and the Hugging Face Hub ({host}) is unreachable "
+            f"({exc.__class__.__name__}). Pass a local path instead ({_LOCAL_HINT.get(what, 'a local folder')}), "
+            f"or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
+        ) from None
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "0").lower() not in ("0", "", "false") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def load_tokenizer(path_or_id: str, chat_template: Optional[str] = None, *, revision: Optional[str] = None,

@@ -1,48 +1,34 @@
 """Load train/test rows from hub ids or local files, in both alignment-handbook mixture schemas.
 
-Old schema (alignment-handbook <= 0.1, the Zephyr-7B-beta recipes)::
+Old schema (handbook <= 0.1): ``dataset_mixer: {id: fraction}`` + ``dataset_splits`` (a fraction
+subsamples the *train* splits; test splits are used whole). New schema (handbook >= 0.2):
+``dataset_mixture: {datasets: [{id, config, split, columns, weight, revision}], seed, test_split_size}``
+(``weight`` subsamples or repeats a dataset after a seeded shuffle; ``test_split_size`` rows or
+fraction are held out after mixing). docs/DATA.md has examples.
 
-    dataset_mixer: {HuggingFaceH4/ultrafeedback_binarized: 1.0}
-    dataset_splits: [train_prefs, test_prefs]
+``id``: a ``.json``/``.jsonl``/``.parquet``/``.arrow`` file, a directory of ``<split>.<ext>`` files or
+of ``save_to_disk`` output, or a hub id. Every row gets ``_source`` / ``_source_row`` columns so that
+errors name the original file and row even after mixing and shuffling.
 
-``fraction`` subsamples the *train* splits (first ``int(f * n)`` rows); test splits are used whole.
-
-New schema (alignment-handbook >= 0.2)::
-
-    dataset_mixture:
-      datasets: [{id: HuggingFaceH4/ultrachat_200k, config: default, split: train_sft,
-                  columns: [messages], weight: 1.0}]
-      seed: 0
-      test_split_size: 1000
-
-``weight`` subsamples (``< 1``) or repeats (``> 1``) a dataset after a seeded shuffle; all of them
-are concatenated and ``test_split_size`` rows (int) or fraction (float) are held out.
-
-``id`` may be a local file (``.json``/``.jsonl``/``.parquet``/``.arrow``), a directory holding
-``<split>.<ext>`` files, a ``save_to_disk`` directory, or a hub id.  Every row gets ``_source`` /
-``_source_row`` columns so that errors can name the original file and row even after mixing and
-shuffling.
-
-Local files are never served stale: JSON / JSON Lines are parsed here, line by line, into an
-in-memory dataset (no ``datasets`` cache; a line with bad UTF-8 or invalid JSON becomes a row that
-fails validation naming file, line and row, so ``skip_invalid_rows`` can skip it); Parquet / Arrow go
-through ``datasets`` with a cache directory keyed by the file's content digest (``datasets`` keys its
-own cache by path and mtime).  :func:`rows_digest` is the identity of the rows actually used, after
-mixture and split.
+Never stale: JSON is parsed here (no cache; an unreadable line is a row error naming file and line,
+which ``skip_invalid_rows`` can skip), Parquet / Arrow are cached by content digest (``datasets``
+keys its own cache by path and mtime), and a hub dataset is read at one resolved commit, offline
+too (:func:`resolve_hub_revision`). :func:`rows_digest` is the identity of the rows actually used.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import math
 import os
-import socket
+import re
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
-from urllib.parse import urlparse
 
+from .chat import DATA_EXTS, ensure_hub_reachable, hub_offline, is_local_path
 from .validate import (
     LOAD_ERROR_COL,
     SOURCE_COL,
@@ -50,6 +36,7 @@ from .validate import (
     DataValidationError,
     column_names,
     file_error,
+    first_line,
     iter_chunks,
     load_errors,
     read_json_rows,
@@ -57,7 +44,8 @@ from .validate import (
 
 log = logging.getLogger(__name__)
 
-LOCAL_EXTS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+LOCAL_EXTS = {e: e[1:].replace("jsonl", "json") for e in DATA_EXTS}  # extension -> datasets builder
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub revision that is already a commit sha
 
 
 @dataclass
@@ -103,13 +91,10 @@ def _from_mapping(cls, value, where: str):
 
 def _spec(value, i: int) -> DatasetSpec:
     """One ``dataset_mixture.datasets`` entry, its ``weight`` a number > 0 (or left out)."""
-    where = f"dataset_mixture: datasets[{i}]"
-    spec = _from_mapping(DatasetSpec, value, where)
-    w, where = spec.weight, f"{where} ({spec.id!r})"
-    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))):
-        raise ValueError(f"{where}: weight must be a number > 0, got {w!r}")
-    if w is not None and not w > 0:
-        raise ValueError(f"{where}: weight must be > 0, got {w}")
+    spec = _from_mapping(DatasetSpec, value, f"dataset_mixture: datasets[{i}]")
+    w = spec.weight
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0):
+        raise ValueError(f"dataset_mixture: datasets[{i}] ({spec.id!r}): weight must be a number > 0, got {w!r}")
     return spec
 
 
@@ -118,10 +103,8 @@ def _check_mixer(mixer) -> None:
     if not isinstance(mixer, dict):
         raise ValueError(f"dataset_mixer: expected a mapping {{dataset: fraction}}, got {mixer!r}")
     for ds_id, frac in mixer.items():
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)):
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not frac >= 0:
             raise ValueError(f"dataset_mixer: the fraction of {ds_id!r} must be a number >= 0, got {frac!r}")
-        if not frac >= 0:
-            raise ValueError(f"dataset_mixer: the fraction of {ds_id!r} must be >= 0, got {frac}")
 
 
 @dataclass
@@ -181,42 +164,75 @@ class DataConfig:
             raise ValueError(f"data config: overlong must be 'truncate' or 'split', got {self.overlong!r}")
 
 
-# --- hub reachability ----------------------------------------------------------------------------
+# --- a hub dataset is read at one commit ----------------------------------------------------------
 
 
-def _is_local(path: str) -> bool:
-    return os.path.exists(path) or path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in LOCAL_EXTS
+def resolve_hub_revision(repo_id: str, revision: Optional[str] = None, *, split: str = "train",
+                         cache_dir: Optional[str] = None) -> str:
+    """The commit sha that ``revision`` (a branch, tag or sha; None: ``main``) of a hub dataset names.
 
-
-_LOCAL_HINT = {
-    "dataset": "a .json/.jsonl/.parquet/.arrow file or a directory, e.g. assets/data/ultrafeedback_binarized/sample16.jsonl",
-    "tokenizer": "a folder with tokenizer.json / tokenizer_config.json, e.g. assets/tokenizers/mistral-7b-v0.1",
-}
-
-
-def ensure_hub_reachable(repo_id: str, *, what: str = "dataset", timeout: float = 3.0) -> None:
-    """Fail in seconds with a useful message instead of hanging on network timeouts.
-
-    Offline mode (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) is respected: then the hub cache is
-    used and a miss is reported by :func:`load_rows` with the same advice.
+    Online: asked of the Hub once, and the load is pinned to it (``datasets`` keys its cache by it).
+    Offline: the commit huggingface_hub recorded when it last resolved ``revision`` -- never "the
+    newest copy in the cache", which ``datasets`` reads offline whatever revision is asked for.
     """
-    if _is_local(repo_id):
-        if not os.path.exists(os.path.expanduser(repo_id)):
-            raise FileNotFoundError(f"{what} '{repo_id}': no such file or directory")
-        return
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ) not in ("0", "", "false"):
-        return
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    rev, where = revision or "main", f"{repo_id}[{split}]"
+    if _COMMIT.fullmatch(rev):
+        return rev
+    if hub_offline():
+        from huggingface_hub import constants
+
+        ref = os.path.join(constants.HF_HUB_CACHE, f"datasets--{repo_id.replace('/', '--')}", "refs", rev)
+        if os.path.isfile(ref):
+            with open(ref) as f:
+                return f.read().strip()
+        raise file_error(where, f"offline, and no commit is recorded for revision {rev!r} (huggingface_hub's "
+                         f"refs/{rev}): pin `revision:` to a commit (cached commits: {_cached_commits(repo_id, cache_dir)}) "
+                         "or load it once online", "missing")
+    from huggingface_hub import HfApi
+
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as exc:
-        raise FileNotFoundError(
-            f"{what} '{repo_id}' is not a local path and the Hugging Face Hub ({host}) is unreachable "
-            f"({exc.__class__.__name__}). Pass a local path instead ({_LOCAL_HINT.get(what, 'a local folder')}), "
-            f"or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
-        ) from None
+        return HfApi().dataset_info(repo_id, revision=rev).sha
+    except Exception as exc:  # noqa: BLE001 - not found, gated, no such revision, network: one line each
+        raise file_error(where, f"revision {rev!r} could not be resolved on the Hugging Face Hub "
+                         f"({type(exc).__name__}: {first_line(exc)})", "missing") from None
+
+
+def _hub_cache_root(repo_id: str, cache_dir: Optional[str]) -> str:
+    """``datasets``' cache folder of a hub id: ``<cache>/<org>___<name>/<config>/<version>/<commit>``."""
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+
+    org, _, name = repo_id.rpartition("/")
+    folder = f"{org}___{camelcase_to_snakecase(name)}" if org else camelcase_to_snakecase(name)
+    return os.path.join(os.path.expanduser(cache_dir or str(datasets.config.HF_DATASETS_CACHE)), folder)
+
+
+def _cached_commits(repo_id: str, cache_dir: Optional[str] = None) -> str:
+    paths = glob.glob(os.path.join(_hub_cache_root(repo_id, cache_dir), "*", "*", "*"))
+    found = sorted({os.path.basename(p) for p in paths if os.path.isdir(p)})
+    return ", ".join(found) or "none"
+
+
+def _load_cached_commit(repo_id: str, config: Optional[str], split: str, commit: str, revision: str,
+                        cache_dir: Optional[str]):
+    """Offline: split ``split`` of ``repo_id`` exactly as cached for ``commit`` (``datasets``' Cache builder)."""
+    from datasets.packaged_modules.cache.cache import Cache
+
+    root, where = _hub_cache_root(repo_id, cache_dir), f"{repo_id}[{split}]"
+    found = sorted(glob.glob(os.path.join(root, glob.escape(config) if config else "*", "*", commit)))
+    if len(found) > 1:  # several configs cached for this commit: the recipe must say which
+        found = [p for p in found if p.split(os.sep)[-3] == "default"] or found[:0]
+    if not found:
+        raise file_error(where, f"offline, and commit {commit} of revision {revision!r} is not in the datasets cache "
+                         f"{'for config ' + repr(config) + ' ' if config else ''}(cached commits: "
+                         f"{_cached_commits(repo_id, cache_dir)}); load it once online", "missing")
+    config_name, version = found[0].split(os.sep)[-3:-1]
+    builder = Cache(cache_dir=cache_dir, dataset_name=os.path.basename(root).split("___")[-1], repo_id=repo_id,
+                    config_name=config_name, version=version, hash=commit)
+    try:
+        return builder.as_dataset(split=split)
+    except (KeyError, ValueError) as exc:
+        raise file_error(where, f"no split {split!r} in the cached commit {commit} ({exc})", "missing") from None
 
 
 # --- loading one split ---------------------------------------------------------------------------
@@ -240,7 +256,7 @@ def load_split(ds_id: str, split: str, *, config: Optional[str] = None, revision
     import datasets
 
     path = os.path.expanduser(ds_id)
-    if _is_local(ds_id):
+    if is_local_path(ds_id):
         if os.path.isfile(path):
             if not file_is_split and "train" not in split:
                 log.warning("%s is a single file: used for train splits only, not for split %r", ds_id, split)
@@ -260,8 +276,12 @@ def load_split(ds_id: str, split: str, *, config: Optional[str] = None, revision
             return datasets.load_dataset(path, config, split=split, cache_dir=cache_dir)
         raise FileNotFoundError(f"dataset '{ds_id}': no such file or directory")
     ensure_hub_reachable(ds_id)
+    commit = resolve_hub_revision(ds_id, revision, split=split, cache_dir=cache_dir)
+    log.info("dataset %s[%s]: revision %s = commit %s", ds_id, split, revision or "main", commit)
+    if hub_offline():
+        return _load_cached_commit(ds_id, config, split, commit, revision or "main", cache_dir)
     try:
-        return datasets.load_dataset(ds_id, config, split=split, revision=revision, cache_dir=cache_dir)
+        return datasets.load_dataset(ds_id, config, split=split, revision=commit, cache_dir=cache_dir)
     except (ConnectionError, OSError) as exc:
         raise FileNotFoundError(
             f"dataset '{ds_id}' (split {split!r}) could not be loaded from the Hugging Face Hub or its cache: "
