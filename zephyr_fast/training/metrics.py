@@ -211,8 +211,41 @@ def _num(v):
 
 
 def read_jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every row of a metrics.jsonl; a line that is not JSON is one line naming the file and line."""
+    rows, torn = read_metrics(path)
+    if torn is not None:
+        raise ConfigError(f"{path}: last line is torn (not JSON): {torn[:80]!r}")
+    return rows
+
+
+def read_metrics(path: str) -> tuple:
+    """``(rows, torn)``: a last line cut short by a kill (not JSON) is returned as ``torn`` (else None),
+    not parsed; any other bad line is one line naming the file and line number (:class:`ConfigError`)."""
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1:
+                return rows, line
+            raise ConfigError(f"{path}: line {i + 1} is not JSON ({e}); fix or delete that line") from None
+    return rows, None
+
+
+def write_jsonl(path: str, rows: list) -> None:
+    """Replace ``path`` with ``rows`` atomically (hidden tmp file, fsync, ``os.replace``)."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def plot_runs(runs: dict, out_png: str) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from zephyr_fast.config import Config, ConfigError, config_hash
 from zephyr_fast.data.chat import load_tokenizer
+from zephyr_fast.data.loading import rows_digest
 from zephyr_fast.model.forward import unwrap_model
 from zephyr_fast.training import checkpoint as ckpt
 from zephyr_fast.training import distributed
@@ -24,9 +25,9 @@ from zephyr_fast.training import hub
 from zephyr_fast.training.build import (build_engine, build_model, check_model, check_runtime, flops_counter,
                                         peak_tflops, seed_everything, set_tf32)
 from zephyr_fast.training.loop import LoopState, TrainLoop
-from zephyr_fast.training.metrics import MetricLogger, check_report_to, read_jsonl, wandb_settings
+from zephyr_fast.training.metrics import MetricLogger, check_report_to, read_metrics, wandb_settings, write_jsonl
 from zephyr_fast.training.plan import Batching, make_plan, prepare
-from zephyr_fast.training.reference import ReferencePass, ref_summary, weights_fingerprint
+from zephyr_fast.training.reference import ReferencePass, ref_summary, reference_identity
 from zephyr_fast.training.stages import LossModule, make_stage
 
 
@@ -130,12 +131,14 @@ def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: di
     """``net -> {split: RefLogps}``: the reference pass of these weights (``core``, fingerprinted now:
     they *are* the reference weights), cached or computed; adds its entries to ``summary``."""
     t, m = cfg.training, cfg.model
-    weights = weights_fingerprint(path, core, revision=m.model_revision, init=m.model_init, seed=t.seed)
+    # the reference model's identity: these weights, or the ref_model_name_or_path whose cache stage
+    # ref_logps wrote (computed once on rank 0, broadcast)
+    identity = reference_identity(t.stage, cfg.dpo, m, path=path, model=core, seed=t.seed)
     reference = ReferencePass.configure(cfg.dpo, cfg.data, output_dir=t.output_dir, dtype=m.dtype, seed=t.seed,
                                         impl=t.kernel_impl)
 
     def reference_logps(net) -> dict:
-        refs = reference.run(net, data, tokenizer, weights, dist=dist, log=log)
+        refs = reference.run(net, data, tokenizer, identity, dist=dist, log=log)
         summary.update(ref_summary(refs))
         return refs
 
@@ -154,10 +157,11 @@ def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, hub_tar
     refs = reference_logps(unwrap_model(lm.model)) if reference_logps is not None else {}
     for split, ref in refs.items():  # every example has its reference log-probs: checked once, before the loop
         ref.lookup(torch.tensor([ex["index"] for ex in data[split].examples], dtype=torch.int64))
-    state, logger = _resume(cfg, dist, lm, opt, log)
+    identity = RunIdentity(cfg, data["train"].rows)
+    state, logger = _resume(cfg, dist, lm, opt, log, identity)
 
     def save(step: int, extra: dict) -> str:
-        st = {"stage": t.stage, "config_hash": config_hash(_resume_view(cfg)), "epoch": step / plan.steps_per_epoch,
+        st = {"stage": t.stage, **identity.state(), "epoch": step / plan.steps_per_epoch,
               "last_metrics": state.last_metrics, **extra}
         path = ckpt.save_checkpoint(t.output_dir, step, dist=dist, model=lm, optimizer=opt.optimizer,
                                     scheduler=opt.scheduler, engine=opt.engine, state=st,
@@ -176,23 +180,89 @@ def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, hub_tar
     return lm, state, plan, opt
 
 
-def _resume(cfg: Config, dist, lm, opt, log) -> tuple:
-    """``(LoopState, MetricLogger)``: restored from ``resume_from_checkpoint`` when set, else fresh."""
+def _resume(cfg: Config, dist, lm, opt, log, identity: "RunIdentity") -> tuple:
+    """``(LoopState, MetricLogger)``: restored from ``resume_from_checkpoint`` when set, else fresh.
+
+    The checkpoint is verified against its manifest; a changed config or train data is refused unless
+    ``resume_allow_changes``, a step counter that disagrees with the scheduler always (one line each)."""
     t = cfg.training
     state = LoopState()
     resume = ckpt.resolve_resume(t.resume_from_checkpoint, t.output_dir)
     if resume:
         restored = ckpt.load_checkpoint(resume, dist=dist, model=lm, optimizer=opt.optimizer, scheduler=opt.scheduler,
                                         engine=opt.engine)
-        if restored.get("config_hash") != config_hash(_resume_view(cfg)):
-            log(f"warning: {resume} was written by a different config; resuming anyway")
-        state.step = int(restored["global_step"])
+        state.step = _check_step(resume, restored, opt.scheduler)
+        changes = identity.changes(restored)
+        if changes and not t.resume_allow_changes:
+            raise ckpt.CheckpointError(f"{resume}: {'; '.join(changes)} since it was written; resume with "
+                                       f"--resume_allow_changes=true to accept, or use a new output_dir")
+        for change in changes:
+            log(f"warning: {resume}: {change} since it was written; resuming anyway (resume_allow_changes)")
         log(f"resumed from {resume} at step {state.step}")
     logger = MetricLogger(t.output_dir, enabled=dist.is_main, report_to=t.report_to, resume=bool(resume),
                           wandb=wandb_settings(t), run_config=cfg.to_dict())
     if resume and dist.is_main:
-        _trim_metrics(logger.path, state.step)
+        _trim_metrics(logger.path, state.step, log)
     return state, logger
+
+
+def _check_step(path: str, restored: dict, scheduler) -> int:
+    """The checkpoint's global_step, refused when the scheduler it restored stepped a different number of times."""
+    step = restored.get("global_step")
+    last = getattr(scheduler, "last_epoch", step)
+    if not isinstance(step, int) or step < 0 or step != last:
+        raise ckpt.CheckpointError(f"{path}/trainer_state.json: global_step {step!r} disagrees with scheduler.pt "
+                                   f"(stepped {last} times); the checkpoint was edited or mixed from two saves")
+    return step
+
+
+class RunIdentity:
+    """What a checkpoint records of the run it belongs to -- the resumable config (``_resume_view``, and
+    its hash) and the train split's rows digest -- and what changed since (:meth:`changes`).
+
+    The digest (one pass over the rows) is computed once, at the first save or resume that needs it.
+    """
+
+    def __init__(self, cfg: Config, train_rows):
+        view = _resume_view(cfg)
+        view.training.resume_allow_changes = False  # the opt-in itself is not a change of the run
+        self.config, self.config_hash = _flat(view.to_dict()), config_hash(view)
+        self._rows, self._digest = train_rows, None
+
+    @property
+    def rows_digest(self) -> str:
+        if self._digest is None:
+            self._digest = rows_digest(self._rows)
+        return self._digest
+
+    def state(self) -> dict:
+        """The checkpoint's trainer_state entries."""
+        return {"config_hash": self.config_hash, "config": self.config, "train_rows_digest": self.rows_digest}
+
+    def changes(self, restored: dict) -> list:
+        """One phrase per difference between this run and the checkpoint's ``restored`` trainer_state."""
+        out = []
+        if restored.get("config_hash") != self.config_hash:
+            old = restored.get("config") or {}
+            keys = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+            shown = ", ".join(f"{k} {old.get(k)!r} -> {self.config.get(k)!r}" for k in keys[:3])
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            out.append(f"the config changed ({shown or 'config hash'}{more})")
+        if restored.get("train_rows_digest") != self.rows_digest:
+            old = str(restored.get("train_rows_digest"))[:12]
+            out.append(f"the train data changed (rows digest {old} -> {self.rows_digest[:12]})")
+        return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"training": {"seed": 7}}`` -> ``{"training.seed": 7}`` (JSON-safe leaves)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "dataset_mixer":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))
+    return out
 
 
 def _train_summary(stage, state: LoopState, plan) -> dict:
@@ -214,12 +284,15 @@ def _resume_view(cfg: Config) -> Config:
     return c
 
 
-def _trim_metrics(path: str, step: int) -> None:
-    """Drop metrics logged after the checkpoint we resume from (the interrupted run's tail)."""
-    if os.path.exists(path):
-        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+def _trim_metrics(path: str, step: int, log=print) -> None:
+    """Drop metrics logged after the checkpoint we resume from (the interrupted run's tail, including a
+    line torn by the kill, with a warning); the file is replaced atomically."""
+    if not os.path.exists(path):
+        return
+    rows, torn = read_metrics(path)
+    if torn is not None:
+        log(f"warning: {path}: dropped a torn last line (the previous run was interrupted mid-write): {torn[:80]!r}")
+    write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
 
 
 def _jsonable(d: dict) -> dict:
