@@ -26,6 +26,7 @@ if __name__ == "__main__":  # run as a script or with -m: neither its folder nor
 from zephyr_fast.config import ConfigError, keys_help, load_config  # noqa: E402
 from zephyr_fast.data.validate import DataValidationError  # noqa: E402
 from zephyr_fast.training.distributed import teardown  # noqa: E402
+from zephyr_fast.training.reference import StaleRefLogpsError  # noqa: E402
 from zephyr_fast.training.run import run  # noqa: E402
 
 __all__ = ["load_config", "main", "parse_args", "run"]
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
         return 2
     try:
         return _load_and_run(path, overrides, int(stop) if stop else None)
-    except (ConfigError, DataValidationError) as e:  # bad input: one line naming file, row / key and field
+    # bad input: one line naming file, row / key and field; a stale or corrupt reference cache names its file
+    except (ConfigError, DataValidationError, StaleRefLogpsError) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

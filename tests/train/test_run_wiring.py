@@ -1,13 +1,16 @@
-"""The trainer wires the recipe keys of issue 11 end to end: start-up refusals come before any data
-work, notices are printed, ``logging_first_step`` logs step 1, a bad ``eos_token`` is one line, and a
-run pushes its checkpoints and final model to a (local) Hub per ``hub_strategy``."""
+"""The trainer wires the recipe keys of issues 11 and 12 end to end: start-up refusals come before any
+data work, notices are printed, ``logging_first_step`` logs step 1, a bad ``eos_token`` is one line, a
+run pushes its checkpoints and final model to a (local) Hub per ``hub_strategy``, and a reference
+model's cache written by ``stage: ref_logps`` is what ``stage: dpo`` reuses."""
 
 import os
+import shutil
 
 import pytest
 
 from zephyr_fast.config import ConfigError, build_config
 from zephyr_fast.training.metrics import read_jsonl
+from zephyr_fast.training.reference import StaleRefLogpsError
 from zephyr_fast.training.run import run
 from tests.train.helpers import recipe
 from tests.train.test_integrations import closed_port_url, local_hub, no_cached_token  # noqa: F401 - fixtures
@@ -52,3 +55,21 @@ def test_run_prints_notices_logs_first_step_and_pushes_to_the_hub(tmp_path, sft_
     assert {"config.yaml", "README.md"} <= set(stored)  # no token in them, so they are uploaded
     assert all(b"hf_localtest" not in v for v in stored.values())
     assert local_hub.validated and local_hub.unhandled == []  # the model card's metadata went through the Hub's check
+
+
+def test_ref_model_cache_from_stage_ref_logps_is_reused_by_stage_dpo(tmp_path, sft_model, dpo_dir):
+    """``stage: ref_logps`` with ``ref_model_name_or_path`` writes the cache of that model; a ``stage: dpo``
+    run naming the same reference model (its policy a different checkpoint) reuses it, and without the
+    cache it refuses in one line instead of computing it with the policy."""
+    policy = tmp_path / "policy"
+    shutil.copytree(sft_model["model_dir"], policy, ignore=shutil.ignore_patterns("checkpoint-*", "ref_logps"))
+    common = dict(model_name_or_path=str(policy), ref_model_name_or_path=sft_model["model_dir"],
+                  ref_logps_dir=str(tmp_path / "cache"), max_steps=1)
+    ref = run(build_config(recipe("ref_logps", tmp_path / "ref", dpo_dir, **common), source="r.yaml"))
+    assert ref["ref_logps_train_reused"] is False
+    dpo = run(build_config(recipe("dpo", tmp_path / "dpo", dpo_dir, **common), source="r.yaml"))
+    assert dpo["ref_logps_train_reused"] is True and dpo["global_step"] == 1
+    cold = build_config(recipe("dpo", tmp_path / "cold", dpo_dir, **{**common, "ref_logps_dir": str(tmp_path / "x")}),
+                        source="r.yaml")
+    with pytest.raises(StaleRefLogpsError, match="--stage=ref_logps"):
+        run(cold)

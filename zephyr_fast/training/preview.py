@@ -31,7 +31,7 @@ from zephyr_fast.data.validate import DataValidationError
 from zephyr_fast.model.load import tiny_config
 from zephyr_fast.training.build import check_model
 from zephyr_fast.training.plan import make_plan, prepare, total
-from zephyr_fast.training.reference import ReferencePass, cache_paths
+from zephyr_fast.training.reference import ReferencePass, cache_path
 from zephyr_fast.training.run import batching, recipe_tokenizer
 from zephyr_fast.training.stages import make_stage
 
@@ -71,8 +71,7 @@ def reference_cache(cfg, split_names) -> dict:
                                   seed=cfg.training.seed, impl=cfg.training.kernel_impl)
     out = {"dir": ref.cache_dir}
     for split in split_names:
-        st, key = cache_paths(ref.cache_dir, split)
-        out[split] = "cached (verified at run start)" if os.path.exists(st) and os.path.exists(key) \
+        out[split] = "cached (digest and key verified at run start)" if os.path.exists(cache_path(ref.cache_dir, split)) \
             else "absent: computed once at run start"
     return out
 

@@ -147,7 +147,8 @@ class DPOConfig:
     ref_logps_dir: Optional[str] = None  # default: {output_dir}/ref_logps
     ref_logps_max_tokens: int = 0  # micro-batch budget of the no-grad pass; 0: 4x the training one
     ref_logps_recompute: bool = False  # overwrite a stale cache instead of refusing it
-    ref_model_name_or_path: Optional[str] = None  # stage ref_logps only; default: the model
+    # stage ref_logps computes the cache with it; stage dpo reuses that cache and refuses to compute it
+    ref_model_name_or_path: Optional[str] = None
 
     def __post_init__(self):
         try:
