@@ -75,7 +75,7 @@ def test_errors_name_source_file_and_row_after_shuffling(uc_dir, tmp_path, tok):
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="exactly one of"):
         DataConfig()
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(DataValidationError, match=rf"^{tmp_path / 'nope.jsonl'}: no such file or directory$"):
         load_rows(DataConfig(dataset_mixer={str(tmp_path / "nope.jsonl"): 1.0}))
     bad = tmp_path / "broken.jsonl"
     bad.write_text('{"messages": []}\n{oops\n')
@@ -87,8 +87,11 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    with pytest.raises(FileNotFoundError, match="Pass a local path instead"):
+    with pytest.raises(DataValidationError) as info:
         load_rows(DataConfig(dataset_mixer={"HuggingFaceH4/ultrachat_200k": 1.0}, dataset_splits=["train_sft"]))
+    msg = str(info.value)
+    assert msg.startswith("HuggingFaceH4/ultrachat_200k[train_sft]: is not a local path and the Hugging Face Hub")
+    assert "Pass a local path instead" in msg and "\n" not in msg
 
 
 def test_chunked_processing_matches_one_chunk(monkeypatch, tok, uc_dir, assets_dir, tmp_path):

@@ -379,3 +379,30 @@ def test_every_accepted_attn_implementation_is_one_the_model_loader_takes():
     assert set(ATTN_IMPLEMENTATIONS) == {"auto", *BACKENDS, *aliases}
     for name in ATTN_IMPLEMENTATIONS:
         assert cfg_of(attn_implementation=name).model.attn_implementation == name
+
+
+GOOD_SFT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"dataset_mixer": None, "dataset_mixture": {"datasets": [{"id": "{d}/train.jsonl"}], "test_split_size": 5}},
+     "dataset_mixture.test_split_size: 5 (5 rows) leaves no training rows: the mixed train data has only 2 rows"),
+    ({"dataset_mixer": {"{d}/missing.jsonl": 1.0}}, "{d}/missing.jsonl: no such file or directory"),
+    ({"dataset_mixer": {"{d}/train.csv": 1.0}}, "{d}/train.csv: unsupported extension '.csv'"),
+    ({"dataset_mixer": {"{d}": 1.0}, "columns_to_keep": ["prompt"]}, "{d}[train]: all rows, field 'prompt': column not found (has ['messages'])"),
+    ({"dataset_mixer": {"{d}": 1.0}, "dataset_splits": ["train", "valid"]}, "r.yaml: dataset_splits: split 'valid' must contain 'train' or 'test'"),
+])
+def test_a_data_problem_found_while_loading_is_one_line_and_status_2(tmp_path, capsys, data, needle):
+    """Issue 12: what the loader refuses (a test split larger than the data, a missing or unreadable
+    file, a missing column, a split name) ends the launch with status 2 and one line, no traceback."""
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("train.jsonl", "test.jsonl", "train.csv"):
+        (d / name).write_text(GOOD_SFT * 2)
+    fill = lambda v: v.replace("{d}", str(d)) if isinstance(v, str) else v  # noqa: E731
+    data = yaml.safe_load(fill(yaml.safe_dump(data)))
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe("sft", str(tmp_path / "out"), str(d), **data)))
+    assert main([str(r)]) == 2
+    err = capsys.readouterr().err
+    assert fill(needle) in err and "Traceback" not in err and err.count("\n") == 1, err

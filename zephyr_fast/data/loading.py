@@ -28,11 +28,13 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
+from ..recipe_keys import ConfigError
 from .chat import DATA_EXTS, ensure_hub_reachable, hub_offline, is_local_path
 from .validate import (
     LOAD_ERROR_COL,
     SOURCE_COL,
     SOURCE_ROW_COL,
+    DataError,
     DataValidationError,
     column_names,
     file_error,
@@ -98,13 +100,21 @@ def _spec(value, i: int) -> DatasetSpec:
     return spec
 
 
-def _check_mixer(mixer) -> None:
-    """``dataset_mixer`` (old schema): ``{id: fraction >= 0}`` (0: only its test splits are used)."""
+def _check_mixer(mixer, splits: list, configs: Optional[list]) -> None:
+    """The old schema: ``dataset_mixer: {id: fraction >= 0}`` (0: only its test splits are used),
+    ``dataset_splits`` each a train or a test split, ``dataset_configs`` one per dataset."""
     if not isinstance(mixer, dict):
         raise ValueError(f"dataset_mixer: expected a mapping {{dataset: fraction}}, got {mixer!r}")
     for ds_id, frac in mixer.items():
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not frac >= 0:
             raise ValueError(f"dataset_mixer: the fraction of {ds_id!r} must be a number >= 0, got {frac!r}")
+    for split in splits:
+        if "train" not in str(split) and "test" not in str(split):
+            raise ValueError(f"dataset_splits: split {split!r} must contain 'train' or 'test' (train splits are "
+                             "trained on, test splits evaluated)")
+    if configs is not None and len(configs) != len(mixer):
+        raise ValueError(f"dataset_configs: must have one entry per dataset_mixer entry ({len(mixer)}), "
+                         f"got {len(configs)}")
 
 
 @dataclass
@@ -151,7 +161,7 @@ class DataConfig:
         if (self.dataset_mixer is None) == (self.dataset_mixture is None):
             raise ValueError("data config: give exactly one of `dataset_mixer` (+ `dataset_splits`) or `dataset_mixture`")
         if self.dataset_mixer is not None:
-            _check_mixer(self.dataset_mixer)
+            _check_mixer(self.dataset_mixer, self.dataset_splits, self.dataset_configs)
         if self.dpo_layout not in ("separate", "prefix_shared"):
             raise ValueError(f"data config: dpo_layout must be 'separate' or 'prefix_shared', got {self.dpo_layout!r}")
         if self.max_length <= 1:
@@ -270,23 +280,26 @@ def load_split(ds_id: str, split: str, *, config: Optional[str] = None, revision
                 d = datasets.load_from_disk(path)
                 if isinstance(d, datasets.DatasetDict):
                     if split not in d:
-                        raise FileNotFoundError(f"dataset '{ds_id}': no split {split!r} (has {sorted(d)})")
+                        raise file_error(ds_id, f"no split {split!r} (has {sorted(d)})", "missing_split")
                     return d[split]
                 return d
             return datasets.load_dataset(path, config, split=split, cache_dir=cache_dir)
-        raise FileNotFoundError(f"dataset '{ds_id}': no such file or directory")
-    ensure_hub_reachable(ds_id)
+        raise file_error(ds_id, "no such file or directory", "missing_file")
+    try:
+        ensure_hub_reachable(ds_id)
+    except FileNotFoundError as exc:
+        raise file_error(f"{ds_id}[{split}]", first_line(exc).replace(f"dataset '{ds_id}' ", "", 1),
+                         "missing_file") from None
     commit = resolve_hub_revision(ds_id, revision, split=split, cache_dir=cache_dir)
     log.info("dataset %s[%s]: revision %s = commit %s", ds_id, split, revision or "main", commit)
     if hub_offline():
         return _load_cached_commit(ds_id, config, split, commit, revision or "main", cache_dir)
     try:
         return datasets.load_dataset(ds_id, config, split=split, revision=commit, cache_dir=cache_dir)
-    except (ConnectionError, OSError) as exc:
-        raise FileNotFoundError(
-            f"dataset '{ds_id}' (split {split!r}) could not be loaded from the Hugging Face Hub or its cache: "
-            f"{exc}. Pass a local path instead (a .json/.jsonl/.parquet/.arrow file or a directory)."
-        ) from exc
+    except (ConnectionError, OSError, ValueError) as exc:  # not found, no such split, network
+        raise file_error(f"{ds_id}[{split}]", f"could not be loaded from the Hugging Face Hub or its cache "
+                         f"({first_line(exc)}); pass a local path instead (a .json/.jsonl/.parquet/.arrow file "
+                         "or a directory)", "missing_file") from None
 
 
 def _load_file(path: str, cache_dir: Optional[str]):
@@ -294,7 +307,7 @@ def _load_file(path: str, cache_dir: Optional[str]):
 
     ext = os.path.splitext(path)[1].lower()
     if ext not in LOCAL_EXTS:
-        raise ValueError(f"dataset file '{path}': unsupported extension {ext!r} (use one of {sorted(LOCAL_EXTS)})")
+        raise file_error(path, f"unsupported extension {ext!r} (use one of {sorted(LOCAL_EXTS)})", "unsupported")
     if os.path.getsize(path) == 0:
         raise file_error(path, "the file is empty (0 bytes)", "empty_file")
     if LOCAL_EXTS[ext] == "json":
@@ -303,8 +316,8 @@ def _load_file(path: str, cache_dir: Optional[str]):
         try:  # cache keyed by content: an edited file (even with its old mtime) gets a fresh Arrow copy
             ds = datasets.load_dataset(LOCAL_EXTS[ext], data_files=path, split="train",
                                        cache_dir=_content_cache_dir(path, cache_dir))
-        except Exception as exc:  # datasets wraps parser errors in several exception types
-            raise ValueError(f"dataset file '{path}' could not be parsed as {LOCAL_EXTS[ext]}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - datasets wraps parser errors in several exception types
+            raise file_error(path, f"could not be parsed as {LOCAL_EXTS[ext]} ({first_line(exc)})", "unparsable") from None
     if len(ds) == 0:
         raise file_error(path, "the file has no rows", "empty_file")
     return ds
@@ -334,8 +347,8 @@ def _read_json(path: str):
     try:
         return datasets.Dataset.from_dict({n: [r.get(n) for r in rows] for n in names})
     except Exception as exc:  # pyarrow type inference: one field with different types in different rows
-        raise ValueError(f"dataset file '{path}' could not be parsed as json: its rows do not share one schema "
-                         f"({exc.__class__.__name__}: {exc})") from None
+        raise file_error(path, f"could not be parsed as json: its rows do not share one schema "
+                         f"({exc.__class__.__name__}: {first_line(exc)})", "unparsable") from None
 
 
 def _tag(ds, name: str):
@@ -349,9 +362,11 @@ def _tag(ds, name: str):
 def _keep_columns(ds, columns, name):
     if not columns:
         return ds
+    have = [c for c in ds.column_names if c not in (SOURCE_COL, SOURCE_ROW_COL, LOAD_ERROR_COL)]
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise ValueError(f"dataset '{name}': columns {missing} not found (has {ds.column_names})")
+        raise DataValidationError([DataError(name, -1, c, f"column not found (has {have})", "missing_column")
+                                   for c in missing])
     bookkeeping = [c for c in (SOURCE_COL, SOURCE_ROW_COL, LOAD_ERROR_COL) if c in ds.column_names]
     return ds.select_columns(list(columns) + bookkeeping)
 
@@ -371,9 +386,10 @@ def _reweight(ds, weight: Optional[float], seed: int, name: str):
 def load_rows(data_cfg: DataConfig) -> dict:
     """Rows for training: ``{"train": datasets.Dataset, "test": datasets.Dataset | None}``.
 
-    Raises:
-        FileNotFoundError: a path does not exist, or a hub id while the hub is unreachable.
-        ValueError: unparsable file, unknown columns, bad weights.
+    Raises (one line each; the launcher ends with status 2):
+        DataValidationError: a missing, empty or unreadable file or hub dataset, a missing column, rows
+            that cannot be mixed, unreadable lines (unless ``skip_invalid_rows``).
+        ConfigError: a recipe value the data contradicts (``test_split_size`` >= the rows).
     """
     import datasets
 
@@ -382,8 +398,6 @@ def load_rows(data_cfg: DataConfig) -> dict:
     train_parts, test_parts = [], []
     if data_cfg.dataset_mixer is not None:
         configs = data_cfg.dataset_configs or [None] * len(data_cfg.dataset_mixer)
-        if len(configs) != len(data_cfg.dataset_mixer):
-            raise ValueError("data config: dataset_configs must have one entry per dataset_mixer entry")
         for (ds_id, frac), config in zip(data_cfg.dataset_mixer.items(), configs):
             for split in data_cfg.dataset_splits:
                 ds = load_split(ds_id, split, config=config, cache_dir=data_cfg.cache_dir, file_is_split=False)
@@ -393,10 +407,8 @@ def load_rows(data_cfg: DataConfig) -> dict:
                 ds = _keep_columns(_tag(ds, name), data_cfg.columns_to_keep, name)
                 if "train" in split:
                     train_parts.append(ds.select(range(int(frac * len(ds)))) if frac < 1 else _reweight(ds, frac, data_cfg.seed, name))
-                elif "test" in split:
+                else:  # a "test*" split (DataConfig checks every split is one or the other)
                     test_parts.append(ds)
-                else:
-                    raise ValueError(f"dataset_splits: split {split!r} must contain 'train' or 'test'")
         seed = data_cfg.seed
     else:
         mix = data_cfg.dataset_mixture
@@ -407,7 +419,7 @@ def load_rows(data_cfg: DataConfig) -> dict:
             train_parts.append(_reweight(ds, spec.weight, mix.seed, name))
         seed = mix.seed
     if not train_parts:
-        raise ValueError("data config: no train split was loaded (check dataset_splits / dataset_mixture)")
+        raise ConfigError("dataset_splits: no train split was loaded (check dataset_splits / dataset_mixture)")
     if not data_cfg.skip_invalid_rows:
         _raise_load_errors(train_parts + test_parts)
     train = _concat(train_parts, "train")
@@ -437,7 +449,7 @@ def _check_test_split_size(size, n: int) -> None:
     check_test_split_value(size)
     n_test = size if isinstance(size, int) else math.ceil(size * n)
     if n_test >= n:
-        raise ValueError(f"dataset_mixture.test_split_size: {size!r} ({n_test} rows) leaves no training rows: the mixed "
+        raise ConfigError(f"dataset_mixture.test_split_size: {size!r} ({n_test} rows) leaves no training rows: the mixed "
                          f"train data has only {n} rows; use fewer than {n} rows or a smaller fraction")
 
 
@@ -462,8 +474,8 @@ def _concat(parts, what):
     try:
         return datasets.concatenate_datasets(parts)
     except ValueError as exc:
-        raise ValueError(f"cannot mix the {what} datasets: their columns/types differ ({exc}); "
-                         "select common columns with `columns` / `columns_to_keep`") from exc
+        raise file_error(f"the {what} datasets", f"cannot be mixed: their columns/types differ ({first_line(exc)}); "
+                         "select common columns with `columns` / `columns_to_keep`", "schema") from None
 
 
 def rows_digest(rows) -> str:
