@@ -102,7 +102,8 @@ def test_malformed_json_array_document_names_the_line(tmp_path):
 # --- 3. an empty file says so, in one line ---------------------------------------------------------
 
 @pytest.mark.parametrize("name,content", [("empty.jsonl", b""), ("blank.jsonl", b"\n  \n"), ("empty.json", b""),
-                                          ("empty.parquet", b"")])
+                                          ("empty.parquet", b""), ("empty_list.json", b" [] "),
+                                          ("empty_columns.json", b'{"messages": []}')])
 def test_empty_file_says_it_is_empty(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)

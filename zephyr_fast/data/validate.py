@@ -276,6 +276,8 @@ def read_json_rows(path: str) -> list:
     rows = _json_document(path, data)
     if rows is None:
         rows = _json_lines(data)
+    if not rows:
+        raise file_error(path, "the file is empty (a JSON document with no rows)", "empty_file")
     errors = {i: r[LOAD_ERROR_COL] for i, r in enumerate(rows) if LOAD_ERROR_COL in r}
     if len(errors) == len(rows):  # nothing readable: the whole file is the problem
         raise DataValidationError([e for i, v in errors.items() for e in load_errors(v, dataset=path, row=i)])
