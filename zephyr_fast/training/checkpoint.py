@@ -7,8 +7,8 @@ Layout of ``{output_dir}/checkpoint-{step}/``:
 * plain torch: ``model.safetensors``, ``optimizer.pt``; DeepSpeed: ``ds/`` (``engine.save_checkpoint``,
   every rank writes its ZeRO partition);
 * ``scheduler.pt`` and ``rng_state_{rank}.pt`` (torch / CUDA / Python / NumPy generators);
-* ``manifest.json``, written **last**: every other file's size and sha256 (per 64 MiB chunk, so
-  hashing runs in threads and across ranks), the step, a save counter, and its own digest.
+* ``manifest.json``, written **last**: every other file's size and sha256 per 64 MiB chunk (hashed on
+  threads and ranks), the step, a save counter, and its own digest.
 
 A checkpoint is written into ``.checkpoint-{step}.tmp``; the manifest is written there atomically
 (tmp file, fsync, ``os.replace``) after every file is fsynced, and the directory is then renamed into
@@ -16,9 +16,8 @@ place. A checkpoint without a valid manifest is incomplete: ``resume_from_checkp
 picks it and an explicit path is refused. Loading verifies every file against the manifest first
 and refuses in one line naming the file (:class:`CheckpointError`).
 
-``save_index`` counts saves in the output folder: ``auto`` resumes the most recently *written*
-complete checkpoint and ``save_total_limit`` prunes the least recently written ones (never the one
-just written), so resuming from an older checkpoint starts a branch that wins over the stale one.
+``save_index`` counts saves in the output folder: ``auto`` resumes the most recently *written* complete
+checkpoint, ``save_total_limit`` prunes the least recently written (never the one just written).
 
 Loading never unpickles arbitrary objects: safetensors for weights, ``torch.load(weights_only=True)``
 for the rest; while DeepSpeed loads (its own loaders, universal-checkpoint paths included),
@@ -38,6 +37,7 @@ import random
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -125,9 +125,7 @@ def safe_torch_loads():
     pass ``weights_only=False``) is :func:`safe_torch_load`'s ``weights_only=True`` load."""
     original = torch.load
 
-    def load(f, map_location=None, *args, **kwargs):
-        if args:  # torch.load(f, map_location, pickle_module, ...): only map_location is honoured
-            args = ()
+    def load(f, map_location=None, *_, **kwargs):  # a positional pickle_module is dropped
         return _load_weights_only(original, f, map_location, **kwargs)
 
     torch.load = load
@@ -309,8 +307,7 @@ def resolve_resume(arg: Optional[str], output_dir: str) -> Optional[str]:
     if arg in (None, "", False):
         return None
     if str(arg).lower() == "auto":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
+        return (list_checkpoints(output_dir) or [None])[-1]
     if not os.path.isdir(arg):
         raise CheckpointError(f"{arg}: resume_from_checkpoint: no such checkpoint directory")
     _check_listing(arg, read_manifest(arg))
@@ -321,9 +318,8 @@ def resolve_resume(arg: Optional[str], output_dir: str) -> Optional[str]:
 
 def is_disk_full(exc: BaseException) -> bool:
     """ENOSPC / EDQUOT, or torch's / safetensors' wrapped text of it (``inline_container`` write failures)."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return any(t in str(exc) for t in _DISK_FULL_TEXT)  # RuntimeError (torch), SafetensorError (safetensors)
+    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            or any(t in str(exc) for t in _DISK_FULL_TEXT))  # RuntimeError (torch), SafetensorError (safetensors)
 
 
 @contextlib.contextmanager
@@ -351,23 +347,22 @@ def _collectively(dist: DistInfo, tmp: str, fn: Callable) -> None:
         raise CheckpointError(errors[0] + " (the partial checkpoint was removed; earlier ones are intact)")
 
 
+def _write(path: str, write: Callable) -> None:
+    with _writing(path):
+        write(path)
+
+
 def _write_states(tmp: str, *, dist: DistInfo, model, optimizer, scheduler, engine, state: dict) -> None:
+    join = os.path.join
     if engine is not None:
-        with _writing(os.path.join(tmp, "ds")):
-            engine.save_checkpoint(tmp, tag="ds")
+        _write(join(tmp, "ds"), lambda p: engine.save_checkpoint(tmp, tag="ds"))
     elif dist.is_main:
-        with _writing(os.path.join(tmp, "model.safetensors")):
-            save_model(model, os.path.join(tmp, "model.safetensors"))  # handles tied embeddings
-        with _writing(os.path.join(tmp, "optimizer.pt")):
-            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    rng = os.path.join(tmp, f"rng_state_{dist.rank}.pt")
-    with _writing(rng):
-        torch.save(_rng_state(), rng)
+        _write(join(tmp, "model.safetensors"), lambda p: save_model(model, p))  # handles tied embeddings
+        _write(join(tmp, "optimizer.pt"), lambda p: torch.save(optimizer.state_dict(), p))
+    _write(join(tmp, f"rng_state_{dist.rank}.pt"), lambda p: torch.save(_rng_state(), p))
     if dist.is_main:
-        with _writing(os.path.join(tmp, "scheduler.pt")):
-            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        with _writing(os.path.join(tmp, "trainer_state.json")), open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
+        _write(join(tmp, "scheduler.pt"), lambda p: torch.save(scheduler.state_dict(), p))
+        _write(join(tmp, "trainer_state.json"), lambda p: Path(p).write_text(json.dumps(state, indent=2)))
 
 
 def _clear_tmp(output_dir: str) -> None:
@@ -410,7 +405,7 @@ def save_checkpoint(output_dir: str, step: int, *, dist: DistInfo, model, optimi
     tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
     if dist.is_main:
         _clear_tmp(output_dir)
-    _collectively(dist, tmp, lambda: _make_dir(tmp) if dist.is_main else None)
+    _collectively(dist, tmp, lambda: _write(tmp, os.makedirs) if dist.is_main else None)
     barrier()
     _collectively(dist, tmp, lambda: _write_states(tmp, dist=dist, model=model, optimizer=optimizer,
                                                    scheduler=scheduler, engine=engine,
@@ -423,11 +418,6 @@ def save_checkpoint(output_dir: str, step: int, *, dist: DistInfo, model, optimi
         _prune(output_dir, final, total_limit)
     barrier()
     return final
-
-
-def _make_dir(path: str) -> None:
-    with _writing(path):
-        os.makedirs(path)
 
 
 def _next_save_index(output_dir: str) -> int:
