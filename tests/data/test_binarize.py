@@ -121,6 +121,7 @@ def test_cli_unreadable_line_names_file_and_line_and_is_skippable(tmp_path, caps
     assert main([str(src), str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{src}: {needle}" in err and "Traceback" not in err and not out.exists()
+    assert "pass --skip-invalid-rows" in err and "skip_invalid_rows: true" not in err  # this command's switch
     assert main([str(src), str(out), "--skip-invalid-rows"]) == 0
     assert len(out.read_text().splitlines()) == 2
     assert f"1 rows skipped ({kind}: 1); first: {src}: {needle}" in capsys.readouterr().out

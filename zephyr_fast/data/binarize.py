@@ -258,7 +258,8 @@ def main(argv=None) -> int:
         pairs, report = binarize_rows(rows, seed=args.seed, score=args.score, skip_invalid_rows=args.skip_invalid_rows,
                                       dataset_name=args.input)
     except (ValueError, FileNotFoundError, DataValidationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # the loader's advice names the recipe key; this command's switch is --skip-invalid-rows
+        print(f"error: {str(exc).replace('set skip_invalid_rows: true', 'pass --skip-invalid-rows')}", file=sys.stderr)
         return 2
     tmp = args.output + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -118,12 +118,13 @@ def _setup(cfg: Config) -> tuple:
 
 
 def recipe_tokenizer(cfg: Config):
-    """The recipe's tokenizer (``eos_token`` replaced as TRL does); a bad ``eos_token`` is one line."""
+    """The recipe's tokenizer (``eos_token`` replaced as TRL does); a bad ``eos_token`` or an unreachable /
+    missing tokenizer is one line."""
     m = cfg.model
     try:
         return load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, cfg.data.chat_template,
                               revision=m.model_revision, eos_token=m.eos_token)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{cfg.source}: {e}") from None
 
 
