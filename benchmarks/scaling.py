@@ -4,429 +4,31 @@
     python -m benchmarks.scaling --measure   # re-measure the 'measured' inputs first (tokenizer, gpu.json)
     python -m benchmarks.scaling --check     # exit 1 if docs/SCALING.md is not what the inputs give
 
-Every figure in docs/SCALING.md is computed here from ``benchmarks/scaling_inputs.json`` (each
-input carries its source); the document is never edited by hand. Model, per micro-step of one rank:
-
-* FLOPs: :func:`zephyr_fast.training.metrics.train_flops` (PaLM: ``6·N·tokens + 12·L·d·Σ len²``,
-  N = matmul parameters incl. the LM head), as the trainer logs MFU.
-* ZeRO-3 traffic per rank (ZeRO paper, arXiv 1910.02054, 3Ψ): bf16 all-gather of the parameters
-  in the forward, again in the (recomputing) backward, and a bf16 reduce-scatter of the gradients,
-  each ``2·P·(W-1)/W`` bytes, every micro-step (gradient accumulation does not amortise them:
-  ZeRO-3 re-gathers and reduce-scatters each micro-step). Time = bytes / NCCL bus bandwidth.
-* Memory: model states ``(2 + 2 + K)·P / W`` (bf16 params + bf16 grads + K optimiser bytes),
-  live gathered parameters, layer-boundary checkpoints ``L·d·2`` bytes per token, one layer's
-  working set, the LM head (fused: measured constant workspace; logits: measured bytes/token).
-* Time: ``flops / (W·peak·MFU)`` for compute; comm overlapped (max) or not (sum).
+Every figure in docs/SCALING.md is computed from ``benchmarks/scaling_inputs.json`` (each input
+carries its source); the document is never edited by hand. The model is
+:mod:`benchmarks.scaling_model`, the ``--measure`` step :mod:`benchmarks.scaling_measure`; this
+module renders the markdown and is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
-from zephyr_fast.training.metrics import train_flops
+from benchmarks.scaling_measure import remeasure
+from benchmarks.scaling_model import (GIB, INPUTS, ROOT, Model, attention_flops_term, busbw, load_inputs, val,
+                                      zero2_comm_bytes, zero3_comm_bytes)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INPUTS = os.path.join(ROOT, "benchmarks", "scaling_inputs.json")
 DOC = os.path.join(ROOT, "docs", "SCALING.md")
-GIB = 2 ** 30
 
 
-# ----------------------------------------------------------------------------------------------
-# inputs
-# ----------------------------------------------------------------------------------------------
-def load_inputs(path: str = INPUTS) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _heading(w, text: str) -> None:
+    w(text)
+    w("")
 
 
-def val(inputs: dict, dotted: str):
-    """The ``value`` of the input at ``a.b.c``."""
-    node = inputs
-    for k in dotted.split("."):
-        node = node[k]
-    return node["value"]
-
-
-# ----------------------------------------------------------------------------------------------
-# the model
-# ----------------------------------------------------------------------------------------------
-def shape(inputs: dict, section: str = "model") -> dict:
-    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-    return {k: val(inputs, f"{section}.{k}") for k in keys}
-
-
-def param_counts(s: dict) -> tuple:
-    """``(total, matmul)`` parameters of a Mistral/Llama decoder: ``matmul`` excludes the input
-    embedding table (as :func:`zephyr_fast.training.metrics.count_matmul_params`), keeps the head."""
-    d, f, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
-    d_kv = d * s["num_key_value_heads"] // s["num_attention_heads"]
-    per_layer = d * (d + 2 * d_kv) + d * d + 3 * d * f + 2 * d  # q,k,v,o; gate,up,down; 2 RMSNorms
-    body = L * per_layer + d  # final norm
-    emb = V * d
-    head = V * d  # untied head, or the tied table used as the head
-    total = body + emb + (0 if s["tie_word_embeddings"] else head)
-    return total, body + head
-
-
-def layer_act_bytes_per_token(s: dict) -> int:
-    """bf16 activations one decoder layer saves for backward, per token (FlashAttention: no len²
-    term): RMSNorm inputs (2d), normed inputs to attention and MLP (2d), q + k + v after RoPE
-    (d + 2·d_kv), attention output (d), gate and up (2f), silu(gate) (f), down's input (f)."""
-    d, f = s["hidden_size"], s["intermediate_size"]
-    d_kv = d * s["num_key_value_heads"] // s["num_attention_heads"]
-    return 2 * (5 * d + d + 2 * d_kv) + 2 * (4 * f)
-
-
-def attention_flops_term(s: dict, attn_sq: float) -> float:
-    return 12.0 * s["num_hidden_layers"] * s["hidden_size"] * attn_sq
-
-
-def zero3_comm_bytes(n_params: int, world: int, micro_steps: int = 1, bytes_per_param: int = 2) -> dict:
-    """Per-rank bytes of one optimiser step under ZeRO-3 (each collective moves ``(W-1)/W`` of the
-    full tensor through every rank): forward all-gather, backward all-gather, gradient reduce-scatter,
-    all repeated every micro-step."""
-    per = bytes_per_param * n_params * (world - 1) / world
-    return {"forward_all_gather": per * micro_steps, "backward_all_gather": per * micro_steps,
-            "reduce_scatter": per * micro_steps, "total": 3 * per * micro_steps}
-
-
-def zero2_comm_bytes(n_params: int, world: int, micro_steps: int = 1, bytes_per_param: int = 2) -> dict:
-    """ZeRO-2: parameters replicated; gradients reduce-scattered every micro-step, the updated
-    parameters all-gathered once per optimiser step."""
-    per = bytes_per_param * n_params * (world - 1) / world
-    return {"reduce_scatter": per * micro_steps, "param_all_gather": per, "total": per * (micro_steps + 1)}
-
-
-def model_state_bytes(n_params: int, world: int, optimizer_bytes: int, stage: int = 3) -> float:
-    """bf16 params + bf16 grads + optimiser states (fp32 master + moments), per rank."""
-    if stage == 3:
-        return (2 + 2 + optimizer_bytes) * n_params / world
-    if stage == 2:
-        return 2 * n_params + (2 + optimizer_bytes) * n_params / world
-    raise ValueError(f"stage must be 2 or 3, got {stage}")
-
-
-def busbw(inputs: dict, world: int, fabric: dict) -> float:
-    """NCCL bus bandwidth (bytes/s) of a collective over ``world`` ranks: NVLink within a node,
-    the node's NICs (times the achieved fraction) once it spans nodes."""
-    if world <= val(inputs, "hardware.gpus_per_node"):
-        return val(inputs, "hardware.nccl_busbw_intra_node_gbs") * 1e9
-    frac = fabric.get("achieved_fraction") or val(inputs, "hardware.inter_node_achieved_fraction")
-    return fabric["node_link_gbs"] * frac * 1e9
-
-
-class Model:
-    """The analytical model over one inputs dict; all methods return SI units (bytes, s, FLOPs)."""
-
-    def __init__(self, inputs: dict):
-        self.i = inputs
-        self.s = shape(inputs)
-        self.n_total, self.n_mm = param_counts(self.s)
-        m = inputs.get("measured") or {}
-        self.m = {k: v["value"] for k, v in m.items()}
-        self.peak = val(inputs, "hardware.peak_bf16_tflops") * 1e12
-        self.hbm = val(inputs, "hardware.hbm_gib") * GIB
-        self.fabrics = val(inputs, "hardware.inter_node_fabrics")
-
-    # -- data ---------------------------------------------------------------------------------
-    @property
-    def sft_tokens_per_row(self) -> float:
-        return self.m["sft_sample_tokens"] / self.m["sft_sample_rows"]
-
-    @property
-    def sft_context(self) -> float:
-        """Σ len² / Σ len: the mean attention context of a packed SFT token."""
-        return self.m["sft_sample_attn_sq"] / self.m["sft_sample_tokens"]
-
-    def dpo_tokens_per_pair(self, layout: str = None) -> float:
-        layout = layout or val(self.i, "recipe.dpo_layout")
-        return self.m[f"dpo_tokens_{layout}"] / self.m["dpo_pairs"]
-
-    def dpo_attn_sq_per_pair(self, layout: str = None) -> float:
-        layout = layout or val(self.i, "recipe.dpo_layout")
-        return self.m[f"dpo_attn_sq_{layout}"] / self.m["dpo_pairs"]
-
-    # -- per micro-step ---------------------------------------------------------------------------
-    def sft_micro_tokens(self) -> float:
-        return val(self.i, "recipe.sft_micro_batch_token_budget") * self.m["sft_packing_efficiency_8192"]
-
-    def sft_step_tokens(self) -> float:
-        return self.sft_micro_tokens() * val(self.i, "recipe.sft_gradient_accumulation_8gpu") * 8
-
-    def micro(self, stage: str, world: int) -> dict:
-        """One rank's micro-step at the recipe's global batch: tokens, attn_sq, micro-steps per step."""
-        if stage == "sft":
-            step_tokens = self.sft_step_tokens()
-            budget = self.sft_micro_tokens()
-            per_rank = step_tokens / world
-            ga = max(1, math.ceil(per_rank / budget))
-            tokens = per_rank / ga
-            return {"tokens": tokens, "attn_sq": tokens * self.sft_context, "ga": ga, "feasible": True,
-                    "per_rank_step_tokens": per_rank, "examples": tokens / self.sft_tokens_per_row}
-        pairs_step = val(self.i, "recipe.dpo_global_pairs_per_step")
-        per_rank_pairs = pairs_step / world
-        cap = val(self.i, "recipe.dpo_pairs_per_micro_batch")
-        ga = max(1, math.ceil(per_rank_pairs / cap))
-        pairs = per_rank_pairs / ga
-        return {"tokens": pairs * self.dpo_tokens_per_pair(), "attn_sq": pairs * self.dpo_attn_sq_per_pair(),
-                "ga": ga, "feasible": per_rank_pairs >= 1, "examples": pairs,
-                "per_rank_step_tokens": per_rank_pairs * self.dpo_tokens_per_pair()}
-
-    def flops(self, tokens: float, attn_sq: float) -> float:
-        return train_flops(self.n_mm, self.s["num_hidden_layers"], self.s["hidden_size"], tokens, attn_sq)
-
-    def compute_time(self, flops: float, mfu: float) -> float:
-        return flops / (self.peak * mfu)
-
-    def comm_time(self, world: int, fabric: dict, micro_steps: int = 1, variant: str = "zero3") -> float:
-        """Seconds of ZeRO traffic per optimiser step on one rank."""
-        if world == 1:
-            return 0.0
-        bw = busbw(self.i, world, fabric)
-        if variant == "zero3":
-            return zero3_comm_bytes(self.n_total, world, micro_steps)["total"] / bw
-        if variant == "zero2":
-            return zero2_comm_bytes(self.n_total, world, micro_steps)["total"] / bw
-        if variant == "zero++":  # hpZ + qwZ + qgZ
-            b = val(self.i, "assumptions.zeropp_bytes_per_param")
-            frac = (world - 1) / world
-            g = val(self.i, "hardware.gpus_per_node")
-            intra = busbw(self.i, min(world, g), fabric)
-            node = min(world, g)
-            cross = self.n_total * frac * (b["forward_all_gather"] + b["reduce_scatter"]) / bw
-            within = self.n_total * (node - 1) / node * b["backward_all_gather_intra"] / intra
-            return micro_steps * (cross + within)
-        raise ValueError(variant)
-
-    def optimizer_time(self, world: int, optim: str) -> float:
-        per = val(self.i, "assumptions.optimizer_step_bytes_per_param")[optim]
-        return per * self.n_total / world / (val(self.i, "hardware.hbm_bandwidth_gbs") * 1e9)
-
-    def step(self, stage: str, world: int, mfu: float, fabric: dict = None, variant: str = "zero3") -> dict:
-        fabric = fabric or self.fabrics[0]
-        mb = self.micro(stage, world)
-        f_micro = self.flops(mb["tokens"], mb["attn_sq"])
-        t_c = self.compute_time(f_micro, mfu)
-        t_m = self.comm_time(world, fabric, 1, variant)
-        optim = "adamw" if stage == "sft" else "rmsprop"
-        t_opt = self.optimizer_time(world, optim)
-        return {**mb, "flops_micro": f_micro, "flops_step": f_micro * mb["ga"] * world,
-                "t_compute": t_c, "t_comm": t_m,
-                "t_step_overlap": mb["ga"] * max(t_c, t_m) + t_opt,
-                "t_step_serial": mb["ga"] * (t_c + t_m) + t_opt, "t_opt": t_opt,
-                "comm_bytes_step": zero3_comm_bytes(self.n_total, world, mb["ga"])["total"]}
-
-    def threshold_tokens(self, world: int, mfu: float, fabric: dict = None, variant: str = "zero3") -> float:
-        """Micro-batch tokens per rank below which ZeRO traffic takes longer than the compute."""
-        fabric = fabric or self.fabrics[0]
-        t_m = self.comm_time(world, fabric, 1, variant)
-        per_token = self.flops(1, 0) / (self.peak * mfu)
-        return t_m / per_token
-
-    # -- epochs ---------------------------------------------------------------------------------
-    def sft_epoch_tokens(self) -> float:
-        return val(self.i, "data.ultrachat_train_rows") * self.sft_tokens_per_row
-
-    def dpo_epoch_steps(self) -> float:
-        return val(self.i, "data.ultrafeedback_train_pairs") / val(self.i, "recipe.dpo_global_pairs_per_step")
-
-    def sft_epoch_steps(self) -> float:
-        return self.sft_epoch_tokens() / self.sft_step_tokens()
-
-    def epoch_time(self, stage: str, world: int, mfu: float, overlap: bool = True, **kw) -> float:
-        st = self.step(stage, world, mfu, **kw)
-        steps = self.sft_epoch_steps() if stage == "sft" else self.dpo_epoch_steps()
-        return steps * (st["t_step_overlap"] if overlap else st["t_step_serial"])
-
-    def reference_pass_time(self, world: int, mfu: float) -> float:
-        """The offline reference log-prob pass over the train pairs (forward only: 2·N per token
-        + a third of the attention term), once for all epochs."""
-        pairs = val(self.i, "data.ultrafeedback_train_pairs")
-        tokens = pairs * self.dpo_tokens_per_pair()
-        f = self.flops(tokens, pairs * self.dpo_attn_sq_per_pair()) / 3.0
-        return f / (world * self.peak * mfu)
-
-    # -- memory ---------------------------------------------------------------------------------
-    def act_bytes_per_token(self) -> dict:
-        """Per-token activation bytes with full-layer checkpointing: the layer-boundary checkpoints
-        (L·d·2) + the working set of the one layer being recomputed (calibrated)."""
-        cal = self.activation_calibration()["scale"]
-        ckpt = self.s["num_hidden_layers"] * self.s["hidden_size"] * 2
-        layer = layer_act_bytes_per_token(self.s) * cal * val(self.i, "assumptions.layer_working_set_factor")
-        head_io = 2 * 2 * self.s["hidden_size"]  # bf16 hidden into the head and its gradient
-        return {"checkpoints": ckpt, "layer": layer, "head_io": head_io}
-
-    def activation_calibration(self) -> dict:
-        """Measured activation bytes/token/layer of the 1B fwd+bwd (no checkpointing) vs the formula."""
-        s1 = shape(self.i, "calibration_model")
-        n1, _ = param_counts(s1)
-        peak = self.m["cal_packed_fused_peak_bytes"]
-        ws = self.m["cal_fused_head_workspace_bytes"]
-        per = (peak - 2 * n1 - ws) / self.m["cal_tokens"] / s1["num_hidden_layers"]
-        formula = layer_act_bytes_per_token(s1)
-        return {"measured": per, "formula": formula, "scale": per / formula}
-
-    def memory(self, world: int, tokens: float, stage: str = "sft", head: str = "fused", zero: int = 3,
-               hpz: bool = False) -> dict:
-        optim = val(self.i, f"recipe.{'sft' if stage == 'sft' else 'dpo'}_optimizer_state_bytes_per_param")
-        a = self.act_bytes_per_token()
-        parts = {
-            "model states": model_state_bytes(self.n_total, world, optim, zero),
-            "gathered params (stage3_max_live_parameters)": 2 * min(val(self.i, "recipe.stage3_max_live_parameters"),
-                                                                      self.n_total) if zero == 3 else 0.0,
-            "hpZ secondary copy": 2 * self.n_total / val(self.i, "hardware.gpus_per_node") if hpz else 0.0,
-            "layer checkpoints": a["checkpoints"] * tokens,
-            "recomputed layer working set": a["layer"] * tokens,
-            "LM head": (self.m["cal_fused_head_workspace_bytes"] if head == "fused"
-                        else self.m["logits_bytes_per_token"] * tokens) + a["head_io"] * tokens,
-        }
-        parts["total"] = sum(parts.values())
-        return parts
-
-    def usable_hbm(self) -> float:
-        return self.hbm * (1 - val(self.i, "assumptions.memory_reserve_fraction"))
-
-    def max_micro_tokens(self, world: int, stage: str = "sft", head: str = "fused", zero: int = 3,
-                         hpz: bool = False) -> float:
-        fixed = self.memory(world, 0, stage, head, zero, hpz)["total"]
-        per = self.memory(world, 1, stage, head, zero, hpz)["total"] - fixed
-        return max(0.0, (self.usable_hbm() - fixed) / per)
-
-    # -- calibration & published ------------------------------------------------------------------
-    def calibration_mfu(self) -> dict:
-        """MFU of the measured 1B packed+fused fwd+bwd on one H200 (no checkpointing, no comm), and
-        the same hardware efficiency carried to a checkpointed step (÷ recompute factor)."""
-        s1 = shape(self.i, "calibration_model")
-        _, nmm = param_counts(s1)
-        f = train_flops(nmm, s1["num_hidden_layers"], s1["hidden_size"], self.m["cal_tokens"], self.m["cal_attn_sq"])
-        peak = val(self.i, "hardware.calibration_peak_bf16_tflops") * 1e12
-        hfu = f / self.m["cal_packed_fused_time_s"] / peak
-        return {"flops": f, "mfu_measured": hfu, "mfu_checkpointed": hfu / val(self.i, "assumptions.recompute_factor"),
-                "n_mm": nmm}
-
-    def mfu_range(self) -> tuple:
-        return self.calibration_mfu()["mfu_checkpointed"], val(self.i, "assumptions.mfu_reference_high")
-
-    def published(self) -> dict:
-        p = lambda k: val(self.i, f"published.{k}")  # noqa: E731
-        g, peak = p("num_gpus"), self.peak
-        # dDPO: pairs per step from the logged rates; TRL computed the reference forward every step;
-        # train_runtime includes the in-training evaluations (every eval_steps)
-        steps = p("dpo_steps_per_second") * p("dpo_runtime_s")
-        evals = math.floor(steps / p("dpo_eval_steps"))
-        train_s = p("dpo_runtime_s") - evals * p("dpo_eval_runtime_s")
-        pairs_per_step = p("dpo_train_samples") * p("dpo_epochs") / steps
-        waste = self.m["dpo_padding_waste_2_pairs"]
-        real = p("dpo_train_samples") * p("dpo_epochs") * self.dpo_tokens_per_pair("separate")
-        attn = p("dpo_train_samples") * p("dpo_epochs") * self.dpo_attn_sq_per_pair("separate")
-        useful = self.flops(real, attn)
-        done = (useful + self.flops(real, attn) / 3.0) / (1 - waste)  # + reference forward, on padded rows
-        dpo = {"steps": steps, "evals": evals, "train_s": train_s, "pairs_per_step": pairs_per_step,
-               "per_device_pairs": pairs_per_step / g, "useful_flops": useful, "executed_flops": done, "waste": waste,
-               "mfu_useful": useful / (train_s * g * peak), "mfu_executed": done / (train_s * g * peak),
-               "gpu_hours": p("dpo_runtime_s") * g / 3600, "train_gpu_hours": train_s * g / 3600,
-               "step_s": train_s / steps}
-        # dSFT: TRL ConstantLengthDataset with __len__ = raw rows: the epoch fraction counts chunks
-        L = p("sft_packed_seq_length")
-        chunks = p("sft_epoch_reached") * val(self.i, "data.ultrachat_train_rows")
-        tokens = chunks * L
-        f = self.flops(tokens, chunks * L * L)
-        train_s = p("sft_runtime_s") - p("sft_eval_runtime_s")
-        ours = self.flops(tokens, tokens * self.sft_context)  # the same tokens packed per conversation
-        sft = {"chunks": chunks, "tokens": tokens, "tokens_per_row": tokens / val(self.i, "data.ultrachat_train_rows"),
-               "flops": f, "train_s": train_s, "mfu": f / (train_s * g * peak),
-               "mfu_if_8": f / (train_s * 8 * peak), "gpu_hours": p("sft_runtime_s") * g / 3600,
-               "train_gpu_hours": train_s * g / 3600, "planned_steps": p("sft_steps_per_second") * p("sft_runtime_s"),
-               "attention_saving": 1 - ours / f}
-        hg = p("handbook_dpo_num_gpus")
-        hb = {"gpu_hours": p("handbook_dpo_runtime_s") * hg / 3600,
-              "pairs_per_s_per_gpu": p("handbook_dpo_train_samples") / p("handbook_dpo_runtime_s") / hg}
-        return {"dpo": dpo, "sft": sft, "handbook_dpo": hb}
-
-
-# ----------------------------------------------------------------------------------------------
-# measuring the 'measured' inputs (tokenizer + benchmarks/results/gpu.json); not run by the tests
-# ----------------------------------------------------------------------------------------------
-def measure(root: str = ROOT) -> dict:
-    from benchmarks.model_cases import real_pairs
-    from zephyr_fast.data.chat import load_tokenizer
-    from zephyr_fast.data.measure import padded_waste
-    from zephyr_fast.data.packing import pack_dpo, pack_sft
-    from zephyr_fast.data.preference import build_dpo_examples
-    from zephyr_fast.data.sft import tokenize_sft
-    from zephyr_fast.training.plan import micro_stats
-
-    def jsonl(*p):
-        with open(os.path.join(root, *p), encoding="utf-8") as f:
-            return [json.loads(x) for x in f if x.strip()]
-
-    out = {}
-
-    def put(key, value, source):
-        out[key] = {"value": value, "source": source}
-
-    tok = load_tokenizer(os.path.join(root, "assets", "tokenizers", "mistral-7b-v0.1"))
-    how = "python -m benchmarks.scaling --measure, real Mistral-7B tokenizer (assets/tokenizers/mistral-7b-v0.1): "
-    uc = jsonl("assets", "data", "ultrachat_200k", "sample16.jsonl")
-    lens = [len(e["input_ids"]) for e in tokenize_sft(uc, tok, max_length=2048, show_progress=False)[0]]
-    s_uc = how + "assets/data/ultrachat_200k/sample16.jsonl (16 real rows), max_length 2048, Zephyr template"
-    put("sft_sample_rows", len(lens), s_uc)
-    put("sft_sample_tokens", sum(lens), s_uc)
-    put("sft_sample_attn_sq", sum(n * n for n in lens), s_uc + " (Σ len², one attention segment per conversation)")
-
-    flat = jsonl("assets", "data", "ultrafeedback_binarized", "flat1k.jsonl")
-    dpo, _ = build_dpo_examples(flat, tok, max_length=1024, max_prompt_length=512, skip_invalid_rows=True,
-                                show_progress=False)
-    s_uf = how + "assets/data/ultrafeedback_binarized/flat1k.jsonl (1000 real pairs), max_length 1024, prompt 512"
-    put("dpo_pairs", len(dpo), s_uf)
-    for layout in ("separate", "prefix_shared"):
-        st = [micro_stats(x) for x in pack_dpo(dpo, 8192, layout=layout, seed=0)]
-        put(f"dpo_tokens_{layout}", sum(x.tokens for x in st), s_uf + f", layout {layout}")
-        put(f"dpo_attn_sq_{layout}", sum(x.attn_sq for x in st),
-            s_uf + f", layout {layout}, Σ len² as zephyr_fast.training.plan.micro_stats counts it")
-    rows = [[len(e["prompt_ids"]) + len(e["chosen_ids"]), len(e["prompt_ids"]) + len(e["rejected_ids"])] for e in dpo]
-    put("dpo_padding_waste_2_pairs", round(padded_waste(rows, 2), 6),
-        s_uf + "; zephyr_fast.data.measure.padded_waste(rows, 2): 2 pairs = 4 rows padded to the longest, seed 0 "
-        "(TRL's batch at zephyr-7b-beta's 2 pairs per device)")
-    uf_sft, _ = tokenize_sft([{"messages": [{"role": "user", "content": r["prompt"]},
-                                             {"role": "assistant", "content": r["chosen"]}]} for r in flat],
-                             tok, max_length=2048, show_progress=False)
-    put("sft_packing_efficiency_8192", round(pack_sft(uf_sft, 8192, seed=0).stats.efficiency, 6),
-        how + "flat1k prompt+chosen as 1000 SFT rows, pack_sft best-fit-decreasing into 8192-token micro-batches "
-        "(the 16 UltraChat rows are too few to fill bins)")
-
-    with open(os.path.join(root, "benchmarks", "results", "gpu.json"), encoding="utf-8") as f:
-        gpu = {b["name"]: b for b in json.load(f)["benchmarks"]}
-    pf = gpu["model[packed+fused-1b]"]
-    g = "benchmarks/results/gpu.json (NVIDIA H200, 2026-11-28, benchmarks/gpu_check.sh) "
-    put("cal_packed_fused_time_s", pf["stats"]["median"],
-        g + "model[packed+fused-1b] median (fwd+bwd, bf16, no checkpointing)")
-    put("cal_packed_fused_peak_bytes", pf["extra_info"]["peak_mem_bytes"],
-        g + "model[packed+fused-1b] peak_mem_bytes (growth beyond the resident weights)")
-    put("cal_tokens", pf["extra_info"]["real_tokens"], g + "model[packed+fused-1b] real_tokens")
-    pairs = real_pairs(pf["extra_info"]["seqs"] // 2)
-    seqs = [p + c for p, c, _ in pairs] + [p + j for p, _, j in pairs]
-    if sum(len(x) for x in seqs) != pf["extra_info"]["real_tokens"]:
-        raise SystemExit("benchmarks.model_cases.real_pairs no longer gives the sequences gpu.json measured")
-    put("cal_attn_sq", sum(len(x) ** 2 for x in seqs),
-        "Σ len² of the 32 sequences of model[packed+fused-1b] (benchmarks.model_cases.real_pairs(16))")
-    zf = gpu["lm_head[ce-zephyr_fast-mistral-7b]"]["extra_info"]
-    nv = gpu["lm_head[ce-naive_torch-mistral-7b]"]["extra_info"]
-    put("cal_fused_head_workspace_bytes", zf["workspace_bytes"],
-        g + "lm_head[ce-zephyr_fast-mistral-7b] workspace_bytes (N 8192, D 4096, V 32000; beyond x, W, dX, dW)")
-    put("logits_bytes_per_token", nv["workspace_bytes"] / nv["n"],
-        g + "lm_head[ce-naive_torch-mistral-7b] workspace_bytes / N (materialised logits + fp32 softmax + grad)")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# the document
-# ----------------------------------------------------------------------------------------------
 def _n(x: float, nd: int = 0) -> str:
     return f"{x:,.{nd}f}"
 
@@ -458,35 +60,29 @@ def _bound(st: dict) -> str:
     return f"compute-bound, comm ÷ compute {r:.2f}" if r < 1 else f"comm-bound, comm ÷ compute {r:.2f}"
 
 
-def render(inputs: dict) -> str:
+def _figures(inputs: dict) -> dict:
+    """The model and the figures that several sections share, by the names the sections take."""
     M = Model(inputs)
-    V = lambda k: val(inputs, k)  # noqa: E731
     lo, hi = M.mfu_range()
-    cal = M.calibration_mfu()
-    act = M.activation_calibration()
-    pub = M.published()
-    fab = M.fabrics
-    L = []
-    w = L.append
-    w("# 8×A100 on paper: Zephyr-7B dSFT and dDPO with ZeRO-3 and packing")
-    w("")
+    r = M.recipe(8, (lo, hi))
+    return dict(inputs=inputs, M=M, V=lambda k: val(inputs, k), lo=lo, hi=hi, cal=M.calibration_mfu(),
+                act=M.activation_calibration(), pub=M.published(), fab=M.fabrics, s8=r["sft_step"],
+                d8=r["dpo_step"], sft_ep=r["sft_epoch"], dpo_ep=r["dpo_epoch"], ref8=r["ref_pass"],
+                n_dpo_ep=r["dpo_epochs"], dpo_total=r["dpo_total"], mem_sft=r["sft_memory"], mem_dpo=r["dpo_memory"])
+
+
+def _title(w, **_) -> None:
+    """The title and what generates the document."""
+    _heading(w, "# 8×A100 on paper: Zephyr-7B dSFT and dDPO with ZeRO-3 and packing")
     w("Generated by `python -m benchmarks.scaling` from `benchmarks/scaling_inputs.json` (every input with its")
     w("source; `--measure` refreshes the measured ones). Do not edit: `tests/benchmarks/test_scaling.py` checks")
     w("that regenerating reproduces this file. This is a model on paper — no 8-GPU run has been made.")
     w("")
 
-    # ---- headline
-    s8 = {m: M.step("sft", 8, m) for m in (lo, hi)}
-    d8 = {m: M.step("dpo", 8, m) for m in (lo, hi)}
-    sft_ep = {m: M.epoch_time("sft", 8, m) for m in (lo, hi)}
-    dpo_ep = {m: M.epoch_time("dpo", 8, m) for m in (lo, hi)}
-    ref8 = {m: M.reference_pass_time(8, m) for m in (lo, hi)}
-    n_dpo_ep = V("recipe.dpo_epochs")
-    dpo_total = {m: n_dpo_ep * dpo_ep[m] + ref8[m] for m in (lo, hi)}
-    mem_sft = M.memory(8, s8[lo]["tokens"], "sft")
-    mem_dpo = M.memory(8, d8[lo]["tokens"], "dpo")
-    w("## Headline (8× A100-80GB, ZeRO-3, packed, fused LM head)")
-    w("")
+
+def _headline(w, *, M, V, lo, hi, pub, fab, s8, d8, sft_ep, n_dpo_ep, dpo_total, mem_sft, mem_dpo, **_) -> None:
+    """The headline figures at 8 GPUs, the published runs, 16 and 64 GPUs."""
+    _heading(w, "## Headline (8× A100-80GB, ZeRO-3, packed, fused LM head)")
     w(f"- **Model**: {V('model.name')}, {_n(M.n_total / 1e9, 2)} B parameters "
       f"({_n(M.n_mm / 1e9, 2)} B in matmuls incl. the LM head).")
     w(f"- **dSFT step** ({_n(M.sft_step_tokens())} packed tokens, {s8[lo]['ga']} micro-steps of "
@@ -524,9 +120,10 @@ def render(inputs: dict) -> str:
       " at MFU " + _pct(hi) + ", and cannot be split over 64. Knobs: §7.")
     w("")
 
-    # ---- inputs
-    w("## Inputs")
-    w("")
+
+def _inputs_table(w, *, inputs, **_) -> None:
+    """Every input with its value and source."""
+    _heading(w, "## Inputs")
     w("| input | value | source |")
     w("|---|---|---|")
     for sec in ("model", "recipe", "data", "hardware", "assumptions", "published", "measured"):
@@ -537,10 +134,10 @@ def render(inputs: dict) -> str:
             w(f"| `{sec}.{k}` | {v} | {node['source']} |")
     w("")
 
-    # ---- 1 model and data
-    w("## 1. Model and data")
-    w("")
-    d, f_, Lr = M.s["hidden_size"], M.s["intermediate_size"], M.s["num_hidden_layers"]
+
+def _model_and_data(w, *, M, V, pub, **_) -> None:
+    """§1: parameter counts and the measured token statistics."""
+    _heading(w, "## 1. Model and data")
     w(f"- Parameters from the config: {_n(M.n_total)} in all; {_n(M.n_mm)} in matmuls (the input embedding "
       f"table excluded, the untied head kept), the N of `train_flops`.")
     w(f"- dSFT: {_n(M.sft_tokens_per_row, 0)} tokens per UltraChat conversation ({M.m['sft_sample_rows']}-row "
@@ -560,9 +157,10 @@ def render(inputs: dict) -> str:
       f"{_pct(M.m['dpo_padding_waste_2_pairs'])} padding.")
     w("")
 
-    # ---- 2 FLOPs
-    w("## 2. FLOPs per step")
-    w("")
+
+def _flops(w, *, M, V, lo, s8, d8, n_dpo_ep, **_) -> None:
+    """§2: FLOPs per micro-step and per step, and the reference pass."""
+    _heading(w, "## 2. FLOPs per step")
     w("`train_flops(N, L, d, tokens, Σlen²) = 6·N·tokens + 12·L·d·Σlen²` (zephyr_fast/training/metrics.py, the")
     w("function the trainer's MFU uses; recomputation is not credited). Per GPU per micro-step and per step at 8 GPUs:")
     w("")
@@ -583,9 +181,10 @@ def render(inputs: dict) -> str:
       f"{_pct(1 / 3)} every epoch.")
     w("")
 
-    # ---- 3 comm
-    w("## 3. ZeRO-3 communication per step")
-    w("")
+
+def _comm(w, *, inputs, M, V, lo, hi, fab, s8, d8, **_) -> None:
+    """§3: ZeRO-3 bytes, bus bandwidth by fabric, and compute vs comm at 8 GPUs."""
+    _heading(w, "## 3. ZeRO-3 communication per step")
     c8 = zero3_comm_bytes(M.n_total, 8)
     w(f"Per GPU per micro-step (bf16, `2·P·(W−1)/W` each, P = {_n(M.n_total / 1e9, 2)} B): forward all-gather "
       f"{_gb(c8['forward_all_gather'])}, backward all-gather (the checkpointed layer is re-gathered for its "
@@ -621,9 +220,10 @@ def render(inputs: dict) -> str:
     w("Threshold = comm time × peak × MFU ÷ (6·N): below it a micro-step waits on the network.")
     w("")
 
-    # ---- 4 memory
-    w("## 4. Memory per GPU and the micro-batch that fits")
-    w("")
+
+def _memory(w, *, M, V, lo, s8, d8, mem_sft, mem_dpo, **_) -> None:
+    """§4: memory per GPU by part, and the micro-batch that fits by world size."""
+    _heading(w, "## 4. Memory per GPU and the micro-batch that fits")
     w(f"Model states under ZeRO-3: `(2 + 2 + K)·P / W` — bf16 parameters and gradients + K optimiser bytes "
       f"(AdamW K = {V('recipe.sft_optimizer_state_bytes_per_param')}: fp32 master, m, v; RMSprop "
       f"K = {V('recipe.dpo_optimizer_state_bytes_per_param')}: fp32 master, square average). Activations with "
@@ -655,9 +255,10 @@ def render(inputs: dict) -> str:
       f"memory is not what limits them on 8 GPUs; it is what a larger micro-batch (§7) spends.")
     w("")
 
-    # ---- 5 time
-    w("## 5. Time per step and per epoch; the published run")
-    w("")
+
+def _time(w, *, M, V, lo, hi, s8, d8, sft_ep, dpo_ep, ref8, dpo_total, **_) -> None:
+    """§5: step and epoch times at 8 GPUs over the MFU range."""
+    _heading(w, "## 5. Time per step and per epoch; the published run")
     w(f"MFU range: {_pct(lo)} (the H200 calibration carried to a checkpointed step, §6) to {_pct(hi)} "
       f"(llm-foundry's measured MPT-7B, FSDP full-shard + checkpointing, 8× A100-80GB).")
     w("")
@@ -673,6 +274,10 @@ def render(inputs: dict) -> str:
           f"{_n(M.dpo_epoch_steps())} | {_t(dpo_ep[mfu])} | {_t(dpo_total[mfu])} (incl. reference pass "
           f"{_t(ref8[mfu])}) |")
     w("")
+
+
+def _published_runs(w, *, V, lo, hi, pub, sft_ep, dpo_ep, dpo_total, **_) -> None:
+    """§5, continued: the published runs against this model."""
     pd, ps, hb = pub["dpo"], pub["sft"], pub["handbook_dpo"]
     w("Published (the `all_results.json` of the released models; hardware from the paper as quoted — see inputs):")
     w("")
@@ -709,9 +314,10 @@ def render(inputs: dict) -> str:
       "peak TFLOP/s).")
     w("")
 
-    # ---- 6 calibration
-    w("## 6. Calibration")
-    w("")
+
+def _calibration(w, *, M, V, lo, cal, act, **_) -> None:
+    """§6: where the MFU range and the activation scale come from."""
+    _heading(w, "## 6. Calibration")
     w(f"- **Compute efficiency** (benchmarks/results/gpu.json, NVIDIA H200): the 1B packed + fused-head "
       f"forward+backward "
       f"of {M.m['cal_tokens']:,} real tokens took {_t(M.m['cal_packed_fused_time_s'])} = "
@@ -733,9 +339,10 @@ def render(inputs: dict) -> str:
       "The calibration therefore uses the GPU figures only.")
     w("")
 
-    # ---- 7 scaling
-    w("## 7. 16 and 64 GPUs: which knob")
-    w("")
+
+def _scaling_tables(w, *, M, V, hi, fab, **_) -> None:
+    """§7: the 16- and 64-GPU table and the overlap thresholds by fabric."""
+    _heading(w, "## 7. 16 and 64 GPUs: which knob")
     w("Fixed global batch (the recipe's): tokens per GPU per step fall as 1/W while ZeRO-3 traffic per micro-step")
     w("stays ≈ 6·P bytes — and leaves NVLink for the node's NICs.")
     w("")
@@ -765,6 +372,10 @@ def render(inputs: dict) -> str:
         w(f"| {fb['name']} | {_n(M.threshold_tokens(8, hi, fb))} | {_n(M.threshold_tokens(16, hi, fb))} | "
           f"{_n(M.threshold_tokens(64, hi, fb))} | {_n(M.threshold_tokens(64, hi, fb, 'zero++'))} |")
     w("")
+
+
+def _knobs_sft_and_16(w, *, M, V, hi, fab, **_) -> None:
+    """§7, knobs 1-2: dSFT at 16 and 64 GPUs, dDPO at 16."""
     d16 = M.micro("dpo", 16)
     thr16 = {fb["name"]: M.threshold_tokens(16, hi, fb) for fb in fab}
     w("Knobs, in order:")
@@ -793,6 +404,10 @@ def render(inputs: dict) -> str:
       f"a hyper-parameter change to re-validate — or turn "
       "on ZeRO++ (hpZ keeps the backward all-gather on NVLink for 2·P/8 bytes more per GPU; qwZ/qgZ quantise the "
       "cross-node traffic): the ZeRO++ column above.")
+
+
+def _knobs_64_and_beyond(w, *, M, V, lo, hi, fab, d8, dpo_total, **_) -> None:
+    """§7, knobs 3-5: dDPO at 64 GPUs, ZeRO-2, packing length."""
     big = V("published.handbook_dpo_pairs_per_step")
     t2 = big / 64 * M.dpo_tokens_per_pair()
     r64 = {fb["name"]: M.comm_time(64, fb) / M.compute_time(M.flops(t2, big / 64 * M.dpo_attn_sq_per_pair()), hi)
@@ -816,9 +431,10 @@ def render(inputs: dict) -> str:
       f"it with more pairs per micro-step (a larger budget) to stay above the threshold.")
     w("")
 
-    # ---- assumed vs measured
-    w("## Assumed vs measured")
-    w("")
+
+def _caveats(w, *, M, V, pub, **_) -> None:
+    """Which inputs are measured, cited, from specs or assumed; what the model leaves out."""
+    _heading(w, "## Assumed vs measured")
     w("- **Measured here** (bundled samples, real tokenizer; `--measure`): tokens and Σlen² per UltraChat row and per "
       "UltraFeedback pair, packing efficiency, padding waste. **Measured in this repo on a GPU**: the H200 1B "
       "step time and peak memory, the LM-head workspace and logits bytes (gpu.json).")
@@ -831,8 +447,8 @@ def render(inputs: dict) -> str:
       "perfect overlap in the 'overlapped' column, ZeRO++ byte counts "
       "from its paper, and 16 A100s for the published runs (the paper as quoted; the result files name no hardware).")
     w("")
-    w("## Left out")
-    w("")
+
+    _heading(w, "## Left out")
     w("- No 8-GPU (or any multi-GPU) run exists yet; every multi-GPU figure here is the model's.")
     w("- UltraChat lengths come from 16 rows (the cross-check against the published run's chunk count agrees within "
       f"{_pct(abs(M.sft_tokens_per_row / pub['sft']['tokens_per_row'] - 1))}).")
@@ -841,7 +457,19 @@ def render(inputs: dict) -> str:
     w("- The attention FLOPs of the prefix-shared layout are counted as the trainer counts them (one segment "
       "per pair), "
       "an over-count of what the masked kernel does.")
-    return "\n".join(L) + "\n"
+
+
+SECTIONS = (_title, _headline, _inputs_table, _model_and_data, _flops, _comm, _memory, _time, _published_runs,
+            _calibration, _scaling_tables, _knobs_sft_and_16, _knobs_64_and_beyond, _caveats)
+
+
+def render(inputs: dict) -> str:
+    """docs/SCALING.md as the inputs give it."""
+    figures = _figures(inputs)
+    lines = []
+    for section in SECTIONS:
+        section(lines.append, **figures)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -851,12 +479,7 @@ def main(argv=None) -> int:
     ap.add_argument("--measure", action="store_true", help="re-measure the 'measured' inputs and rewrite the JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 if --out differs from what the inputs give")
     a = ap.parse_args(argv)
-    inputs = load_inputs(a.inputs)
-    if a.measure:
-        inputs["measured"] = measure()
-        with open(a.inputs, "w", encoding="utf-8") as f:
-            json.dump(inputs, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+    inputs = remeasure(a.inputs) if a.measure else load_inputs(a.inputs)
     text = render(inputs)
     if a.check:
         with open(a.out, encoding="utf-8") as f:

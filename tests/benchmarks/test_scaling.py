@@ -1,5 +1,5 @@
 """benchmarks/scaling.py (issue 13): docs/SCALING.md is exactly what the inputs JSON gives, and the
-model's pieces check out on cases small enough to work by hand."""
+model's pieces (benchmarks/scaling_model.py) check out on cases small enough to work by hand."""
 
 import copy
 import os
@@ -7,6 +7,7 @@ import os
 import pytest
 
 from benchmarks import scaling as S
+from benchmarks import scaling_model as SM
 from zephyr_fast.training.metrics import train_flops
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
@@ -15,7 +16,7 @@ TINY = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_
 
 @pytest.fixture(scope="module")
 def inputs():
-    return S.load_inputs()
+    return SM.load_inputs()
 
 
 def _with_model(inputs, shape):
@@ -51,44 +52,44 @@ def test_every_input_has_a_source(inputs):
 def test_param_counts_by_hand():
     # per layer: q 8x8, k,v 8x4 each, o 8x8 = 192; gate/up/down 3x8x16 = 384; 2 norms 16 -> 592
     # body 2x592 + final norm 8 = 1192; head 10x8 = 80; embedding 80 (excluded from the matmul N)
-    assert S.param_counts(TINY) == (1192 + 80 + 80, 1192 + 80)
-    assert S.param_counts({**TINY, "tie_word_embeddings": True}) == (1192 + 80, 1192 + 80)
+    assert SM.param_counts(TINY) == (1192 + 80 + 80, 1192 + 80)
+    assert SM.param_counts({**TINY, "tie_word_embeddings": True}) == (1192 + 80, 1192 + 80)
 
 
 def test_mistral_7b_parameter_count(inputs):
-    total, mm = S.param_counts(S.shape(inputs))
+    total, mm = SM.param_counts(SM.shape(inputs))
     assert total == 7_241_732_096  # Mistral-7B-v0.1's published 7.24B
     assert total - mm == 32000 * 4096  # the input embedding table
 
 
 def test_flops_equal_train_flops_on_a_tiny_case(inputs):
-    m = S.Model(_with_model(inputs, TINY))
+    m = SM.Model(_with_model(inputs, TINY))
     # 6 * 1272 * 5 + 12 * 2 * 8 * 13 = 38160 + 2496
     assert m.flops(5, 13) == train_flops(1272, 2, 8, 5, 13) == 40656
 
 
 def test_zero_comm_bytes_by_hand():
-    c = S.zero3_comm_bytes(1000, 4, micro_steps=2)
+    c = SM.zero3_comm_bytes(1000, 4, micro_steps=2)
     # each collective: 2 bytes x 1000 x 3/4 = 1500 per micro-step
     assert c == {"forward_all_gather": 3000, "backward_all_gather": 3000, "reduce_scatter": 3000, "total": 9000}
-    assert S.zero3_comm_bytes(1000, 1)["total"] == 0
-    z2 = S.zero2_comm_bytes(1000, 4, micro_steps=2)
+    assert SM.zero3_comm_bytes(1000, 1)["total"] == 0
+    z2 = SM.zero2_comm_bytes(1000, 4, micro_steps=2)
     assert z2["total"] == 1500 * 3  # reduce-scatter per micro-step + one parameter all-gather
 
 
 def test_comm_time_uses_nvlink_in_a_node_and_nics_across(inputs):
-    m = S.Model(inputs)
+    m = SM.Model(inputs)
     fab = m.fabrics[0]
-    bytes8 = S.zero3_comm_bytes(m.n_total, 8)["total"]
-    assert m.comm_time(8, fab) == pytest.approx(bytes8 / (S.val(inputs, "hardware.nccl_busbw_intra_node_gbs") * 1e9))
-    frac = S.val(inputs, "hardware.inter_node_achieved_fraction")
-    bytes16 = S.zero3_comm_bytes(m.n_total, 16)["total"]
+    bytes8 = SM.zero3_comm_bytes(m.n_total, 8)["total"]
+    assert m.comm_time(8, fab) == pytest.approx(bytes8 / (SM.val(inputs, "hardware.nccl_busbw_intra_node_gbs") * 1e9))
+    frac = SM.val(inputs, "hardware.inter_node_achieved_fraction")
+    bytes16 = SM.zero3_comm_bytes(m.n_total, 16)["total"]
     assert m.comm_time(16, fab) == pytest.approx(bytes16 / (fab["node_link_gbs"] * frac * 1e9))
     assert m.comm_time(64, fab, 1, "zero++") < m.comm_time(64, fab)
 
 
 def test_memory_decreases_with_world_size(inputs):
-    m = S.Model(inputs)
+    m = SM.Model(inputs)
     for stage in ("sft", "dpo"):
         totals = [m.memory(w, 4096, stage)["total"] for w in (1, 2, 4, 8, 16, 64)]
         assert all(a > b for a, b in zip(totals, totals[1:])), totals
@@ -99,12 +100,12 @@ def test_memory_decreases_with_world_size(inputs):
 
 
 def test_model_states_by_hand():
-    assert S.model_state_bytes(100, 4, 12) == (2 + 2 + 12) * 100 / 4
-    assert S.model_state_bytes(100, 4, 8, stage=2) == 2 * 100 + (2 + 8) * 100 / 4
+    assert SM.model_state_bytes(100, 4, 12) == (2 + 2 + 12) * 100 / 4
+    assert SM.model_state_bytes(100, 4, 8, stage=2) == 2 * 100 + (2 + 8) * 100 / 4
 
 
 def test_threshold_balances_compute_and_comm(inputs):
-    m = S.Model(inputs)
+    m = SM.Model(inputs)
     lo, hi = m.mfu_range()
     t = m.threshold_tokens(16, hi, m.fabrics[1])
     assert m.compute_time(m.flops(t, 0), hi) == pytest.approx(m.comm_time(16, m.fabrics[1]))
@@ -112,9 +113,9 @@ def test_threshold_balances_compute_and_comm(inputs):
 
 
 def test_micro_steps_follow_the_recipe(inputs):
-    m = S.Model(inputs)
-    assert m.micro("sft", 8)["ga"] == S.val(inputs, "recipe.sft_gradient_accumulation_8gpu")
-    assert m.micro("dpo", 8)["examples"] == S.val(inputs, "recipe.dpo_pairs_per_micro_batch")
+    m = SM.Model(inputs)
+    assert m.micro("sft", 8)["ga"] == SM.val(inputs, "recipe.sft_gradient_accumulation_8gpu")
+    assert m.micro("dpo", 8)["examples"] == SM.val(inputs, "recipe.dpo_pairs_per_micro_batch")
     assert not m.micro("dpo", 64)["feasible"]  # 32 pairs cannot be spread over 64 ranks
 
 
