@@ -21,6 +21,7 @@ from zephyr_fast.config import build_config
 from zephyr_fast.train import main
 from zephyr_fast.training import checkpoint as ckpt
 from zephyr_fast.training.checkpoint import CheckpointError, read_manifest, verify_checkpoint, write_manifest
+from zephyr_fast.training.manifest import verifying
 from zephyr_fast.training.metrics import ConfigError, read_metrics
 from zephyr_fast.training.run import RunIdentity, run
 
@@ -66,6 +67,18 @@ def test_a_bit_flip_in_any_artefact_is_refused_naming_the_file(out, name):
     with pytest.raises(CheckpointError, match=rf"checkpoint-2/{name}: content does not match its sha256"):
         verify_checkpoint(str(path / "checkpoint-2"), dist=ONE)
     verify_checkpoint(str(path / "checkpoint-1"), dist=ONE)  # the other checkpoint is untouched
+
+
+def test_loading_overlaps_hashing_but_a_damaged_file_is_reported_as_such(out):
+    """``load_checkpoint`` loads inside ``verifying``: an error the damage caused is replaced by the refusal."""
+    _, path = out
+    flip(path / "checkpoint-2" / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="checkpoint-2/optimizer.pt: content does not match"):
+        with verifying(str(path / "checkpoint-2"), dist=ONE):
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")  # what loading the damage gave
+    with pytest.raises(RuntimeError, match="an error of its own"):  # intact files: the body's error stands
+        with verifying(str(path / "checkpoint-1"), dist=ONE):
+            raise RuntimeError("an error of its own")
 
 
 def test_a_corrupted_manifest_or_an_added_file_is_refused(out):

@@ -28,15 +28,12 @@ saving is one line ``no space left on device writing PATH`` and removes the part
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
 import os
 import pickle
 import random
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -45,24 +42,16 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
-from zephyr_fast.config import ConfigError
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects
+from zephyr_fast.training.manifest import (MANIFEST, CheckpointError, check_listing, fsync_dir, is_complete,
+                                           read_manifest, verify_checkpoint, verifying, write_manifest, writing)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "zephyr_fast.checkpoint"
-MANIFEST_VERSION = 1
-CHUNK_BYTES = 64 << 20  # one sha256 per chunk: a large file verifies on several threads / ranks
-_READ_BYTES = 8 << 20
+__all__ = ["MANIFEST", "CheckpointError", "export_final", "is_complete", "list_checkpoints", "load_checkpoint",
+           "read_manifest", "resolve_resume", "safe_torch_load", "safe_torch_loads", "save_checkpoint",
+           "verify_checkpoint", "write_manifest"]
+
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_RE = re.compile(r"^\.checkpoint-.+\.tmp$")
-_DISK_FULL_TEXT = ("No space left", "inline_container", "file write failed")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be trusted, resumed from or written; one line naming the file.
-
-    A :class:`~zephyr_fast.config.ConfigError`, so the launcher ends with status 2 and that line.
-    """
 
 
 # ---- RNG -----------------------------------------------------------------------------------------
@@ -135,152 +124,6 @@ def safe_torch_loads():
         torch.load = original
 
 
-# ---- digests and the manifest --------------------------------------------------------------------
-
-def _listing(root: str) -> list:
-    """Every file under ``root`` (relative, sorted) but the manifest and hidden names."""
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = [x for x in dirs if not x.startswith(".")]
-        rel = os.path.relpath(d, root)
-        out += [os.path.normpath(os.path.join(rel, f)) for f in files if not f.startswith(".")]
-    return sorted(p for p in out if p != MANIFEST)
-
-
-def _chunks(sizes: dict) -> list:
-    """``[(rel, offset, length)]``: every file cut into :data:`CHUNK_BYTES` pieces (an empty file: one)."""
-    return [(rel, off, min(CHUNK_BYTES, size - off)) for rel, size in sizes.items()
-            for off in range(0, max(size, 1), CHUNK_BYTES)]
-
-
-def _hash_chunk(root: str, job: tuple, sync: bool) -> str:
-    rel, off, length = job
-    h, buf = hashlib.sha256(), bytearray(min(_READ_BYTES, max(length, 1)))
-    view = memoryview(buf)
-    with open(os.path.join(root, rel), "rb", buffering=0) as f:
-        if sync and off == 0:
-            os.fsync(f.fileno())  # the file's data is on disk before the manifest vouches for it
-        f.seek(off)
-        left = length
-        while left:
-            n = f.readinto(view[:min(left, len(buf))])
-            if not n:
-                break  # shorter than listed: the digest cannot match
-            h.update(view[:n])
-            left -= n
-    return h.hexdigest()
-
-
-def _hash_jobs(root: str, jobs: list, dist: DistInfo, *, sync: bool = False) -> list:
-    """sha256 of every chunk, shared round-robin across ranks and hashed on threads (hashlib releases the GIL)."""
-    world = dist.world_size
-    mine = jobs[dist.rank::world]
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(lambda job: _hash_chunk(root, job, sync), mine))
-    out = [None] * len(jobs)
-    for r, part in enumerate(gather_objects(digests, world)):
-        out[r::world] = part
-    return out
-
-
-def _self_digest(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: str, obj) -> None:
-    """``path`` replaced whole or not at all: write a hidden tmp file, fsync, ``os.replace``, fsync the dir."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with _writing(path), open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def write_manifest(root: str, *, step: int, save_index: int, dist: DistInfo) -> Optional[dict]:
-    """Hash (and fsync) every file under ``root`` and write its manifest last (collective: every rank calls)."""
-    rels = gather_objects(_listing(root) if dist.is_main else None, dist.world_size)[0]
-    sizes = {rel: os.path.getsize(os.path.join(root, rel)) for rel in rels}
-    jobs = _chunks(sizes)
-    digests = _hash_jobs(root, jobs, dist, sync=True)
-    if not dist.is_main:
-        return None
-    files = {rel: {"size": size, "sha256": []} for rel, size in sizes.items()}
-    for (rel, _, _), d in zip(jobs, digests):
-        files[rel]["sha256"].append(d)
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "save_index": save_index,
-                "chunk_bytes": CHUNK_BYTES, "files": files}
-    manifest["manifest_sha256"] = _self_digest(manifest)
-    atomic_write_json(os.path.join(root, MANIFEST), manifest)
-    return manifest
-
-
-def read_manifest(path: str) -> dict:
-    """The checkpoint's parsed, self-consistent manifest; :class:`CheckpointError` when missing or invalid."""
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
-        raise CheckpointError(f"{path}: not a complete checkpoint (no {MANIFEST}: its save was interrupted, or it "
-                              f"predates checkpoint digests)")
-    try:
-        with open(mpath) as f:
-            m = json.load(f)
-        ok = (m.get("format") == MANIFEST_FORMAT and m.get("version") == MANIFEST_VERSION
-              and m.get("chunk_bytes") == CHUNK_BYTES and isinstance(m.get("step"), int)
-              and isinstance(m.get("save_index"), int) and "trainer_state.json" in m.get("files", {}))
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        ok = False
-    if not ok or m.get("manifest_sha256") != _self_digest(m):
-        raise CheckpointError(f"{mpath}: corrupted or not a zephyr_fast checkpoint manifest")
-    return m
-
-
-def _check_listing(path: str, m: dict) -> None:
-    """Every listed file present at its listed size, nothing unlisted (DeepSpeed globs its shard names)."""
-    for rel, entry in m["files"].items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            raise CheckpointError(f"{full}: missing (listed in {MANIFEST})")
-        size = os.path.getsize(full)
-        if size != entry["size"]:
-            raise CheckpointError(f"{full}: {size} bytes, its manifest says {entry['size']} (truncated or modified)")
-    extra = sorted(set(_listing(path)) - set(m["files"]))
-    if extra:
-        raise CheckpointError(f"{os.path.join(path, extra[0])}: not in the checkpoint's {MANIFEST} (added after "
-                              f"the save); remove it")
-
-
-def is_complete(path: str) -> bool:
-    """A valid manifest, and every file it lists present at its size (content is checked on load)."""
-    try:
-        _check_listing(path, read_manifest(path))
-    except CheckpointError:
-        return False
-    return True
-
-
-def verify_checkpoint(path: str, *, dist: DistInfo) -> dict:
-    """Check every file of ``path`` against its manifest (collective); the manifest, or one-line refusal."""
-    m = read_manifest(path)
-    _check_listing(path, m)
-    jobs = _chunks({rel: e["size"] for rel, e in m["files"].items()})
-    bad = [rel for (rel, off, _), d in zip(jobs, _hash_jobs(path, jobs, dist))
-           if d != m["files"][rel]["sha256"][off // CHUNK_BYTES]]
-    if bad:
-        raise CheckpointError(f"{os.path.join(path, bad[0])}: content does not match its sha256 in {MANIFEST} "
-                              f"(corrupted); resume from another checkpoint")
-    return m
-
-
 # ---- discovery -----------------------------------------------------------------------------------
 
 def _complete(output_dir: str) -> list:
@@ -310,28 +153,11 @@ def resolve_resume(arg: Optional[str], output_dir: str) -> Optional[str]:
         return (list_checkpoints(output_dir) or [None])[-1]
     if not os.path.isdir(arg):
         raise CheckpointError(f"{arg}: resume_from_checkpoint: no such checkpoint directory")
-    _check_listing(arg, read_manifest(arg))
+    check_listing(arg, read_manifest(arg))
     return arg
 
 
 # ---- saving --------------------------------------------------------------------------------------
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC / EDQUOT, or torch's / safetensors' wrapped text of it (``inline_container`` write failures)."""
-    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            or any(t in str(exc) for t in _DISK_FULL_TEXT))  # RuntimeError (torch), SafetensorError (safetensors)
-
-
-@contextlib.contextmanager
-def _writing(path: str):
-    """A full disk while writing ``path`` is one line naming it."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - only disk-full is translated; anything else propagates as is
-        if not is_disk_full(e):
-            raise
-        raise CheckpointError(f"no space left on device writing {path}") from None
-
 
 def _collectively(dist: DistInfo, tmp: str, fn: Callable) -> None:
     """Run ``fn`` on every rank; a rank's :class:`CheckpointError` removes ``tmp`` and is raised on all ranks."""
@@ -348,7 +174,7 @@ def _collectively(dist: DistInfo, tmp: str, fn: Callable) -> None:
 
 
 def _write(path: str, write: Callable) -> None:
-    with _writing(path):
+    with writing(path):
         write(path)
 
 
@@ -382,11 +208,11 @@ def _retire(path: str) -> None:
 
 def _publish(tmp: str, final: str) -> None:
     """Rename the finished ``tmp`` into place (an existing same-step checkpoint is replaced)."""
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if os.path.exists(final):  # re-saving a step on a new branch after a resume
         _retire(final)
     os.replace(tmp, final)
-    _fsync_dir(os.path.dirname(final))
+    fsync_dir(os.path.dirname(final))
 
 
 def _prune(output_dir: str, keep: str, total_limit: Optional[int]) -> None:
@@ -427,24 +253,24 @@ def _next_save_index(output_dir: str) -> int:
 # ---- loading -------------------------------------------------------------------------------------
 
 def load_checkpoint(path: str, *, dist: DistInfo, model, optimizer, scheduler, engine=None) -> dict:
-    """Verify ``path`` against its manifest, then restore model, optimiser, scheduler and RNG;
-    returns its trainer_state (with the manifest's ``save_index``)."""
-    manifest = verify_checkpoint(path, dist=dist)
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    if engine is not None:
-        with safe_torch_loads():
-            load_path, _ = engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-        if load_path is None:
-            raise CheckpointError(f"{path}/ds: DeepSpeed found no state to resume from")
-    else:
-        load_model(model, os.path.join(path, "model.safetensors"))
-        optimizer.load_state_dict(safe_torch_load(os.path.join(path, "optimizer.pt")))
-    scheduler.load_state_dict(safe_torch_load(os.path.join(path, "scheduler.pt")))
-    rng_path = os.path.join(path, f"rng_state_{dist.rank}.pt")
-    if os.path.exists(rng_path):
-        _set_rng_state(safe_torch_load(rng_path))
+    """Restore model, optimiser, scheduler and RNG from ``path`` while it is verified against its manifest
+    (refused in one line naming the file); returns its trainer_state (with the manifest's ``save_index``)."""
+    with verifying(path, dist=dist) as manifest:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        if engine is not None:
+            with safe_torch_loads():
+                load_path, _ = engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+            if load_path is None:
+                raise CheckpointError(f"{path}/ds: DeepSpeed found no state to resume from")
+        else:
+            load_model(model, os.path.join(path, "model.safetensors"))
+            optimizer.load_state_dict(safe_torch_load(os.path.join(path, "optimizer.pt")))
+        scheduler.load_state_dict(safe_torch_load(os.path.join(path, "scheduler.pt")))
+        rng_path = os.path.join(path, f"rng_state_{dist.rank}.pt")
+        if os.path.exists(rng_path):
+            _set_rng_state(safe_torch_load(rng_path))
     state["save_index"] = manifest["save_index"]
     return state
 
