@@ -230,6 +230,7 @@ def save_checkpoint(output_dir: str, step: int, *, dist: DistInfo, model, optimi
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
     if dist.is_main:
+        os.makedirs(output_dir, exist_ok=True)
         _clear_tmp(output_dir)
     _collectively(dist, tmp, lambda: _write(tmp, os.makedirs) if dist.is_main else None)
     barrier()
