@@ -112,6 +112,17 @@ def test_a_changed_config_is_refused_unless_allowed(out, capsys):
     assert allowed.config_hash == RunIdentity(build_config(r, source="test"), None).config_hash  # not a change
 
 
+def test_a_moved_run_with_new_logging_saving_and_reporting_resumes(out, tmp_path):
+    """Where a run writes and how often it logs, saves, evaluates and reports may change on resume
+    (RESUMABLE_KEYS): the run folder copied elsewhere resumes without the flag."""
+    r, path = out
+    moved = tmp_path / "moved"
+    shutil.copytree(path, moved)
+    s = resume(r, output_dir=str(moved), logging_steps=5, save_total_limit=1, save_steps=2, eval_strategy="epoch",
+               report_to=["tensorboard"])
+    assert s["finished"] and s["global_step"] == 3
+
+
 def test_changed_train_data_is_refused_unless_allowed(sft_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(sft_dir, data)

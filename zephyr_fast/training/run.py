@@ -277,10 +277,23 @@ def _train_summary(stage, state: LoopState, plan) -> dict:
     }
 
 
+# what a resumed run may change without changing what it trains: where it writes and how often it
+# logs, evaluates, saves, reports and pushes (every other key must match the checkpoint's)
+RESUMABLE_KEYS = ("output_dir", "resume_from_checkpoint", "resume_allow_changes", "save_total_limit", "save_steps",
+                  "save_strategy", "save_final_model", "logging_steps", "logging_first_step", "eval_strategy",
+                  "eval_steps", "per_device_eval_batch_size", "report_to", "run_name", "wandb_project",
+                  "wandb_entity", "wandb_run_group", "push_to_hub", "hub_model_id", "hub_strategy",
+                  "hub_private_repo", "hub_model_revision", "hub_token", "peak_tflops")
+
+
 def _resume_view(cfg: Config) -> Config:
-    """The config minus the keys a resumed run may legitimately change."""
+    """The config minus the keys a resumed run may legitimately change (:data:`RESUMABLE_KEYS`, the
+    reference cache's location)."""
     c = copy.deepcopy(cfg)
-    c.training.resume_from_checkpoint = None
+    fresh = type(c.training)(stage=c.training.stage)
+    for key in RESUMABLE_KEYS:
+        setattr(c.training, key, getattr(fresh, key))
+    c.dpo.ref_logps_dir = None
     c.source = None
     return c
 
