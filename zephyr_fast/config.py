@@ -20,7 +20,8 @@ is built: ``data`` is ``zephyr_fast.data.loading.DataConfig``, ``dpo`` is the DP
 ``DPOConfig`` (checked by ``zephyr_kernels.check_dpo_args``), ``model`` / ``training`` live here.
 :class:`Config` derives the one value that spans sections, the micro-batch token budget.
 
-Nothing here executes code from the file: ``yaml.safe_load`` only, ``trust_remote_code`` refused.
+Nothing here executes code from the file: ``yaml.safe_load`` only; ``trust_remote_code`` stays off whatever a
+recipe says (a notice; the model's family must be built into transformers).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 from zephyr_kernels.dispatch import IMPLS
@@ -80,7 +81,6 @@ class ModelConfig:
     model_revision: str = "main"
     dtype: str = "float32"  # parameter dtype (alias torch_dtype)
     attn_implementation: str = "auto"
-    trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     gradient_checkpointing_kwargs: dict = field(default_factory=dict)  # e.g. {use_reentrant: false}
     # QLoRA (bitsandbytes, CUDA only; refused at start elsewhere)
@@ -98,8 +98,6 @@ class ModelConfig:
     )
 
     def __post_init__(self):
-        _check(not self.trust_remote_code, "trust_remote_code",
-               "is refused: zephyr_fast never executes code shipped with a model")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.model_name_or_path is not None or bool(self.model_init), "model_init",
                "is required when model_name_or_path is not set (a random init needs its config)")
@@ -167,12 +165,13 @@ class TrainingConfig:
     tf32: Optional[bool] = None  # TF32 matmuls on CUDA (training.build.set_tf32); None: torch's default
     fp16: bool = False  # refused: fp16 needs loss scaling; use bf16
     deepspeed: Optional[str] = None  # a DeepSpeed JSON or an accelerate config (docs/LAUNCH.md); default ZeRO-3 when world > 1
-    logging_steps: int = 10
+    # step counts below 1 are fractions of the run's optimiser steps (HF: ceil(fraction x total))
+    logging_steps: Union[int, float] = 10
     logging_first_step: bool = False  # also log the first optimiser step
     eval_strategy: str = "no"  # no | steps | epoch (alias evaluation_strategy)
-    eval_steps: int = 0
+    eval_steps: Union[int, float] = 0
     save_strategy: str = "steps"  # no | steps | epoch
-    save_steps: int = 0  # 0: only the final save
+    save_steps: Union[int, float] = 0  # 0: only the final save
     save_total_limit: Optional[int] = 2  # None: keep every checkpoint (HF's default)
     resume_from_checkpoint: Optional[str] = None  # auto | PATH
     resume_allow_changes: bool = False  # resume although the config or data differ from the checkpoint's

@@ -25,6 +25,7 @@ Nothing here imports the sections; :mod:`zephyr_fast.config` passes them in.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from typing import Optional
@@ -169,7 +170,8 @@ ALWAYS = {
     "precompute_ref_log_probs": (True, "zephyr_fast always precomputes the reference log-probs (stage ref_logps) "
                                        "and never holds a reference model"),
     "average_tokens_across_devices": (True, "zephyr_fast always divides the loss by the step's global token count"),
-    "packing_strategy": ("bfd", "zephyr_fast always packs best-fit-decreasing"),
+    "packing_strategy": (("bfd", "ffd"), "zephyr_fast packs best-fit-decreasing, which fills bins at least as "
+                                         "tightly as first-fit-decreasing"),
     "logging_strategy": ("steps", "zephyr_fast logs every logging_steps optimiser steps"),
 }
 
@@ -190,6 +192,8 @@ NO_EFFECT = {
     "include_tokens_per_second": "throughput is always logged (train_tokens_per_second)",
     "save_only_model": "checkpoints always hold the optimiser state so that they resume",
     "force_use_ref_model": "the reference log-probs always come from ref_model_name_or_path (default: the model)",
+    "trust_remote_code": "zephyr_fast never executes code shipped with a model: it stays off, and the model's "
+                         "family must be one built into transformers (SmolLM3, Qwen3, Gemma 3, ... are)",
 }
 
 REFUSED = {
@@ -242,15 +246,22 @@ def extra_keys() -> set:
 def check_always(key: str, value) -> None:
     """``ValueError`` unless ``value`` is what zephyr_fast always does for ``key``."""
     want, what = ALWAYS[key]
-    if value != want:
+    if value not in (want if isinstance(want, tuple) else (want,)):
         raise ValueError(f"{key}: {value!r} is not supported: {what} ({key}: {want!r}); remove it")
 
 
 def check_step_count(key: str, value, where: str) -> None:
-    """HF's ``save_steps: 0.5`` (a fraction of the run) is refused; an integral float is fine."""
-    if isinstance(value, float) and not value.is_integer():
-        raise ConfigError(f"{where}: a fraction of the run ({value}) is not supported; give a number of "
-                          "optimiser steps")
+    """A number of optimiser steps, or HF's fraction of the run (``save_steps: 0.5``, in (0, 1)); a
+    non-integral count above 1 means neither."""
+    if isinstance(value, float) and value > 1 and not value.is_integer():
+        raise ConfigError(f"{where}: must be a number of optimiser steps or a fraction of the run in (0, 1), "
+                          f"got {value}")
+
+
+def steps_every(value, total_steps: int) -> int:
+    """``logging_steps`` / ``eval_steps`` / ``save_steps`` as a step count: a fraction ``0 < value < 1``
+    of the run is ``ceil(value x total_steps)`` (transformers' rule), anything else the count itself."""
+    return math.ceil(value * total_steps) if 0 < value < 1 else int(value)
 
 
 def objective_key(key: str) -> Optional[str]:
@@ -289,7 +300,8 @@ def _extra_key(key: str, value, where: str) -> tuple:
     if refusal:
         raise ValueError(refusal)
     if key in ALWAYS:
-        check_always(key, typed(value, type(ALWAYS[key][0]), where))
+        want = ALWAYS[key][0]
+        check_always(key, typed(value, type(want[0] if isinstance(want, tuple) else want), where))
         return [], None
     if key in NO_EFFECT:
         return [], f"{key}: {NO_EFFECT[key]}"

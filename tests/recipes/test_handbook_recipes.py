@@ -22,12 +22,6 @@ REFUSED = {
     "925acdf/zephyr-141b-A35b/orpo/config_full.yaml": "an alignment-handbook ORPO recipe (folder orpo/)",
     "c8f5bdf/zephyr-141b-A35b/orpo/config_full.yaml": "an alignment-handbook ORPO recipe (folder orpo/)",
     "c8f5bdf/gpt2-nl/cpt/config_full.yaml": "continued pretraining on raw text",
-    "925acdf/smollm3/dpo/apo.yaml": "save_steps: a fraction of the run (0.5) is not supported",
-    "c8f5bdf/smollm3/dpo/apo.yaml": "save_steps: a fraction of the run (0.5) is not supported",
-    "925acdf/smollm3/sft/mid.yaml": "save_steps: a fraction of the run (0.05) is not supported",
-    "c8f5bdf/smollm3/sft/mid.yaml": "save_steps: a fraction of the run (0.05) is not supported",
-    "925acdf/smollm3/sft/sft.yaml": "packing_strategy: 'ffd' is not supported: zephyr_fast always packs best-fit",
-    "c8f5bdf/smollm3/sft/sft.yaml": "packing_strategy: 'ffd' is not supported: zephyr_fast always packs best-fit",
 }
 LOADED = [r for r in RECIPES if r not in REFUSED]
 SFT_UNUSED = ("beta", "loss_type", "label_smoothing", "max_prompt_length")  # DPO keys

@@ -46,7 +46,19 @@ def test_use_flash_attention_2_and_model_init_kwargs_translate():
     assert (c.model.dtype, c.model.model_revision, c.model.attn_implementation) == ("bfloat16", "v1", "eager")
     assert "r.yaml: model_init_kwargs.device_map: has no zephyr_fast equivalent" in err(
         model_init_kwargs={"device_map": "auto"})
-    assert "r.yaml: model_init_kwargs.trust_remote_code: is refused" in err(model_init_kwargs={"trust_remote_code": True})
+    c = cfg_of(model_init_kwargs={"trust_remote_code": True})  # never executed: it stays off, with a notice
+    assert any(n.startswith("trust_remote_code: zephyr_fast never executes code") for n in c.notices)
+
+
+def test_fractional_step_counts_are_fractions_of_the_run():
+    """transformers: logging/eval/save_steps below 1 are ceil(fraction x total optimiser steps)."""
+    from zephyr_fast.recipe_keys import steps_every
+
+    c = cfg_of(save_steps=0.25, logging_steps=0.05, eval_steps=3)
+    assert (c.training.save_steps, c.training.logging_steps, c.training.eval_steps) == (0.25, 0.05, 3)
+    assert isinstance(c.training.eval_steps, int)
+    assert [steps_every(v, 37) for v in (0.25, 0.05, 3, 0)] == [10, 2, 3, 0]
+    assert cfg_of(packing_strategy="ffd").training.packing  # TRL's older first-fit name: best-fit packs as tight
 
 
 def test_always_keys_accept_only_what_zephyr_fast_does():
@@ -63,7 +75,7 @@ def test_always_keys_accept_only_what_zephyr_fast_does():
     ({"optim_args": "a=1"}, "set adam_beta1 / adam_beta2"),
     ({"dataset_kwargs": {"append_concat_token": True}}, "append_concat_token: true is not supported"),
     ({"dataset_kwargs": {"max_seq_length": 3}}, "dataset_kwargs: 'max_seq_length' has no zephyr_fast equivalent"),
-    ({"save_steps": 0.25}, "r.yaml: save_steps: a fraction of the run (0.25) is not supported"),
+    ({"save_steps": 2.5}, "r.yaml: save_steps: must be a number of optimiser steps or a fraction of the run in (0, 1)"),
     ({"dataset_name": "org/ds"}, "r.yaml: dataset_name: give either dataset_name (TRL) or dataset_mixer, not both"),
     ({"dataset_mixer": None, "dataset_name": "d", "dataset_train_split": "sft"}, "dataset_train_split: split 'sft' must"),
     ({"dataset_mixer": None, "dataset_config": "all"}, "needs dataset_name"),

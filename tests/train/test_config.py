@@ -82,7 +82,6 @@ def test_default_token_budget_follows_batch_size_and_stage():
     ({**BASE, "use_peft": "maybe"}, (), "use_peft: expected bool"),
     ({**BASE, "gradient_accumulation_steps": 1.5}, (), "gradient_accumulation_steps: expected int"),
     ({**BASE, "stage": "dpoo"}, (), "stage: must be one of ('sft', 'ref_logps', 'dpo'), got 'dpoo'; did you mean 'dpo'?"),
-    ({**BASE, "trust_remote_code": True}, (), "trust_remote_code: is refused"),
     ({**BASE, "dtype": "fp8"}, (), "dtype: must be one of"),
     ({**BASE, "lr_scheduler_type": "cosine_annealing"}, (), "lr_scheduler_type: must be one of"),
     ({**BASE, "optim": "lion"}, (), "optim: must be one of"),

@@ -40,13 +40,14 @@ def test_bad_eos_token_is_one_line(tmp_path, sft_dir):
 
 
 def test_run_prints_notices_logs_first_step_and_pushes_to_the_hub(tmp_path, sft_dir, local_hub, capsys):  # noqa: F811
-    cfg = build_config(recipe("sft", tmp_path / "zephyr-test", sft_dir, max_steps=3, logging_steps=10,
-                              logging_first_step=True, save_strategy="steps", save_steps=2, push_to_hub=True, hub_token="hf_localtest",
+    # fractions of the run (transformers' rule): logging every ceil(0.5 x 3) = 2 steps, saving every ceil(0.6 x 3) = 2
+    cfg = build_config(recipe("sft", tmp_path / "zephyr-test", sft_dir, max_steps=3, logging_steps=0.5,
+                              logging_first_step=True, save_strategy="steps", save_steps=0.6, push_to_hub=True, hub_token="hf_localtest",
                               hub_strategy="checkpoint", dataset_num_proc=4), source="r.yaml")
     s = run(cfg)
     out = capsys.readouterr().out
     assert "note: dataset_num_proc" in out
-    assert [r["step"] for r in read_jsonl(os.path.join(cfg.training.output_dir, "metrics.jsonl"))] == [1, 3]
+    assert [r["step"] for r in read_jsonl(os.path.join(cfg.training.output_dir, "metrics.jsonl"))] == [1, 2, 3]
     assert s["hub_repo"] == "tester/zephyr-test"
     messages = [c[2] for c in local_hub.commits]
     assert messages == ["Training in progress, checkpoint-2", "checkpoint-2 as last-checkpoint", "End of training"]

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zephyr_fast.config import TrainingConfig
+from zephyr_fast.recipe_keys import steps_every
 from zephyr_fast.training.build import Optimisation
 from zephyr_fast.training.distributed import DistInfo, all_reduce_sum, sharded_forwards
 from zephyr_fast.training.metrics import MetricLogger, peak_memory_gb
@@ -133,6 +134,12 @@ class TrainLoop:
     eval_refs: object = None  # RefLogps of the eval split, or None
     log: Callable = print
 
+    def __post_init__(self):
+        # logging / eval / save intervals in optimiser steps (a fraction of the run resolved now)
+        total_steps = self.plan.total_steps
+        self.every = {k: max(steps_every(getattr(self.t, f"{k}_steps"), total_steps), 1)
+                      for k in ("logging", "eval", "save")}
+
     def run(self, state: LoopState, stop_after: Optional[int] = None) -> LoopState:
         """Run optimiser steps ``state.step .. plan.total_steps`` (or until ``stop_after`` steps are done)."""
         plan, dist = self.plan, self.dist
@@ -152,7 +159,7 @@ class TrainLoop:
             state.train_pairs += pairs
             bar.update(1)
             first = self.t.logging_first_step and state.step == 1
-            if state.step % max(self.t.logging_steps, 1) == 0 or first or state.step in (plan.total_steps, target):
+            if state.step % self.every["logging"] == 0 or first or state.step in (plan.total_steps, target):
                 state.last_metrics = self._log_window(window, state, lr, grad_norm)
                 bar.set_postfix(loss=f"{state.last_metrics['loss']:.4f}")
                 window = Window(dist.device)
@@ -207,14 +214,14 @@ class TrainLoop:
     def _evaluate_and_save(self, state: LoopState) -> None:
         t, step, last = self.t, state.step, state.step == self.plan.total_steps
         per_epoch = self.plan.steps_per_epoch
-        eval_due = step % t.eval_steps == 0 if t.eval_strategy == "steps" else step % per_epoch == 0
+        eval_due = step % self.every["eval"] == 0 if t.eval_strategy == "steps" else step % per_epoch == 0
         if self.eval_split is not None and (eval_due or last):
             ev = evaluate(self.opt.runner, self.stage, self.eval_split, self.eval_refs, dist=self.dist)
             state.eval_metrics = ev
             self.logger.log(step, ev)
             self.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
         if t.save_strategy == "steps":
-            save_due = t.save_steps > 0 and step % t.save_steps == 0
+            save_due = t.save_steps > 0 and step % self.every["save"] == 0
         else:
             save_due = step % per_epoch == 0
         if t.save_strategy != "no" and not last and save_due:
