@@ -31,6 +31,7 @@ setup(
         "pyyaml",
         "tqdm",
         "numpy",
+        "xxhash",  # checkpoint manifest digests (also a datasets dependency)
     ],
     extras_require={
         "cuda": ["flash-attn>=2.6"],

@@ -70,7 +70,7 @@ def test_the_manifest_lists_every_file_with_its_size_and_digest(tmp_path):
                                   "trainer_state.json"]
     for rel, entry in m["files"].items():
         assert entry["size"] == os.path.getsize(os.path.join(path, rel))
-        assert len(entry["sha256"]) == 1 and len(entry["sha256"][0]) == 64
+        assert len(entry["xxh3_128"]) == 1 and len(entry["xxh3_128"][0]) == 32
 
 
 class Payload:  # any non-allow-listed class: unpickling it could run code

@@ -64,7 +64,7 @@ def resume(r, **over):
 def test_a_bit_flip_in_any_artefact_is_refused_naming_the_file(out, name):
     _, path = out
     flip(path / "checkpoint-2" / name)
-    with pytest.raises(CheckpointError, match=rf"checkpoint-2/{name}: content does not match its sha256"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint-2/{name}: content does not match its digest"):
         verify_checkpoint(str(path / "checkpoint-2"), dist=ONE)
     verify_checkpoint(str(path / "checkpoint-1"), dist=ONE)  # the other checkpoint is untouched
 

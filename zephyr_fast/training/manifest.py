@@ -1,7 +1,12 @@
-"""The checkpoint manifest: every file's size and sha256, written last and atomically, verified on load.
+"""The checkpoint manifest: every file's size and content digest, written last and atomically, verified on load.
 
-Files are hashed in :data:`CHUNK_BYTES` chunks, one sha256 each, so a large file is hashed on
-several threads (``hashlib`` releases the GIL) and the chunks are shared round-robin across ranks.
+The digest is XXH3-128 (``xxhash``, a ``datasets`` dependency): the manifest guards against torn,
+truncated and bit-flipped files, not against someone who can also rewrite the manifest (it is not
+signed), so a cryptographic hash would buy nothing there and costs 6x more: on this project's 2-core
+CPU machine XXH3-128 runs at about 8.6 GiB/s per thread against sha256's 1.3 GiB/s. The manifest
+itself carries a sha256 of its own body. Files are hashed in :data:`CHUNK_BYTES` chunks, so a large
+file is hashed on several threads (both libraries release the GIL) and the chunks are shared
+round-robin across ranks.
 On load, :func:`verifying` hashes on background threads while the caller loads the same files (one
 read from disk serves both), and refuses before anything loaded is used.
 """
@@ -16,13 +21,16 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+import xxhash
+
 from zephyr_fast.config import ConfigError
 from zephyr_fast.training.distributed import DistInfo, gather_objects
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "zephyr_fast.checkpoint"
-MANIFEST_VERSION = 1
-CHUNK_BYTES = 64 << 20  # one sha256 per chunk: a large file verifies on several threads / ranks
+MANIFEST_VERSION = 2  # 1: sha256 chunk digests
+DIGEST = "xxh3_128"  # the manifest key of a file's chunk digests
+CHUNK_BYTES = 64 << 20  # one digest per chunk: a large file verifies on several threads / ranks
 _READ_BYTES = 8 << 20
 _DISK_FULL_TEXT = ("No space left", "inline_container", "file write failed")
 
@@ -69,7 +77,7 @@ def _chunks(sizes: dict) -> list:
 
 def _hash_chunk(root: str, job: tuple, sync: bool) -> str:
     rel, off, length = job
-    h, buf = hashlib.sha256(), bytearray(min(_READ_BYTES, max(length, 1)))
+    h, buf = xxhash.xxh3_128(), bytearray(min(_READ_BYTES, max(length, 1)))
     view = memoryview(buf)
     with open(os.path.join(root, rel), "rb", buffering=0) as f:
         if sync and off == 0:
@@ -86,7 +94,7 @@ def _hash_chunk(root: str, job: tuple, sync: bool) -> str:
 
 
 def _local_digests(root: str, jobs: list, dist: DistInfo, sync: bool = False) -> list:
-    """sha256 of this rank's round-robin share of ``jobs``, on threads (hashlib releases the GIL)."""
+    """Digests of this rank's round-robin share of ``jobs``, on threads (xxhash releases the GIL)."""
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         return list(pool.map(lambda job: _hash_chunk(root, job, sync), jobs[dist.rank::dist.world_size]))
 
@@ -131,9 +139,9 @@ def write_manifest(root: str, *, step: int, save_index: int, dist: DistInfo) -> 
     digests = _gather_digests(jobs, _local_digests(root, jobs, dist, sync=True), dist)
     if not dist.is_main:
         return None
-    files = {rel: {"size": size, "sha256": []} for rel, size in sizes.items()}
+    files = {rel: {"size": size, DIGEST: []} for rel, size in sizes.items()}
     for (rel, _, _), d in zip(jobs, digests):
-        files[rel]["sha256"].append(d)
+        files[rel][DIGEST].append(d)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "save_index": save_index,
                 "chunk_bytes": CHUNK_BYTES, "files": files}
     manifest["manifest_sha256"] = _self_digest(manifest)
@@ -185,9 +193,9 @@ def is_complete(path: str) -> bool:
 
 
 def _check_digests(path: str, m: dict, jobs: list, digests: list) -> None:
-    bad = [rel for (rel, off, _), d in zip(jobs, digests) if d != m["files"][rel]["sha256"][off // CHUNK_BYTES]]
+    bad = [rel for (rel, off, _), d in zip(jobs, digests) if d != m["files"][rel][DIGEST][off // CHUNK_BYTES]]
     if bad:
-        raise CheckpointError(f"{os.path.join(path, bad[0])}: content does not match its sha256 in {MANIFEST} "
+        raise CheckpointError(f"{os.path.join(path, bad[0])}: content does not match its digest in {MANIFEST} "
                               f"(corrupted); resume from another checkpoint")
 
 
