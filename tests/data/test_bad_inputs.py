@@ -173,19 +173,25 @@ def test_sft_conversation_ending_on_a_user_turn_is_refused(tmp_path, tok):
 
 # --- 6. data identity follows content ---------------------------------------------------------------
 
-@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+@pytest.mark.parametrize("ext", ["jsonl", "parquet", "folder"])
 def test_content_change_with_the_same_mtime_is_not_served_from_cache(tmp_path, ext):
+    """A file, or a folder in the hub layout (data/train-*.parquet, read by ``datasets.load_dataset``)."""
     import datasets
 
-    path = tmp_path / f"data.{ext}"
+    path = tmp_path / ("ds" if ext == "folder" else f"data.{ext}")
+    target = path / "data" / "train-00000-of-00001.parquet" if ext == "folder" else path
 
     def write(texts):
         rows = [sft_row(t) for t in texts]
+        target.parent.mkdir(parents=True, exist_ok=True)
         if ext == "jsonl":
             path.write_bytes(b"".join(line(r) for r in rows))
         else:
-            datasets.Dataset.from_list(rows).to_parquet(str(path))
-        os.utime(path, ns=(10**18, 10**18))  # the same mtime for both versions
+            datasets.Dataset.from_list(rows).to_parquet(str(target))
+        os.utime(target, ns=(10**18, 10**18))  # the same mtime for both versions
+        if ext == "folder":
+            os.utime(target.parent, ns=(10**18, 10**18))
+            os.utime(path, ns=(10**18, 10**18))
         return rows
 
     first = write(["old-1", "old-2"])

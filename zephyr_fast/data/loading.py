@@ -284,7 +284,8 @@ def load_split(ds_id: str, split: str, *, config: Optional[str] = None, revision
                         raise file_error(ds_id, f"no split {split!r} (has {sorted(d)})", "missing_split")
                     return d[split]
                 return d
-            return datasets.load_dataset(path, config, split=split, cache_dir=cache_dir)
+            # datasets keys its cache of a folder by path and mtimes: key it by the folder's content instead
+            return datasets.load_dataset(path, config, split=split, cache_dir=_content_cache_dir(path, cache_dir))
         raise file_error(ds_id, "no such file or directory", "missing_file")
     try:
         ensure_hub_reachable(ds_id)
@@ -333,10 +334,25 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _tree_digest(path: str) -> str:
+    """sha256 over a file's bytes, or over every file under a folder (relative names and bytes)."""
+    if os.path.isfile(path):
+        return file_digest(path)
+    h = hashlib.sha256()
+    for d, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(d, name)
+            h.update(os.path.relpath(full, path).encode() + b"\0" + file_digest(full).encode())
+    return h.hexdigest()
+
+
 def _content_cache_dir(path: str, cache_dir: Optional[str]) -> str:
+    """A ``datasets`` cache folder keyed by the content of ``path`` (a file or a folder): an edit, even
+    one that keeps the mtime, gets a fresh Arrow copy; a touch or a same-bytes rewrite reuses it."""
     import datasets
 
-    return os.path.join(cache_dir or str(datasets.config.HF_DATASETS_CACHE), "by_content", file_digest(path))
+    return os.path.join(cache_dir or str(datasets.config.HF_DATASETS_CACHE), "by_content", _tree_digest(path))
 
 
 def _read_json(path: str):
