@@ -222,13 +222,13 @@ def test_rows_digest_is_the_content_actually_used(tmp_path):
 
 def test_rows_digest_of_a_dataset_is_computed_once(tmp_path, monkeypatch):
     """The reference cache key and the checkpoint's data identity share one digest per Dataset."""
-    from zephyr_fast.data import loading
+    from zephyr_fast.data import identity
 
     a = tmp_path / "a.jsonl"
     a.write_bytes(b"".join(line(sft_row(t)) for t in "abcd"))
     rows = load_rows(mixture(a, tmp_path))["train"]
     calls = []
-    real = loading._rows_digest
-    monkeypatch.setattr(loading, "_rows_digest", lambda r: calls.append(1) or real(r))
+    real = identity._rows_digest
+    monkeypatch.setattr(identity, "_rows_digest", lambda r: calls.append(1) or real(r))
     assert rows_digest(rows) == rows_digest(rows) == real(rows.to_list()) and len(calls) == 1
     assert rows_digest(rows.to_list()) == rows_digest(rows) and len(calls) == 2  # a list is digested each time

@@ -13,7 +13,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from zephyr_fast.data import loading
+from zephyr_fast.data import identity
 from zephyr_fast.training import fingerprint as fp
 from zephyr_fast.training import reference as refmod
 from zephyr_fast.training.reference import (CorruptRefLogpsError, ReferenceIdentity, ReferencePass, RefLogps,
@@ -277,7 +277,7 @@ def count_weight_reads(monkeypatch):
             opened.append(str(file))
         return real_open(file, *a, **kw)
 
-    monkeypatch.setattr(loading, "open", counting, raising=False)  # fingerprint reads through file_digest
+    monkeypatch.setattr(identity, "open", counting, raising=False)  # fingerprint reads through file_digest
     return opened
 
 
@@ -321,7 +321,7 @@ def test_unwritable_dir_falls_back_to_the_user_cache(tmp_path, monkeypatch):
 def _rank_worker(rank, store, d, out):
     """One gloo rank: fingerprint ``d`` (rank 0 only reads it) and a failing fingerprint (no hang)."""
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    reads, real = [], loading.file_digest
+    reads, real = [], identity.file_digest
 
     def counting(path):
         reads.append(path)

@@ -19,18 +19,17 @@ too (:func:`resolve_hub_revision`). :func:`rows_digest` is the identity of the r
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import math
 import os
 import re
-import weakref
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 from ..recipe_keys import ConfigError
 from .chat import DATA_EXTS, ensure_hub_reachable, hub_offline, is_local_path
+from .identity import content_cache_dir, file_digest, rows_digest  # noqa: F401 - re-exported
 from .validate import (
     LOAD_ERROR_COL,
     SOURCE_COL,
@@ -285,7 +284,7 @@ def load_split(ds_id: str, split: str, *, config: Optional[str] = None, revision
                     return d[split]
                 return d
             # datasets keys its cache of a folder by path and mtimes: key it by the folder's content instead
-            return datasets.load_dataset(path, config, split=split, cache_dir=_content_cache_dir(path, cache_dir))
+            return datasets.load_dataset(path, config, split=split, cache_dir=content_cache_dir(path, cache_dir))
         raise file_error(ds_id, "no such file or directory", "missing_file")
     try:
         ensure_hub_reachable(ds_id)
@@ -317,42 +316,12 @@ def _load_file(path: str, cache_dir: Optional[str]):
     else:
         try:  # cache keyed by content: an edited file (even with its old mtime) gets a fresh Arrow copy
             ds = datasets.load_dataset(LOCAL_EXTS[ext], data_files=path, split="train",
-                                       cache_dir=_content_cache_dir(path, cache_dir))
+                                       cache_dir=content_cache_dir(path, cache_dir))
         except Exception as exc:  # noqa: BLE001 - datasets wraps parser errors in several exception types
             raise file_error(path, f"could not be parsed as {LOCAL_EXTS[ext]} ({first_line(exc)})", "unparsable") from None
     if len(ds) == 0:
         raise file_error(path, "the file has no rows", "empty_file")
     return ds
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _tree_digest(path: str) -> str:
-    """sha256 over a file's bytes, or over every file under a folder (relative names and bytes)."""
-    if os.path.isfile(path):
-        return file_digest(path)
-    h = hashlib.sha256()
-    for d, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(d, name)
-            h.update(os.path.relpath(full, path).encode() + b"\0" + file_digest(full).encode())
-    return h.hexdigest()
-
-
-def _content_cache_dir(path: str, cache_dir: Optional[str]) -> str:
-    """A ``datasets`` cache folder keyed by the content of ``path`` (a file or a folder): an edit, even
-    one that keeps the mtime, gets a fresh Arrow copy; a touch or a same-bytes rewrite reuses it."""
-    import datasets
-
-    return os.path.join(cache_dir or str(datasets.config.HF_DATASETS_CACHE), "by_content", _tree_digest(path))
 
 
 def _read_json(path: str):
@@ -493,37 +462,3 @@ def _concat(parts, what):
     except ValueError as exc:
         raise file_error(f"the {what} datasets", f"cannot be mixed: their columns/types differ ({first_line(exc)}); "
                          "select common columns with `columns` / `columns_to_keep`", "schema") from None
-
-
-def rows_digest(rows) -> str:
-    """sha256 (hex) of the rows actually used, in order: every column's values except the
-    ``_source`` / ``_source_row`` bookkeeping, so it depends on content, not on paths or mtimes.
-
-    ``rows``: a ``datasets.Dataset`` (e.g. ``load_rows(cfg)["train"]``, after mixture, split and
-    shuffle) or a list of dict rows; both give the same digest for the same rows. A Dataset is
-    immutable, so its digest is computed once per process (the reference cache key and the
-    checkpoint's data identity share it; about 30 s per 200k UltraChat rows on one core).
-    """
-    try:
-        return _DIGESTS[rows]
-    except (KeyError, TypeError):  # not digested yet, or a list (not weak-referenceable)
-        pass
-    digest = _rows_digest(rows)
-    try:
-        _DIGESTS[rows] = digest
-    except TypeError:
-        pass
-    return digest
-
-
-_DIGESTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _rows_digest(rows) -> str:
-    names = sorted(c for c in column_names(rows) if c not in (SOURCE_COL, SOURCE_ROW_COL))
-    h = hashlib.sha256(json.dumps(names).encode())
-    for _, cols, origins in iter_chunks(rows, names, 1024, "rows"):
-        for j in range(len(origins)):
-            row = [cols[n][j] for n in names]
-            h.update(json.dumps(row, ensure_ascii=False, sort_keys=True, default=repr).encode() + b"\n")
-    return h.hexdigest()

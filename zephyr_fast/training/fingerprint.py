@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as tdist
 
-from zephyr_fast.data.loading import file_digest
+from zephyr_fast.data.identity import file_digest
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 IDENTITY_FILES = ("config.json",)  # architecture settings change the log-probs as much as weights do

@@ -45,7 +45,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load, save
 
-from zephyr_fast.data.loading import DataConfig, rows_digest
+from zephyr_fast.data.identity import rows_digest
+from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_dpo
 from zephyr_fast.model.forward import packed_logps
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects, sharded_forwards

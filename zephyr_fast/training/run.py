@@ -17,7 +17,7 @@ import torch
 
 from zephyr_fast.config import Config, ConfigError, config_hash
 from zephyr_fast.data.chat import load_tokenizer
-from zephyr_fast.data.loading import rows_digest
+from zephyr_fast.data.identity import rows_digest
 from zephyr_fast.model.forward import unwrap_model
 from zephyr_fast.training import checkpoint as ckpt
 from zephyr_fast.training import distributed
