@@ -29,6 +29,30 @@ def test_load_from_local_checkpoint_and_dtype(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
 
 
+def test_the_model_revision_is_what_is_loaded(tmp_path, monkeypatch):
+    """``model_revision`` reaches transformers for the config and the weights (the reference cache
+    fingerprints that revision: the weights loaded must be the same commit). The Hub is out of reach
+    here, so transformers' two loaders are replaced by recorders over a local checkpoint."""
+    import transformers
+
+    tiny_model("llama", seed=3).save_pretrained(tmp_path, safe_serialization=True)
+    seen = []
+    real_config, real_model = transformers.AutoConfig.from_pretrained, transformers.AutoModelForCausalLM.from_pretrained
+
+    def config(name, **kw):
+        seen.append(("config", name, kw.get("revision")))
+        return real_config(str(tmp_path), **{k: v for k, v in kw.items() if k != "revision"})
+
+    def model(name, **kw):
+        seen.append(("weights", name, kw.get("revision")))
+        return real_model(str(tmp_path), **{k: v for k, v in kw.items() if k != "revision"})
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
+    load_model("org/tiny", revision="v2", attn_impl="sdpa_segments")
+    assert seen == [("config", "org/tiny", "v2"), ("weights", "org/tiny", "v2")]
+
+
 def test_refusals_have_clear_errors(tmp_path):
     cfg = tiny_config("mistral", vocab_size=300, hidden_size=64, num_hidden_layers=1)
     with pytest.raises(ValueError, match="exactly one"):

@@ -162,7 +162,8 @@ def _check_zero3(zero3) -> dict:
 def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float32", attn_impl: str = "auto",
                trust_remote_code: bool = False, zero3: Optional[dict] = None,
                gradient_checkpointing: bool = False, liger_ops: bool = False,
-               gradient_checkpointing_kwargs: Optional[dict] = None, quantization_config=None, device_map=None):
+               gradient_checkpointing_kwargs: Optional[dict] = None, quantization_config=None, device_map=None,
+               revision: Optional[str] = None):
     """Load a checkpoint of a supported family (hub id or local dir) or build one from ``config``.
 
     Args:
@@ -184,12 +185,14 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
             ``{"use_reentrant": False}`` (the recipes' ``gradient_checkpointing_kwargs``).
         quantization_config: a ``transformers.BitsAndBytesConfig`` (QLoRA; a checkpoint only, CUDA),
             loaded with ``device_map`` (e.g. ``{"": device}``).
+        revision: the hub revision (branch, tag or commit) of ``name_or_path`` -- the recipe's
+            ``model_revision``, the same one the reference cache fingerprints; None: ``main``.
     Returns:
         the ``transformers`` causal LM, in train mode.
     """
     from transformers import AutoModelForCausalLM
 
-    config = _checked_config(name_or_path, config, trust_remote_code, liger_ops, quantization_config)
+    config = _checked_config(name_or_path, config, trust_remote_code, liger_ops, quantization_config, revision)
     torch_dtype = resolve_dtype(dtype)
     attn_name = _resolve_attn(attn_impl, torch_dtype, config)
     if zero3 is not None:
@@ -201,7 +204,7 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
         quant = {} if quantization_config is None else {"quantization_config": quantization_config,
                                                          "device_map": device_map}
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, config=config, dtype=torch_dtype, attn_implementation=attn_name,
+            name_or_path, config=config, dtype=torch_dtype, attn_implementation=attn_name, revision=revision,
             trust_remote_code=False, use_safetensors=True, **quant)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn_name,
@@ -218,7 +221,8 @@ def load_model(name_or_path: Optional[str] = None, *, config=None, dtype="float3
     return model
 
 
-def _checked_config(name_or_path, config, trust_remote_code: bool, liger_ops: bool, quantization_config=None):
+def _checked_config(name_or_path, config, trust_remote_code: bool, liger_ops: bool, quantization_config=None,
+                    revision: Optional[str] = None):
     """The model config (read from the checkpoint when not given), refused in one line when the
     arguments, the family or the Liger request cannot be honoured."""
     from transformers import AutoConfig
@@ -231,7 +235,7 @@ def _checked_config(name_or_path, config, trust_remote_code: bool, liger_ops: bo
         raise ValueError("load_model: trust_remote_code=True is refused; zephyr_fast never executes code "
                          "from a checkpoint (every supported family is built into transformers)")
     if config is None:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
     check_supported(config)
     if liger_ops and config.model_type not in _LIGER_PATCHES:
         raise ValueError(f"liger_ops=True is wired for {sorted(_LIGER_PATCHES)} only, not {config.model_type!r}; "

@@ -123,7 +123,7 @@ def build_model(m: ModelConfig, dist: DistInfo, *, seed: int, path: Optional[str
     model = load_model(path, config=config, dtype=m.dtype, attn_impl=attn, trust_remote_code=False, zero3=zero3,
                        gradient_checkpointing=m.gradient_checkpointing, liger_ops=m.use_liger_ops,
                        gradient_checkpointing_kwargs=m.gradient_checkpointing_kwargs, quantization_config=quant,
-                       device_map={"": str(dist.device)} if quant is not None else None)
+                       device_map={"": str(dist.device)} if quant is not None else None, revision=m.model_revision)
     if m.use_peft:
         from peft import LoraConfig, get_peft_model  # optional dependency: LoRA runs only
 
