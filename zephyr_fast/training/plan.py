@@ -104,11 +104,19 @@ class Batching:
                    world_size, gradient_accumulation_steps, seed)
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+class _Shuffled:
+    """The seeded order of a schedule's ``n`` items in an epoch (``seed + epoch``), kept for its epoch."""
+
+    _cache: tuple = (None, [])
+
+    def _order(self, n: int, epoch: int) -> list:
+        if self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._cache = (epoch, torch.randperm(n, generator=g).tolist())
+        return self._cache[1]
 
 
-class TokenSchedule:
+class TokenSchedule(_Shuffled):
     """``batch_by: tokens``: bins packed once; an epoch is a seeded shuffle of them cut into steps."""
 
     by = "tokens"
@@ -119,13 +127,11 @@ class TokenSchedule:
         self.per_step, self.seed = per_step, seed
         self.steps_per_epoch = len(self.micros) // per_step  # a ragged last step would break invariance
         self.leftover = len(self.micros) % per_step  # 0: packing makes a multiple of per_step
-        self._cache: tuple = (None, [])
 
     def step(self, epoch: int, s: int) -> list:
         """The micro-batches (all ranks) of step ``s`` of ``epoch``."""
-        if self._cache[0] != epoch:
-            self._cache = (epoch, _epoch_order(len(self.micros), self.seed, epoch))
-        return [self.micros[i] for i in self._cache[1][s * self.per_step:(s + 1) * self.per_step]]
+        order = self._order(len(self.micros), epoch)
+        return [self.micros[i] for i in order[s * self.per_step:(s + 1) * self.per_step]]
 
 
 def balance(items: list, sizes: list, groups: int, per_group: int) -> list:
@@ -141,7 +147,7 @@ def balance(items: list, sizes: list, groups: int, per_group: int) -> list:
     return out
 
 
-class ExampleSchedule:
+class ExampleSchedule(_Shuffled):
     """``batch_by: examples``: exactly ``per_micro`` examples per micro-batch, ``per_micro x micro_per_step``
     per optimiser step, balanced by tokens across the step's micro-batches, packed padding-free."""
 
@@ -154,13 +160,10 @@ class ExampleSchedule:
         self.per_step = per_micro * micro_per_step  # examples per optimiser step
         self.steps_per_epoch = len(examples) // self.per_step
         self.leftover = len(examples) % self.per_step  # examples each epoch leaves out (its order's tail)
-        self._cache: tuple = (None, [])
 
     def step(self, epoch: int, s: int) -> list:
         """The micro-batches (all ranks) of step ``s`` of ``epoch``, built now (host, a few ms)."""
-        if self._cache[0] != epoch:
-            self._cache = (epoch, _epoch_order(len(self.examples), self.seed, epoch))
-        items = self._cache[1][s * self.per_step:(s + 1) * self.per_step]
+        items = self._order(len(self.examples), epoch)[s * self.per_step:(s + 1) * self.per_step]
         groups = balance(items, self.sizes, self.micro_per_step, self.per_micro)
         batches = [self.collate([self.examples[i] for i in g]) for g in groups]
         return [Micro(b, micro_stats(b)) for b in batches]
@@ -228,12 +231,12 @@ def describe_schedule(sched, stage: Stage, b: Batching, max_length: int) -> str:
         return (f"batch_by examples: {b.per_device} {name}s per micro-batch x {b.grad_accum} accumulation x "
                 f"{b.world_size} ranks = {sched.per_step} {name}s per optimiser step, packed padding-free; "
                 f"{n} {name}s -> {sched.steps_per_epoch} steps per epoch ({sched.leftover} left out per epoch)")
-    per_step = [total(sched.step(0, s), "examples") for s in range(sched.steps_per_epoch)]
     head = (f"batch_by tokens: {b.micro_per_step} micro-batches of <= {b.max_tokens} tokens per optimiser step "
             f"({sched.packing})")
     if stage.batch_by == "tokens" and b.max_tokens == b.per_device * max_length * stage.tokens_per_example:
         return (f"{head}; a micro-batch is TRL packing's: {b.per_device} packed sequences of max_length "
                 f"{max_length}, without padding")
+    per_step = [total(sched.step(0, s), "examples") for s in range(sched.steps_per_epoch)]
     return (f"{head}; a step holds {sum(per_step) / max(len(per_step), 1):.1f} {name}s on average "
             f"({min(per_step, default=0)}-{max(per_step, default=0)}), not the recipe's "
             f"per_device_train_batch_size x accumulation x world = {b.per_device * b.micro_per_step}")
