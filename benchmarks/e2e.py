@@ -32,18 +32,22 @@ MAX_PROMPT_LENGTH = 256
 BATCH_PAIRS = 8
 TINY = dict(arch="mistral", vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=512)
+# issue 13's compute-dominated CPU model: Mistral's shape ratios (head dim 64, 3:1 GQA, MLP 3.5 x D)
+MID = dict(arch="mistral", vocab_size=32000, hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
+           num_key_value_heads=4, intermediate_size=2688)
+MODELS = {"tiny": TINY, "mid": MID}
 
 
-def make_model_dir(root: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """Save the tiny random model + the Mistral tokenizer with the Zephyr chat template."""
+def make_model_dir(root: pathlib.Path, seed: int = 0, model: str = "tiny") -> pathlib.Path:
+    """Save a random ``MODELS[model]`` Mistral + the Mistral tokenizer (Zephyr chat template) under ``root``."""
     from transformers import AutoModelForCausalLM
 
     from zephyr_fast.data.chat import load_tokenizer
     from zephyr_fast.model.load import tiny_config
 
-    out = root / "tiny-mistral"
+    out = root / f"{model}-mistral"
     torch.manual_seed(seed)
-    cfg = tiny_config(**TINY)
+    cfg = tiny_config(**MODELS[model])
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out, safe_serialization=True)
     tok = load_tokenizer(str(TOKENIZER_DIR))
