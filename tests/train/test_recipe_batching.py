@@ -60,6 +60,10 @@ def test_original_zephyr_dpo_recipe_makes_exactly_the_recipes_pairs_per_step(tmp
     assert s["finished"] and s["global_step"] == 3 * (16 // per_step)  # 3 epochs of the 16 bundled pairs
     assert steps == [[per_step]] * s["global_step"]
     assert s["train_pairs"] == per_step * s["global_step"]
+    # the summary's timeline: one wall time per phase and per epoch, in order (the e2e benchmark's clock)
+    tl = s["timeline"]
+    marks = [tl["start"], tl["data"], tl["model"], tl["reference"], *tl["epochs"], tl["end"]]
+    assert len(tl["epochs"]) == 3 and marks == sorted(marks)
 
 
 def test_accumulation_splits_a_step_into_equal_pair_counts(tmp_path, monkeypatch):

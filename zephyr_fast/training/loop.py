@@ -109,6 +109,7 @@ class LoopState:
     train_tokens: int = 0
     train_pairs: int = 0
     metrics_path: str = ""
+    epoch_ends: list = field(default_factory=list)  # wall time (time.time()) at the end of each epoch of this run
 
 
 @dataclass
@@ -166,6 +167,8 @@ class TrainLoop:
             t_pause = time.time()
             self._evaluate_and_save(state)
             window.t0 += time.time() - t_pause  # eval and checkpoint time is not training throughput
+            if state.step % plan.steps_per_epoch == 0:
+                state.epoch_ends.append(time.time())
         bar.close()
         return state
 

@@ -55,12 +55,16 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
     data = prepare(cfg.data, stage, tokenizer, batching(cfg, stage, dist.world_size), log=log)
     if stage.trains and t.eval_strategy == "no":
         data["test"] = None  # no evaluation: no test-split reference pass either
+    timeline = {"start": t0, "data": time.time()}
 
     # ---- model -------------------------------------------------------------------------------
     path = stage.model_path(m.model_name_or_path)
     model = build_model(m, dist, seed=t.seed, path=path)
+    timeline["model"] = time.time()
+    # wall times (time.time()) of the run's phases: where a whole run's seconds went
     summary = {"stage": t.stage, "output_dir": t.output_dir, "world_size": dist.world_size,
-               "deepspeed": dist.use_deepspeed, "zero_stage": dist.zero_stage, "device": str(dist.device)}
+               "deepspeed": dist.use_deepspeed, "zero_stage": dist.zero_stage, "device": str(dist.device),
+               "timeline": timeline}
     reference_logps = None
     if stage.uses_reference:  # fingerprint the weights now, before any training or resume
         reference_logps = _reference(cfg, dist, unwrap_model(model), path, data, tokenizer, summary, log)
@@ -69,6 +73,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
     if not stage.trains:
         reference_logps(unwrap_model(build_engine(t, dist, model, 0, train=False).runner))
         summary["runtime_seconds"] = time.time() - t0
+        timeline["end"] = t0 + summary["runtime_seconds"]
         _write_summary(t.output_dir, dist, summary, log)
         return summary
 
@@ -76,6 +81,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
     lm, state, plan, opt = _train(cfg, dist, stage, model, data, reference_logps, hub_target,
                                   stop_after=stop_after, log=log)
     summary.update(_train_summary(stage, state, plan))
+    timeline["epochs"] = state.epoch_ends
     summary["runtime_seconds"] = time.time() - t0
     if summary["finished"] and t.save_final_model:
         ckpt.export_final(t.output_dir, cfg=cfg, dist=dist, model=lm.model if m.use_peft else unwrap_model(lm.model),
@@ -84,6 +90,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
         if dist.is_main and hub_target is not None:
             hub.push_final(hub_target, t.output_dir)
             summary["hub_repo"] = hub_target.repo_id
+    timeline["end"] = time.time()
     _write_summary(t.output_dir, dist, summary, log)
     if return_model:
         summary["model"] = unwrap_model(lm.model)
@@ -141,6 +148,7 @@ def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: di
     def reference_logps(net) -> dict:
         refs = reference.run(net, data, tokenizer, identity, dist=dist, log=log)
         summary.update(ref_summary(refs))
+        summary["timeline"]["reference"] = time.time()
         return refs
 
     return reference_logps
