@@ -80,3 +80,13 @@ def test_explicit_token_budget_is_the_opt_in_token_batching(tmp_path, monkeypatc
     assert cfg.data.batch_by == "tokens"
     s = run(cfg)
     assert steps == [] and s["global_step"] >= 1  # bins of tokens: the example schedule never ran
+
+
+def test_too_little_data_for_one_step_is_one_line_and_status_2(tmp_path, capsys):
+    from zephyr_fast.train import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe(tmp_path, per_device_train_batch_size=32)))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {path}: not enough data for one optimiser step"), err

@@ -37,6 +37,7 @@ import torch
 
 from zephyr_fast.data.batch import IGNORE_INDEX, PackedBatch
 from zephyr_fast.data.loading import DataConfig, load_rows
+from zephyr_fast.recipe_keys import ConfigError
 from zephyr_fast.training.stages import Stage
 
 
@@ -271,7 +272,7 @@ def make_plan(schedule, *, world_size: int, grad_accum: int, num_train_epochs: f
         unit = "examples" if schedule.by == "examples" else "micro-batches"
         have = len(schedule.examples) if schedule.by == "examples" else len(schedule.micros)
         need = schedule.per_step if schedule.by == "examples" else world_size * grad_accum
-        raise ValueError(
+        raise ConfigError(
             f"not enough data for one optimiser step: the train split has {have} {unit}, one step needs "
             f"{need} (per_device_train_batch_size x gradient_accumulation_steps x world_size); lower them or add data"
         )

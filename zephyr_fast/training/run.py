@@ -157,8 +157,11 @@ def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: di
 def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, hub_target, *, stop_after, log) -> tuple:
     """Plan, optimiser, reference log-probs, resume, then the loop; ``(loss_module, state, plan, opt)``."""
     t = cfg.training
-    plan = make_plan(data["train"].schedule, world_size=dist.world_size, grad_accum=t.gradient_accumulation_steps,
-                     num_train_epochs=t.num_train_epochs, max_steps=t.max_steps)
+    try:
+        plan = make_plan(data["train"].schedule, world_size=dist.world_size, grad_accum=t.gradient_accumulation_steps,
+                         num_train_epochs=t.num_train_epochs, max_steps=t.max_steps)
+    except ConfigError as e:  # too little data for the recipe's batch: one line naming the recipe
+        raise ConfigError(f"{cfg.source}: {e}") from None
     log(f"{t.stage}: {plan.total_steps} optimiser steps ({plan.steps_per_epoch}/epoch) of {plan.per_step} "
         f"micro-batches (world {dist.world_size} x accumulation {t.gradient_accumulation_steps})")
     lm = LossModule(model, stage)
