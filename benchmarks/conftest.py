@@ -3,12 +3,17 @@
 * Benchmarks never run Triton through the CPU interpreter — that would time the interpreter.  On CPU
   the zephyr_fast provider is the chunked ``impl="torch"`` path, on CUDA the Triton kernels.
 * CUDA-only benchmarks carry ``@pytest.mark.cuda`` and are skipped without a device.
+* Two tiers.  ``pytest benchmarks/`` runs the kernel tier (LM-head kernels, packing, checkpoint
+  verification; < 10 minutes on 2 cores).  ``pytest benchmarks/ --e2e`` runs only the tests marked
+  ``e2e``: whole training processes of zephyr_fast and TRL (TRL's own runs alone take about
+  10 minutes on 2 cores, which is why they are a tier of their own).
 * Every run writes pytest-benchmark JSON (``--benchmark-json`` if given, else
-  ``benchmarks/results/latest.json`` for a full run and ``partial.json`` for a filtered one) and
-  turns it into a Markdown report + PNG chart (``benchmarks/report.py``).  A full, unfiltered
-  ``pytest benchmarks/`` run (re)writes ``benchmarks/RESULTS.md``; a filtered one (``-k``/``-m``/
-  single files) writes only ``benchmarks/results/RESULTS.md``, so a partial run never replaces the
-  full figures.  ``ZF_BENCH_NOTES`` adds a note (e.g. the machine's load) to the report.
+  ``benchmarks/results/latest.json`` for a full kernel-tier run, ``e2e.json`` for a full e2e-tier
+  run and ``partial.json`` for a filtered one) and turns it into a Markdown report + PNG chart
+  (``benchmarks/report.py``).  A full, unfiltered run of either tier (re)writes
+  ``benchmarks/RESULTS.md`` from every tier's latest JSON (and ``gpu.json``); a filtered one (``-k``/
+  ``-m``/single files) writes only ``benchmarks/results/RESULTS.md``, so a partial run never replaces
+  the full figures.  ``ZF_BENCH_NOTES`` adds a note (e.g. the machine's load) to the report.
 """
 
 import os
@@ -28,18 +33,34 @@ RESULTS_DIR = BENCH_DIR / "results"
 _T0 = time.time()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--e2e", action="store_true", default=False,
+                     help="run the e2e tier (whole training processes, zephyr_fast vs TRL) instead of the kernel tier")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
+    config.addinivalue_line("markers", "e2e: whole-process tier, run by `pytest benchmarks/ --e2e` only")
     if getattr(config.option, "benchmark_json", None) is None and hasattr(config.option, "benchmark_json"):
         RESULTS_DIR.mkdir(exist_ok=True)
         # a partial run must not replace the full run's JSON (what `python -m benchmarks.report` reads)
-        name = "latest.json" if _is_full_run(config) else "partial.json"
+        name = TIER_JSON[_tier(config)] if _is_full_run(config) else "partial.json"
         config.option.benchmark_json = RESULTS_DIR / name
 
 
 # run before pytest-benchmark's own (trylast) pytest_configure reads the option
 pytest_configure = pytest.hookimpl(tryfirst=True)(pytest_configure)
+
+
+def pytest_collection_modifyitems(config, items):
+    # one tier per session: the e2e-marked tests with --e2e, every other test without it
+    want_e2e = _tier(config) == "e2e"
+    keep = [i for i in items if (i.get_closest_marker("e2e") is not None) == want_e2e]
+    dropped = [i for i in items if i not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 def pytest_runtest_setup(item):
@@ -65,9 +86,17 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "device_name": device_name(),
         "versions": versions(),
         "full_run": _is_full_run(config),
+        "tier": _tier(config),
         "notes": os.environ.get("ZF_BENCH_NOTES", ""),
         "threads": torch.get_num_threads(),
     }
+
+
+TIER_JSON = {"kernel": "latest.json", "e2e": "e2e.json"}
+
+
+def _tier(config) -> str:
+    return "e2e" if config.getoption("--e2e", default=False) else "kernel"
 
 
 def _is_full_run(config) -> bool:
@@ -84,11 +113,15 @@ def pytest_sessionfinish(session, exitstatus):
     bench_session = getattr(session.config, "_benchmarksession", None)
     if path is None or not pathlib.Path(path).exists() or not getattr(bench_session, "benchmarks", None):
         return  # nothing was measured in this session (e.g. --collect-only, all skipped)
-    from .report import write_report
+    from .report import default_inputs, write_report
 
-    out = BENCH_DIR / "RESULTS.md" if _is_full_run(session.config) else RESULTS_DIR / "RESULTS.md"
+    full = _is_full_run(session.config)
+    out = BENCH_DIR / "RESULTS.md" if full else RESULTS_DIR / "RESULTS.md"
+    # a full run of one tier re-renders with the other tier's (and the GPU's) latest figures
+    own = pathlib.Path(path)
+    others = [p for p in default_inputs() if p.name != TIER_JSON[_tier(session.config)] and p.resolve() != own.resolve()]
     try:
-        write_report(pathlib.Path(path), out)
+        write_report(others + [own] if full else own, out)
     except Exception as exc:  # the report must not hide benchmark results; say why it failed
         print(f"\n[benchmarks] report generation failed: {type(exc).__name__}: {exc}")
     else:

@@ -1,18 +1,30 @@
-"""End-to-end training runs for the e2e suite: zephyr_fast's trainer vs TRL's DPOTrainer / SFTTrainer.
+"""Whole-process training runs for the e2e tier: zephyr_fast's trainer vs TRL's DPOTrainer / SFTTrainer.
 
-Same tiny random-init Mistral (hidden 256, 4 layers, vocab 32000 — ``recipes/tiny``'s model), saved
-to one directory both trainers load; same tokenizer and Zephyr chat template; same real rows (the
-first ``pairs`` UltraFeedback pairs of ``assets/data/ultrafeedback_binarized/flat1k.jsonl``, in
-conversational form so both apply the template; SFT uses prompt + chosen as a conversation); same
-lengths (max_length 512, prompt ≤ 256), one epoch, same machine, one process.
+Each run is one fresh process, launched the way a user launches it, and timed from launch to exit:
 
-Throughput definitions (what the report compares):
+* zephyr_fast: ``python -m zephyr_fast.train RECIPE.yaml`` (the recipe this module writes);
+* TRL: ``python -m benchmarks.e2e trl {dpo|sft} MODEL DATA OUT EPOCHS``: a script that builds
+  ``DPOTrainer`` / ``SFTTrainer`` from the same folder and rows and calls ``train()``.
 
-* zephyr_fast: the trainer's own ``train_tokens / train_seconds`` (real tokens of the packed batches,
-  optimiser-step loop time) and, for DPO, the offline reference pass's ``tokens / seconds``;
-* TRL: real (non-padding) tokens of its tokenised dataset after its truncation, over the time from
-  ``on_train_begin`` to ``on_train_end`` (its loop, including the reference-model forwards that its
-  default ``precompute_ref_log_probs=False`` runs every step).
+Same random-init Mistral saved to one folder both trainers load (``MODELS``: the tiny one of
+``recipes/tiny`` and issue 13's compute-dominated D768 × 6 layers), same real Mistral tokenizer with
+the Zephyr chat template, same real rows (UltraFeedback pairs of
+``assets/data/ultrafeedback_binarized/flat1k.jsonl`` in conversational form; SFT uses prompt + chosen
+as one conversation, loss on every token as TRL's default), max_length 512 (prompts ≤ 200 tokens, so
+no trainer cuts a prompt), batch 8 pairs (DPO) or 8 packed sequences of 512 tokens (SFT, TRL's
+``packing_strategy="bfd"`` with ``padding_free``), fp32, one process.
+
+What each run reports (``whole_process``):
+
+* ``whole_s``: launch → exit; ``epoch_whole_s[k]``: launch → end of epoch ``k+1`` of the same run,
+  i.e. what a run of ``k+1`` epochs costs before its exit (neither trainer saves a model here);
+* ``phases``: where the seconds went — start-up (interpreter and imports: zephyr_fast's up to its
+  config, TRL's script up to its first line), data (tokenising, packing), model (loading), TRL's
+  "data + model" (its own imports, then data, model and reference model in its constructor),
+  reference (zephyr_fast's offline reference pass), one entry per epoch, exit;
+* ``tokens_per_s``: the training loop's real (non-padding) tokens per second — zephyr_fast's own
+  ``train_tokens_per_second``, TRL's tokenised rows after its truncation over ``on_train_begin`` →
+  ``on_train_end`` (including the reference-model forwards its default runs every step).
 """
 
 from __future__ import annotations
@@ -20,22 +32,31 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import torch
 
-from .harness import TOKENIZER_DIR
+from .harness import REPO, TOKENIZER_DIR
 from .inputs import preference_rows, tokenizer
 
 MAX_LENGTH = 512
 MAX_PROMPT_LENGTH = 256
-BATCH_PAIRS = 8
+BATCH = 8  # pairs (DPO) or packed sequences (SFT) per optimiser step, both trainers
+LR = {"dpo": 5.0e-7, "sft": 2.0e-5}
+OPTIM = {"dpo": "rmsprop", "sft": "adamw_torch"}
 TINY = dict(arch="mistral", vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=512)
 # issue 13's compute-dominated CPU model: Mistral's shape ratios (head dim 64, 3:1 GQA, MLP 3.5 x D)
 MID = dict(arch="mistral", vocab_size=32000, hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
            num_key_value_heads=4, intermediate_size=2688)
 MODELS = {"tiny": TINY, "mid": MID}
+
+
+def shape_name(model: str) -> str:
+    c = MODELS[model]
+    return f"{model}-mistral-h{c['hidden_size']}-l{c['num_hidden_layers']}-v{c['vocab_size']}"
 
 
 def make_model_dir(root: pathlib.Path, seed: int = 0, model: str = "tiny") -> pathlib.Path:
@@ -48,8 +69,8 @@ def make_model_dir(root: pathlib.Path, seed: int = 0, model: str = "tiny") -> pa
     out = root / f"{model}-mistral"
     torch.manual_seed(seed)
     cfg = tiny_config(**MODELS[model])
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out, safe_serialization=True)
+    net = AutoModelForCausalLM.from_config(cfg)
+    net.save_pretrained(out, safe_serialization=True)
     tok = load_tokenizer(str(TOKENIZER_DIR))
     tok.save_pretrained(out)
     return out
@@ -62,8 +83,8 @@ def write_rows(root: pathlib.Path, pairs: int) -> dict:
     tok = tokenizer()
     rows = [r for r in preference_rows(4 * pairs) if len(tok(r["prompt"]).input_ids) <= MAX_PROMPT_LENGTH - 56]
     rows = rows[:pairs]
-    pref = root / "pairs.jsonl"
-    sft = root / "sft.jsonl"
+    pref = root / f"pairs{len(rows)}.jsonl"
+    sft = root / f"sft{len(rows)}.jsonl"
     with open(pref, "w") as f:
         for r in rows:
             f.write(json.dumps({"prompt": [{"role": "user", "content": r["prompt"]}],
@@ -80,92 +101,164 @@ def write_rows(root: pathlib.Path, pairs: int) -> dict:
 # zephyr_fast
 # ----------------------------------------------------------------------------------------------
 
-def run_zephyr(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path) -> dict:
-    """One epoch of ``stage`` ("sft" | "dpo") through ``zephyr_fast.train.run``; returns its summary."""
-    from zephyr_fast.config import build_config
-    from zephyr_fast.train import run
-
+def zephyr_recipe(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
+                  epochs: int = 1) -> dict:
+    """The recipe of a run equivalent to :func:`run_trl` (batch ``BATCH``, same optimiser and LR)."""
     columns = ["messages"] if stage == "sft" else ["prompt", "chosen", "rejected"]
     raw = {
-        "stage": stage, "model_name_or_path": str(model_dir), "tokenizer_name_or_path": str(model_dir),
-        "dtype": "float32",
+        "stage": stage, "model_name_or_path": str(model_dir), "torch_dtype": "float32",
         "dataset_mixture": {"datasets": [{"id": str(data_file), "split": "train", "columns": columns}], "seed": 0},
-        "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT_LENGTH,
-        # about BATCH_PAIRS pairs (or sequences) per micro-batch, like TRL's batch of 8
-        "max_tokens_per_batch": 4096 if stage == "dpo" else 2048,
-        "num_train_epochs": 1, "learning_rate": 5.0e-7 if stage == "dpo" else 2.0e-5,
-        "optim": "rmsprop" if stage == "dpo" else "adamw_torch", "lr_scheduler_type": "linear",
+        "max_length": MAX_LENGTH, "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1,
+        "num_train_epochs": epochs, "learning_rate": LR[stage], "optim": OPTIM[stage], "lr_scheduler_type": "linear",
         "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no", "save_final_model": False,
         "report_to": [], "output_dir": str(out_dir), "seed": 42,
     }
     if stage == "dpo":
-        raw.update(beta=0.1, loss_type="sigmoid")
-    cfg = build_config(raw, source="benchmarks/e2e.py")
-    return run(cfg)
+        raw.update(beta=0.1, loss_type="sigmoid", max_prompt_length=MAX_PROMPT_LENGTH)
+    else:  # TRL's SFTTrainer default on a messages dataset: loss on every token
+        raw.update(packing=True, assistant_only_loss=False)
+    return raw
+
+
+def run_zephyr(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
+               epochs: int = 1) -> dict:
+    """In-process: ``epochs`` of ``stage`` ("sft" | "dpo" | "ref_logps") through ``zephyr_fast.train.run``."""
+    from zephyr_fast.config import build_config
+    from zephyr_fast.train import run
+
+    raw = zephyr_recipe("dpo" if stage == "ref_logps" else stage, model_dir, data_file, out_dir, epochs)
+    raw["stage"] = stage
+    return run(build_config(raw, source="benchmarks/e2e.py"))
+
+
+def zephyr_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epochs: int) -> dict:
+    """One whole ``python -m zephyr_fast.train`` process; its phases from ``summary.json``'s timeline."""
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = out_dir / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(zephyr_recipe(stage, model_dir, data_file, out_dir / "run", epochs)))
+    launch, exited = _launch([sys.executable, "-m", "zephyr_fast.train", str(recipe)], out_dir)
+    s = json.loads((out_dir / "run" / "summary.json").read_text())
+    tl = s["timeline"]
+    marks = [("start-up", tl["start"]), ("data", tl["data"]), ("model", tl["model"])]
+    if "reference" in tl:
+        marks.append(("reference", tl["reference"]))
+    out = _phases(launch, exited, marks, tl["epochs"], tl["end"])
+    out.update(tokens=s["train_tokens"], tokens_per_s=s["train_tokens_per_second"], loop_s=s["train_runtime"],
+               ref_tokens_per_s=s.get("ref_logps_train_tokens_per_second"), loss=s.get("train_loss"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # TRL
 # ----------------------------------------------------------------------------------------------
 
+def trl_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epochs: int) -> dict:
+    """One whole TRL process (this module's ``main``); its phases from the callback's timeline."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "benchmarks.e2e", "trl", stage, str(model_dir), str(data_file), str(out_dir),
+            str(epochs)]
+    launch, exited = _launch(argv, out_dir)
+    s = json.loads((out_dir / "trl_summary.json").read_text())
+    tl = s["timeline"]
+    out = _phases(launch, exited, [("start-up", tl["start"]), ("data + model", tl["begin"])], tl["epochs"], tl["end"])
+    out.update(tokens=s["train_tokens"], tokens_per_s=s["train_tokens_per_second"], loop_s=s["train_runtime"],
+               loss=s.get("train_loss"))
+    return out
+
+
+def _launch(argv: list, out_dir: pathlib.Path) -> tuple:
+    """Run ``argv`` from the repo root; ``(launch, exit)`` wall times.  Output goes to ``out_dir/log.txt``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TQDM_DISABLE": "1"}
+    with open(out_dir / "log.txt", "w") as log:
+        launch = time.time()
+        proc = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        exited = time.time()
+    if proc.returncode != 0:
+        tail = (out_dir / "log.txt").read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(argv[:4])} exited {proc.returncode}:\n{tail}")
+    return launch, exited
+
+
+def _phases(launch: float, exited: float, marks: list, epochs: list, end: float) -> dict:
+    """Seconds per phase from wall-time marks: each mark ends its phase; epochs, then exit."""
+    phases, t = {}, launch
+    for name, when in marks:
+        phases[name], t = when - t, when
+    for k, when in enumerate(epochs):
+        phases[f"epoch {k + 1}"], t = when - t, when
+    phases["exit"] = exited - t
+    return {"whole_s": exited - launch, "epoch_whole_s": [e - launch for e in epochs], "phases": phases,
+            "epochs": len(epochs)}
+
+
 def _loop_timer():
     from transformers import TrainerCallback
 
     class LoopTimer(TrainerCallback):
         begin = end = None
+        epochs: list = []
 
         def on_train_begin(self, args, state, control, **kw):
-            self.begin = time.perf_counter()
+            self.begin, self.epochs = time.time(), []
+
+        def on_epoch_end(self, args, state, control, **kw):
+            self.epochs.append(time.time())
 
         def on_train_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
+            self.end = time.time()
 
     return LoopTimer()
 
 
-def _common_args(out_dir: pathlib.Path) -> dict:
-    return dict(output_dir=str(out_dir), per_device_train_batch_size=BATCH_PAIRS, num_train_epochs=1,
+def _trl_args(stage: str, out_dir: pathlib.Path, epochs: int) -> dict:
+    return dict(output_dir=str(out_dir), per_device_train_batch_size=BATCH, num_train_epochs=epochs,
                 max_length=MAX_LENGTH, logging_steps=1, save_strategy="no", report_to="none",
-                dataloader_num_workers=0, seed=42, bf16=False, use_cpu=not torch.cuda.is_available())
+                dataloader_num_workers=0, seed=42, bf16=False, use_cpu=not torch.cuda.is_available(),
+                learning_rate=LR[stage], optim=OPTIM[stage], lr_scheduler_type="linear")
 
 
-def run_trl_dpo(model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path) -> dict:
+def run_trl(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
+            epochs: int = 1) -> dict:
+    """``epochs`` of TRL's DPOTrainer (reference model in memory, its default) or SFTTrainer (bfd packing,
+    padding-free); returns the loop's tokens, seconds and epoch wall times."""
     import datasets
     from transformers import AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     ds = datasets.load_dataset("json", data_files=str(data_file), split="train")
-    args = DPOConfig(**_common_args(out_dir), beta=0.1, learning_rate=5.0e-7, optim="rmsprop",
-                     lr_scheduler_type="linear")
     timer = _loop_timer()
-    trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=ds, processing_class=tok,
-                         callbacks=[timer])
-    trainer.train()
-    tokens = _dataset_tokens(trainer.train_dataset, ("chosen_ids", "rejected_ids"),
-                             prompt_key="prompt_ids")
-    return _trl_summary(timer, tokens, pairs=len(ds))
+    if stage == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**_trl_args(stage, out_dir, epochs), beta=0.1)
+        trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**_trl_args(stage, out_dir, epochs), packing=True, packing_strategy="bfd", padding_free=True)
+        trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
+    result = trainer.train()
+    if timer.begin is None or timer.end is None:
+        raise RuntimeError("TRL training loop did not report begin/end")
+    keys = ("chosen_ids", "rejected_ids") if stage == "dpo" else ("input_ids",)
+    tokens = _dataset_tokens(trainer.train_dataset, keys, prompt_key="prompt_ids" if stage == "dpo" else None)
+    secs = timer.end - timer.begin
+    return {"train_runtime": secs, "train_tokens": tokens * epochs, "train_tokens_per_second": tokens * epochs / secs,
+            "train_loss": result.training_loss, "begin": timer.begin, "end": timer.end, "epochs": timer.epochs}
+
+
+# kept for in-process callers (benchmarks.profile_step)
+def run_trl_dpo(model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path) -> dict:
+    return run_trl("dpo", model_dir, data_file, out_dir)
 
 
 def run_trl_sft(model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path) -> dict:
-    import datasets
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    ds = datasets.load_dataset("json", data_files=str(data_file), split="train")
-    args = SFTConfig(**_common_args(out_dir), learning_rate=2.0e-5, packing=True, optim="adamw_torch",
-                     lr_scheduler_type="linear")
-    timer = _loop_timer()
-    trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=ds, processing_class=tok,
-                         callbacks=[timer])
-    trainer.train()
-    tokens = _dataset_tokens(trainer.train_dataset, ("input_ids",))
-    return _trl_summary(timer, tokens)
+    return run_trl("sft", model_dir, data_file, out_dir)
 
 
 def _dataset_tokens(ds, keys, prompt_key=None) -> int:
@@ -178,16 +271,20 @@ def _dataset_tokens(ds, keys, prompt_key=None) -> int:
     return total
 
 
-def _trl_summary(timer, tokens: int, pairs: int = 0) -> dict:
-    if timer.begin is None or timer.end is None:
-        raise RuntimeError("TRL training loop did not report begin/end")
-    secs = timer.end - timer.begin
-    out = {"train_runtime": secs, "train_tokens": tokens, "train_tokens_per_second": tokens / secs}
-    if pairs:
-        out["train_pairs_per_second"] = pairs / secs
-    return out
+def main(argv=None) -> int:
+    """``python -m benchmarks.e2e trl {dpo|sft} MODEL DATA OUT EPOCHS``: one whole TRL run."""
+    start = time.time()  # after the interpreter and this module's imports; TRL's own imports come next
+    kind, stage, model_dir, data_file, out_dir, epochs = (argv or sys.argv[1:])
+    if kind != "trl" or stage not in ("dpo", "sft"):
+        print(f"usage: python -m benchmarks.e2e trl dpo|sft MODEL DATA OUT EPOCHS (got {kind} {stage})",
+              file=sys.stderr)
+        return 2
+    out = pathlib.Path(out_dir)
+    s = run_trl(stage, pathlib.Path(model_dir), pathlib.Path(data_file), out / "run", int(epochs))
+    s["timeline"] = {"start": start, "begin": s.pop("begin"), "epochs": s.pop("epochs"), "end": time.time()}
+    (out / "trl_summary.json").write_text(json.dumps(s))
+    return 0
 
 
-def e2e_pairs() -> int:
-    """Rows per e2e run (``ZF_BENCH_E2E_PAIRS``, default 24: keeps the CPU suite under 10 minutes)."""
-    return int(os.environ.get("ZF_BENCH_E2E_PAIRS", "24"))
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,10 +19,12 @@ import sys
 from collections import OrderedDict
 from typing import Iterable, Optional
 
+from . import e2e_report
+from .fmt import MiB, SUT, _ratio, fmt_mem, fmt_ratio, fmt_time
+from .targets import evaluate_targets
+
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-SUT = "zephyr_fast"
-MiB = 2**20
 
 # rows of one table share these keys; providers differ
 GROUP_KEYS = ("suite", "task", "shape", "n", "d", "v", "dtype", "device", "mode", "inputs")
@@ -71,26 +73,6 @@ def group(records: list[dict]) -> "OrderedDict[tuple, list[dict]]":
 # formatting
 # ----------------------------------------------------------------------------------------------
 
-def fmt_time(s: Optional[float]) -> str:
-    if s is None:
-        return "–"
-    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
-
-
-def fmt_mem(b: Optional[float]) -> str:
-    return "–" if b is None else f"{b / MiB:.0f} MiB" if abs(b) >= 10 * MiB else f"{b / MiB:.1f} MiB"
-
-
-def fmt_ratio(x: Optional[float]) -> str:
-    return "–" if x is None else f"{x:.2f}×"
-
-
-def _ratio(num, den):
-    if num is None or den is None or den == 0:
-        return None
-    return num / den
-
-
 def table(rows: list[dict]) -> list[str]:
     """One Markdown table: each provider, and the anchor / zephyr_fast ratios (> 1 = we win)."""
     # the zephyr_fast row the anchors are compared with; ablations (e.g. packed+logits) are compared too
@@ -130,140 +112,6 @@ def group_title(key: tuple) -> str:
     if d.get("inputs"):
         parts.append(f"inputs={d['inputs']}")
     return ", ".join(p for p in parts if p and p != "None")
-
-
-# ----------------------------------------------------------------------------------------------
-# targets of issues 4, 5, 6 and 9
-# ----------------------------------------------------------------------------------------------
-
-def _find(records, **kw):
-    for r in records:
-        if all(r.get(k) == v for k, v in kw.items()):
-            return r
-    return None
-
-
-def _status(ok: Optional[bool]) -> str:
-    return "not measured" if ok is None else ("**met**" if ok else "**not met**")
-
-
-def evaluate_targets(records: list[dict], metas: list[dict]) -> list[dict]:
-    """Each target of issues 4/5/6/9 with its measured figure and met / not met / not measured."""
-    out = []
-
-    def add(issue, target, measured, ok, note=""):
-        out.append({"issue": issue, "target": target, "measured": measured, "status": _status(ok),
-                    "note": note})
-
-    def speed(issue, target, fast, slow, factor, strict=False):
-        """Throughput target: fast tokens/s ≥ factor × slow tokens/s (> when strict)."""
-        if not (fast and slow and fast.get("tokens_per_s") and slow.get("tokens_per_s")):
-            add(issue, target, "–", None)
-            return
-        r = fast["tokens_per_s"] / slow["tokens_per_s"]
-        add(issue, target, f"{fast['tokens_per_s']:,.0f} vs {slow['tokens_per_s']:,.0f} tokens/s ({r:.2f}×)",
-            r > factor if strict else r >= factor)
-
-    _issue9_cpu(records, add)
-    _issue9_gpu(records, metas, add)
-    # issue 4
-    packed = _find(records, suite="packing", provider=SUT, variant="packed+fused")
-    padded = _find(records, suite="packing", provider="naive_torch")
-    logits = _find(records, suite="packing", provider=SUT, variant="packed+logits")
-    speed(4, "packed fwd+bwd tokens/s > padded (same real lengths)", packed, padded, 1.0, strict=True)
-    if packed and logits and packed.get("peak_mem_bytes") is not None and logits.get("peak_mem_bytes"):
-        saved = logits["peak_mem_bytes"] - packed["peak_mem_bytes"]
-        add(4, "memory saved by the logits-free path (recorded)",
-            f"{fmt_mem(saved)} ({fmt_mem(logits['peak_mem_bytes'])} → {fmt_mem(packed['peak_mem_bytes'])})",
-            saved > 0)
-    else:
-        add(4, "memory saved by the logits-free path (recorded)", "–", None)
-    # issue 5
-    zd, trl = _find(records, suite="e2e_dpo", provider=SUT), _find(records, suite="e2e_dpo", provider="trl")
-    speed(5, "e2e DPO step tokens/s ≥ 3 × TRL DPOTrainer", zd, trl, 3.0)
-    zs, trl_s = _find(records, suite="e2e_sft", provider=SUT), _find(records, suite="e2e_sft", provider="trl")
-    speed(5, "e2e SFT step tokens/s vs TRL SFTTrainer (recorded; > 1× expected)", zs, trl_s, 1.0, strict=True)
-    speed(5, "reference log-prob pass tokens/s ≥ 2 × DPO training tokens/s",
-          _find(records, suite="ref_pass", provider=SUT), zd, 2.0)
-    # issue 6
-    for m in metas:
-        wall, dev = m.get("suite_wall_s"), str(m.get("device_name", ""))
-        if wall is None:
-            continue
-        if m.get("gpu_check"):
-            add(6, "gpu_check.sh finishes in < 6 minutes", f"{wall / 60:.1f} min on {dev}", wall < 360)
-        elif m.get("full_run"):
-            add(6, "the CPU suite `pytest benchmarks/` runs in < 10 minutes",
-                f"{wall / 60:.1f} min on {dev}, {m.get('threads')} threads", wall < 600)
-    return out
-
-
-ANCHOR_PROVIDERS = ("naive_torch", "torch_compile", "liger", "cce")
-
-
-def _issue9_cpu(records, add):
-    """Issue 9, CPU: DPO ≤ 0.8 × CCE torch_compile at ≤ 1.3 × the gradient floor (both input kinds);
-    CE at V=128256 no slower than naive torch."""
-    for kind in ("peaked", "normal"):
-        key = dict(suite="lm_head", task="dpo", n=4096, d=512, v=32000, dtype="float32", device="cpu",
-                   mode="full", inputs=kind)
-        z, cce = _find(records, provider=SUT, **key), _find(records, provider="cce", **key)
-        label = f"CPU DPO N4096 D512 V32000 fp32 {kind}: time ≤ 0.8 × CCE torch_compile at ≤ 1.3 × (dW + dX)"
-        if not (z and cce):
-            add(9, label, "–", None, "zephyr_fast or CCE result missing")
-            continue
-        r = z["median_s"] / cce["median_s"]
-        mem = z.get("peak_mem_bytes")
-        floor = z.get("floor_bytes")
-        mem_ok = mem is not None and floor and mem / floor <= 1.3
-        mem_s = f"{fmt_mem(mem)} = {mem / floor:.2f} × floor" if mem is not None and floor else "memory –"
-        ok = r <= 0.8 and bool(mem_ok)
-        why = ("" if ok or kind != "normal" else
-               "cause: with a flat softmax nothing can be filtered, and under the memory cap a pair's logits "
-               "cannot be kept, so DPO computes 4 GEMMs over the completion rows where CCE computes 3 over "
-               "its stored logits")
-        add(9, label, f"{fmt_time(z['median_s'])} vs CCE {fmt_time(cce['median_s'])} ({r:.2f} × CCE); {mem_s}",
-            ok, why)
-    for kind in ("peaked", "normal"):
-        key = dict(suite="ce_sweep_vocab", task="ce", v=128256, device="cpu", mode="full", inputs=kind)
-        z, naive = _find(records, provider=SUT, **key), _find(records, provider="naive_torch", **key)
-        label = f"CPU CE N1024 D256 V128256 fp32 {kind}: time ≤ naive torch"
-        if z and naive:
-            r = z["median_s"] / naive["median_s"]
-            add(9, label, f"{fmt_time(z['median_s'])} vs {fmt_time(naive['median_s'])} ({r:.2f} × naive)", r <= 1.0)
-        else:
-            add(9, label, "–", None)
-
-
-def _issue9_gpu(records, metas, add):
-    """Issue 9, GPU: fwd+bwd ≤ 0.9 × the fastest anchor on peaked inputs, ≤ 1.0 × on normal ones,
-    memory ≤ CCE's — per task, vocabulary and N, as measured (with the run's date)."""
-    dates = {m["source"]: (m.get("datetime") or "")[:10] for m in metas}
-    for kind, factor in (("peaked", 0.9), ("normal", 1.0)):
-        for task in ("ce", "dpo"):
-            for n in (8192, 16384):
-                for v in (32000, 128256):
-                    key = dict(suite="lm_head", task=task, n=n, v=v, device="cuda", mode="full", inputs=kind,
-                               dtype="bfloat16")
-                    label = (f"GPU bf16 {task.upper()} N{n} D4096 V{v} {kind}: time ≤ {factor} × fastest anchor, "
-                             f"memory ≤ CCE")
-                    z = _find(records, provider=SUT, **key)
-                    anchors = [a for a in (_find(records, provider=p, **key) for p in ANCHOR_PROVIDERS)
-                               if a and a.get("median_s")]
-                    if not (z and z.get("median_s") and anchors):
-                        add(9, label, "–", None, "no CUDA result for this case (run benchmarks/gpu_check.sh)")
-                        continue
-                    best = min(anchors, key=lambda a: a["median_s"])
-                    r = z["median_s"] / best["median_s"]
-                    cce = _find(records, provider="cce", **key)
-                    mem_ok = (cce is not None and z.get("peak_mem_bytes") is not None
-                              and cce.get("peak_mem_bytes") is not None
-                              and z["peak_mem_bytes"] <= cce["peak_mem_bytes"])
-                    mem_s = ("" if cce is None or cce.get("peak_mem_bytes") is None else
-                             f"; {fmt_mem(z.get('peak_mem_bytes'))} vs CCE {fmt_mem(cce['peak_mem_bytes'])}")
-                    add(9, label, f"{fmt_time(z['median_s'])} vs {best['provider']} {fmt_time(best['median_s'])} "
-                        f"({r:.2f}×){mem_s}, {z.get('device_name')}, {dates.get(z['source'], '')}",
-                        r <= factor and mem_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +202,12 @@ def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = No
               "- Ratio columns: anchor ÷ zephyr_fast for time (or zephyr ÷ anchor for tokens/s) and memory; "
               "> 1 means zephyr_fast is faster / leaner.",
               "- An anchor that is not installed or cannot run on the device is absent (skipped with the "
-              "reason in the pytest output), never substituted.", ""]
+              "reason in the pytest output), never substituted.",
+              "- e2e tier (`pytest benchmarks/ --e2e`, tables `e2e_whole_*`): each trainer runs once as a fresh "
+              "process on the same model folder, rows and batch, timed from launch to exit; the 1-epoch figure of "
+              "a multi-epoch case is launch → end of epoch 1 of that same run (no model is saved). Loop tokens/s "
+              "count real (non-padding) tokens. Phases come from zephyr_fast's `summary.json` timeline and a TRL "
+              "callback.", ""]
     lines += ["## Targets", "", "| issue | target | measured | status |", "|---|---|---|---|"]
     for t in evaluate_targets(records, metas):
         measured = t["measured"] + (f" — {t['note']}" if t["note"] else "")
@@ -363,7 +216,8 @@ def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = No
     if not records:
         lines += ["No benchmark results in the input JSON.", ""]
     for key, rows in group(records).items():
-        lines += [f"### {group_title(key)}", ""] + table(rows) + [""]
+        body = e2e_report.tables(rows) if e2e_report.is_whole_process(rows) else table(rows)
+        lines += [f"### {group_title(key)}", ""] + body + [""]
     if chart_rel:
         lines += ["## Chart", "", f"![time and memory vs vocab and tokens]({chart_rel})", ""]
     skipped = [s for m in metas for s in (m.get("skipped") or [])]
@@ -374,7 +228,8 @@ def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = No
 
 
 def default_inputs() -> list[pathlib.Path]:
-    return [p for p in (RESULTS_DIR / "latest.json", RESULTS_DIR / "gpu.json") if p.exists()]
+    """Every tier's latest full-run JSON that exists: the kernel tier, the e2e tier, the GPU check."""
+    return [p for p in (RESULTS_DIR / n for n in ("latest.json", "e2e.json", "gpu.json")) if p.exists()]
 
 
 def write_report(json_paths, out: pathlib.Path) -> pathlib.Path:

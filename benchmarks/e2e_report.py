@@ -1,0 +1,64 @@
+"""Tables of the e2e tier: whole training processes (``test_e2e.py``), zephyr_fast against TRL.
+
+One table per (stage, model): launch → exit, launch → end of the first epoch, the loop's tokens/s and
+the anchor ÷ zephyr_fast ratios; then where each process's seconds went (``e2e._phases``).
+"""
+
+from __future__ import annotations
+
+from .fmt import SUT, _ratio, fmt_ratio, fmt_time
+from .targets import whole_seconds
+
+
+def is_whole_process(rows: list[dict]) -> bool:
+    return any(str(r.get("suite", "")).startswith("e2e_whole") for r in rows)
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["provider"] != SUT, r["provider"]))
+
+
+def whole_table(rows: list[dict]) -> list[str]:
+    """Whole-process seconds (at the end of epoch 1 and at exit), loop tokens/s, ratios (> 1 = we win)."""
+    sut = next((r for r in rows if r["provider"] == SUT), None)
+    epochs = max(r.get("epochs") or 1 for r in rows)
+    head = ["provider", "rows", f"whole process ({epochs} epoch{'s' if epochs > 1 else ''})", "ratio"]
+    if epochs > 1:
+        head += ["at end of epoch 1", "ratio"]
+    head += ["loop tokens/s", "ratio"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in _ordered(rows):
+        label = r["provider"] + (f" ({r['variant']})" if r.get("variant") else "")
+        cells = [label, str(r.get("rows", "–")), fmt_time(r.get("whole_s")), _vs(r, sut, None)]
+        if epochs > 1:
+            cells += [fmt_time(whole_seconds(r, 1)), _vs(r, sut, 1)]
+        tps = r.get("tokens_per_s")
+        loop_ratio = None if r is sut or sut is None else _ratio(sut.get("tokens_per_s"), tps)
+        cells += ["–" if tps is None else f"{tps:,.0f}", "–" if r is sut else fmt_ratio(loop_ratio)]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _vs(r: dict, sut, epochs) -> str:
+    if sut is None or r is sut:
+        return "–"
+    return fmt_ratio(_ratio(whole_seconds(r, epochs), whole_seconds(sut, epochs)))
+
+
+def phase_table(rows: list[dict]) -> list[str]:
+    """Seconds per phase of each process (start-up, data, model, reference, each epoch, exit)."""
+    rows = [r for r in _ordered(rows) if r.get("phases")]
+    if not rows:
+        return []
+    names: list = []
+    for r in rows:
+        names += [k for k in r["phases"] if k not in names]
+    out = ["| phase | " + " | ".join(r["provider"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for name in names:
+        out.append(f"| {name} | " + " | ".join(fmt_time(r["phases"].get(name)) for r in rows) + " |")
+    out.append("| **whole process** | " + " | ".join(f"**{fmt_time(r.get('whole_s'))}**" for r in rows) + " |")
+    return out
+
+
+def tables(rows: list[dict]) -> list[str]:
+    return whole_table(rows) + ["", "Where the seconds went:", ""] + phase_table(rows)
