@@ -18,7 +18,10 @@ Multi-GPU training goes through a launcher: ``deepspeed --num_gpus N zephyr_fast
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import logging
+import os
 import sys
 
 USAGE = __doc__.split("\n\n")[1]
@@ -40,9 +43,40 @@ COMMANDS = {
     "mt-bench": ("zephyr_fast.eval.mt_bench", "main", []),
 }
 ALIASES = {"ref_logps": "ref-logps", "mt_bench": "mt-bench"}
+_EXIT: dict = {}
+
+
+def exit_without_finalisation() -> None:
+    """Make this process end, once its command has returned, without the interpreter's finalisation.
+
+    Deallocating torch, transformers, datasets and a run's objects module by module takes seconds
+    after a training run (2-3 s measured after the tiny DPO recipe on 2 cores) and does nothing a
+    user needs: every file is closed and the process group destroyed by then.  Call it first thing
+    in a process's entry point: the handler registered here runs after every exit handler registered
+    later (``atexit`` is last-in first-out; wandb's, the Hub's...) and after non-daemon threads are
+    joined; it flushes logging and stdio, then ends with the status the command returned (see
+    :func:`run_command`).  A command that raised exits the normal way, traceback and all.
+    """
+
+    def _end() -> None:
+        if "status" in _EXIT:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(_EXIT["status"])
+
+    atexit.register(_end)
+
+
+def run_command(fn, argv) -> int:
+    """``fn(argv)``, remembering its status for :func:`exit_without_finalisation`."""
+    _EXIT["status"] = status = fn(argv)
+    return status
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the console script itself (not an in-process call): end without finalisation
+        exit_without_finalisation()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
@@ -53,7 +87,7 @@ def main(argv=None) -> int:
         return 2
     module, func, extra = COMMANDS[cmd]
     # the one deferred import of the package (see COMMANDS): the command's own module
-    return getattr(importlib.import_module(module), func)(rest + extra)
+    return run_command(getattr(importlib.import_module(module), func), rest + extra)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ if __name__ == "__main__":  # run as a script or with -m: neither its folder nor
     # the installed zephyr_fast / zephyr_kernels packages are found through site-packages
     _PKG = os.path.dirname(os.path.abspath(__file__))
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") not in (_PKG, os.path.dirname(_PKG))]
+    from zephyr_fast.cli import exit_without_finalisation, run_command
+
+    exit_without_finalisation()  # before the heavy imports below, so that their exit handlers run first
 
 from zephyr_fast.config import ConfigError, keys_help, load_config  # noqa: E402
 from zephyr_fast.data.validate import DataValidationError  # noqa: E402
@@ -105,4 +108,4 @@ def _load_and_run(path: str, overrides: list, stop_after) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, None))
