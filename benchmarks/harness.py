@@ -7,7 +7,8 @@ Fairness rules every suite follows (the report states them):
   median of ``rounds`` timed calls; CUDA work is synchronised inside the timed region;
 * peak memory is measured on a separate call: CUDA ``max_memory_allocated`` minus what was allocated
   before the call (inputs), and on CPU the peak-RSS growth of the call in a *fresh subprocess*
-  (``memprobe.py``) with the inputs allocated and a warm-up done beforehand and
+  (``memprobe.py``: forked from a server that has only imported the libraries) with the inputs
+  allocated and a warm-up done beforehand and
   ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the OS instead of hiding in the heap;
 * an anchor that is not installed (or cannot run on this device) is skipped with the reason —
   never replaced by something else under its name.
@@ -15,12 +16,15 @@ Fairness rules every suite follows (the report states them):
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
 import pathlib
+import select
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -197,21 +201,58 @@ def cuda_peak_growth(fn: Callable[[], object], dev: torch.device) -> int:
     return int(peak)
 
 
+class _ProbeServer:
+    """``python -m benchmarks.memprobe --serve``: one fresh forked process per case (see memprobe.py)."""
+
+    proc: Optional[subprocess.Popen] = None
+
+    @classmethod
+    def get(cls) -> subprocess.Popen:
+        if cls.proc is None or cls.proc.poll() is not None:
+            env = dict(os.environ)
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            env.pop("TRITON_INTERPRET", None)
+            env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            cls.stderr = tempfile.TemporaryFile(mode="w+")
+            cls.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.memprobe", "--serve"], cwd=str(REPO),
+                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=cls.stderr, text=True, bufsize=1)
+            atexit.register(cls.close)
+        return cls.proc
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.proc is not None and cls.proc.poll() is None:
+            cls.proc.stdin.close()  # the server exits at end of input
+            try:
+                cls.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                cls.proc.kill()
+        cls.proc = None
+
+    @classmethod
+    def stderr_tail(cls) -> str:
+        cls.stderr.seek(0)
+        return cls.stderr.read()[-3000:]
+
+
 def cpu_peak_growth_subprocess(spec: dict, timeout: float = 600.0) -> dict:
     """Peak RSS growth of one call of the case ``spec`` in a fresh Python process (see memprobe.py).
 
     Returns the probe's JSON: ``{"peak_rss_growth": bytes, "floor": bytes, ...}``.
     """
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.memprobe", json.dumps(spec)],
-                          cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"memprobe failed for {spec}: rc={proc.returncode}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    server = _ProbeServer.get()
+    server.stdin.write(json.dumps(spec) + "\n")
+    server.stdin.flush()
+    ready, _, _ = select.select([server.stdout], [], [], timeout)
+    line = server.stdout.readline() if ready else ""
+    result = json.loads(line) if line.startswith("{") else None
+    if result is None or "error" in result:
+        if result is None:
+            _ProbeServer.close()  # hung or dead: the next probe starts a new server
+        why = result["error"] if result else f"no answer within {timeout:.0f} s\n{_ProbeServer.stderr_tail()}"
+        raise RuntimeError(f"memprobe failed for {spec}:\n{why[-3000:]}")
+    return result
 
 
 class RssMeter:

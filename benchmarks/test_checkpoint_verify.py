@@ -5,6 +5,8 @@ One plain-torch ``optimizer.pt`` of 1.125 GiB (4 fp32 tensors, the size class of
 optimiser shard of a ~1B model) in a checkpoint folder with its manifest; files are in the page cache
 (the worst case for the overhead: nothing hides the hashing behind disk reads). The row to read is
 ``time ÷ zephyr`` of ``load only``: the fraction of the verified load that is the load itself.
+Like the rest of the CPU suite: one untimed warm-up, then the median of 3 timed rounds (a load of
+1.1 GiB from the page cache varies little between rounds; 9 rounds only lengthened the suite).
 """
 
 import hashlib
@@ -49,7 +51,7 @@ def test_checkpoint_verification_cost(benchmark, checkpoint, monkeypatch, varian
             return _load(checkpoint)
 
     run_timed(benchmark, _load if variant == "load only" else verified, lambda: (checkpoint,) if variant == "load only"
-              else (), dev=torch.device("cpu"), rounds=9)
+              else (), dev=torch.device("cpu"), rounds=3)
     record(benchmark, suite="checkpoint_verify", provider="zephyr_fast", mode="full", shape="optimizer.pt 1.125 GiB",
            dtype="float32", dev=torch.device("cpu"), variant=variant,
            ablation=None if variant == "load + verify (xxh3_128)" else True)
