@@ -10,6 +10,10 @@ from .fmt import SUT, _ratio, fmt_ratio, fmt_time
 from .targets import whole_seconds
 
 
+# profile_step.CATEGORIES (kept here so that rendering does not import TRL)
+PROFILE_CATEGORIES = ("attention", "body_linear", "lm_head", "reference", "optimizer", "other")
+
+
 def is_whole_process(rows: list[dict]) -> bool:
     return any(str(r.get("suite", "")).startswith("e2e_whole") for r in rows)
 
@@ -62,3 +66,26 @@ def phase_table(rows: list[dict]) -> list[str]:
 
 def tables(rows: list[dict]) -> list[str]:
     return whole_table(rows) + ["", "Where the seconds went:", ""] + phase_table(rows)
+
+
+def step_profile_lines(result: dict) -> list:
+    """Markdown lines: seconds and % of the step per category for both trainers, then FLOP/s lines."""
+    z, t = result["zephyr_fast"], result["trl"]
+    zs, ts = z["seconds"], t["seconds"]
+    lines = [f"One DPO optimiser step, {result['pairs']} pairs, model `{result['model']}`, max_length "
+             f"{result['max_length']} (fp32, CPU, {result['threads']} threads; torch.profiler self time):", "",
+             "| category | zephyr_fast s | % of step | TRL s | % of step |", "|---|---:|---:|---:|---:|"]
+    for cat in PROFILE_CATEGORIES + ("total",):
+        lines.append(f"| {cat} | {zs[cat]:.3f} | {100 * zs[cat] / zs['total']:.1f} | "
+                     f"{ts[cat]:.3f} | {100 * ts[cat] / ts['total']:.1f} |")
+    lines.append("")
+    for name, r in (("zephyr_fast", z), ("TRL", t)):
+        lines.append(f"- {name}: {r['flops']['total'] / 1e12:.3f} TFLOP executed "
+                     f"({r['processed_tokens']} tokens processed, {r['real_tokens']} real) -> "
+                     f"{r['executed_flops_per_s'] / 1e9:.1f} GFLOP/s executed, "
+                     f"{r['useful_flops_per_s'] / 1e9:.1f} GFLOP/s useful (6·params·real tokens = "
+                     f"{r['useful_flops'] / 1e12:.3f} TFLOP)")
+    ref = z["offline_reference"]
+    lines.append(f"- zephyr_fast offline reference pass (outside the step, once per run): "
+                 f"{ref['seconds']:.3f} s for {ref['tokens']} tokens, {ref['seconds_per_pair']:.3f} s per pair")
+    return lines

@@ -48,8 +48,9 @@ from zephyr_fast.training.plan import make_plan, prepare
 from zephyr_fast.training.stages import LossModule, make_stage
 
 from . import e2e
+from .e2e_report import PROFILE_CATEGORIES as CATEGORIES
+from .e2e_report import step_profile_lines as render  # noqa: F401  (the report renders it too)
 
-CATEGORIES = ("attention", "body_linear", "lm_head", "reference", "optimizer", "other")
 PREFIX = "zf::"
 _EVAL_FN = "autograd::engine::evaluate_function: "
 _OUTER = ("reference", "optimizer")  # regions whose whole subtree is theirs
@@ -356,29 +357,6 @@ def profile_both(root: pathlib.Path, pairs: int = BATCH_PAIRS, model: str = "mid
     return out
 
 
-def render(result: dict) -> list:
-    """Markdown lines: seconds and % of the step per category for both trainers, then FLOP/s lines."""
-    z, t = result["zephyr_fast"], result["trl"]
-    zs, ts = z["seconds"], t["seconds"]
-    lines = [f"One DPO optimiser step, {result['pairs']} pairs, model `{result['model']}`, max_length "
-             f"{result['max_length']} (fp32, CPU, {result['threads']} threads; torch.profiler self time):", "",
-             "| category | zephyr_fast s | % of step | TRL s | % of step |", "|---|---:|---:|---:|---:|"]
-    for cat in CATEGORIES + ("total",):
-        lines.append(f"| {cat} | {zs[cat]:.3f} | {100 * zs[cat] / zs['total']:.1f} | "
-                     f"{ts[cat]:.3f} | {100 * ts[cat] / ts['total']:.1f} |")
-    lines.append("")
-    for name, r in (("zephyr_fast", z), ("TRL", t)):
-        lines.append(f"- {name}: {r['flops']['total'] / 1e12:.3f} TFLOP executed "
-                     f"({r['processed_tokens']} tokens processed, {r['real_tokens']} real) -> "
-                     f"{r['executed_flops_per_s'] / 1e9:.1f} GFLOP/s executed, "
-                     f"{r['useful_flops_per_s'] / 1e9:.1f} GFLOP/s useful (6·params·real tokens = "
-                     f"{r['useful_flops'] / 1e12:.3f} TFLOP)")
-    ref = z["offline_reference"]
-    lines.append(f"- zephyr_fast offline reference pass (outside the step, once per run): "
-                 f"{ref['seconds']:.3f} s for {ref['tokens']} tokens, {ref['seconds_per_pair']:.3f} s per pair")
-    return lines
-
-
 def main(argv=None) -> dict:
     """CLI: profile both trainers on a fresh model in a temp dir, print :func:`render`, write ``--json``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -390,6 +368,7 @@ def main(argv=None) -> dict:
         result = profile_both(pathlib.Path(tmp), a.pairs, a.model)
     print("\n".join(render(result)))
     if a.json:
+        result["datetime"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         pathlib.Path(a.json).write_text(json.dumps(result, indent=1, default=str))
     return result
 

@@ -25,6 +25,7 @@ from .targets import evaluate_targets
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
+STEP_PROFILE = "step_profile.json"  # profile_step.py's output, rendered when present
 
 # rows of one table share these keys; providers differ
 GROUP_KEYS = ("suite", "task", "shape", "n", "d", "v", "dtype", "device", "mode", "inputs")
@@ -167,7 +168,7 @@ def chart(records: list[dict], path: pathlib.Path) -> Optional[pathlib.Path]:
 # ----------------------------------------------------------------------------------------------
 
 def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = None,
-           now: Optional[_dt.datetime] = None) -> str:
+           now: Optional[_dt.datetime] = None, profile: Optional[dict] = None) -> str:
     now = now or _dt.datetime.now(_dt.timezone.utc)
     names = " ".join(f"results/{pathlib.Path(m['source']).name}" for m in metas)
     lines = ["# zephyr_fast benchmark results", "",
@@ -218,6 +219,11 @@ def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = No
     for key, rows in group(records).items():
         body = e2e_report.tables(rows) if e2e_report.is_whole_process(rows) else table(rows)
         lines += [f"### {group_title(key)}", ""] + body + [""]
+    if profile:
+        lines += ["## Where one DPO step's seconds go", "",
+                  f"`python -m benchmarks.profile_step --json benchmarks/results/{STEP_PROFILE}`, run "
+                  f"{profile.get('datetime', '?')} on a quiet machine (profiler overhead included in both):", ""]
+        lines += e2e_report.step_profile_lines(profile) + [""]
     if chart_rel:
         lines += ["## Chart", "", f"![time and memory vs vocab and tokens]({chart_rel})", ""]
     skipped = [s for m in metas for s in (m.get("skipped") or [])]
@@ -245,7 +251,8 @@ def write_report(json_paths, out: pathlib.Path) -> pathlib.Path:
     if png is not None:
         rel = str(png.resolve().relative_to(out.parent.resolve())) if png.resolve().is_relative_to(
             out.parent.resolve()) else str(png)
-    out.write_text(render(records, metas, rel))
+    prof = RESULTS_DIR / STEP_PROFILE
+    out.write_text(render(records, metas, rel, profile=json.loads(prof.read_text()) if prof.exists() else None))
     return out
 
 

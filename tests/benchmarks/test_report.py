@@ -170,3 +170,19 @@ def test_issue13_whole_process_targets_and_tables(tmp_path):
     md = out.read_text()
     assert "| trl | 8 | 170.00 s | 1.89× | 45.00 s | 1.50× | 60 | 3.33× |" in md
     assert "| reference | 10.00 s | – |" in md and "| **whole process** | **50.00 s** | **210.00 s** |" in md
+
+
+def test_step_profile_section_rendered_from_its_json(tmp_path, monkeypatch):
+    cats = ("attention", "body_linear", "lm_head", "reference", "optimizer", "other")
+    secs = {c: 1.0 for c in cats}
+    trainer = {"seconds": {**secs, "total": 6.0}, "flops": {"total": 6e12}, "processed_tokens": 10, "real_tokens": 8,
+               "executed_flops_per_s": 1e12, "useful_flops_per_s": 5e11, "useful_flops": 3e12}
+    prof = {"model": "mid", "pairs": 8, "max_length": 512, "threads": 2, "datetime": "2026-11-29 15:00 UTC",
+            "zephyr_fast": {**trainer, "offline_reference": {"seconds": 2.0, "tokens": 8, "seconds_per_pair": 0.25}},
+            "trl": trainer}
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
+    (tmp_path / report.STEP_PROFILE).write_text(json.dumps(prof))
+    out = report.write_report([_write(tmp_path, _doc([_lm("zephyr_fast", 1.0, 84 * MiB)]))], tmp_path / "R.md")
+    md = out.read_text()
+    assert "## Where one DPO step's seconds go" in md and "run 2026-11-29 15:00 UTC" in md
+    assert "| lm_head | 1.000 | 16.7 | 1.000 | 16.7 |" in md
