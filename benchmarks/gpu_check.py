@@ -20,6 +20,10 @@ skips what no longer fits):
    the V=32000 peaked CE and DPO cases — the measurement behind the default.
 5. ``model``: a ~1B Mistral config in bf16 — packed vs padded fwd+bwd tokens/s, and the packed DPO
    step (precomputed reference) vs a padded one with a reference model in memory.
+6. ``e2e_dpo``, ``e2e_sft``, ``prefix_shared``, ``zero3`` (``benchmarks/gpu_e2e.py``, issue 13): the
+   ~1B Mistral through whole trainers — zephyr_fast vs TRL DPOTrainer / SFTTrainer at their fastest
+   settings (pairs/s, tokens/s, peak memory, MFU), prefix-shared vs separate DPO, and a 1-rank
+   DeepSpeed ZeRO-3 DPO step against the plain one.
 
 Files in ``--out`` (≤ 8): ``gpu.json`` (pytest-benchmark-shaped, for ``python -m benchmarks.report``),
 ``correctness.json``, ``gpu_check.md`` (the Markdown fragment), ``gpu_check.log`` (from the .sh).
@@ -343,13 +347,31 @@ def section_model(c: Check) -> None:
         c.bench(f"model[{variant}-{model}]", lambda b: bench_model(b, spec, rounds=rounds, memory=not c.smoke))
 
 
+E2E_SECTIONS = ("e2e_dpo", "e2e_sft", "prefix_shared", "zero3")  # benchmarks/gpu_e2e.py (issue 13)
+
+
+def e2e_sections() -> list:
+    """``(name, fn, need_s)`` of gpu_e2e's sections, imported only now: a trainer library missing on the
+    GPU machine fails those sections with the reason instead of the whole check."""
+    try:
+        from .gpu_e2e import SECTIONS
+    except Exception as exc:
+        reason = f"benchmarks.gpu_e2e does not import ({type(exc).__name__}: {exc})"
+
+        def failed(c):
+            raise RuntimeError(reason)
+
+        return [(name, failed, 1) for name in E2E_SECTIONS]
+    return list(SECTIONS)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="zephyr_fast GPU check (see benchmarks/gpu_check.sh)")
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path(os.environ.get("OUT", "gpu_check_out")))
     ap.add_argument("--budget-s", type=float, default=450.0, help="global time guard (seconds)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes on CPU with TRITON_INTERPRET=1: exercises every code path but CUDA")
-    ap.add_argument("--sections", default="env,correctness,lm_head,sweep,model")
+    ap.add_argument("--sections", default="env,correctness,lm_head,sweep,model," + ",".join(E2E_SECTIONS))
     args = ap.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --cpu-smoke to exercise the code paths on CPU)", file=sys.stderr)
@@ -363,7 +385,7 @@ def main(argv=None) -> int:
     wanted = set(args.sections.split(","))
     for name, fn, need in (("env", section_env, 1), ("correctness", section_correctness, 20),
                            ("lm_head", section_lm_head, 30), ("sweep", section_sweep, 30),
-                           ("model", section_model, 40)):
+                           ("model", section_model, 40), *(e2e_sections() if wanted & set(E2E_SECTIONS) else ())):
         if name in wanted:
             c.section(name, lambda: fn(c), need if not c.smoke else 1)
     c.write()
