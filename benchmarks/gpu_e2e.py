@@ -123,8 +123,8 @@ def rows(s: Size) -> dict:
     """``{"pairs": jsonl, "sft": jsonl}``: ``s.pairs`` preference rows and ``s.sft_rows`` SFT conversations."""
     key = ("rows", s.shape)
     if key not in _CACHE:
-        # (files named by row count: pairs{n}.jsonl, sft{n}.jsonl)
-        _CACHE[key] = {"pairs": write_rows(workdir(), s.pairs)["pairs"], "sft": write_rows(workdir(), s.sft_rows)["sft"]}
+        root = workdir()  # files named by row count: pairs{n}.jsonl, sft{n}.jsonl
+        _CACHE[key] = {"pairs": write_rows(root, s.pairs)["pairs"], "sft": write_rows(root, s.sft_rows)["sft"]}
     return _CACHE[key]
 
 
@@ -360,7 +360,7 @@ def section_prefix_shared(c) -> None:
     """``dpo_layout: prefix_shared`` vs ``separate`` on the same pairs (suite ``gpu_prefix_shared``)."""
     s = SMOKE if c.smoke else GPU
     for layout in ("separate", "prefix_shared"):
-        bench_run(c, f"gpu_prefix_shared[{layout}]", 70 if layout == "prefix_shared" else 30,
+        bench_run(c, f"gpu_prefix_shared[{layout}]", 120 if layout == "prefix_shared" else 30,
                   lambda b, lay=layout: fill(b, c, s, "gpu_prefix_shared", SUT, lay, _cached_zephyr_dpo(c, s, lay)))
 
 
@@ -393,9 +393,9 @@ def section_zero3(c) -> None:
         bench_run(c, "gpu_zero3[zero3]", 60, zero3)
 
 
-# zero3 last: DeepSpeed's process group and transformers' ZeRO-3 hooks stay out of the other runs
+# GPU seconds (prefix_shared: compiling FlexAttention); zero3 last: its ZeRO-3 hooks stay out of the other runs
 SECTIONS = (("e2e_dpo", section_e2e_dpo, 110), ("e2e_sft", section_e2e_sft, 75),
-            ("prefix_shared", section_prefix_shared, 90), ("zero3", section_zero3, 60))
+            ("prefix_shared", section_prefix_shared, 120), ("zero3", section_zero3, 60))
 
 
 # -------------------- issue 13's GPU targets
