@@ -117,11 +117,12 @@ def pytest_sessionfinish(session, exitstatus):
 
     full = _is_full_run(session.config)
     out = BENCH_DIR / "RESULTS.md" if full else RESULTS_DIR / "RESULTS.md"
-    # a full run of one tier re-renders with the other tier's (and the GPU's) latest figures
+    # a full run of one tier re-renders with the other tier's (and the GPU's) latest figures, in the
+    # report's own order (kernel tier, e2e tier, GPU), this run's JSON in its tier's place
     own = pathlib.Path(path)
-    others = [p for p in default_inputs() if p.name != TIER_JSON[_tier(session.config)] and p.resolve() != own.resolve()]
+    inputs = [own if p.name == TIER_JSON[_tier(session.config)] else p for p in default_inputs()]
     try:
-        write_report(others + [own] if full else own, out)
+        write_report((inputs if own in inputs else inputs + [own]) if full else own, out)
     except Exception as exc:  # the report must not hide benchmark results; say why it failed
         print(f"\n[benchmarks] report generation failed: {type(exc).__name__}: {exc}")
     else:

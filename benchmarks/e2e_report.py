@@ -49,6 +49,18 @@ def _vs(r: dict, sut, epochs) -> str:
     return fmt_ratio(_ratio(whole_seconds(r, epochs), whole_seconds(sut, epochs)))
 
 
+_PHASES = ("start-up", "data", "model", "data + model", "reference")
+
+
+def _phase_order(name: str) -> tuple:
+    """Launch order: start-up, data, model (TRL: data + model), reference, epoch 1..k, exit."""
+    if name in _PHASES:
+        return (0, _PHASES.index(name))
+    if name.startswith("epoch "):
+        return (1, int(name.split()[1]))
+    return (2, 0)
+
+
 def phase_table(rows: list[dict]) -> list[str]:
     """Seconds per phase of each process (start-up, data, model, reference, each epoch, exit)."""
     rows = [r for r in _ordered(rows) if r.get("phases")]
@@ -57,6 +69,7 @@ def phase_table(rows: list[dict]) -> list[str]:
     names: list = []
     for r in rows:
         names += [k for k in r["phases"] if k not in names]
+    names.sort(key=_phase_order)
     out = ["| phase | " + " | ".join(r["provider"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
     for name in names:
         out.append(f"| {name} | " + " | ".join(fmt_time(r["phases"].get(name)) for r in rows) + " |")

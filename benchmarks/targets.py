@@ -40,10 +40,10 @@ def evaluate_targets(records: list[dict], metas: list[dict]) -> list[dict]:
 
     _issue9_cpu(records, add)
     _issue9_gpu(records, metas, add)
-    # issue 4
-    packed = _find(records, suite="packing", provider=SUT, variant="packed+fused")
-    padded = _find(records, suite="packing", provider="naive_torch")
-    logits = _find(records, suite="packing", provider=SUT, variant="packed+logits")
+    # issue 4's targets are the CPU suite's (the GPU's packing rows are reported in their own table)
+    packed = _find(records, suite="packing", device="cpu", provider=SUT, variant="packed+fused")
+    padded = _find(records, suite="packing", device="cpu", provider="naive_torch")
+    logits = _find(records, suite="packing", device="cpu", provider=SUT, variant="packed+logits")
     speed(4, "packed fwd+bwd tokens/s > padded (same real lengths)", packed, padded, 1.0, strict=True)
     if packed and logits and packed.get("peak_mem_bytes") is not None and logits.get("peak_mem_bytes"):
         saved = logits["peak_mem_bytes"] - packed["peak_mem_bytes"]
@@ -159,10 +159,7 @@ def _issue13(records, add):
             add(13, label, "–", None, "run `pytest benchmarks/ --e2e`")
             continue
         add(13, label, f"{fmt_time(zs)} vs TRL {fmt_time(ts)} ({ts / zs:.2f}×)", ts / zs >= factor)
-    for label in ("GPU ~1B DPO pairs/s ≥ 2 × TRL at its fastest settings, memory ≤ 0.6 × TRL's",
-                  "GPU ~1B SFT tokens/s ≥ 1.3 × SFTTrainer", "GPU prefix-shared DPO (FlexAttention) vs separate",
-                  "GPU single-GPU DeepSpeed ZeRO-3 DPO step = non-DeepSpeed loss, tokens/s"):
-        add(13, label, "–", None, "no GPU was lent (benchmarks/gpu_check.sh)")
+    gpu_targets(records, add)
 
 
 def whole_seconds(rec: Optional[dict], epochs: Optional[int] = None) -> Optional[float]:
@@ -174,3 +171,61 @@ def whole_seconds(rec: Optional[dict], epochs: Optional[int] = None) -> Optional
     ends = rec.get("epoch_whole_s") or []
     return ends[epochs - 1] if len(ends) >= epochs else None
 
+
+# issue 13 on the GPU: the records of benchmarks/gpu_e2e.py's gpu_check sections
+GPU_LABELS = {
+    "dpo": "GPU ~1B DPO pairs/s ≥ 2 × TRL at its fastest settings, memory ≤ 0.6 × TRL's",
+    "sft": "GPU ~1B SFT tokens/s ≥ 1.3 × SFTTrainer",
+    "prefix": "GPU prefix-shared DPO (FlexAttention) vs separate",
+    "zero3": "GPU single-GPU DeepSpeed ZeRO-3 DPO step = non-DeepSpeed loss, tokens/s",
+}
+NO_GPU = "no GPU was lent (benchmarks/gpu_check.sh)"
+
+
+def _gpu_row(records, **kw) -> Optional[dict]:
+    """The CUDA record matching ``kw`` (smoke rows on CPU are never figures)."""
+    return next((r for r in records if r.get("device") == "cuda" and not r.get("smoke")
+                 and all(r.get(k) == v for k, v in kw.items())), None)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f} %"
+
+
+def gpu_targets(records: list[dict], add) -> None:
+    """Issue 13's four GPU rows from the ``gpu_e2e.py`` records (``gpu_check.sh``): ``add(13, label, measured, ok, note)``."""
+    _dpo_target(records, add)
+    z, t = (_gpu_row(records, suite="gpu_e2e_sft", provider=p) for p in (SUT, "trl"))
+    if z and t and z.get("tokens_per_s") and t.get("tokens_per_s"):
+        r = z["tokens_per_s"] / t["tokens_per_s"]
+        add(13, GPU_LABELS["sft"], f"{z['tokens_per_s']:,.0f} vs {t['tokens_per_s']:,.0f} tokens/s ({r:.2f}×); MFU "
+            f"{_pct(z.get('mfu'))} vs {_pct(t.get('mfu'))}; {z.get('device_name')}", r >= 1.3)
+    else:
+        add(13, GPU_LABELS["sft"], "–", None, NO_GPU)
+    sep, pre = (_gpu_row(records, suite="gpu_prefix_shared", variant=v) for v in ("separate", "prefix_shared"))
+    if sep and pre and sep.get("pairs_per_s") and pre.get("pairs_per_s"):
+        gain = pre["pairs_per_s"] / sep["pairs_per_s"]
+        add(13, GPU_LABELS["prefix"], f"{pre['pairs_per_s']:,.1f} vs {sep['pairs_per_s']:,.1f} pairs/s ({gain:.2f}× gain);"
+            f" {pre.get('tokens_per_s', 0):,.0f} vs {sep.get('tokens_per_s', 0):,.0f} tokens/s; {pre['device_name']}",
+            True, "prefix_shared wins: make it the default" if gain > 1 else "separate stays the default")
+    else:
+        add(13, GPU_LABELS["prefix"], "–", None, NO_GPU)
+    z3 = _gpu_row(records, suite="gpu_zero3", variant="zero3")
+    if z3 and z3.get("loss_equal") is not None and z3.get("tokens_per_s"):
+        add(13, GPU_LABELS["zero3"], f"step-1 loss {z3.get('loss'):.6f} vs {z3.get('plain_loss'):.6f} (rel diff "
+            f"{z3.get('loss_rel_diff'):.1e}, rtol {z3.get('loss_rtol')}); {z3['tokens_per_s']:,.0f} tokens/s; "
+            f"{z3.get('device_name')}", bool(z3["loss_equal"]))
+    else:
+        add(13, GPU_LABELS["zero3"], "–", None, NO_GPU + "; or DeepSpeed missing there")
+
+
+def _dpo_target(records, add) -> None:
+    z, t = (_gpu_row(records, suite="gpu_e2e_dpo", provider=p) for p in (SUT, "trl"))
+    if not (z and t and z.get("pairs_per_s") and t.get("pairs_per_s")):
+        return add(13, GPU_LABELS["dpo"], "–", None, NO_GPU)
+    r, zm, tm = z["pairs_per_s"] / t["pairs_per_s"], z.get("peak_mem_bytes"), t.get("peak_mem_bytes")
+    ok = None if not (zm and tm) else (r >= 2.0 and zm <= 0.6 * tm)
+    mem = "peak memory not recorded" if ok is None else f"peak {fmt_mem(zm)} vs {fmt_mem(tm)} ({zm / tm:.2f}×)"
+    add(13, GPU_LABELS["dpo"], f"{z['pairs_per_s']:,.1f} vs {t['pairs_per_s']:,.1f} pairs/s ({r:.2f}×); {mem}; MFU "
+        f"{_pct(z.get('mfu'))} vs {_pct(t.get('mfu'))}; {z.get('device_name')}", ok,
+        "" if ok is not None else "memory missing: not judged")

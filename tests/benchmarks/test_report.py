@@ -170,6 +170,9 @@ def test_issue13_whole_process_targets_and_tables(tmp_path):
     md = out.read_text()
     assert "| trl | 8 | 170.00 s | 1.89× | 45.00 s | 1.50× | 60 | 3.33× |" in md
     assert "| reference | 10.00 s | – |" in md and "| **whole process** | **50.00 s** | **210.00 s** |" in md
+    # phases in launch order, TRL's "data + model" beside zephyr_fast's data and model
+    order = [md.index(f"| {p} |") for p in ("start-up", "data", "model", "data + model", "reference", "epoch 1", "exit")]
+    assert order == sorted(order)
 
 
 def test_step_profile_section_rendered_from_its_json(tmp_path, monkeypatch):
