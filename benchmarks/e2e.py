@@ -101,34 +101,28 @@ def write_rows(root: pathlib.Path, pairs: int) -> dict:
 # zephyr_fast
 # ----------------------------------------------------------------------------------------------
 
+def prompt_length(max_length: int) -> int:
+    """``MAX_PROMPT_LENGTH`` at ``MAX_LENGTH``; half of a shorter (test) length."""
+    return MAX_PROMPT_LENGTH if max_length >= MAX_LENGTH else max_length // 2
+
+
 def zephyr_recipe(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
-                  epochs: int = 1) -> dict:
-    """The recipe of a run equivalent to :func:`run_trl` (batch ``BATCH``, same optimiser and LR)."""
+                  epochs: int = 1, *, batch: int = BATCH, max_length: int = MAX_LENGTH) -> dict:
+    """The recipe of a run equivalent to :func:`trl_trainer`'s (same batch, optimiser and LR)."""
     columns = ["messages"] if stage == "sft" else ["prompt", "chosen", "rejected"]
     raw = {
         "stage": stage, "model_name_or_path": str(model_dir), "torch_dtype": "float32",
         "dataset_mixture": {"datasets": [{"id": str(data_file), "split": "train", "columns": columns}], "seed": 0},
-        "max_length": MAX_LENGTH, "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1,
+        "max_length": max_length, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,
         "num_train_epochs": epochs, "learning_rate": LR[stage], "optim": OPTIM[stage], "lr_scheduler_type": "linear",
         "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no", "save_final_model": False,
         "report_to": [], "output_dir": str(out_dir), "seed": 42,
     }
     if stage == "dpo":
-        raw.update(beta=0.1, loss_type="sigmoid", max_prompt_length=MAX_PROMPT_LENGTH)
+        raw.update(beta=0.1, loss_type="sigmoid", max_prompt_length=prompt_length(max_length))
     else:  # TRL's SFTTrainer default on a messages dataset: loss on every token
         raw.update(packing=True, assistant_only_loss=False)
     return raw
-
-
-def run_zephyr(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
-               epochs: int = 1) -> dict:
-    """In-process: ``epochs`` of ``stage`` ("sft" | "dpo" | "ref_logps") through ``zephyr_fast.train.run``."""
-    from zephyr_fast.config import build_config
-    from zephyr_fast.train import run
-
-    raw = zephyr_recipe("dpo" if stage == "ref_logps" else stage, model_dir, data_file, out_dir, epochs)
-    raw["stage"] = stage
-    return run(build_config(raw, source="benchmarks/e2e.py"))
 
 
 def zephyr_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epochs: int) -> dict:
@@ -213,17 +207,17 @@ def _loop_timer():
     return LoopTimer()
 
 
-def _trl_args(stage: str, out_dir: pathlib.Path, epochs: int) -> dict:
-    return dict(output_dir=str(out_dir), per_device_train_batch_size=BATCH, num_train_epochs=epochs,
-                max_length=MAX_LENGTH, logging_steps=1, save_strategy="no", report_to="none",
+def _trl_args(stage: str, out_dir: pathlib.Path, epochs: int, batch: int, max_length: int) -> dict:
+    return dict(output_dir=str(out_dir), per_device_train_batch_size=batch, num_train_epochs=epochs,
+                max_length=max_length, logging_steps=1, save_strategy="no", report_to="none",
                 dataloader_num_workers=0, seed=42, bf16=False, use_cpu=not torch.cuda.is_available(),
                 learning_rate=LR[stage], optim=OPTIM[stage], lr_scheduler_type="linear")
 
 
-def run_trl(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
-            epochs: int = 1) -> dict:
-    """``epochs`` of TRL's DPOTrainer (reference model in memory, its default) or SFTTrainer (bfd packing,
-    padding-free); returns the loop's tokens, seconds and epoch wall times."""
+def trl_trainer(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
+                epochs: int = 1, *, batch: int = BATCH, max_length: int = MAX_LENGTH, callbacks=()):
+    """TRL's DPOTrainer (reference model in memory, its default) or SFTTrainer (bfd packing, padding-free)
+    on ``data_file``, as the e2e tier runs it."""
     import datasets
     from transformers import AutoTokenizer
 
@@ -231,17 +225,23 @@ def run_trl(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_di
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     ds = datasets.load_dataset("json", data_files=str(data_file), split="train")
-    timer = _loop_timer()
+    common = _trl_args(stage, out_dir, epochs, batch, max_length)
     if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**_trl_args(stage, out_dir, epochs), beta=0.1)
-        trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
-    else:
-        from trl import SFTConfig, SFTTrainer
+        return DPOTrainer(model=str(model_dir), args=DPOConfig(**common, beta=0.1), train_dataset=ds,
+                          processing_class=tok, callbacks=list(callbacks))
+    from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**_trl_args(stage, out_dir, epochs), packing=True, packing_strategy="bfd", padding_free=True)
-        trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
+    args = SFTConfig(**common, packing=True, packing_strategy="bfd", padding_free=True)
+    return SFTTrainer(model=str(model_dir), args=args, train_dataset=ds, processing_class=tok, callbacks=list(callbacks))
+
+
+def run_trl(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
+            epochs: int = 1) -> dict:
+    """``epochs`` of :func:`trl_trainer`; the loop's tokens, seconds and epoch wall times."""
+    timer = _loop_timer()
+    trainer = trl_trainer(stage, model_dir, data_file, out_dir, epochs, callbacks=[timer])
     result = trainer.train()
     if timer.begin is None or timer.end is None:
         raise RuntimeError("TRL training loop did not report begin/end")
@@ -250,15 +250,6 @@ def run_trl(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_di
     secs = timer.end - timer.begin
     return {"train_runtime": secs, "train_tokens": tokens * epochs, "train_tokens_per_second": tokens * epochs / secs,
             "train_loss": result.training_loss, "begin": timer.begin, "end": timer.end, "epochs": timer.epochs}
-
-
-# kept for in-process callers (benchmarks.profile_step)
-def run_trl_dpo(model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path) -> dict:
-    return run_trl("dpo", model_dir, data_file, out_dir)
-
-
-def run_trl_sft(model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path) -> dict:
-    return run_trl("sft", model_dir, data_file, out_dir)
 
 
 def _dataset_tokens(ds, keys, prompt_key=None) -> int:

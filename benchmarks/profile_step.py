@@ -31,13 +31,10 @@ import pathlib
 import tempfile
 import time
 
-import datasets
 import torch
 import trl.trainer.utils as trl_utils
 from torch.profiler import ProfilerActivity, profile, record_function
-from transformers import AutoTokenizer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from trl import DPOConfig, DPOTrainer
 
 from zephyr_fast.config import build_config
 from zephyr_fast.model.forward import unwrap_model
@@ -213,22 +210,10 @@ def executed_flops(m: dict, *, tokens: int, attn_sq: int, head_rows: int, ref_to
 
 # ---- zephyr_fast ----
 
-def _prompt_length(max_length: int) -> int:
-    """e2e's max_prompt_length (256) at max_length 512; half of a shorter test length."""
-    return e2e.MAX_PROMPT_LENGTH if max_length >= e2e.MAX_LENGTH else max_length // 2
-
-
 def _zephyr_config(model_dir, data_file, out_dir, pairs: int, max_length: int):
     """e2e's DPO recipe with exactly ``pairs`` pairs per optimiser step (``batch_by`` examples), 2 steps."""
-    raw = {"stage": "dpo", "model_name_or_path": str(model_dir), "tokenizer_name_or_path": str(model_dir),
-           "dtype": "float32", "max_length": max_length, "max_prompt_length": _prompt_length(max_length),
-           "dataset_mixture": {"datasets": [{"id": str(data_file), "split": "train",
-                                             "columns": ["prompt", "chosen", "rejected"]}], "seed": 0},
-           "per_device_train_batch_size": pairs, "max_steps": 2, "learning_rate": 5.0e-7, "optim": "rmsprop",
-           "lr_scheduler_type": "linear", "beta": 0.1, "loss_type": "sigmoid", "eval_strategy": "no",
-           "save_strategy": "no", "save_final_model": False, "report_to": [], "output_dir": str(out_dir),
-           "seed": 42}
-    return build_config(raw, source="benchmarks/profile_step.py")
+    raw = e2e.zephyr_recipe("dpo", model_dir, data_file, out_dir, batch=pairs, max_length=max_length)
+    return build_config(dict(raw, max_steps=2), source="benchmarks/profile_step.py")
 
 
 def _zephyr_trainer(cfg, log=lambda *a, **k: None):
@@ -284,17 +269,8 @@ def profile_zephyr(model_dir, data_file, out_dir, pairs: int, max_length: int = 
 # ---- TRL ----
 
 def _trl_trainer(model_dir, data_file, out_dir, pairs: int, max_length: int):
-    """TRL's ``DPOTrainer`` as e2e builds it, batch ``pairs``, with its optimiser and schedule created."""
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    ds = datasets.load_dataset("json", data_files=str(data_file), split="train")
-    # as benchmarks/e2e.py builds TRL's DPO run (its default precompute_ref_log_probs=False)
-    args = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=pairs, num_train_epochs=1,
-                     max_length=max_length, logging_steps=1, save_strategy="no", report_to="none",
-                     dataloader_num_workers=0, seed=42, bf16=False, use_cpu=not torch.cuda.is_available(),
-                     beta=0.1, learning_rate=5.0e-7, optim="rmsprop", lr_scheduler_type="linear")
-    trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=ds, processing_class=tok)
+    """TRL's ``DPOTrainer`` as the e2e tier builds it, batch ``pairs``, with its optimiser and schedule created."""
+    trainer = e2e.trl_trainer("dpo", model_dir, data_file, out_dir, batch=pairs, max_length=max_length)
     trainer.create_optimizer_and_scheduler(num_training_steps=2)
     trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before training_step
     return trainer
