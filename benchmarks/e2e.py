@@ -37,6 +37,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 from .harness import REPO, TOKENIZER_DIR
 from .inputs import preference_rows, tokenizer
@@ -127,8 +128,6 @@ def zephyr_recipe(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, 
 
 def zephyr_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epochs: int) -> dict:
     """One whole ``python -m zephyr_fast.train`` process; its phases from ``summary.json``'s timeline."""
-    import yaml
-
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = out_dir / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(zephyr_recipe(stage, model_dir, data_file, out_dir / "run", epochs)))
@@ -138,7 +137,7 @@ def zephyr_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epoc
     marks = [("start-up", tl["start"]), ("data", tl["data"]), ("model", tl["model"])]
     if "reference" in tl:
         marks.append(("reference", tl["reference"]))
-    out = _phases(launch, exited, marks, tl["epochs"], tl["end"])
+    out = _phases(launch, exited, marks, tl["epochs"])
     out.update(tokens=s["train_tokens"], tokens_per_s=s["train_tokens_per_second"], loop_s=s["train_runtime"],
                ref_tokens_per_s=s.get("ref_logps_train_tokens_per_second"), loss=s.get("train_loss"))
     return out
@@ -156,7 +155,7 @@ def trl_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epochs:
     launch, exited = _launch(argv, out_dir)
     s = json.loads((out_dir / "trl_summary.json").read_text())
     tl = s["timeline"]
-    out = _phases(launch, exited, [("start-up", tl["start"]), ("data + model", tl["begin"])], tl["epochs"], tl["end"])
+    out = _phases(launch, exited, [("start-up", tl["start"]), ("data + model", tl["begin"])], tl["epochs"])
     out.update(tokens=s["train_tokens"], tokens_per_s=s["train_tokens_per_second"], loop_s=s["train_runtime"],
                loss=s.get("train_loss"))
     return out
@@ -176,7 +175,7 @@ def _launch(argv: list, out_dir: pathlib.Path) -> tuple:
     return launch, exited
 
 
-def _phases(launch: float, exited: float, marks: list, epochs: list, end: float) -> dict:
+def _phases(launch: float, exited: float, marks: list, epochs: list) -> dict:
     """Seconds per phase from wall-time marks: each mark ends its phase; epochs, then exit."""
     phases, t = {}, launch
     for name, when in marks:
