@@ -213,17 +213,25 @@ def _trl_args(stage: str, out_dir: pathlib.Path, epochs: int, batch: int, max_le
                 learning_rate=LR[stage], optim=OPTIM[stage], lr_scheduler_type="linear")
 
 
-def trl_trainer(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
-                epochs: int = 1, *, batch: int = BATCH, max_length: int = MAX_LENGTH, callbacks=()):
-    """TRL's DPOTrainer (reference model in memory, its default) or SFTTrainer (bfd packing, padding-free)
-    on ``data_file``, as the e2e tier runs it."""
+def trl_inputs(model_dir, data_file, cache_dir=None) -> tuple:
+    """``(tokenizer, dataset)`` as TRL's scripts load them: the model folder's tokenizer (EOS as pad when it
+    has none) and the JSON rows through ``datasets``."""
     import datasets
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    ds = datasets.load_dataset("json", data_files=str(data_file), split="train")
+    ds = datasets.load_dataset("json", data_files=str(data_file), split="train",
+                               cache_dir=None if cache_dir is None else str(cache_dir))
+    return tok, ds
+
+
+def trl_trainer(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
+                epochs: int = 1, *, batch: int = BATCH, max_length: int = MAX_LENGTH, callbacks=()):
+    """TRL's DPOTrainer (reference model in memory, its default) or SFTTrainer (bfd packing, padding-free)
+    on ``data_file``, as the e2e tier runs it."""
+    tok, ds = trl_inputs(model_dir, data_file)
     common = _trl_args(stage, out_dir, epochs, batch, max_length)
     if stage == "dpo":
         from trl import DPOConfig, DPOTrainer

@@ -40,7 +40,7 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.models.mistral import modeling_mistral
 
 from zephyr_fast.config import build_config
@@ -52,14 +52,13 @@ from zephyr_fast.training import loop
 from zephyr_fast.training.distributed import teardown
 from zephyr_fast.training.metrics import count_matmul_params, detect_peak_tflops
 
-from .e2e import TINY, write_rows, zephyr_recipe
+from .e2e import LR, TINY, trl_inputs, write_rows, zephyr_recipe
 from .fmt import SUT
 from .harness import REPO, TOKENIZER_DIR, record, sync
 from .model_cases import MODELS
 
 ZERO3_JSON = REPO / "recipes" / "deepspeed" / "zero3.json"
 LOSS_RTOL = 1e-3  # ZeRO-3 vs plain step-1 loss / log-probs in bf16: the same forward, partitioned weights
-LR = {"dpo": 5.0e-7, "sft": 2.0e-5}
 
 
 @dataclass(frozen=True)
@@ -264,14 +263,10 @@ def _timed_trainer(base, probe: dict, dev: torch.device) -> tuple:
 def run_trl(s: Size, stage: str, dev: torch.device) -> dict:
     """TRL's DPOTrainer / SFTTrainer for ``s.steps`` steps of ``s.batch``; figures over the timed steps."""
     st = trl_settings(stage, dev)  # skips the benchmark when TRL does not import
-    import datasets
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     mdir, out = model_dir(s, dev), workdir() / f"trl_{stage}"
-    tok = AutoTokenizer.from_pretrained(str(mdir))
-    tok.pad_token = tok.pad_token or tok.eos_token
-    data = rows(s)["sft" if stage == "sft" else "pairs"]
-    ds = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(out / "hf"))
+    tok, ds = trl_inputs(mdir, rows(s)["sft" if stage == "sft" else "pairs"], cache_dir=out / "hf")
     common = dict(output_dir=str(out), per_device_train_batch_size=s.batch, max_steps=s.steps, max_length=s.max_length,
                   logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0, seed=42,
                   bf16=s.dtype == "bfloat16", use_cpu=dev.type != "cuda", learning_rate=LR[stage], optim="adamw_torch",
