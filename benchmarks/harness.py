@@ -34,9 +34,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizers" / "mistral-7b-v0.1"
 
-# Providers: zephyr_fast is the system under test, the rest are anchors.
-PROVIDERS = ("zephyr_fast", "naive_torch", "torch_compile", "liger", "cce", "trl")
-ANCHORS = PROVIDERS[1:]
+# Providers: zephyr_fast is the system under test, the rest are anchors; gemm_floor is no provider
+# a user could pick but the bare GEMMs a logits-free loss cannot avoid (lm_head.py).
+PROVIDERS = ("zephyr_fast", "naive_torch", "torch_compile", "liger", "cce", "trl", "gemm_floor")
 MODES = ("fwd", "bwd", "full")
 
 

@@ -16,6 +16,10 @@ Tasks (all from hidden states ``(N, D)`` and the LM-head weight ``(V, D)``, loss
   ``ref_input``/``ref_weight`` path; naive torch computes the reference logits too) while
   zephyr_fast still takes precomputed numbers — what each design costs at the LM head.
 * ``ce``: mean token cross-entropy (SFT), 20 % of the rows ignored.
+
+Provider ``gemm_floor`` is a yardstick, not a loss: the four GEMMs a logits-free DPO head must run
+when a pair's logits cannot be kept (forward ``h Wᵀ``; backward recomputes it, then ``dX = Z W`` and
+``dW = Zᵀ h``), over the loss rows, as single BLAS calls with nothing else — no softmax, no chunking.
 """
 
 from __future__ import annotations
@@ -170,6 +174,12 @@ class LMHeadCase:
                                              ref_input=h3(self.ref_hidden), ref_weight=self.ref_weight))
             return lambda: _first(module(self.weight, h3(self.hidden), self.labels.view(rows, t)))
 
+        if provider == "gemm_floor":
+            if task != "dpo":
+                raise Unavailable(f"gemm_floor: measured for task=dpo only, not {task}")
+            rows = (self.labels != IGNORE_INDEX).nonzero().squeeze(1)  # untimed: built once
+            return lambda: _GemmFloor.apply(self.hidden, self.weight, rows)
+
         if provider == "cce":
             from cut_cross_entropy import linear_cross_entropy
 
@@ -205,6 +215,26 @@ class LMHeadCase:
     def grad_floor_bytes(self) -> int:
         """dX + dW: the gradient buffers every provider must produce (the memory floor)."""
         return tensor_bytes(*self.leaves)
+
+
+class _GemmFloor(torch.autograd.Function):
+    """The 4 GEMMs of a logits-free head over ``rows``; the logits stand in for their gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows):
+        h = hidden.index_select(0, rows)
+        ctx.save_for_backward(h, weight, rows)
+        ctx.n = hidden.shape[0]
+        return (h @ weight.t())[0, 0]  # a scalar to call backward on; the logits die here
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, rows = ctx.saved_tensors
+        z = h @ weight.t()  # recomputed, as a head that keeps no logits must
+        dh = z @ weight
+        dw = z.t() @ h
+        dx = torch.zeros(ctx.n, h.shape[1], dtype=h.dtype, device=h.device).index_copy_(0, rows, dh)
+        return dx, dw, None
 
 
 def _first(out):

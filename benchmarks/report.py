@@ -246,7 +246,10 @@ def write_report(json_paths, out: pathlib.Path) -> pathlib.Path:
             json_paths.append(gpu)
     records, metas = load(json_paths)
     out = pathlib.Path(out)
-    png = chart(records, out.parent / ("results" if out.parent == BENCH_DIR else ".") / "chart.png")
+    # the committed report owns results/chart.png; any other report (a filtered run's results/RESULTS.md)
+    # draws its own next to it, so a partial run never overwrites the committed chart
+    committed = out.resolve() == (BENCH_DIR / "RESULTS.md").resolve()
+    png = chart(records, RESULTS_DIR / "chart.png" if committed else out.with_name(f"{out.stem}_chart.png"))
     rel = None
     if png is not None:
         rel = str(png.resolve().relative_to(out.parent.resolve())) if png.resolve().is_relative_to(
