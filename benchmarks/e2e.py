@@ -126,11 +126,12 @@ def zephyr_recipe(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, 
     return raw
 
 
-def zephyr_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epochs: int) -> dict:
+def zephyr_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epochs: int, *,
+                   batch: int = BATCH) -> dict:
     """One whole ``python -m zephyr_fast.train`` process; its phases from ``summary.json``'s timeline."""
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = out_dir / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(zephyr_recipe(stage, model_dir, data_file, out_dir / "run", epochs)))
+    recipe.write_text(yaml.safe_dump(zephyr_recipe(stage, model_dir, data_file, out_dir / "run", epochs, batch=batch)))
     launch, exited = _launch([sys.executable, "-m", "zephyr_fast.train", str(recipe)], out_dir)
     s = json.loads((out_dir / "run" / "summary.json").read_text())
     tl = s["timeline"]
@@ -147,11 +148,12 @@ def zephyr_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epoc
 # TRL
 # ----------------------------------------------------------------------------------------------
 
-def trl_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epochs: int) -> dict:
+def trl_process(stage: str, model_dir, data_file, out_dir: pathlib.Path, epochs: int, *,
+                batch: int = BATCH) -> dict:
     """One whole TRL process (this module's ``main``); its phases from the callback's timeline."""
     out_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "benchmarks.e2e", "trl", stage, str(model_dir), str(data_file), str(out_dir),
-            str(epochs)]
+            str(epochs), str(batch)]
     launch, exited = _launch(argv, out_dir)
     s = json.loads((out_dir / "trl_summary.json").read_text())
     tl = s["timeline"]
@@ -245,10 +247,10 @@ def trl_trainer(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, ou
 
 
 def run_trl(stage: str, model_dir: pathlib.Path, data_file: pathlib.Path, out_dir: pathlib.Path,
-            epochs: int = 1) -> dict:
+            epochs: int = 1, *, batch: int = BATCH) -> dict:
     """``epochs`` of :func:`trl_trainer`; the loop's tokens, seconds and epoch wall times."""
     timer = _loop_timer()
-    trainer = trl_trainer(stage, model_dir, data_file, out_dir, epochs, callbacks=[timer])
+    trainer = trl_trainer(stage, model_dir, data_file, out_dir, epochs, batch=batch, callbacks=[timer])
     result = trainer.train()
     if timer.begin is None or timer.end is None:
         raise RuntimeError("TRL training loop did not report begin/end")
@@ -270,15 +272,17 @@ def _dataset_tokens(ds, keys, prompt_key=None) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m benchmarks.e2e trl {dpo|sft} MODEL DATA OUT EPOCHS``: one whole TRL run."""
+    """``python -m benchmarks.e2e trl {dpo|sft} MODEL DATA OUT EPOCHS [BATCH]``: one whole TRL run."""
     start = time.time()  # after the interpreter and this module's imports; TRL's own imports come next
-    kind, stage, model_dir, data_file, out_dir, epochs = (argv or sys.argv[1:])
-    if kind != "trl" or stage not in ("dpo", "sft"):
-        print(f"usage: python -m benchmarks.e2e trl dpo|sft MODEL DATA OUT EPOCHS (got {kind} {stage})",
+    args = list(argv or sys.argv[1:])
+    if len(args) not in (6, 7) or args[0] != "trl" or args[1] not in ("dpo", "sft"):
+        print(f"usage: python -m benchmarks.e2e trl dpo|sft MODEL DATA OUT EPOCHS [BATCH] (got {' '.join(args)})",
               file=sys.stderr)
         return 2
+    _, stage, model_dir, data_file, out_dir, epochs, *batch = args
     out = pathlib.Path(out_dir)
-    s = run_trl(stage, pathlib.Path(model_dir), pathlib.Path(data_file), out / "run", int(epochs))
+    s = run_trl(stage, pathlib.Path(model_dir), pathlib.Path(data_file), out / "run", int(epochs),
+                batch=int(batch[0]) if batch else BATCH)
     s["timeline"] = {"start": start, "begin": s.pop("begin"), "epochs": s.pop("epochs"), "end": time.time()}
     (out / "trl_summary.json").write_text(json.dumps(s))
     return 0

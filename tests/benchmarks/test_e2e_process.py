@@ -12,18 +12,20 @@ if str(REPO) not in sys.path:
 
 from benchmarks import e2e  # noqa: E402
 
+PAIRS = 2  # one optimiser step of 2 pairs per trainer: the least that passes through every phase
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    return e2e.make_model_dir(root), e2e.write_rows(root, e2e.BATCH)  # one optimiser step of 8 pairs
+    return e2e.make_model_dir(root), e2e.write_rows(root, PAIRS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("process", [e2e.zephyr_process, e2e.trl_process], ids=["zephyr_fast", "trl"])
 def test_whole_dpo_process_and_its_phases(inputs, process, tmp_path):
     model_dir, rows = inputs
-    out = process("dpo", model_dir, rows["pairs"], tmp_path, 1)
+    out = process("dpo", model_dir, rows["pairs"], tmp_path, 1, batch=PAIRS)
     assert out["epochs"] == 1 and len(out["epoch_whole_s"]) == 1 and out["tokens"] > 0 and out["tokens_per_s"] > 0
     phases = out["phases"]
     # the phases tile the process: they sum to launch → exit, each one non-negative
