@@ -195,8 +195,11 @@ def _kernel_outputs(kind: str, h, w, labels, seg, nseg, g_tok, g_seg, impl):
     return outs
 
 
-def correctness_case(kind: str, n: int, d: int, v: int, dev, seed: int = 0) -> list:
-    """bf16 Triton vs fp32 truth, judged against a bf16 PyTorch run's own error; and fp32 Triton."""
+def correctness_case(kind: str, n: int, d: int, v: int, dev, seed: int = 0, filtered: bool = False) -> list:
+    """bf16 Triton vs fp32 truth, judged against a bf16 PyTorch run's own error; and fp32 Triton.
+    ``filtered``: with the CUDA path's gradient filtering on (``triton_chunked._FILTER``)."""
+    from zephyr_kernels import triton_chunked
+
     from .inputs import lm_head_inputs
 
     h, w, targets = lm_head_inputs(n, d, v, device=dev, kind="peaked", seed=seed, requires_grad=False)
@@ -211,8 +214,13 @@ def correctness_case(kind: str, n: int, d: int, v: int, dev, seed: int = 0) -> l
     truth = _kernel_outputs(kind, h.float(), w.float(), *args, impl="naive")
     hb, wb = h.to(torch.bfloat16), w.to(torch.bfloat16)
     torch_bf16 = _kernel_outputs(kind, hb, wb, *args, impl="naive")
-    triton_bf16 = _kernel_outputs(kind, hb, wb, *args, impl="triton")
-    triton_fp32 = _kernel_outputs(kind, h.float(), w.float(), *args, impl="triton")
+    default_filter, triton_chunked._FILTER = triton_chunked._FILTER, filtered
+    try:
+        triton_bf16 = _kernel_outputs(kind, hb, wb, *args, impl="triton")
+        triton_fp32 = _kernel_outputs(kind, h.float(), w.float(), *args, impl="triton")
+    finally:
+        triton_chunked._FILTER = default_filter
+    kind = kind + (" (filtered)" if filtered else "")
     rows = []
     for key in truth:
         e_tri, e_torch = rel_err(triton_bf16[key], truth[key]), rel_err(torch_bf16[key], truth[key])
@@ -256,12 +264,12 @@ def section_correctness(c: Check) -> None:
     shapes = ([(47, 31, 123), (64, 32, 257)] if c.smoke else
               [(47, 31, 123), (4096, 4096, 32000), (2048, 1024, 128256)])
     for n, d, v in shapes:
-        for kind in ("logprobs", "ce", "dpo"):
+        for kind, filtered in [(k, f) for f in (False, True) for k in ("logprobs", "ce", "dpo")]:
             if c.left() < (5 if c.smoke else 20):
                 c.log("correctness: time guard")
                 return
             try:
-                rows = correctness_case(kind, n, d, v, c.dev)
+                rows = correctness_case(kind, n, d, v, c.dev, filtered=filtered)
             except Exception as exc:
                 traceback.print_exc()
                 rows = [{"kernel": kind, "shape": f"N{n} D{d} V{v}", "error": f"{type(exc).__name__}: {exc}"}]
@@ -306,32 +314,38 @@ def section_lm_head(c: Check) -> None:
                 lambda b: bench_lm_head(b, spec, shape=shape, rounds=rounds, memory=not c.smoke))
 
 
-# candidate configurations of the zephyr CUDA path: backend x fp32 logits workspace
-SWEEP = [("triton", 64 << 20), ("triton", 128 << 20), ("triton", 256 << 20), ("triton_tiled", None)]
+# candidate configurations of the zephyr CUDA path: backend x fp32 logits workspace x gradient
+# filtering (block-sparse dX / dW GEMMs, triton_sparse) x inputs (filtering must not lose on a flat softmax)
+SWEEP = [("triton", 64 << 20, False, "peaked"), ("triton", 128 << 20, False, "peaked"),
+         ("triton", 256 << 20, False, "peaked"), ("triton", 128 << 20, True, "peaked"),
+         ("triton", 256 << 20, True, "peaked"), ("triton", 128 << 20, False, "normal"),
+         ("triton", 128 << 20, True, "normal"), ("triton_tiled", None, False, "peaked")]
 
 
 def section_sweep(c: Check) -> None:
-    """Each candidate configuration on the N=8192 / V=32000 peaked CE and DPO cases (suite
-    ``lm_head_sweep``, one row per configuration): which one the default should be, measured."""
+    """Each candidate configuration on the N=8192 / V=32000 CE and DPO cases (suite ``lm_head_sweep``,
+    one row per configuration): which one the default should be, measured."""
     from zephyr_kernels import triton_chunked
 
     n, d, v, rounds = (64, 32, 500, 1) if c.smoke else (8192, 4096, 32000, 5)
     dtype = "float32" if c.smoke else "bfloat16"
-    default_ws = triton_chunked._WORKSPACE_BYTES
+    default_ws, default_filter = triton_chunked._WORKSPACE_BYTES, triton_chunked._FILTER
     try:
         for task in ("ce", "dpo"):
-            for impl, ws in SWEEP:
+            for impl, ws, filtered, kind in SWEEP:
                 if c.left() < (5 if c.smoke else 15):
                     c.log("sweep: time guard")
                     return
                 triton_chunked._WORKSPACE_BYTES = ws or default_ws
-                label = impl + ("" if ws is None else f" ws={ws >> 20}MiB")
-                spec = dict(_spec(task, "zephyr_fast", n, d, v, dtype=dtype, pairs=8, device=c.dev.type), impl=impl)
-                c.bench(f"lm_head_sweep[{task}-{label}]",
+                triton_chunked._FILTER = filtered
+                label = impl + ("" if ws is None else f" ws={ws >> 20}MiB") + (" filtered" if filtered else "")
+                spec = dict(_spec(task, "zephyr_fast", n, d, v, dtype=dtype, pairs=8, device=c.dev.type, kind=kind),
+                            impl=impl)
+                c.bench(f"lm_head_sweep[{task}-{label}-{kind}]",
                         lambda b: bench_lm_head(b, spec, suite="lm_head_sweep", shape="sweep", rounds=rounds,
                                                 memory=not c.smoke, variant=label))
     finally:
-        triton_chunked._WORKSPACE_BYTES = default_ws
+        triton_chunked._WORKSPACE_BYTES, triton_chunked._FILTER = default_ws, default_filter
 
 
 def section_model(c: Check) -> None:

@@ -197,9 +197,13 @@ def token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_se
     return logp, seg
 
 
+def filter_eps(dtype, V) -> float:
+    """``ε = u / V``: probabilities at or below it sum to at most the unit roundoff ``u`` of ``dtype``."""
+    return torch.finfo(dtype).eps / 2.0 / V
+
+
 def _filter_log_eps(dtype, V):
-    """``log ε``: probabilities at or below ``ε = u / V`` sum to at most the unit roundoff ``u``."""
-    return math.log(torch.finfo(dtype).eps / 2.0 / V)
+    return math.log(filter_eps(dtype, V))
 
 
 def _active_tiles(tile_max, lse, idx, dtype, V):

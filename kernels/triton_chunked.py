@@ -18,7 +18,10 @@ tensor-core GEMMs do the matmul work:
 * ``dX_c = dz W`` and ``dW += dz^T h_c`` are two more GEMMs (fp32 output for ``dW`` so the
   accumulation over chunks is not rounded to bf16).
 
-Cross-entropy therefore costs 3 GEMMs (gradients in the forward), DPO / generic backward 4.  The
+Cross-entropy therefore costs 3 GEMMs (gradients in the forward), DPO / generic backward 4.  With
+``ZEPHYR_KERNELS_FILTER=1`` the gradient epilogue drops probabilities below ``u / V`` and flags the
+tiles of ``dz`` that keep a non-zero; ``dX`` and ``dW`` then run as block-sparse Triton GEMMs over
+those tiles only (:mod:`zephyr_kernels.triton_sparse`).  The
 same code runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests), with torch's CPU matmul.
 Same contract (``stats`` / ``grads`` / ``fused``) as :mod:`zephyr_kernels.chunked`.
 """
@@ -32,10 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-from zephyr_kernels.chunked import Stats, _alloc_grads, token_and_segment_logps
+from zephyr_kernels import triton_sparse
+from zephyr_kernels.chunked import Stats, _alloc_grads, filter_eps, token_and_segment_logps
 from zephyr_kernels.triton_kernels import _tanh, interpreting
 
 _WORKSPACE_BYTES = int(os.environ.get("ZEPHYR_KERNELS_WORKSPACE_BYTES", 128 << 20))
+# gradient filtering (triton_sparse): off until the GPU check has measured it against the dense GEMMs
+_FILTER = os.environ.get("ZEPHYR_KERNELS_FILTER", "0") == "1"
 # row chunks up to which cross-entropy takes the single pass (3 GEMMs, dW accumulated per chunk)
 _SINGLE_PASS_CHUNKS = 4
 
@@ -83,10 +89,14 @@ def _row_stats_kernel(
 @triton.jit
 def _row_grad_kernel(
     Z, stride_z, DZ, T, LSE, CA, CB, CC, N_VALID, row0, V, col0, inv_temp, softcap,
-    SOFTCAP: tl.constexpr, HAS_C: tl.constexpr, BLOCK_V: tl.constexpr,
+    FLAGS, n_kt, flag_rows, eps,
+    SOFTCAP: tl.constexpr, HAS_C: tl.constexpr, FILTER: tl.constexpr, FLAG_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     # Z holds vocab columns [col0, col0 + V) of each row: the whole vocabulary in a row chunk, or
-    # one vocab slice of every row in the vocab-tiled gradient pass.
+    # one vocab slice of every row in the vocab-tiled gradient pass.  FILTER: probabilities below
+    # eps become exact zeros and every (flag_rows x FLAG_K) tile of dz keeping a non-zero is flagged
+    # in FLAGS (see triton_sparse).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < V
@@ -99,6 +109,8 @@ def _row_grad_kernel(
         th = _tanh(z / softcap)
         z = softcap * th
     p = tl.exp(z * inv_temp - tl.load(LSE + row))
+    if FILTER:
+        p = tl.where(p < eps, 0.0, p)
     t = tl.load(T + row)
     dz = tl.load(CA + row) * p + tl.where(cols + col0 == t, tl.load(CB + row), 0.0)
     if HAS_C:
@@ -108,6 +120,10 @@ def _row_grad_kernel(
         dz = dz * (1.0 - th * th)
     # DZ is the GEMM operand for dX / dW, in the input dtype (may alias Z when that is fp32)
     tl.store(DZ + row * stride_z + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+    if FILTER:
+        nz = tl.max(tl.reshape(tl.where(mask & (dz != 0.0), 1, 0), (BLOCK_V // FLAG_K, FLAG_K)), 1)
+        kt = tl.program_id(1) * (BLOCK_V // FLAG_K) + tl.arange(0, BLOCK_V // FLAG_K)
+        tl.atomic_max(FLAGS + (row // flag_rows) * n_kt + kt, nz, mask=(kt < n_kt) & (nz > 0))
 
 
 def _block_v(V: int) -> int:
@@ -194,31 +210,52 @@ def _launch_stats(z, t, n_valid, row0, temperature, softcap, need_zsum):
     return lse, tgt, (zsum if need_zsum else None)
 
 
-def _launch_grad(z, t, lse, A, B, C, n_valid, row0, temperature, softcap, dtype, col0=0):
-    """``dL/dz`` of an fp32 logits block, returned in ``dtype`` (in place when that is fp32)."""
+def _launch_grad(z, t, lse, A, B, C, n_valid, row0, temperature, softcap, dtype, col0=0, flags=None, eps=0.0):
+    """``dL/dz`` of an fp32 logits block, returned in ``dtype`` (in place when that is fp32).
+
+    With ``flags`` (:func:`triton_sparse.new_flags` of the block) the probabilities below ``eps``
+    are dropped and the tiles of ``dz`` that keep a non-zero are flagged (no ``C`` allowed)."""
     c, V = z.shape
     # The interpreter's fp32 -> bf16 store truncates where CUDA rounds to nearest even; there the
     # kernel writes fp32 and torch does the (correctly rounded) cast, so tests see GPU numerics.
     cast_after = dtype != torch.float32 and interpreting()
     dz = z if dtype == torch.float32 or cast_after else torch.empty(z.shape, dtype=dtype, device=z.device)
+    flag_rows, flag_k, _, _ = triton_sparse.tiles()
+    if flags is not None and C is not None:
+        raise ValueError("gradient filtering needs C = 0 (a dense C term reaches every column)")
     if c:
-        bv = _block_v(V)
+        bv = max(_block_v(V), flag_k) if flags is not None else _block_v(V)
         _row_grad_kernel[(c, triton.cdiv(V, bv))](
             z, z.stride(0), dz, t, lse, A.float().contiguous(), B.float().contiguous(),
             (C if C is not None else A).float().contiguous(), n_valid, row0, V, col0, 1.0 / temperature,
-            float(softcap or 1.0),
-            SOFTCAP=softcap is not None, HAS_C=C is not None, BLOCK_V=bv, num_warps=8,
+            float(softcap or 1.0), flags if flags is not None else n_valid,
+            0 if flags is None else flags.shape[1], flag_rows, float(eps),
+            SOFTCAP=softcap is not None, HAS_C=C is not None, FILTER=flags is not None, FLAG_K=flag_k,
+            BLOCK_V=bv, num_warps=8,
         )
     return dz.to(dtype) if cast_after else dz
 
 
-def _apply_grads(dz, h, idx, weight, dx, dw, db):
+def _apply_grads(dz, h, idx, weight, dx, dw, db, flags=None):
+    """``db += Σ dz``, ``dW += dzᵀ h`` (fp32), ``dX[idx] = dz W`` — block-sparse given ``flags``."""
     if db is not None:
         db += dz.float().sum(0)
     if dw is not None:
-        _acc_mm(dw, dz.t(), h)
+        if flags is None:
+            _acc_mm(dw, dz.t(), h)
+        else:
+            triton_sparse.dw(dz, h, flags, dw, accumulate=True)
     if dx is not None:
-        dx.index_copy_(0, idx, _mm32(dz, weight))
+        if flags is None:
+            dx.index_copy_(0, idx, _mm32(dz, weight))
+        else:
+            out = torch.empty(dz.shape[0], weight.shape[1], dtype=torch.float32, device=dz.device)
+            dx.index_copy_(0, idx, triton_sparse.dx(dz, weight, flags, out, accumulate=False))
+
+
+def _filtering(C) -> bool:
+    """Filter this pass: the knob is on and no dense ``C`` term (label smoothing) reaches every column."""
+    return _FILTER and C is None
 
 
 @torch.no_grad()
@@ -270,17 +307,27 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
     C_v = None if C is None else C.float().index_select(0, idx)
     dx_v = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_dx else None
     vc = max(128, _chunk_rows(n, hidden.dtype) // 128 * 128)  # vocab slice: n × vc fits the workspace
+    filt = _filtering(C)
+    eps = filter_eps(hidden.dtype, V) if filt else 0.0
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
         w_c = weight[v0:v1]
         z = _logits(h, w_c, None if bias is None else bias[v0:v1])
-        dz = _launch_grad(z, t, lse_v, A_v, B_v, C_v, n_valid, 0, temperature, softcap, hidden.dtype, col0=v0)
+        flags = triton_sparse.new_flags(n, v1 - v0, hidden.device) if filt else None
+        dz = _launch_grad(z, t, lse_v, A_v, B_v, C_v, n_valid, 0, temperature, softcap, hidden.dtype, col0=v0,
+                          flags=flags, eps=eps)
         if db is not None:
             db[v0:v1] = dz.float().sum(0)
         if dw is not None:
-            torch.mm(dz.t(), h, out=dw[v0:v1])
+            if filt:
+                triton_sparse.dw(dz, h, flags, dw[v0:v1], accumulate=False)
+            else:
+                torch.mm(dz.t(), h, out=dw[v0:v1])
         if dx_v is not None:
-            _acc_mm(dx_v, dz, w_c)
+            if filt:
+                triton_sparse.dx(dz, w_c, flags, dx_v, accumulate=True)
+            else:
+                _acc_mm(dx_v, dz, w_c)
     if dx is not None:
         dx.index_copy_(0, idx, dx_v)
     return dx, dw, db
@@ -325,9 +372,11 @@ def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
             zsum.index_copy_(0, idx, zs_c)
         if need_dx or need_dw or need_db:
             A, B, C = coef_fn(idx, l_c, zs_c)
+            flags = triton_sparse.new_flags(i1 - i0, V, hidden.device) if _filtering(C) else None
             dz = _launch_grad(z, t, l_c, _rows(A, l_c), _rows(B, l_c), None if C is None else _rows(C, l_c),
-                              n_valid, i0, temperature, softcap, hidden.dtype)
-            _apply_grads(dz, h, idx, weight, dx, dw, db)
+                              n_valid, i0, temperature, softcap, hidden.dtype, flags=flags,
+                              eps=filter_eps(hidden.dtype, V))
+            _apply_grads(dz, h, idx, weight, dx, dw, db, flags)
     return lse, tgt, zsum, dx, dw, db
 
 

@@ -96,6 +96,9 @@ def test_gpu_check_correctness_rows_detect_errors():
     rows = gpu_check.correctness_case("ce", 47, 31, 123, torch.device("cpu"))
     assert {r["output"] for r in rows} == {"loss", "grad_hidden", "grad_weight"}
     assert all(r["bf16_pass"] and r["fp32_pass"] for r in rows), rows
+    filtered = gpu_check.correctness_case("ce", 47, 31, 123, torch.device("cpu"), filtered=True)
+    assert {r["kernel"] for r in filtered} == {"ce (filtered)"}
+    assert all(r["bf16_pass"] and r["fp32_pass"] for r in filtered), filtered
     ref = torch.randn(100)
     assert gpu_check.rel_err(ref, ref) == 0.0
     assert gpu_check.rel_err(ref * 1.01, ref) == pytest.approx(0.01, rel=1e-3)

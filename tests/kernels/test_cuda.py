@@ -101,10 +101,14 @@ class TestTritonOnCuda:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("filtered", [False, True], ids=["dense", "filtered"])
 @pytest.mark.parametrize("loss", ["ce", "dpo"])
-def test_default_cuda_path_captures_in_a_cuda_graph(loss):
-    """No host sync in the default CUDA path: one fwd+bwd call is captured in a CUDA graph, and its
-    replay on new inputs gives the eager result."""
+def test_default_cuda_path_captures_in_a_cuda_graph(loss, filtered, monkeypatch):
+    """No host sync in the default CUDA path (with or without gradient filtering): one fwd+bwd call is
+    captured in a CUDA graph, and its replay on new inputs gives the eager result."""
+    from zephyr_kernels import triton_chunked
+
+    monkeypatch.setattr(triton_chunked, "_FILTER", filtered)
     N, D, V, P = 512, 256, 32000, 4
     h, w, t = _inputs(N, D, V, torch.bfloat16)
     seg = torch.arange(N, device="cuda") * (2 * P) // N

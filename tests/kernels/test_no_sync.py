@@ -11,7 +11,7 @@ import pytest
 import torch
 from tests.kernels.helpers import make_inputs
 
-from zephyr_kernels import fused_linear_dpo_loss, linear_cross_entropy, linear_logprobs, triton_chunked
+from zephyr_kernels import fused_linear_dpo_loss, linear_cross_entropy, linear_logprobs, triton_chunked, triton_sparse
 
 SYNCING = ("nonzero", "item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 
@@ -44,12 +44,16 @@ def forbid_host_reads(monkeypatch):
         monkeypatch.setattr(triton_chunked, name, wrap(getattr(triton_chunked, name), True))
     for name in ("_launch_stats", "_launch_grad"):
         monkeypatch.setattr(triton_chunked, name, wrap(getattr(triton_chunked, name), False))
+    for name in ("dx", "dw"):  # the block-sparse GEMM launches (gradient filtering)
+        monkeypatch.setattr(triton_sparse, name, wrap(getattr(triton_sparse, name), False))
     yield calls
     set_forbidden(False)
 
 
-def test_cross_entropy_and_dpo_passes_read_nothing_back(forbid_host_reads, monkeypatch):
+@pytest.mark.parametrize("filtered", [False, True], ids=["dense", "filtered"])
+def test_cross_entropy_and_dpo_passes_read_nothing_back(forbid_host_reads, monkeypatch, filtered):
     monkeypatch.setattr(triton_chunked, "_WORKSPACE_BYTES", 16 * 128 * 6)  # several chunks and slices
+    monkeypatch.setattr(triton_chunked, "_FILTER", filtered)
     h, w, b, t = make_inputs(40, 16, 300, ignore_frac=0.3, bias=True)
     for fn in (
         lambda: linear_cross_entropy(h, w, t, bias=b, impl="triton"),
@@ -61,6 +65,7 @@ def test_cross_entropy_and_dpo_passes_read_nothing_back(forbid_host_reads, monke
     ):
         fn().backward()
     assert {"stats", "grads", "fused", "_launch_stats", "_launch_grad"} <= set(forbid_host_reads)
+    assert ({"dx", "dw"} <= set(forbid_host_reads)) == filtered
 
 
 def test_the_guard_catches_a_sync(forbid_host_reads, monkeypatch):
