@@ -6,10 +6,12 @@ which measured 34 TFLOP/s on an H200 (N=8192, D=4096, V=32000 bf16) against ~600
 backend keeps the property that matters — the ``(N, V)`` logits never exist — while letting
 tensor-core GEMMs do the matmul work:
 
-* rows are sorted valid-first on the device (no host sync: the count of valid rows stays on the
-  device and the epilogue kernels zero the rows past it, so one fwd+bwd call can be captured in a
-  CUDA graph), then processed ``c`` at a time, where ``c · V`` fp32 logits (plus their
-  low-precision gradient copy) fit in ``ZEPHYR_KERNELS_WORKSPACE_BYTES`` (128 MiB by default, i.e. 2048 rows at V=32000);
+* rows are taken in place, ``c`` at a time (views, no gathered copies), where ``c · V`` fp32 logits
+  (plus their low-precision gradient copy) fit in ``ZEPHYR_KERNELS_WORKSPACE_BYTES`` (128 MiB by
+  default); no host sync: the epilogue kernels recognise an ignored row by its target on the device
+  and write zeros for it, so one fwd+bwd call can be captured in a CUDA graph.  Ignored rows
+  therefore still cost GEMM work here; the trainer hands over compacted rows (host-known indices
+  from packing), so in training there are none;
 * ``z = h_c W^T (+ b)`` is one cuBLAS GEMM into that workspace, written in fp32;
 * ``_row_stats_kernel`` reads the chunk once: online log-sum-exp of the transformed logits
   (softcap, temperature), the target logit, and optionally ``Σ_v z``;
@@ -48,12 +50,13 @@ _SINGLE_PASS_CHUNKS = 4
 
 @triton.jit
 def _row_stats_kernel(
-    Z, stride_z, T, LSE, TGT, ZSUM, N_VALID, row0, V, inv_temp, softcap,
+    Z, stride_z, T, LSE, TGT, ZSUM, ignore_index, V, inv_temp, softcap,
     SOFTCAP: tl.constexpr, HAS_ZSUM: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # rows arrive valid-first; those at or past the device-side count N_VALID are ignored rows
+    # an ignored row (decided on the device from its target: no host sync) gets zeros
     row = tl.program_id(0).to(tl.int64)
-    if row0 + row >= tl.load(N_VALID):
+    t = tl.load(T + row)
+    if t == ignore_index:
         tl.store(LSE + row, 0.0)
         tl.store(TGT + row, 0.0)
         if HAS_ZSUM:
@@ -76,8 +79,7 @@ def _row_stats_kernel(
         m_new = tl.maximum(m, tl.max(z, 0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
         m = m_new
-    t = tl.load(T + row)
-    zt = tl.load(z_row + t).to(tl.float32)
+    zt = tl.load(z_row + t, mask=(t >= 0) & (t < V), other=0.0).to(tl.float32)  # out of range: no target logit
     if SOFTCAP:
         zt = softcap * _tanh(zt / softcap)
     tl.store(LSE + row, m + tl.log(s))
@@ -88,7 +90,7 @@ def _row_stats_kernel(
 
 @triton.jit
 def _row_grad_kernel(
-    Z, stride_z, DZ, T, LSE, CA, CB, CC, N_VALID, row0, V, col0, inv_temp, softcap,
+    Z, stride_z, DZ, T, LSE, CA, CB, CC, ignore_index, V, col0, inv_temp, softcap,
     FLAGS, n_kt, flag_rows, eps,
     SOFTCAP: tl.constexpr, HAS_C: tl.constexpr, FILTER: tl.constexpr, FLAG_K: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -100,7 +102,8 @@ def _row_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < V
-    if row0 + row >= tl.load(N_VALID):  # an ignored row (valid rows come first): no gradient
+    t = tl.load(T + row)
+    if t == ignore_index:  # an ignored row: no gradient
         tl.store(DZ + row * stride_z + cols, tl.zeros((BLOCK_V,), tl.float32).to(DZ.dtype.element_ty), mask=mask)
         return
     ptr = Z + row * stride_z + cols
@@ -111,7 +114,6 @@ def _row_grad_kernel(
     p = tl.exp(z * inv_temp - tl.load(LSE + row))
     if FILTER:
         p = tl.where(p < eps, 0.0, p)
-    t = tl.load(T + row)
     dz = tl.load(CA + row) * p + tl.where(cols + col0 == t, tl.load(CB + row), 0.0)
     if HAS_C:
         dz += tl.load(CC + row)
@@ -137,17 +139,6 @@ def _chunk_rows(width: int, dtype: torch.dtype) -> int:
     low-precision inputs, their ``dz`` copy in the input dtype."""
     per = 4 + (0 if dtype == torch.float32 else torch.empty((), dtype=dtype).element_size())
     return max(16, _WORKSPACE_BYTES // (max(width, 1) * per))
-
-
-def _order(targets, ignore_index):
-    """``(order (N,) int64, n_valid (1,) int32)``: the rows, valid ones first (stable), and how many
-    are valid — both on the device.  No host sync: the chunk loops run over all ``N`` rows (a host
-    number) and the epilogue kernels turn the rows at or past ``n_valid`` into zeros.  Ignored rows
-    therefore still cost GEMM work here; the trainer hands over compacted rows (host-known indices
-    from packing), so in training there are none."""
-    ignored = targets == ignore_index
-    order = torch.argsort(ignored.to(torch.int8), stable=True)
-    return order, (~ignored).sum(dtype=torch.int32).reshape(1)
 
 
 def _chunks(N, V, dtype):
@@ -196,21 +187,19 @@ def _mm32(a, b):
     return (a @ b).float()
 
 
-def _launch_stats(z, t, n_valid, row0, temperature, softcap, need_zsum):
-    """Row statistics of an fp32 logits block whose rows are sorted rows ``row0 ..`` of the call."""
+def _launch_stats(z, t, ignore_index, temperature, softcap, lse, tgt, zsum):
+    """Row statistics of an fp32 logits block ``z (c, V)`` with targets ``t (c,)``, written into the
+    ``(c,)`` fp32 slices ``lse``, ``tgt`` and ``zsum`` (or None); ignored rows get zeros."""
     c, V = z.shape
-    f32 = dict(dtype=torch.float32, device=z.device)
-    lse, tgt = torch.empty(c, **f32), torch.empty(c, **f32)
-    zsum = torch.empty(c, **f32) if need_zsum else lse
     if c:
         _row_stats_kernel[(c,)](
-            z, z.stride(0), t, lse, tgt, zsum, n_valid, row0, V, 1.0 / temperature, float(softcap or 1.0),
-            SOFTCAP=softcap is not None, HAS_ZSUM=need_zsum, BLOCK_V=_block_v(V), num_warps=8,
+            z, z.stride(0), t, lse, tgt, zsum if zsum is not None else lse, ignore_index, V, 1.0 / temperature,
+            float(softcap or 1.0), SOFTCAP=softcap is not None, HAS_ZSUM=zsum is not None, BLOCK_V=_block_v(V),
+            num_warps=8,
         )
-    return lse, tgt, (zsum if need_zsum else None)
 
 
-def _launch_grad(z, t, lse, A, B, C, n_valid, row0, temperature, softcap, dtype, col0=0, flags=None, eps=0.0):
+def _launch_grad(z, t, lse, A, B, C, ignore_index, temperature, softcap, dtype, col0=0, flags=None, eps=0.0):
     """``dL/dz`` of an fp32 logits block, returned in ``dtype`` (in place when that is fp32).
 
     With ``flags`` (:func:`triton_sparse.new_flags` of the block) the probabilities below ``eps``
@@ -227,8 +216,8 @@ def _launch_grad(z, t, lse, A, B, C, n_valid, row0, temperature, softcap, dtype,
         bv = max(_block_v(V), flag_k) if flags is not None else _block_v(V)
         _row_grad_kernel[(c, triton.cdiv(V, bv))](
             z, z.stride(0), dz, t, lse, A.float().contiguous(), B.float().contiguous(),
-            (C if C is not None else A).float().contiguous(), n_valid, row0, V, col0, 1.0 / temperature,
-            float(softcap or 1.0), flags if flags is not None else n_valid,
+            (C if C is not None else A).float().contiguous(), ignore_index, V, col0, 1.0 / temperature,
+            float(softcap or 1.0), flags if flags is not None else t,
             0 if flags is None else flags.shape[1], flag_rows, float(eps),
             SOFTCAP=softcap is not None, HAS_C=C is not None, FILTER=flags is not None, FLAG_K=flag_k,
             BLOCK_V=bv, num_warps=8,
@@ -236,8 +225,9 @@ def _launch_grad(z, t, lse, A, B, C, n_valid, row0, temperature, softcap, dtype,
     return dz.to(dtype) if cast_after else dz
 
 
-def _apply_grads(dz, h, idx, weight, dx, dw, db, flags=None):
-    """``db += Σ dz``, ``dW += dzᵀ h`` (fp32), ``dX[idx] = dz W`` — block-sparse given ``flags``."""
+def _apply_grads(dz, h, weight, dx_c, dw, db, flags=None):
+    """``db += Σ dz``, ``dW += dzᵀ h`` (fp32), ``dx_c = dz W`` (the chunk's fp32 rows of dX) — block-sparse
+    given ``flags``."""
     if db is not None:
         db += dz.float().sum(0)
     if dw is not None:
@@ -245,12 +235,11 @@ def _apply_grads(dz, h, idx, weight, dx, dw, db, flags=None):
             _acc_mm(dw, dz.t(), h)
         else:
             triton_sparse.dw(dz, h, flags, dw, accumulate=True)
-    if dx is not None:
+    if dx_c is not None:
         if flags is None:
-            dx.index_copy_(0, idx, _mm32(dz, weight))
+            torch.mm(dz, weight, out=dx_c) if dz.dtype == torch.float32 else dx_c.copy_(_mm32(dz, weight))
         else:
-            out = torch.empty(dz.shape[0], weight.shape[1], dtype=torch.float32, device=dz.device)
-            dx.index_copy_(0, idx, triton_sparse.dx(dz, weight, flags, out, accumulate=False))
+            triton_sparse.dx(dz, weight, flags, dx_c, accumulate=False)
 
 
 def _filtering(C) -> bool:
@@ -266,16 +255,10 @@ def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
     zsum = torch.zeros(N, **f32) if need_zsum else None
-    order, n_valid = _order(targets, ignore_index)
     for i0, i1 in _chunks(N, V, hidden.dtype):
-        idx = order[i0:i1]
-        z = _logits(hidden.index_select(0, idx), weight, bias)
-        l_c, t_c, zs_c = _launch_stats(z, targets.index_select(0, idx), n_valid, i0, temperature, softcap,
-                                       need_zsum)
-        lse.index_copy_(0, idx, l_c)
-        tgt.index_copy_(0, idx, t_c)
-        if need_zsum:
-            zsum.index_copy_(0, idx, zs_c)
+        z = _logits(hidden[i0:i1], weight, bias)
+        _launch_stats(z, targets[i0:i1], ignore_index, temperature, softcap, lse[i0:i1], tgt[i0:i1],
+                      None if zsum is None else zsum[i0:i1])
     return Stats(lse, tgt, zsum, *token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments))
 
 
@@ -297,15 +280,15 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
     dw = torch.zeros_like(weight) if need_dw else None
     if not (need_dx or need_dw or need_db):
         return dx, dw, db
-    idx, n_valid = _order(targets, ignore_index)
-    n = idx.numel()
+    n = hidden.shape[0]
     if n == 0:
         return dx, dw, db
-    h = hidden.index_select(0, idx)
-    t = targets.index_select(0, idx)
-    lse_v, A_v, B_v = (x.float().index_select(0, idx) for x in (lse, A, B))
-    C_v = None if C is None else C.float().index_select(0, idx)
-    dx_v = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_dx else None
+    # every row meets every slice (ignored rows too: their dz is written as zeros on the device, which
+    # costs GEMM work but no host sync); dX accumulates over the slices in place, in fp32
+    h, t = hidden, targets
+    lse_v, A_v, B_v = lse.float(), A.float(), B.float()
+    C_v = None if C is None else C.float()
+    dx_v = dx
     vc = max(128, _chunk_rows(n, hidden.dtype) // 128 * 128)  # vocab slice: n × vc fits the workspace
     filt = _filtering(C)
     eps = filter_eps(hidden.dtype, V) if filt else 0.0
@@ -314,7 +297,7 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
         w_c = weight[v0:v1]
         z = _logits(h, w_c, None if bias is None else bias[v0:v1])
         flags = triton_sparse.new_flags(n, v1 - v0, hidden.device) if filt else None
-        dz = _launch_grad(z, t, lse_v, A_v, B_v, C_v, n_valid, 0, temperature, softcap, hidden.dtype, col0=v0,
+        dz = _launch_grad(z, t, lse_v, A_v, B_v, C_v, ignore_index, temperature, softcap, hidden.dtype, col0=v0,
                           flags=flags, eps=eps)
         if db is not None:
             db[v0:v1] = dz.float().sum(0)
@@ -328,8 +311,6 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
                 triton_sparse.dx(dz, w_c, flags, dx_v, accumulate=True)
             else:
                 _acc_mm(dx_v, dz, w_c)
-    if dx is not None:
-        dx.index_copy_(0, idx, dx_v)
     return dx, dw, db
 
 
@@ -349,8 +330,7 @@ def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
         # cheaper than 3 GEMMs plus that traffic.  (N counts ignored rows too: no host sync here.)
         lse, tgt, zsum, *_ = stats(hidden, weight, bias, targets, ignore_index=ignore_index,
                                      temperature=temperature, softcap=softcap, need_zsum=need_zsum)
-        all_rows = torch.arange(N, device=hidden.device)
-        A, B, C = coef_fn(all_rows, lse, zsum)
+        A, B, C = coef_fn(slice(None), lse, zsum)
         dx, dw, db = grads(hidden, weight, bias, targets, lse, _rows(A, lse), _rows(B, lse),
                            None if C is None else _rows(C, lse), ignore_index=ignore_index,
                            temperature=temperature, softcap=softcap,
@@ -360,23 +340,18 @@ def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
     zsum = torch.zeros(N, **f32) if need_zsum else None
     dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
-    order, n_valid = _order(targets, ignore_index)
     for i0, i1 in _chunks(N, V, hidden.dtype):
-        idx = order[i0:i1]
-        h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
+        h, t = hidden[i0:i1], targets[i0:i1]
         z = _logits(h, weight, bias)
-        l_c, t_c, zs_c = _launch_stats(z, t, n_valid, i0, temperature, softcap, need_zsum)
-        lse.index_copy_(0, idx, l_c)
-        tgt.index_copy_(0, idx, t_c)
-        if need_zsum:
-            zsum.index_copy_(0, idx, zs_c)
+        l_c, zs_c = lse[i0:i1], None if zsum is None else zsum[i0:i1]
+        _launch_stats(z, t, ignore_index, temperature, softcap, l_c, tgt[i0:i1], zs_c)
         if need_dx or need_dw or need_db:
-            A, B, C = coef_fn(idx, l_c, zs_c)
+            A, B, C = coef_fn(slice(i0, i1), l_c, zs_c)
             flags = triton_sparse.new_flags(i1 - i0, V, hidden.device) if _filtering(C) else None
             dz = _launch_grad(z, t, l_c, _rows(A, l_c), _rows(B, l_c), None if C is None else _rows(C, l_c),
-                              n_valid, i0, temperature, softcap, hidden.dtype, flags=flags,
+                              ignore_index, temperature, softcap, hidden.dtype, flags=flags,
                               eps=filter_eps(hidden.dtype, V))
-            _apply_grads(dz, h, idx, weight, dx, dw, db, flags)
+            _apply_grads(dz, h, weight, None if dx is None else dx[i0:i1], dw, db, flags)
     return lse, tgt, zsum, dx, dw, db
 
 

@@ -36,9 +36,9 @@ SCRIPT = textwrap.dedent(
     def build_epilogue(kernel, dz_dt, cc, **consts):
         consts = dict(dict(SOFTCAP=True, BLOCK_V=4096, FILTER=False, FLAG_K=64), **consts)
         consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-        scal = dict(stride_z="i64", V="i32", col0="i32", row0="i32", inv_temp="fp32", softcap="fp32",
+        scal = dict(stride_z="i64", V="i32", col0="i32", ignore_index="i32", inv_temp="fp32", softcap="fp32",
                     n_kt="i32", flag_rows="i32", eps="fp32")
-        ptrs = dict(T="*i64", DZ="*" + dz_dt, N_VALID="*i32", FLAGS="*i32")
+        ptrs = dict(T="*i64", DZ="*" + dz_dt, FLAGS="*i32")
         sig = {a: "constexpr" if a in consts else scal.get(a, ptrs.get(a, "*fp32")) for a in kernel.arg_names}
         k = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", cc, 32), options=dict(num_warps=8))
         assert k.metadata.shared <= SMEM[cc], (cc, k.metadata.shared)

@@ -69,12 +69,13 @@ def test_cross_entropy_and_dpo_passes_read_nothing_back(forbid_host_reads, monke
 
 
 def test_the_guard_catches_a_sync(forbid_host_reads, monkeypatch):
-    """The fixture is not vacuous: a pass that counts valid rows on the host fails."""
-    def syncing_order(targets, ignore_index):
-        valid = targets != ignore_index
-        return valid.nonzero().squeeze(1), torch.tensor([int(valid.sum())], dtype=torch.int32)
+    """The fixture is not vacuous: a pass that compacts the valid rows on the host fails."""
+    real_logits = triton_chunked._logits
 
-    monkeypatch.setattr(triton_chunked, "_order", syncing_order)
+    def compacting_logits(h, weight, bias):
+        return real_logits(h[(h != 0).any(1).nonzero().squeeze(1)], weight, bias)
+
+    monkeypatch.setattr(triton_chunked, "_logits", compacting_logits)
     with pytest.raises(AssertionError, match="host sync in the triton path: Tensor.nonzero"):
         triton_chunked.stats(torch.randn(4, 8), torch.randn(10, 8), None, torch.tensor([1, 2, -100, 3]),
                              ignore_index=-100, temperature=1.0, softcap=None)
