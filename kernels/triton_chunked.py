@@ -268,7 +268,7 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
     """Gradient pass given ``lse`` and per-row coefficients. Returns ``(dx, dw, db)``: ``dx`` and
     ``db`` fp32, ``dw`` in the weight's dtype (rounded once from the GEMM's fp32 accumulator).
 
-    Vocab-tiled: each slice ``W[v0:v1]`` meets every valid row in one GEMM, so ``dW[v0:v1]`` is
+    Vocab-tiled: each slice ``W[v0:v1]`` meets every row in one GEMM, so ``dW[v0:v1]`` is
     written once (fp32 accumulation inside the GEMM, K = rows) instead of read-modify-written once
     per row chunk — at V=128k that accumulator is 2 GB of fp32 traffic per chunk.  ``dX`` (rows × D)
     is the fp32 accumulator instead, far smaller than ``dW`` for LM-head shapes.
@@ -285,32 +285,27 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
         return dx, dw, db
     # every row meets every slice (ignored rows too: their dz is written as zeros on the device, which
     # costs GEMM work but no host sync); dX accumulates over the slices in place, in fp32
-    h, t = hidden, targets
-    lse_v, A_v, B_v = lse.float(), A.float(), B.float()
-    C_v = None if C is None else C.float()
-    dx_v = dx
     vc = max(128, _chunk_rows(n, hidden.dtype) // 128 * 128)  # vocab slice: n × vc fits the workspace
     filt = _filtering(C)
-    eps = filter_eps(hidden.dtype, V) if filt else 0.0
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
         w_c = weight[v0:v1]
-        z = _logits(h, w_c, None if bias is None else bias[v0:v1])
+        z = _logits(hidden, w_c, None if bias is None else bias[v0:v1])
         flags = triton_sparse.new_flags(n, v1 - v0, hidden.device) if filt else None
-        dz = _launch_grad(z, t, lse_v, A_v, B_v, C_v, ignore_index, temperature, softcap, hidden.dtype, col0=v0,
-                          flags=flags, eps=eps)
+        dz = _launch_grad(z, targets, lse, A, B, C, ignore_index, temperature, softcap, hidden.dtype, col0=v0,
+                          flags=flags, eps=filter_eps(hidden.dtype, V))
         if db is not None:
             db[v0:v1] = dz.float().sum(0)
         if dw is not None:
             if filt:
-                triton_sparse.dw(dz, h, flags, dw[v0:v1], accumulate=False)
+                triton_sparse.dw(dz, hidden, flags, dw[v0:v1], accumulate=False)
             else:
-                torch.mm(dz.t(), h, out=dw[v0:v1])
-        if dx_v is not None:
+                torch.mm(dz.t(), hidden, out=dw[v0:v1])
+        if dx is not None:
             if filt:
-                triton_sparse.dx(dz, w_c, flags, dx_v, accumulate=True)
+                triton_sparse.dx(dz, w_c, flags, dx, accumulate=True)
             else:
-                _acc_mm(dx_v, dz, w_c)
+                _acc_mm(dx, dz, w_c)
     return dx, dw, db
 
 
