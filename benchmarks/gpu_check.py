@@ -32,6 +32,7 @@ Files in ``--out`` (≤ 8): ``gpu.json`` (pytest-benchmark-shaped, for ``python 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -195,11 +196,26 @@ def _kernel_outputs(kind: str, h, w, labels, seg, nseg, g_tok, g_seg, impl):
     return outs
 
 
+@contextlib.contextmanager
+def cuda_path_knobs(**values):
+    """Set module knobs of the CUDA path (``triton_chunked._WORKSPACE_BYTES``, ``_FILTER``; None keeps the
+    current value) for the block, restoring them after."""
+    from zephyr_kernels import triton_chunked
+
+    saved = {k: getattr(triton_chunked, k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is not None:
+                setattr(triton_chunked, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(triton_chunked, k, v)
+
+
 def correctness_case(kind: str, n: int, d: int, v: int, dev, seed: int = 0, filtered: bool = False) -> list:
     """bf16 Triton vs fp32 truth, judged against a bf16 PyTorch run's own error; and fp32 Triton.
     ``filtered``: with the CUDA path's gradient filtering on (``triton_chunked._FILTER``)."""
-    from zephyr_kernels import triton_chunked
-
     from .inputs import lm_head_inputs
 
     h, w, targets = lm_head_inputs(n, d, v, device=dev, kind="peaked", seed=seed, requires_grad=False)
@@ -214,12 +230,9 @@ def correctness_case(kind: str, n: int, d: int, v: int, dev, seed: int = 0, filt
     truth = _kernel_outputs(kind, h.float(), w.float(), *args, impl="naive")
     hb, wb = h.to(torch.bfloat16), w.to(torch.bfloat16)
     torch_bf16 = _kernel_outputs(kind, hb, wb, *args, impl="naive")
-    default_filter, triton_chunked._FILTER = triton_chunked._FILTER, filtered
-    try:
+    with cuda_path_knobs(_FILTER=filtered):
         triton_bf16 = _kernel_outputs(kind, hb, wb, *args, impl="triton")
         triton_fp32 = _kernel_outputs(kind, h.float(), w.float(), *args, impl="triton")
-    finally:
-        triton_chunked._FILTER = default_filter
     kind = kind + (" (filtered)" if filtered else "")
     rows = []
     for key in truth:
@@ -325,27 +338,20 @@ SWEEP = [("triton", 64 << 20, False, "peaked"), ("triton", 128 << 20, False, "pe
 def section_sweep(c: Check) -> None:
     """Each candidate configuration on the N=8192 / V=32000 CE and DPO cases (suite ``lm_head_sweep``,
     one row per configuration): which one the default should be, measured."""
-    from zephyr_kernels import triton_chunked
-
     n, d, v, rounds = (64, 32, 500, 1) if c.smoke else (8192, 4096, 32000, 5)
     dtype = "float32" if c.smoke else "bfloat16"
-    default_ws, default_filter = triton_chunked._WORKSPACE_BYTES, triton_chunked._FILTER
-    try:
-        for task in ("ce", "dpo"):
-            for impl, ws, filtered, kind in SWEEP:
-                if c.left() < (5 if c.smoke else 15):
-                    c.log("sweep: time guard")
-                    return
-                triton_chunked._WORKSPACE_BYTES = ws or default_ws
-                triton_chunked._FILTER = filtered
-                label = impl + ("" if ws is None else f" ws={ws >> 20}MiB") + (" filtered" if filtered else "")
-                spec = dict(_spec(task, "zephyr_fast", n, d, v, dtype=dtype, pairs=8, device=c.dev.type, kind=kind),
-                            impl=impl)
+    for task in ("ce", "dpo"):
+        for impl, ws, filtered, kind in SWEEP:
+            if c.left() < (5 if c.smoke else 15):
+                c.log("sweep: time guard")
+                return
+            label = impl + ("" if ws is None else f" ws={ws >> 20}MiB") + (" filtered" if filtered else "")
+            spec = dict(_spec(task, "zephyr_fast", n, d, v, dtype=dtype, pairs=8, device=c.dev.type, kind=kind),
+                        impl=impl)
+            with cuda_path_knobs(_WORKSPACE_BYTES=ws, _FILTER=filtered):
                 c.bench(f"lm_head_sweep[{task}-{label}-{kind}]",
                         lambda b: bench_lm_head(b, spec, suite="lm_head_sweep", shape="sweep", rounds=rounds,
                                                 memory=not c.smoke, variant=label))
-    finally:
-        triton_chunked._WORKSPACE_BYTES, triton_chunked._FILTER = default_ws, default_filter
 
 
 def section_model(c: Check) -> None:

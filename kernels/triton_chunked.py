@@ -226,8 +226,8 @@ def _launch_grad(z, t, lse, A, B, C, ignore_index, temperature, softcap, dtype, 
 
 
 def _apply_grads(dz, h, weight, dx_c, dw, db, flags=None):
-    """``db += Σ dz``, ``dW += dzᵀ h`` (fp32), ``dx_c = dz W`` (the chunk's fp32 rows of dX) — block-sparse
-    given ``flags``."""
+    """``db += Σ dz``, ``dW += dzᵀ h`` (fp32), ``dx_c += dz W`` (the chunk's zeroed fp32 rows of dX) —
+    block-sparse given ``flags``."""
     if db is not None:
         db += dz.float().sum(0)
     if dw is not None:
@@ -237,9 +237,9 @@ def _apply_grads(dz, h, weight, dx_c, dw, db, flags=None):
             triton_sparse.dw(dz, h, flags, dw, accumulate=True)
     if dx_c is not None:
         if flags is None:
-            torch.mm(dz, weight, out=dx_c) if dz.dtype == torch.float32 else dx_c.copy_(_mm32(dz, weight))
+            _acc_mm(dx_c, dz, weight)
         else:
-            triton_sparse.dx(dz, weight, flags, dx_c, accumulate=False)
+            triton_sparse.dx(dz, weight, flags, dx_c, accumulate=True)
 
 
 def _filtering(C) -> bool:
