@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from zephyr_kernels.dispatch import backend, check_inputs
+from zephyr_kernels.dispatch import autocast_inputs, autocast_off, backend, check_inputs
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -41,6 +41,7 @@ def _token_loss(lse, tgt, zsum, valid, label_smoothing, z_loss, V):
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
                 temperature, softcap, impl):
         be = backend(impl, hidden.device)
@@ -69,6 +70,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return _token_loss(lse, tgt, zsum, valid, label_smoothing, z_loss, V).sum() * w
 
     @staticmethod
+    @autocast_off
     def backward(ctx, g):
         if ctx.reduction != "none" and hasattr(ctx, "grads"):
             # the buffers are ours: scale in place rather than allocating another (V, D)
@@ -110,6 +112,7 @@ def linear_cross_entropy(
     Returns:
         fp32 scalar, or ``(N,)`` fp32 for ``reduction="none"`` (0 on ignored rows).
     """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_inputs(hidden, weight, targets, bias, ignore_index=ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -16,6 +16,7 @@ The decision depends only on ``(impl, device type)`` and is cached, so it is mad
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -26,6 +27,7 @@ import torch
 from zephyr_kernels import chunked
 
 IMPLS = ("auto", "triton", "triton_tiled", "torch")
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 _TRITON_MODULES = {"triton": "zephyr_kernels.triton_chunked", "triton_tiled": "zephyr_kernels.triton_kernels"}
 
 
@@ -96,6 +98,34 @@ def backend(impl: str, device: torch.device):
     if name in _TRITON_MODULES:
         return _triton_module(name)[0]
     return chunked
+
+
+def autocast_inputs(*tensors):
+    """The floating inputs as ``torch.autocast`` would hand them to ``F.linear``: cast to the autocast
+    dtype of their device type when autocast is on there (so an fp32 head under ``bf16`` autocast runs
+    in bf16 and its fp32 parameters get fp32 gradients through the cast); unchanged otherwise.
+    The autograd Functions then run under :func:`autocast_off` (they pick their own accumulation dtypes)."""
+    ref = next((t for t in tensors if t is not None), None)
+    if ref is None or not torch.is_autocast_enabled(ref.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(ref.device.type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def autocast_off(fn):
+    """Decorator for the kernels' autograd ``forward`` / ``backward``: run with autocast off on every
+    device type where it is on (the kernels pick their own accumulation dtypes; a backward called inside
+    an autocast region would otherwise run their GEMMs in the autocast dtype)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in _AUTOCAST_DEVICE_TYPES:
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def check_inputs(hidden, weight, targets, bias=None, segment_ids=None, num_segments=None, ignore_index=-100):

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from zephyr_kernels.dispatch import backend, check_inputs
+from zephyr_kernels.dispatch import autocast_inputs, autocast_off, backend, check_inputs
 from zephyr_kernels.losses import LOSS_TYPES, METRIC_KEYS, check_dpo_args, dpo_loss  # noqa: F401
 
 AUX_KEYS = METRIC_KEYS + ("logits/chosen", "logits/rejected", "nll_loss")
@@ -55,6 +55,7 @@ class FusedLinearDPOFunction(torch.autograd.Function):
     Backward only scales the stored gradients."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, labels, segment_ids, ref_chosen, ref_rejected, opts: DPOOptions,
                 ignore_index, temperature, softcap, impl):
         be = backend(impl, hidden.device)
@@ -91,6 +92,7 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         return loss.detach(), aux, logps
 
     @staticmethod
+    @autocast_off
     def backward(ctx, g, _aux, _logps):
         # the buffers are ours: scale in place rather than allocating another (V, D)
         out = tuple(None if d is None else d.mul_(g).to(dt) for d, dt in zip(ctx.grads, ctx.dtypes))
@@ -111,6 +113,7 @@ def fused_dpo(hidden, weight, labels, segment_ids, ref_chosen_logps, ref_rejecte
               impl: str = "auto"):
     """:func:`fused_linear_dpo_loss` with prebuilt options; returns ``(loss, metrics, seq_logps)``
     where ``seq_logps (2P,)`` fp32 are the per-sequence log-probs the loss saw (detached)."""
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_inputs(hidden, weight, labels, bias, segment_ids, 2 * ref_chosen_logps.numel(), ignore_index)
     check_ref_logps(ref_chosen_logps, ref_rejected_logps)
     loss, aux, logps = FusedLinearDPOFunction.apply(

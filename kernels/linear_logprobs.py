@@ -14,11 +14,12 @@ from typing import Optional
 import torch
 
 from zephyr_kernels.chunked import Stats
-from zephyr_kernels.dispatch import backend, check_inputs
+from zephyr_kernels.dispatch import autocast_inputs, autocast_off, backend, check_inputs
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, targets, segment_ids, num_segments, ignore_index,
                 temperature, softcap, impl):
         be = backend(impl, hidden.device)
@@ -36,6 +37,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return logp, seg, lse
 
     @staticmethod
+    @autocast_off
     def backward(ctx, g_tok, g_seg, g_lse):
         hidden, weight, bias, targets, segment_ids, lse, tgt, tile_max = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -93,6 +95,7 @@ def linear_logprobs(
         ``return_lse``.  Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through every
         output.
     """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_inputs(hidden, weight, targets, bias, segment_ids, num_segments, ignore_index)
     if segment_ids is not None and num_segments is None:
         # host sync, only when the caller did not say how many segments there are
