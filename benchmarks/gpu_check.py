@@ -1,6 +1,6 @@
 """The one prepared GPU check (run through ``benchmarks/gpu_check.sh``): correctness, then speed.
 
-    OUT=/some/dir bash benchmarks/gpu_check.sh              # on a CUDA machine (H100/H200), < 6 min
+    OUT=/some/dir bash benchmarks/gpu_check.sh              # on a CUDA machine (H100/H200), < 8 min
     OUT=/tmp/smoke bash benchmarks/gpu_check.sh --cpu-smoke # here: tiny shapes, Triton interpreter
 
 Sections (each in try/except: a failure is recorded and the next section runs; a global time guard
@@ -8,25 +8,29 @@ skips what no longer fits):
 
 1. ``env``: device, versions, which providers import.
 2. ``correctness``: every Triton kernel (token log-probs, segment sums, CE, fused DPO loss, and all
-   their gradients) in bf16 against the fp32 reference; a bf16 error passes when it is within
-   ``2×`` the error of a plain bf16 PyTorch run of the same computation (or below 1e-3 relative);
-   plus fp32 at the project tolerance (atol 1e-5 / rtol 5e-4; on GPU ``tl.dot`` may use TF32 —
-   the figure is recorded either way).
-3. ``lm_head``: issue 9's table — bf16, D=4096, V=32000 (Mistral-7B) and V=128256 (Llama-3-8B),
+   their gradients; dense and with gradient filtering) in bf16 against the fp32 reference; a bf16
+   error passes when it is within ``2×`` the error of a plain bf16 PyTorch run of the same
+   computation (or below 1e-3 relative); plus fp32 at the project tolerance (atol 1e-5 / rtol 5e-4;
+   on GPU ``tl.dot`` may use TF32 — the figure is recorded either way).
+3. ``pytest_cuda``: the project's CUDA-marked tests (``benchmarks/gpu_sections.py``): CUDA-graph
+   capture, autocast bf16/fp16 through every entry point, attention backends, bitsandbytes, QLoRA.
+4. ``lm_head``: issue 9's table — bf16, D=4096, V=32000 (Mistral-7B) and V=128256 (Llama-3-8B),
    CE (20 % ignored rows) and DPO (8 pairs, 25 % prompt rows), ``peaked`` and ``normal`` inputs,
-   N=8192: fwd+bwd time, TFLOP/s (6·N·D·V), ``max_memory_allocated`` beyond x, W, dX, dW for
-   zephyr_fast, torch eager, Liger, CCE, then N=16384 against CCE and Liger, torch.compile last.
-4. ``sweep``: the candidate configurations of the zephyr CUDA path (backend × logits workspace) on
-   the V=32000 peaked CE and DPO cases — the measurement behind the default.
-5. ``model``: a ~1B Mistral config in bf16 — packed vs padded fwd+bwd tokens/s, and the packed DPO
-   step (precomputed reference) vs a padded one with a reference model in memory.
-6. ``e2e_dpo``, ``e2e_sft``, ``prefix_shared``, ``zero3`` (``benchmarks/gpu_e2e.py``, issue 13): the
-   ~1B Mistral through whole trainers — zephyr_fast vs TRL DPOTrainer / SFTTrainer at their fastest
+   N=8192 then N=16384: fwd+bwd time, TFLOP/s (6·N·D·V), ``max_memory_allocated`` beyond x, W, dX,
+   dW for zephyr_fast, torch eager, torch.compile, Liger and CCE.
+5. ``sweep``: the candidate configurations of the zephyr CUDA path (backend × logits workspace ×
+   gradient filtering) on the V=32000 CE and DPO cases — the measurement behind the defaults.
+6. ``profile``: a ``torch.profiler`` breakdown of each ``lm_head`` case zephyr_fast missed.
+7. ``e2e_dpo``, ``e2e_sft``, ``prefix_shared``, ``zero3`` (``benchmarks/gpu_e2e.py``): the ~1B
+   Mistral through whole trainers — zephyr_fast vs TRL DPOTrainer / SFTTrainer at their fastest
    settings (pairs/s, tokens/s, peak memory, MFU), prefix-shared vs separate DPO, and a 1-rank
    DeepSpeed ZeRO-3 DPO step against the plain one.
+8. ``model``: a ~1B Mistral config in bf16 — packed vs padded fwd+bwd tokens/s, and the packed DPO
+   step (precomputed reference) vs a padded one with a reference model in memory.
 
 Files in ``--out`` (≤ 8): ``gpu.json`` (pytest-benchmark-shaped, for ``python -m benchmarks.report``),
-``correctness.json``, ``gpu_check.md`` (the Markdown fragment), ``gpu_check.log`` (from the .sh).
+``correctness.json``, ``gpu_check.md`` (the Markdown fragment), ``gpu_check.log`` (from the .sh),
+``pytest_cuda.log``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .gpu_sections import profile_lines, section_profile, section_pytest_cuda
 from .test_lm_head import _spec, bench_lm_head
 
 T0 = time.time()
@@ -78,6 +83,8 @@ class Check:
         self.errors = 0  # benchmarks that raised (a skip is not an error)
         self.correctness: list = []
         self.sections: dict = {}
+        self.profiles: list = []  # gpu_sections.section_profile
+        self.pytest_summary = None  # gpu_sections.section_pytest_cuda
         self.dev = torch.device("cpu" if smoke else "cuda")
 
     def left(self) -> float:
@@ -130,7 +137,8 @@ class Check:
 
         meta = {"suite_wall_s": time.time() - T0, "device_name": device_name(self.dev), "versions": versions(),
                 "gpu_check": True, "smoke": self.smoke, "sections": self.sections,
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "profiles": self.profiles,
+                "pytest_cuda": self.pytest_summary,
                 "notes": "benchmarks/gpu_check.sh" + (" --cpu-smoke (tiny shapes, not figures)" if self.smoke else "")}
         doc = {"benchmarks": [b for b in self.benchmarks if b["stats"]], "zephyr_fast": meta,
                "datetime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -143,6 +151,8 @@ class Check:
             records, metas = load([self.out / "gpu.json"])
             md = render(records, metas)
             md += "\n## Correctness (bf16 vs fp32 reference)\n\n" + correctness_table(self.correctness)
+            if self.profiles:
+                md += "\n## Where the missed cases' time goes (torch.profiler)\n\n" + "\n".join(profile_lines(self.profiles)) + "\n"
             md += "\n## Sections\n\n" + "".join(f"- {k}: {v}\n" for k, v in self.sections.items())
             (self.out / "gpu_check.md").write_text(md)
         except Exception as exc:
@@ -299,18 +309,18 @@ ANCHORS = ("zephyr_fast", "naive_torch", "liger", "cce")
 
 def lm_head_plan(smoke: bool) -> list:
     """``(task, provider, shape, v, n, kind)`` in priority order: issue 9's table at N=8192 (peaked,
-    then normal inputs), then the N=16384 head shapes against the lean anchors, torch.compile last
-    (its compile time is the most expensive thing here)."""
+    then normal inputs; torch.compile after the others, its compile time is the most expensive thing
+    here), then the same table at N=16384."""
     if smoke:
         shapes, n, big_n = [("smoke", 1000)], 256, 512
     else:
         shapes, n, big_n = [("mistral-7b", 32000), ("llama-3-8b", 128256)], 8192, 16384
     plan = [(task, p, s, v, n, kind) for kind in ("peaked", "normal") for task in ("ce", "dpo")
             for s, v in shapes for p in ANCHORS]
-    plan += [(task, p, s, v, big_n, "peaked") for task in ("ce", "dpo") for s, v in shapes
-             for p in ("zephyr_fast", "cce", "liger")]
     plan += [(task, "torch_compile", s, v, n, kind) for kind in ("peaked", "normal") for task in ("ce", "dpo")
              for s, v in shapes]
+    plan += [(task, p, s, v, big_n, kind) for kind in ("peaked", "normal") for task in ("ce", "dpo")
+             for s, v in shapes for p in ANCHORS + ("torch_compile",)]
     return plan
 
 
@@ -323,8 +333,9 @@ def section_lm_head(c: Check) -> None:
             c.log(f"lm_head {task} {provider} V{v} N{n} {kind}: time guard")
             continue
         spec = _spec(task, provider, n, d, v, dtype=dtype, pairs=8, device=c.dev.type, kind=kind)
+        r = rounds if n <= 8192 else max(1, rounds // 2)
         c.bench(f"lm_head[{task}-{provider}-{shape}-N{n}-{kind}]",
-                lambda b: bench_lm_head(b, spec, shape=shape, rounds=rounds, memory=not c.smoke))
+                lambda b: bench_lm_head(b, spec, shape=shape, rounds=r, memory=not c.smoke))
 
 
 # candidate configurations of the zephyr CUDA path: backend x fp32 logits workspace x gradient
@@ -385,13 +396,20 @@ def e2e_sections() -> list:
     return list(SECTIONS)
 
 
+# in run order: what the defaults are chosen from comes first; the trainer sections (gpu_e2e) follow
+SECTIONS_BEFORE_E2E = (("env", section_env, 1), ("correctness", section_correctness, 20),
+                       ("pytest_cuda", section_pytest_cuda, 60), ("lm_head", section_lm_head, 30),
+                       ("sweep", section_sweep, 30), ("profile", section_profile, 15))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="zephyr_fast GPU check (see benchmarks/gpu_check.sh)")
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path(os.environ.get("OUT", "gpu_check_out")))
     ap.add_argument("--budget-s", type=float, default=450.0, help="global time guard (seconds)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes on CPU with TRITON_INTERPRET=1: exercises every code path but CUDA")
-    ap.add_argument("--sections", default="env,correctness,lm_head,sweep,model," + ",".join(E2E_SECTIONS))
+    ap.add_argument("--sections", default=",".join([n for n, _, _ in SECTIONS_BEFORE_E2E] + list(E2E_SECTIONS)
+                                                   + ["model"]))
     args = ap.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --cpu-smoke to exercise the code paths on CPU)", file=sys.stderr)
@@ -403,9 +421,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     c = Check(args.out, args.budget_s, args.cpu_smoke)
     wanted = set(args.sections.split(","))
-    for name, fn, need in (("env", section_env, 1), ("correctness", section_correctness, 20),
-                           ("lm_head", section_lm_head, 30), ("sweep", section_sweep, 30),
-                           ("model", section_model, 40), *(e2e_sections() if wanted & set(E2E_SECTIONS) else ())):
+    for name, fn, need in SECTIONS_BEFORE_E2E + (tuple(e2e_sections()) if wanted & set(E2E_SECTIONS) else ()) + (
+            ("model", section_model, 40),):
         if name in wanted:
             c.section(name, lambda: fn(c), need if not c.smoke else 1)
     c.write()
