@@ -167,10 +167,18 @@ def chart(records: list[dict], path: pathlib.Path) -> Optional[pathlib.Path]:
 # the document
 # ----------------------------------------------------------------------------------------------
 
+def _cmd_path(path: pathlib.Path) -> str:
+    """``path`` as the report's header command names it: relative to the repository root when inside it."""
+    try:
+        return str(path.resolve().relative_to(BENCH_DIR.parent.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = None,
            now: Optional[_dt.datetime] = None, profile: Optional[dict] = None) -> str:
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    names = " ".join(f"results/{pathlib.Path(m['source']).name}" for m in metas)
+    names = " ".join(_cmd_path(pathlib.Path(m["source"])) for m in metas)  # runnable from the repo root
     lines = ["# zephyr_fast benchmark results", "",
              f"Generated {now:%Y-%m-%d %H:%M UTC} by `python -m benchmarks.report {names}` from "
              f"pytest-benchmark JSON (`pytest benchmarks/` regenerates this file). Where a later JSON "

@@ -205,3 +205,19 @@ def test_step_profile_section_rendered_from_its_json(tmp_path, monkeypatch):
     md = out.read_text()
     assert "## Where one DPO step's seconds go" in md and "run 2026-11-29 15:00 UTC" in md
     assert "| lm_head | 1.000 | 16.7 | 1.000 | 16.7 |" in md
+
+
+def test_results_header_command_runs_from_the_repo_root(tmp_path):
+    """The command RESULTS.md's header names regenerates a report when pasted at the repository root."""
+    import re
+    import shlex
+    import subprocess
+
+    header = (REPO / "benchmarks" / "RESULTS.md").read_text().splitlines()[2]
+    cmd = shlex.split(re.search(r"`(python -m benchmarks\.report[^`]*)`", header).group(1))
+    assert len(cmd) > 3 and all((REPO / p).is_file() for p in cmd[3:]), cmd
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, *cmd[1:], "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    regenerated = out.read_text().splitlines()[2]
+    assert regenerated.split(" by ", 1)[1] == header.split(" by ", 1)[1]  # the same command, from the same JSON
