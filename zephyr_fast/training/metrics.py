@@ -89,19 +89,20 @@ def check_report_to(report_to) -> tuple:
     out: list = []
     for name in (str(n).lower() for n in names):
         if name == "all":  # HF: every installed integration
-            out += [r for r in REPORTERS if r != "wandb" or _wandb_installed()]
+            out += [r for r in REPORTERS if _installed(r)]
         elif name in REPORTERS:
             out.append(name)
         elif name != "none":
             raise ConfigError(f"report_to: {name!r} is not supported; use tensorboard, wandb, none or all")
-    if "wandb" in out and not _wandb_installed():
-        raise ConfigError("report_to: wandb is requested but not installed; pip install wandb, or drop wandb from "
-                          "report_to")
+    for name in out:
+        if not _installed(name):
+            raise ConfigError(f"report_to: {name} is requested but not installed; pip install {name}, or drop "
+                              f"{name} from report_to (report_to: none keeps metrics.jsonl only)")
     return tuple(dict.fromkeys(out))
 
 
-def _wandb_installed() -> bool:
-    return importlib.util.find_spec("wandb") is not None
+def _installed(reporter: str) -> bool:
+    return importlib.util.find_spec(reporter) is not None
 
 
 def wandb_settings(t: TrainingConfig) -> dict:
@@ -114,7 +115,7 @@ def wandb_settings(t: TrainingConfig) -> dict:
 
 
 def wandb_keys(metrics: dict) -> dict:
-    """HF Trainer's wandb names (``rewrite_logs``): ``eval_x`` -> ``eval/x``, ``test_x`` -> ``test/x``,
+    """HF Trainer's wandb and TensorBoard names (``rewrite_logs``): ``eval_x`` -> ``eval/x``, ``test_x`` -> ``test/x``,
     anything else -> ``train/x``; only numeric scalars."""
     out = {}
     for k, v in metrics.items():
@@ -148,12 +149,9 @@ class MetricLogger:
         if not resume and os.path.exists(self.path):
             os.remove(self.path)
         if "tensorboard" in reporters:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard may be absent
+            from torch.utils.tensorboard import SummaryWriter  # installed: checked by check_report_to
 
-                self._tb = SummaryWriter(os.path.join(output_dir, "runs"))
-            except ImportError:  # tensorboard not installed: jsonl only
-                self._tb = None
+            self._tb = SummaryWriter(os.path.join(output_dir, "runs"))
         if "wandb" in reporters:
             self._wandb = self._start_wandb(wandb or {}, run_config or {}, resume)
 
@@ -184,10 +182,9 @@ class MetricLogger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        if self._tb is not None:  # HF Trainer's tags (train/loss, eval/loss, ...), as wandb gets them
+            for k, v in wandb_keys(row).items():
+                self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log({**wandb_keys(row), "train/global_step": step})
 
