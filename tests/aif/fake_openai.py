@@ -7,7 +7,10 @@ pairwise ``[[A]]``/``[[B]]``/``[[C]]`` verdict, chosen by hashing the user messa
 Faults (``Faults``): the first ``fail_count`` requests get HTTP ``fail_status`` (429 with
 ``Retry-After: 0``); the first ``slow_count`` sleep ``delay`` s before answering; ``garbage`` answers
 are unparseable; ``die_after`` = n makes the process ``os._exit`` on request n+1 (a crash mid-run);
-``logprobs`` adds per-character top log-probs.  Every request is logged (``log``: JSONL path) with
+``logprobs`` adds per-character top log-probs; the first ``bad_count`` requests get ``bad_body``
+(status 200, ``bad_type`` content type: an HTML page, a JSON body without ``choices``, ``choices: []``,
+``content: null``); ``trickle`` > 0 sends every byte of the response (status line and headers
+included) ``trickle`` s apart.  Every request is logged (``log``: JSONL path) with
 the sha256 of its messages.
 
     python -m tests.aif.fake_openai --port 0 --port-file F [--die-after N] [--log L] [--garbage]
@@ -37,6 +40,11 @@ class Faults:
     die_after: Optional[int] = None
     logprobs: bool = False
     log: Optional[str] = None
+    bad_body: Optional[str] = None
+    bad_type: str = "application/json"
+    bad_count: int = 0
+    trickle: float = 0.0
+    echo_auth: bool = False  # error bodies quote the Authorization header (as some proxies do)
 
 
 def messages_hash(messages) -> str:
@@ -80,15 +88,18 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *a):  # quiet
         pass
 
-    def _send(self, status: int, body: dict, headers: Optional[dict] = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+    def _send(self, status: int, body, headers: Optional[dict] = None, content_type="application/json") -> None:
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        head = [f"HTTP/1.0 {status} X", f"Content-Type: {content_type}", f"Content-Length: {len(data)}",
+                *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        raw = ("\r\n".join(head) + "\r\n\r\n").encode() + data
+        if not self.server.faults.trickle:
+            self.wfile.write(raw)
+            return
+        for i in range(len(raw)):  # one byte at a time: every read gets something before its timeout
+            self.wfile.write(raw[i:i + 1])
+            self.wfile.flush()
+            time.sleep(self.server.faults.trickle)
 
     def do_POST(self):  # noqa: N802
         srv, f = self.server, self.server.faults
@@ -103,8 +114,11 @@ class Handler(BaseHTTPRequestHandler):
             with srv.lock, open(f.log, "a") as fh:
                 fh.write(json.dumps({"n": n, "hash": messages_hash(body["messages"]), "status": status}) + "\n")
         if status != 200:
-            return self._send(status, {"error": {"message": "injected", "type": "server_error"}},
+            message = f"injected; got {self.headers.get('Authorization')}" if f.echo_auth else "injected"
+            return self._send(status, {"error": {"message": message, "type": "server_error"}},
                               {"Retry-After": "0"} if status == 429 else None)
+        if n <= f.bad_count:
+            return self._send(200, f.bad_body, content_type=f.bad_type)
         if n <= f.slow_count:
             time.sleep(f.delay)
         text = "~~ garbage ~~ no rating here" if f.garbage else answer_for(body["messages"])

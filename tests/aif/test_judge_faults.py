@@ -125,7 +125,8 @@ def test_server_killed_mid_run_and_restarted_rerun_judges_only_missing(inp, tmp_
         fake.stop()
     first = log_hashes(log)
     assert len(first) == 5 and not os.path.exists(out)
-    fake = FakeProcess(tmp_path, "--log", log)  # restarted (new port, same judge model)
+    port = fake.base_url.rsplit(":", 1)[1].split("/")[0]
+    fake = FakeProcess(tmp_path, "--log", log, "--port", port)  # restarted: the same endpoint and judge model
     try:
         rep = judge_file(inp, out, fake_config(fake.base_url, concurrency=1), progress=False)
     finally:

@@ -27,12 +27,14 @@ def judge():
 
 def test_parsers_follow_fastchat():
     assert parse_score("Good. Rating: [[7]]")["score"] == 7.0
-    assert parse_score("Rating: [[8.5]] later [[2]]")["score"] == 8.5
+    assert parse_score("Rating: [[8.5]] later [[8.5]]")["score"] == 8.5
+    assert parse_score("Rating: [[8.5]] later [[2]]") is None  # two different scores: ambiguous
     assert parse_score("I give it [6].")["score"] == 6.0  # FastChat's backup pattern
     assert parse_score(" 4 ")["score"] == 4.0  # a constrained judge's bare digit
     assert parse_score("Rating: [[11]]") is None and parse_score("no idea") is None
     assert parse_verdict("so [[B]]") == {"verdict": "B"} and parse_verdict("C") == {"verdict": "C"}
     assert parse_verdict("A is better") is None
+    assert parse_verdict("[[A]] at first, then [[B]]") is None  # two verdicts: ambiguous
 
 
 def test_questions_prompts_and_references():
@@ -71,7 +73,7 @@ def test_answers_resume_without_regenerating(model_dir, tmp_path):
     assert open(path).read().startswith(before) and len(open(path).readlines()) == 3
     assert {k: both[k] for k in first} == first and all(len(t) == 2 for t in both.values())
     rec = json.loads(open(path).readline())
-    assert set(rec) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+    assert set(rec) == {"question_id", "answer_id", "model_id", "choices", "tstamp", "identity", "digest"}
 
 
 def test_grading_report_files_and_cache(model_dir, tmp_path, judge):
@@ -88,17 +90,17 @@ def test_grading_report_files_and_cache(model_dir, tmp_path, judge):
     assert open(os.path.join(out, "radar.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| **overall** |" in open(os.path.join(out, "report.md")).read()
     assert json.load(open(os.path.join(out, "report.json")))["overall"] == rep["overall"]
-    again = run_mt_bench(model_dir, out, fake_config(judge), per_category=1, progress=False)
+    again = run_mt_bench(model_dir, out, fake_config(judge, top_logprobs=3), per_category=1, max_new_tokens=4,
+                         progress=False)
     assert again["usage"]["requests"] == 0 and again["overall"] == rep["overall"]
 
 
 def test_garbage_judge_failures_counted_not_averaged(model_dir, tmp_path):
     srv, url = start_in_thread(Faults(garbage=True))
     try:
-        out = str(tmp_path / "mtb")
-        answer_questions(model_dir, load_questions(per_category=1), out + "/answers.jsonl", max_new_tokens=2,
-                         progress=False)
-        rc = main(["--answers", out + "/answers.jsonl", "--out", out, "--per-category", "1", "--base-url", url,
+        out, answers = str(tmp_path / "mtb"), str(tmp_path / "answers.jsonl")
+        answer_questions(model_dir, load_questions(per_category=1), answers, max_new_tokens=2, progress=False)
+        rc = main(["--answers", answers, "--out", out, "--per-category", "1", "--base-url", url,
                    "--judge-model", "g", "--max-reasks", "1", "--no-progress"])
     finally:
         srv.shutdown()
@@ -108,14 +110,14 @@ def test_garbage_judge_failures_counted_not_averaged(model_dir, tmp_path):
 
 
 def test_pairwise_both_orders_and_win_rate(model_dir, tmp_path, judge):
-    out = str(tmp_path / "mtb")
+    out, answers = str(tmp_path / "mtb"), str(tmp_path / "answers.jsonl")
     qs = load_questions(per_category=1)
-    answer_questions(model_dir, qs, out + "/answers.jsonl", max_new_tokens=2, progress=False)
+    answer_questions(model_dir, qs, answers, max_new_tokens=2, progress=False)
     base = str(tmp_path / "baseline.jsonl")
     with open(base, "w") as f:
-        for qid in read_answers(out + "/answers.jsonl"):
+        for qid in read_answers(answers):
             f.write(json.dumps({"question_id": qid, "choices": [{"index": 0, "turns": ["B1", "B2"]}]}) + "\n")
-    rep = run_mt_bench(None, out, fake_config(judge), answers_path=out + "/answers.jsonl", per_category=1,
+    rep = run_mt_bench(None, out, fake_config(judge), answers_path=answers, per_category=1,
                        baseline=base, progress=False)
     pairs = [json.loads(x) for x in open(os.path.join(out, "pairwise.jsonl"))]
     assert len(pairs) == 16 and rep["usage"]["requests"] == 16 + 32
@@ -124,3 +126,44 @@ def test_pairwise_both_orders_and_win_rate(model_dir, tmp_path, judge):
     pw = rep["pairwise"]
     assert pw["wins"] + pw["losses"] + pw["ties"] == 16
     assert pw["win_rate"] == pytest.approx((pw["wins"] + pw["ties"] / 2) / 16)
+
+
+def test_a_retrained_model_answers_and_is_graded_again(model_dir, tmp_path, judge):
+    """The issue's case: the same MODEL_DIR retrained (new weights, same path) must not reuse the old
+    answers nor their grades; an edited answer line is not reused either."""
+    import shutil
+
+    model = str(tmp_path / "model")
+    shutil.copytree(model_dir, model)
+    out, kw = str(tmp_path / "mtb"), dict(per_category=1, max_new_tokens=4, progress=False)
+    run_mt_bench(model, out, fake_config(judge), **kw)
+    save_tiny_model(model, seed=6)  # retrained in place
+    rep = run_mt_bench(model, out, fake_config(judge), **kw)
+    lines = [json.loads(x) for x in open(os.path.join(out, "answers.jsonl"))]
+    assert len(lines) == 16 and len({r["identity"] for r in lines}) == 16  # 8 answers of each model
+    old, new = ([r["choices"][0]["turns"] for r in part] for part in (lines[:8], lines[8:]))
+    changed = sum((a[0] != b[0]) + (a != b) for a, b in zip(old, new))  # grading requests whose text changed
+    assert changed > 0 and rep["usage"]["requests"] == changed  # an unchanged request keeps its grade
+    with open(os.path.join(out, "answers.jsonl"), "a") as f:  # an edited copy of an answer (digest now wrong)
+        f.write(json.dumps({**lines[8], "choices": [{"index": 0, "turns": ["edited", "edited"]}]}) + "\n")
+    answers = answer_questions(model, load_questions(per_category=1), os.path.join(out, "answers.jsonl"),
+                               max_new_tokens=4, progress=False)
+    assert "edited" not in json.dumps(answers)
+    assert len(open(os.path.join(out, "answers.jsonl")).readlines()) == 17  # nothing regenerated either
+
+
+def test_output_folder_refusals_and_lock(model_dir, tmp_path, judge, capsys):
+    from zephyr_fast.outputs import claim_folder
+
+    argv = ["--per-category", "1", "--max-new-tokens", "2", "--base-url", judge, "--judge-model", "j", "--no-progress"]
+    assert main([model_dir, "--out", model_dir, *argv]) == 2
+    assert "is also the run's input (model_dir)" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    assert main([model_dir, "--out", str(foreign), *argv]) == 2
+    assert "not written by zephyr_fast" in capsys.readouterr().err and (foreign / "keep.txt").read_text() == "mine"
+    with claim_folder(str(tmp_path / "busy"), "mt-bench"):
+        assert main([model_dir, "--out", str(tmp_path / "busy"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another writer holds it (zephyr-fast mt-bench" in err

@@ -58,3 +58,42 @@ def test_principles_drawn_like_ultrafeedback():
     assert set(draws) == {"helpfulness"}
     draws = [pick_principle("truthful_qa", random.Random(i))[0] for i in range(400)]
     assert set(draws) == {"honesty", "truthfulness", "verbalized_calibration"}
+
+
+@pytest.mark.parametrize("field", ["4.5", "-3", "10", "55", "4 or 5", "+4", "4.0", "0", "6/5", "high"])
+def test_a_rating_off_the_scale_or_inexact_is_unparseable_never_truncated(field):
+    for text in (f"Rating: {field}\nRationale: r", f"#### Output for Text 1\n**Rating**: {field}\n**Rationale**: r"):
+        assert parse_rating("instruction_following", text) is None, text
+    assert parse_rating("honesty", field) is None  # a bare answer too ("10" is not "1", "55" not "5")
+
+
+def test_exact_ratings_still_parse_and_two_different_ratings_are_ambiguous():
+    assert parse_rating("honesty", "Rating: 4/5\nRationale: ok")["Rating"] == "4"
+    assert parse_rating("honesty", "Rating: 4 out of 5 (good)\nRationale: ok")["Rating"] == "4"
+    assert parse_rating("honesty", "Rating:\n3\nRationale: ok")["Rating"] == "3"
+    assert parse_rating("honesty", "Rating: 3\nRationale: a\nRating: 3\nRationale: b")["Rating"] == "3"
+    assert parse_rating("honesty", "Rating: 3\nRationale: a\nRating: 4\nRationale: b") is None
+    assert parse_rating("honesty", " 5\n")["parse"] == "constrained"
+
+
+def test_parsing_is_linear_on_adversarial_answers():
+    """The old regex parser took ~200 s on the first of these 21 KB answers (nested lazy quantifiers
+    over repeated Type/Rationale lines); a pass over the lines takes milliseconds.  SIGALRM at 60 s
+    (over 1000x the linear parser's time) turns a regression into a failure, not a hung suite."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("parse_rating is not linear")
+
+    texts = ["Type: 1\nRationale: r\n" * 1000, "Rating:" * 20000 + "\n" * 20000 + "Rationale: x",
+             "Rating: 3\n" * 5000 + "Rationale: x", "[[" * 40000]
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(60)
+    try:
+        for text in texts:
+            for aspect in ASPECTS:
+                parse_rating(aspect, text)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert parse_rating("truthfulness", texts[0]) is None and parse_rating("honesty", texts[2])["Rating"] == "3"

@@ -17,6 +17,7 @@ rating is computed.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -28,11 +29,22 @@ from typing import Callable, Iterable, Optional
 
 import openai
 
-RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+from .. import redaction
+from .store import cache_key
+from .transport import deadline, deadline_client
 
 
 class JudgeRequestError(RuntimeError):
     """A request that failed for good (non-retryable status, or retries exhausted)."""
+
+
+class ProtocolError(RuntimeError):
+    """A 200 answer that is not a chat completion (an HTML page, no ``choices``, ``content: null``):
+    retried like a transport failure, never taken for the judge's answer."""
+
+
+RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError,
+             openai.APIResponseValidationError, ProtocolError)
 
 
 @dataclass
@@ -46,7 +58,7 @@ class JudgeConfig:
 
     base_url: Optional[str] = None
     model: Optional[str] = None
-    api_key: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)  # a secret: never printed, masked everywhere
     concurrency: int = 8
     max_retries: int = 5
     timeout: float = 120.0
@@ -60,6 +72,17 @@ class JudgeConfig:
     price_input_per_mtok: float = 0.0
     price_output_per_mtok: float = 0.0
     extra_body: Optional[dict] = None
+    # what the judge's cache keys call this endpoint: default the base URL; a local server started for
+    # the run (random port) names its served model's content instead (``serve.py``)
+    endpoint_id: Optional[str] = None
+
+    def __post_init__(self):
+        redaction.register(self.api_key)
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint's identity in cache keys."""
+        return self.endpoint_id or (self.base_url or "https://api.openai.com/v1").rstrip("/")
 
     @classmethod
     def from_env(cls, **overrides) -> "JudgeConfig":
@@ -72,10 +95,16 @@ class JudgeConfig:
         return cls(**vals)
 
     def check(self) -> None:
+        """One line naming the first bad setting (never the whole config: it holds the API key)."""
         if not self.model:
             raise ValueError("judge: no model (set ZEPHYR_JUDGE_MODEL or pass --judge-model)")
-        if self.concurrency < 1 or self.max_retries < 0 or self.max_reasks < 0 or self.timeout <= 0:
-            raise ValueError(f"judge: bad limits in {self}")
+        for name, low in (("concurrency", 1), ("max_retries", 0), ("max_reasks", 0), ("top_logprobs", 0),
+                          ("max_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"judge: {name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < float("inf")):
+            raise ValueError(f"judge: timeout must be a number of seconds > 0, got {self.timeout!r}")
 
 
 @dataclass
@@ -136,7 +165,8 @@ class JudgeClient:
         self.usage = Usage()
         self._sleep = sleep
         self._client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key or "EMPTY",
-                                     timeout=config.timeout, max_retries=0)
+                                     timeout=config.timeout, max_retries=0,
+                                     http_client=deadline_client(config.timeout))
         self._bias_cache: dict = {}
 
     def rating_bias(self, labels: Iterable[str]) -> Optional[dict]:
@@ -158,13 +188,9 @@ class JudgeClient:
             self._bias_cache[labels] = ids
         return self._bias_cache[labels]
 
-    def chat(self, messages: list, *, max_tokens: Optional[int] = None, logit_bias: Optional[dict] = None,
-             temperature: Optional[float] = None) -> ChatResult:
-        """One chat completion, retried on 429 / 5xx / timeout / connection errors.
-
-        Raises:
-            JudgeRequestError: a non-retryable error, or ``max_retries`` retries spent.
-        """
+    def request(self, messages: list, *, max_tokens: Optional[int] = None, logit_bias: Optional[dict] = None,
+                temperature: Optional[float] = None) -> dict:
+        """The request :meth:`chat` sends (the ``openai`` call's arguments; no key, no endpoint)."""
         cfg = self.config
         kw = dict(model=cfg.model, messages=messages, max_tokens=max_tokens or cfg.max_tokens,
                   temperature=cfg.temperature if temperature is None else temperature)
@@ -174,9 +200,25 @@ class JudgeClient:
             kw.update(logprobs=True, top_logprobs=cfg.top_logprobs)
         if cfg.extra_body:
             kw["extra_body"] = cfg.extra_body
+        return kw
+
+    def request_key(self, version: str, messages: list, **options) -> str:
+        """Cache key of one request: the endpoint, the template ``version`` and the exact request."""
+        return cache_key(self.config.endpoint, version, self.request(messages, **options))
+
+    def chat(self, messages: list, *, max_tokens: Optional[int] = None, logit_bias: Optional[dict] = None,
+             temperature: Optional[float] = None) -> ChatResult:
+        """One chat completion, retried on 429 / 5xx / timeout / connection errors.
+
+        Raises:
+            JudgeRequestError: a non-retryable error, or ``max_retries`` retries spent.
+        """
+        cfg = self.config
+        kw = self.request(messages, max_tokens=max_tokens, logit_bias=logit_bias, temperature=temperature)
         for attempt in range(cfg.max_retries + 1):
             try:
-                resp = self._client.chat.completions.create(**kw)
+                with deadline(cfg.timeout):  # --timeout: the whole request, not one socket read
+                    result = self._result(self._create(kw))
             except RETRYABLE as exc:
                 if attempt == cfg.max_retries:
                     self.usage.add(requests=1, failed_requests=1)
@@ -188,18 +230,32 @@ class JudgeClient:
             except openai.APIStatusError as exc:
                 self.usage.add(requests=1, failed_requests=1)
                 raise JudgeRequestError(f"judge: {_describe(exc)} (not retried)") from exc
-            return self._result(resp)
+            self.usage.add(requests=1)
+            return result
         raise AssertionError("unreachable")
 
+    def _create(self, kw: dict):
+        try:
+            return self._client.chat.completions.create(**kw)
+        except json.JSONDecodeError as exc:
+            raise ProtocolError(f"the answer is not JSON ({exc.msg})") from None
+
     def _result(self, resp) -> ChatResult:
+        """The answer of a chat completion; :class:`ProtocolError` when ``resp`` is not one."""
+        if isinstance(resp, (str, bytes)):
+            raise ProtocolError(f"the answer is not a chat completion but text: {str(resp)[:80]!r}")
         u = getattr(resp, "usage", None)
-        pt, ct = (u.prompt_tokens or 0, u.completion_tokens or 0) if u is not None else (0, 0)
+        pt, ct = (getattr(u, "prompt_tokens", 0) or 0, getattr(u, "completion_tokens", 0) or 0)
         cost = (pt * self.config.price_input_per_mtok + ct * self.config.price_output_per_mtok) / 1e6
-        self.usage.add(requests=1, prompt_tokens=pt, completion_tokens=ct, cost=cost)
-        if not resp.choices:
-            return ChatResult("", pt, ct)
-        choice = resp.choices[0]
-        return ChatResult(choice.message.content or "", pt, ct, _logprobs(choice), choice.finish_reason)
+        self.usage.add(prompt_tokens=pt, completion_tokens=ct, cost=cost)  # spent, whatever the answer
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise ProtocolError(f"the answer has no choices (choices: {json.dumps(choices)})")
+        choice = choices[0]
+        content = getattr(getattr(choice, "message", None), "content", None)
+        if not isinstance(content, str):
+            raise ProtocolError(f"the answer's choices[0].message.content is {type(content).__name__}, not text")
+        return ChatResult(content, pt, ct, _logprobs(choice), getattr(choice, "finish_reason", None))
 
     def map(self, fn: Callable, items: list, *, desc: str = "judge", progress: bool = True) -> list:
         """``[fn(item) for item in items]`` on ``concurrency`` threads, with a progress bar.
@@ -224,14 +280,15 @@ def cli_status(body: Callable[[], None]) -> int:
     try:
         body()
     except JudgeRequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redaction.redact(exc)}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redaction.redact(exc)}", file=sys.stderr)
         return 2
     return 0
 
 
 def _describe(exc) -> str:
     status = getattr(exc, "status_code", None)
-    return f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {str(exc)[:200]}"
+    text = " ".join(str(exc).split())[:200]  # one line, whatever the server put in its error body
+    return redaction.redact(f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {text}")

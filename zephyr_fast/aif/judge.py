@@ -26,10 +26,12 @@ retries) are not cached: the run exits 1 without writing OUT, and the rerun send
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from ..outputs import claim_file
 from .client import JudgeClient, JudgeConfig, JudgeRequestError, cli_status
 from .scoring import ask_until_parsed
 from .store import JudgeCache, cache_key, read_input_jsonl, write_jsonl_atomic
@@ -47,7 +49,7 @@ class JudgeReport:
     reasks: int = 0
     weighted: int = 0
     request_errors: int = 0
-    torn_cache_lines: int = 0
+    damaged_cache_lines: int = 0
     errors: list = field(default_factory=list)
     usage: dict = field(default_factory=dict)
 
@@ -58,7 +60,8 @@ class JudgeReport:
                 f"{self.unparseable} unparseable (recorded as FAILED), {self.request_errors} request failures; "
                 f"{u.get('requests', 0)} requests, {u.get('retries', 0)} retries, {u.get('prompt_tokens', 0)} prompt + "
                 f"{u.get('completion_tokens', 0)} completion tokens, cost {u.get('cost', 0.0):.4f}"
-                + (f"; {self.torn_cache_lines} torn cache lines ignored" if self.torn_cache_lines else ""))
+                + (f"; {self.damaged_cache_lines} damaged cache lines ignored (asked again)"
+                   if self.damaged_cache_lines else ""))
 
 
 def check_rows(rows: Sequence, source: str) -> None:
@@ -77,8 +80,31 @@ def check_rows(rows: Sequence, source: str) -> None:
                 raise ValueError(f"{where}, field 'completions[{j}].response': expected a string")
 
 
-def _item_key(row: dict, response: str, judge_model: str, version: str, aspect: str) -> str:
-    return cache_key(row["instruction"], response, judge_model, version, aspect, row.get("world_knowledge"))
+def _version(client: JudgeClient) -> str:
+    return TEMPLATE_VERSION + ("+constrained" if client.config.constrain_tokenizer else "")
+
+
+def _messages(row: dict, response: str, aspect: str, constrained: bool) -> list:
+    return judge_messages(aspect, row["instruction"], response, row.get("world_knowledge"), constrained)
+
+
+def _item_key(client: JudgeClient, bias, row: dict, response: str, aspect: str) -> str:
+    """The endpoint, judge model, template version and the exact request of one rating."""
+    constrained = bool(client.config.constrain_tokenizer)
+    return client.request_key(_version(client), _messages(row, response, aspect, constrained), logit_bias=bias,
+                              max_tokens=1 if constrained else None)
+
+
+def cached_rating_is_consistent(rec: dict) -> bool:
+    """A cache record's rating is what its raw answer says (re-parsed): an edited rating is refused."""
+    aspect = rec.get("aspect")
+    if aspect not in ASPECTS or not isinstance(rec.get("raw"), str):
+        return False
+    parsed = parse_rating(aspect, rec["raw"])
+    if rec.get("status") == "ok":
+        return parsed is not None and isinstance(rec.get("parsed"), dict) and \
+            rec["parsed"].get("Rating") == parsed["Rating"]
+    return rec.get("status") == "unparseable" and parsed is None
 
 
 def _annotation(rec: Optional[dict]) -> dict:
@@ -102,17 +128,16 @@ def judge_rows(rows: list, client: JudgeClient, cache: JudgeCache, *, aspects: S
         (the failed items are not cached, so calling again sends only them).
     """
     cfg = client.config
-    constrained = bool(cfg.constrain_tokenizer)
-    version = TEMPLATE_VERSION + ("+constrained" if constrained else "")
+    constrained, version = bool(cfg.constrain_tokenizer), _version(client)
     bias = client.rating_bias(RATINGS)
-    report = JudgeReport(rows=len(rows), torn_cache_lines=cache.stats.get("torn", 0))
-    todo = {}
-    for row in rows:
-        for c in row["completions"]:
+    report = JudgeReport(rows=len(rows), damaged_cache_lines=cache.stats.get("damaged", 0))
+    todo, keys = {}, {}
+    for i, row in enumerate(rows):
+        for j, c in enumerate(row["completions"]):
             report.completions += 1
             for a in aspects:
                 report.items += 1
-                k = _item_key(row, c["response"], cfg.model, version, a)
+                k = keys[(i, j, a)] = _item_key(client, bias, row, c["response"], a)
                 if k in cache:
                     report.cached += 1
                 elif k not in todo:
@@ -120,10 +145,11 @@ def judge_rows(rows: list, client: JudgeClient, cache: JudgeCache, *, aspects: S
 
     def run(item):
         k, (row, response, aspect) = item
-        msgs = judge_messages(aspect, row["instruction"], response, row.get("world_knowledge"), constrained)
+        msgs = _messages(row, response, aspect, constrained)
         rec = ask_until_parsed(client, msgs, lambda t: parse_rating(aspect, t), values=RATINGS, logit_bias=bias,
                                max_tokens=1 if constrained else None)
-        return cache.put(k, {"aspect": aspect, "judge_model": cfg.model, "template_version": version, **rec})
+        return cache.put(k, {"aspect": aspect, "judge_model": cfg.model, "endpoint": cfg.endpoint,
+                             "template_version": version, **rec})
 
     for res in client.map(run, list(todo.items()), desc="judge", progress=progress):
         if isinstance(res, JudgeRequestError):
@@ -137,17 +163,17 @@ def judge_rows(rows: list, client: JudgeClient, cache: JudgeCache, *, aspects: S
     report.usage = client.usage.as_dict()
     if report.request_errors:
         return None, report, []
-    return _assemble(rows, cache, cfg.model, version, aspects, report)
+    return _assemble(rows, cache, keys, cfg.model, version, aspects, report)
 
 
-def _assemble(rows, cache, judge_model, version, aspects, report):
+def _assemble(rows, cache, keys, judge_model, version, aspects, report):
     out, failures = [], []
     for i, row in enumerate(rows):
         comps = []
         for j, c in enumerate(row["completions"]):
             anns, failed = {}, []
             for a in aspects:
-                rec = cache.get(_item_key(row, c["response"], judge_model, version, a))
+                rec = cache.get(keys[(i, j, a)])
                 anns[a] = _annotation(rec)
                 if anns[a]["Rating"] == "FAILED":
                     failed.append(a)
@@ -163,24 +189,32 @@ def _assemble(rows, cache, judge_model, version, aspects, report):
 
 
 def judge_file(input_path: str, output_path: str, config: JudgeConfig, *, cache_path: Optional[str] = None,
-               aspects: Sequence[str] = ASPECTS, progress: bool = True) -> JudgeReport:
+               aspects: Sequence[str] = ASPECTS, progress: bool = True, retry_failed: bool = False,
+               overwrite: bool = False) -> JudgeReport:
     """Judge ``input_path`` into ``output_path`` (+ ``.failures.jsonl``); see the module docstring.
+
+    ``retry_failed``: ask again for the ratings that stayed unparseable in an earlier run.
+    ``overwrite``: replace an existing ``output_path`` that zephyr_fast did not write.
 
     Raises:
         JudgeRequestError: some requests failed for good (after writing the cache of the others).
+        OutputError: the output or cache is an input, foreign, or being written by another run.
     """
+    cache_path = cache_path or output_path + ".cache.jsonl"
     rows = read_input_jsonl(input_path)
     check_rows(rows, input_path)
-    cache = JudgeCache(cache_path or output_path + ".cache.jsonl")
-    try:
-        out, report, failures = judge_rows(rows, JudgeClient(config), cache, aspects=aspects, progress=progress)
-    finally:
-        cache.close()
-    if out is None:
-        raise JudgeRequestError(f"{report}\n{report.request_errors} requests failed for good (first: "
-                                f"{report.errors[0]}); rerun the same command to judge only what is missing")
-    write_jsonl_atomic(output_path, out)
-    write_jsonl_atomic(output_path + ".failures.jsonl", failures)
+    client = JudgeClient(config)
+    with contextlib.ExitStack() as held:
+        held.enter_context(claim_file(output_path, "judge", inputs={"input": input_path}, overwrite=overwrite))
+        held.enter_context(claim_file(cache_path, "judge", inputs={"input": input_path}, overwrite=True))
+        cache = held.enter_context(contextlib.closing(
+            JudgeCache(cache_path, valid=cached_rating_is_consistent, retry_failed=retry_failed)))
+        out, report, failures = judge_rows(rows, client, cache, aspects=aspects, progress=progress)
+        if out is None:
+            raise JudgeRequestError(f"{report}; {report.request_errors} requests failed for good (first: "
+                                    f"{report.errors[0]}); rerun the same command to judge only what is missing")
+        write_jsonl_atomic(output_path, out)
+        write_jsonl_atomic(output_path + ".failures.jsonl", failures)
     return report
 
 
@@ -212,6 +246,9 @@ def main(argv=None) -> int:
     ap.add_argument("output")
     ap.add_argument("--cache", help="cache JSONL (default OUT.cache.jsonl)")
     ap.add_argument("--aspects", default=",".join(ASPECTS))
+    ap.add_argument("--retry-failed", action="store_true", help="ask again for ratings that never parsed")
+    ap.add_argument("--overwrite_output_dir", "--overwrite", action="store_true",
+                    help="replace an existing OUT that zephyr_fast did not write")
     add_judge_args(ap)
     args = ap.parse_args(argv)
     aspects = [a for a in args.aspects.split(",") if a]
@@ -220,7 +257,8 @@ def main(argv=None) -> int:
         if any(a not in ASPECTS for a in aspects):
             raise ValueError(f"--aspects: expected a comma list of {ASPECTS}, got {args.aspects!r}")
         print(judge_file(args.input, args.output, judge_config_from_args(args), cache_path=args.cache,
-                         aspects=aspects, progress=not args.no_progress))
+                         aspects=aspects, progress=not args.no_progress, retry_failed=args.retry_failed,
+                         overwrite=args.overwrite_output_dir))
     return cli_status(body)
 
 if __name__ == "__main__":

@@ -98,50 +98,118 @@ def judge_messages(aspect: str, instruction: str, completion: str, world_knowled
     return [{"role": "system", "content": system_prompt()}, {"role": "user", "content": user}]
 
 
-_FULL = {
-    "instruction_following": r"Rating:\s*(?P<rating>.+?)\s*\n+\s*Rationale:\s*(?P<rationale>.+)",
-    "honesty": r"Rating:\s*(?P<rating>.+?)\s*\n+\s*Rationale:\s*(?P<rationale>.+)",
-    "truthfulness": r"Type:\s*(?P<type>.+?)\s*\n+\s*Rationale:\s*.+?\n+\s*Rating:\s*(?P<rating>.+?)\s*\n+"
-                    r"\s*Rationale:\s*(?P<rationale>.+)",
-    "helpfulness": r"Type:\s*(?P<type>.+?)\s*\n+\s*Rationale:\s*.+?\n+\s*Rating:\s*(?P<rating>.+?)\s*\n+"
-                   r"\s*Rationale:\s*(?P<rationale>.+)",
-}
 NA_ASPECTS = ("instruction_following", "honesty")  # annotate_preference.py accepts "N/A" for these
+TYPED_ASPECTS = ("truthfulness", "helpfulness")  # their answer starts with "Type: ..." and its rationale
+_LEADING = re.compile(r"(?i:n/a)|\d+")
+_SCALE = re.compile(r"\s*(?:/|out of)\s*5\b")
 
 
 def _rating_value(field: str, aspect: str) -> Optional[str]:
+    """The rating a ``Rating:`` field states, or None: a value off the 1-5 scale, signed, fractional,
+    or followed by another number (``4.5``, ``-3``, ``10``, ``4 or 5``) is not read as some rating."""
     field = field.strip()
-    if field.upper().startswith("N/A"):
+    m = _LEADING.match(field)
+    if m is None:
+        return None
+    rest = field[m.end():]
+    rest = rest[_SCALE.match(rest).end():] if _SCALE.match(rest) else rest  # "4/5", "4 out of 5"
+    if any(ch.isdigit() for ch in rest):
+        return None
+    value = m.group(0)
+    if value.upper() == "N/A":
         return "N/A" if aspect in NA_ASPECTS else None
-    nums = re.findall(r"\b\d+\b", field)
-    return nums[0] if nums and nums[0] in RATINGS else None
+    return value if value in RATINGS else None
+
+
+def _lines(text: str) -> list:
+    """``[(start offset, line)]`` of ``text``."""
+    out, pos = [], 0
+    for line in text.split("\n"):
+        out.append((pos, line))
+        pos += len(line) + 1
+    return out
+
+
+def _label(line: str, name: str) -> Optional[int]:
+    """Index just past ``name:`` when the line starts with it (after markdown ``#`` / spaces), else None."""
+    body = line.lstrip(" \t#>")
+    if not body.startswith(name + ":"):
+        return None
+    return len(line) - len(body) + len(name) + 1
+
+
+def _next_filled(lines: list) -> list:
+    """``nxt[i]``: the index of the first non-blank line after line ``i`` (None at the end); one pass."""
+    nxt, j = [None] * len(lines), None
+    for i in range(len(lines) - 1, -1, -1):
+        nxt[i] = j
+        if lines[i][1].strip():
+            j = i
+    return nxt
+
+
+def _rating_fields(lines: list, nxt: list) -> list:
+    """``[(line index, field start offset, field text)]`` of every ``Rating:`` (anywhere in a line; an
+    empty field is read from the next non-blank line)."""
+    found = []
+    for i, (start, line) in enumerate(lines):
+        at = line.find("Rating:")
+        while at >= 0:
+            begin = at + len("Rating:")
+            after = line.find("Rating:", begin)
+            field, offset = line[begin:after if after >= 0 else len(line)], start + begin
+            j = nxt[i] if not field.strip() else None
+            if j is not None:
+                field, offset = lines[j][1], lines[j][0]
+            found.append((i, offset, field))
+            at = after
+    return found
+
+
+def _full_rationale(lines: list, nxt: list, aspect: str, i: int) -> Optional[str]:
+    """UltraFeedback's layout around the rating on line ``i`` (``Rationale:`` next, and for the typed
+    aspects ``Type:`` then ``Rationale:`` before): the rationale to the end of the answer, else None."""
+    j = nxt[i]
+    at = _label(lines[j][1], "Rationale") if j is not None else None
+    if at is None:
+        return None
+    if aspect in TYPED_ASPECTS:
+        types = [k for k in range(i) if _label(lines[k][1], "Type") is not None]
+        if not types or not any(_label(lines[k][1], "Rationale") is not None for k in range(types[0] + 1, i)):
+            return None
+    return "\n".join([lines[j][1][at:]] + [line for _, line in lines[j + 1:]]).strip()
 
 
 def parse_rating(aspect: str, text: str) -> Optional[dict]:
-    """Parse one judge answer for one text.
+    """Parse one judge answer for one text, in one pass over its lines (linear time).
 
     Returns:
         ``{"Rating": "1".."5" | "N/A", "Rationale": str, "parse": "full"|"lenient"|"constrained",
-        "rating_offset": int | None}`` or None when unparseable.  ``full`` is UltraFeedback's
-        pattern (markdown bold and header lines tolerated); ``lenient`` is a lone ``Rating: N``;
-        ``constrained`` a bare digit (constrained judges).  ``rating_offset`` is the character index
-        of the rating digit in ``text`` (for the log-prob weighted score).
+        "rating_offset": int | None, "rating_text": str}`` or None when unparseable.  ``full`` is
+        UltraFeedback's layout (markdown bold and header lines tolerated); ``lenient`` a ``Rating: N``
+        anywhere; ``constrained`` a bare rating (constrained judges).  Every ``Rating:`` in the answer
+        must state the same valid rating: a value off the scale, a fraction, a sign or two different
+        ratings make the answer unparseable (re-asked), never a truncated number.  ``rating_offset``
+        is the character index of the rating in ``text`` (for the log-prob weighted score).
     """
     clean = text.replace("**", "")
-    m = re.search(_FULL[aspect], clean, re.DOTALL)
-    kind = "full"
-    if m is None:
-        m, kind = re.search(r"Rating:\s*(?P<rating>[^\n]+)", clean), "lenient"
-    if m is None:
-        m, kind = re.fullmatch(r"\s*(?P<rating>\d)\d*\s*", clean), "constrained"
-    if m is None:
+    lines = _lines(clean)
+    nxt = _next_filled(lines)
+    fields = _rating_fields(lines, nxt)
+    if not fields:
+        bare = clean.strip()
+        if bare not in RATINGS:
+            return None
+        return {"Rating": bare, "Rationale": "", "parse": "constrained",
+                "rating_offset": clean.index(bare) if clean == text else None, "rating_text": bare}
+    values = {_rating_value(field, aspect) for _, _, field in fields}
+    if len(values) != 1 or None in values:
         return None
-    value = _rating_value(m.group("rating"), aspect)
-    if value is None:
-        return None
-    rationale = m.groupdict().get("rationale") or ""
-    offset = None
+    value = values.pop()
+    i, offset, field = fields[0]
+    rationale = _full_rationale(lines, nxt, aspect, i)
+    at = None
     if value != "N/A" and clean == text:
-        offset = m.start("rating") + m.group("rating").find(value)
-    return {"Rating": value, "Rationale": rationale.strip(), "parse": kind, "rating_offset": offset,
-            "rating_text": value}
+        at = offset + (len(field) - len(field.lstrip()))
+    return {"Rating": value, "Rationale": rationale or "", "parse": "lenient" if rationale is None else "full",
+            "rating_offset": at, "rating_text": value}

@@ -7,8 +7,9 @@ Single: ``single-v1`` / ``single-math-v1`` for turn 1, the ``-multi-turn`` varia
      "score": float (1-10) | -1, "weighted": float | None, "answers": n, "raw": last judge answer}
 
 Pairwise records add ``"winner": "model"|"baseline"|"tie"`` (and the two per-order verdicts).
-Every judge call goes through the AIF :class:`~zephyr_fast.aif.store.JudgeCache`, keyed by
-(judge model, prompt name + version, system prompt, user prompt), so nothing is graded twice.
+Every judge call goes through the AIF :class:`~zephyr_fast.aif.store.JudgeCache`, keyed by the
+endpoint, the prompt name + version and the exact request (model, messages, sampling settings), so
+nothing is graded twice; a cached grade whose raw answer does not re-parse to it is asked again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Optional
 
 from ..aif.client import JudgeClient, JudgeRequestError
 from ..aif.scoring import ask_until_parsed
-from ..aif.store import JudgeCache, cache_key
+from ..aif.store import JudgeCache
 
 NEED_REF = ("math", "reasoning", "coding")
 VERSION = "fastchat-llm_judge@0e6d3e4"
@@ -27,21 +28,32 @@ SCORE_VALUES = tuple(str(i) for i in range(1, 10))  # single-token ratings: the 
 VERDICTS = ("A", "B", "C")
 
 
+_SCORE = r"(\d+(?:\.\d+)?)"  # no nested quantifiers: linear time on any answer
+_DOUBLE, _SINGLE, _BARE = re.compile(r"\[\[" + _SCORE + r"\]\]"), re.compile(r"\[" + _SCORE + r"\]"), \
+    re.compile(r"\s*" + _SCORE + r"\s*")
+
+
 def parse_score(text: str) -> Optional[dict]:
-    """FastChat's ``[[r]]`` (then ``[r]``) pattern; a bare number (constrained judge); 1 <= r <= 10."""
-    m = re.search(r"\[\[(\d+\.?\d*)\]\]", text) or re.search(r"\[(\d+\.?\d*)\]", text)
-    m = m or re.fullmatch(r"\s*(\d+\.?\d*)\s*", text)
-    if m is None or not 1 <= float(m.group(1)) <= 10:
+    """FastChat's ``[[r]]`` (then ``[r]``) pattern; a bare number (constrained judge); 1 <= r <= 10.
+
+    Every ``[[r]]`` (or, without one, every ``[r]``) must give the same score: two different ones are
+    ambiguous, and ambiguous is unparseable (re-asked), as is a score off the scale.
+    """
+    found = list(_DOUBLE.finditer(text)) or list(_SINGLE.finditer(text))
+    bare = _BARE.fullmatch(text) if not found else None
+    found = found or ([bare] if bare else [])
+    if not found or len({float(m.group(1)) for m in found}) != 1 or not 1 <= float(found[0].group(1)) <= 10:
         return None
+    m = found[0]
     return {"score": float(m.group(1)), "rating_offset": m.start(1), "rating_text": m.group(1)}
 
 
 def parse_verdict(text: str) -> Optional[dict]:
-    """``[[A]]`` / ``[[B]]`` / ``[[C]]`` (tie); a bare letter from a constrained judge."""
-    for v in VERDICTS:
-        if f"[[{v}]]" in text:
-            return {"verdict": v}
-    m = re.fullmatch(r"\s*([ABC])\s*", text)
+    """``[[A]]`` / ``[[B]]`` / ``[[C]]`` (tie) -- exactly one of them; a bare letter from a constrained judge."""
+    given = [v for v in VERDICTS if f"[[{v}]]" in text]
+    if len(given) == 1:
+        return {"verdict": given[0]}
+    m = re.fullmatch(r"\s*([ABC])\s*", text) if not given else None
     return {"verdict": m.group(1)} if m else None
 
 
@@ -78,13 +90,26 @@ def pair_request(q: dict, turn: int, a: list, b: list, prompts: dict, refs: dict
 def _ask(client: JudgeClient, cache: JudgeCache, name: str, messages: list, parse, values) -> dict:
     constrained = bool(client.config.constrain_tokenizer)
     version = VERSION + ("+constrained" if constrained else "")
-    key = cache_key(client.config.model, name, version, messages[0]["content"], messages[1]["content"])
+    bias, max_tokens = client.rating_bias(values), 1 if constrained else 2048
+    key = client.request_key(f"{version}/{name}", messages, logit_bias=bias, max_tokens=max_tokens)
     hit = cache.get(key)
     if hit is not None:
         return hit
     rec = ask_until_parsed(client, messages, parse, values=values + ("10",) * (values == SCORE_VALUES),
-                           logit_bias=client.rating_bias(values), max_tokens=1 if constrained else 2048)
-    return cache.put(key, {"judge_prompt": name, "template_version": version, **rec})
+                           logit_bias=bias, max_tokens=max_tokens)
+    return cache.put(key, {"judge_prompt": name, "template_version": version, "endpoint": client.config.endpoint,
+                           **rec})
+
+
+def cached_grade_is_consistent(rec: dict) -> bool:
+    """A cached grade is what its raw answer says (re-parsed): an edited score or verdict is refused."""
+    name, raw = rec.get("judge_prompt"), rec.get("raw")
+    if not isinstance(name, str) or not isinstance(raw, str):
+        return False
+    parsed = (parse_verdict if name.startswith("pair") else parse_score)(raw)
+    if rec.get("status") == "ok":
+        return parsed is not None and rec.get("parsed") == parsed
+    return rec.get("status") == "unparseable" and parsed is None
 
 
 def _run(client: JudgeClient, jobs: list, desc: str, progress: bool) -> list:

@@ -7,8 +7,11 @@ Protocol (FastChat ``llm_judge``; its data files are in ``zephyr_fast/eval/data/
   model's chat template exactly as in training (``zephyr_fast.model.generate``: empty system turn
   prepended); temperature per category (writing/roleplay 0.7, stem/humanities 0.1, others greedy);
   ``max_new_tokens`` 1024.  Saved in FastChat's ``model_answer`` format
-  (``{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [a1, a2]}], "tstamp"}``),
-  append-only per question, so an interrupted run resumes.
+  (``{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [a1, a2]}], "tstamp"}``,
+  plus ``identity`` and ``digest``), append-only per question, so an interrupted run resumes.  An
+  answer is reused only when its ``identity`` -- the model's content fingerprint, the chat template
+  and question as rendered, temperature, ``max_new_tokens``, seed -- is this run's and its line's
+  ``digest`` verifies: a retrained model answers again, by construction.
 * grading: ``single-v1`` (turn 1) / ``single-v1-multi-turn`` (turn 2); for math, reasoning and coding
   the ``single-math-v1*`` prompts with GPT-4's reference answers.  The score is the ``[[r]]`` in the
   judge's answer (FastChat's patterns, 1-10); an unparseable answer is re-asked, then recorded as a
@@ -36,12 +39,15 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..data.chat import load_tokenizer
-from ..model import generate, load_model
 from ..aif.client import JudgeClient, JudgeConfig, cli_status
 from ..aif.judge import add_judge_args, judge_config_from_args
-from ..aif.store import AppendLog, JudgeCache, iter_jsonl, read_input_jsonl
-from .grading import grade_pairwise, grade_single
+from ..aif.store import AppendLog, JudgeCache, cache_key, iter_jsonl, iter_sealed, read_input_jsonl
+from ..data.chat import load_tokenizer
+from ..model import generate, load_model
+from ..model.generate import prompt_texts
+from ..outputs import claim_folder
+from ..training.fingerprint import local_fingerprint
+from .grading import cached_grade_is_consistent, grade_pairwise, grade_single
 from .report import build_report, write_report
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -50,6 +56,7 @@ DATA = pathlib.Path(__file__).resolve().parent / "data"
 # FastChat llm_judge/common.py temperature_config
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
                "stem": 0.1, "humanities": 0.1}
+ANSWER_VERSION = "mt-bench-answer-v1"  # what an answer's identity hashes (answer_identities)
 
 
 def load_questions(path: str = str(QUESTIONS), per_category: Optional[int] = None) -> list:
@@ -76,29 +83,60 @@ def references() -> dict:
 
 
 def read_answers(path: str) -> dict:
-    """``question_id -> [turn 1 answer, turn 2 answer]`` from a FastChat ``model_answer`` file."""
+    """``question_id -> [turn 1 answer, turn 2 answer]`` from a FastChat ``model_answer`` file (an input:
+    a bad line is one error naming file and line)."""
     out = {}
-    for i, rec in enumerate(iter_jsonl(path, tolerate_torn=True)):
-        turns = (rec.get("choices") or [{}])[0].get("turns")
-        if not isinstance(turns, list) or len(turns) != 2:
-            raise ValueError(f"{path}: row {i}, field 'choices[0].turns': expected two answers")
+    for i, rec in enumerate(iter_jsonl(path, tolerate_torn=False), 1):
+        turns = _turns(rec)
+        if turns is None or not isinstance(rec.get("question_id"), (int, str)):
+            raise ValueError(f"{path}: line {i}, field 'question_id' / 'choices[0].turns': expected an id and two "
+                             "answers")
         out[rec["question_id"]] = turns
+    return out
+
+
+def _turns(rec: dict) -> Optional[list]:
+    choices = rec.get("choices") if isinstance(rec, dict) else None
+    turns = choices[0].get("turns") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+    return turns if isinstance(turns, list) and len(turns) == 2 and all(isinstance(t, str) for t in turns) else None
+
+
+def answer_identities(model_dir: str, tok, questions: list, *, max_new_tokens: int, seed: int) -> dict:
+    """``question_id -> identity`` of an answer: the model's content fingerprint, the rendered first turn
+    (chat template and question), the second turn, the category's temperature, max_new_tokens, seed."""
+    fingerprint = local_fingerprint(model_dir)
+    rendered = prompt_texts(tok, [[{"role": "user", "content": q["turns"][0]}] for q in questions])
+    return {q["question_id"]: cache_key(ANSWER_VERSION, fingerprint, text, q["turns"][1], TEMPERATURE[q["category"]],
+                                        max_new_tokens, seed) for q, text in zip(questions, rendered)}
+
+
+def read_own_answers(path: str, identities: dict, counter: Optional[dict] = None) -> dict:
+    """The answers of ``path`` (sealed lines) made by this model with these settings: lines of another
+    model, other settings, another question text, or damaged ones are not answers to reuse."""
+    out = {}
+    for rec in iter_sealed(path, counter):
+        qid = rec.get("question_id")
+        if _turns(rec) is not None and isinstance(qid, (int, str)) and identities.get(qid) == rec.get("identity"):
+            out[qid] = _turns(rec)
     return out
 
 
 def answer_questions(model_dir: str, questions: list, out_path: str, *, model_id: Optional[str] = None,
                      max_new_tokens: int = 1024, batch_size: int = 8, seed: int = 0, device: Optional[str] = None,
                      progress: bool = True) -> dict:
-    """Answer both turns of every question not yet in ``out_path``; returns all answers by id."""
-    done = read_answers(out_path) if os.path.exists(out_path) else {}
+    """Answer both turns of every question not yet answered in ``out_path`` by this model with these
+    settings (:func:`answer_identities`); returns this model's answers by id."""
+    tok = load_tokenizer(model_dir)
+    ids = answer_identities(model_dir, tok, questions, max_new_tokens=max_new_tokens, seed=seed)
+    done = read_own_answers(out_path, ids)
     todo = [q for q in questions if q["question_id"] not in done]
     if not todo:
         return done
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_model(model_dir).to(device).eval(), load_tokenizer(model_dir)
+    model = load_model(model_dir).to(device).eval()
     model_id = model_id or os.path.basename(os.path.normpath(model_dir))
     bar = tqdm(total=2 * len(todo), desc="mt-bench answers", disable=not progress)
-    with AppendLog(out_path) as log:
+    with AppendLog(out_path, sealed=True) as log:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
             convs = [[{"role": "user", "content": q["turns"][0]}] for q in chunk]
@@ -110,7 +148,8 @@ def answer_questions(model_dir: str, questions: list, out_path: str, *, model_id
             bar.update(len(chunk))
             for q, a1, a2 in zip(chunk, first, second):
                 log.append({"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
-                            "choices": [{"index": 0, "turns": [a1.strip(), a2.strip()]}], "tstamp": time.time()})
+                            "choices": [{"index": 0, "turns": [a1.strip(), a2.strip()]}], "tstamp": time.time(),
+                            "identity": ids[q["question_id"]]})
                 done[q["question_id"]] = [a1.strip(), a2.strip()]
     bar.close()
     return done
@@ -129,36 +168,40 @@ def _gen_by_temperature(generate, model, tok, questions, convs, max_new_tokens, 
 
 def run_mt_bench(model_dir: Optional[str], out_dir: str, judge: JudgeConfig, *, answers_path: Optional[str] = None,
                  per_category: Optional[int] = None, baseline: Optional[str] = None, max_new_tokens: int = 1024,
-                 batch_size: int = 8, progress: bool = True) -> dict:
+                 batch_size: int = 8, progress: bool = True, retry_failed: bool = False,
+                 overwrite: bool = False) -> dict:
     """Answer (unless ``answers_path`` is given), grade, report; returns the report dict.
 
     Raises:
         JudgeRequestError: judge requests failed for good (graded items are cached; rerun).
+        OutputError: ``out_dir`` is an input, a foreign folder, or being written by another run.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    questions = load_questions(per_category=per_category)
-    answers_path = answers_path or os.path.join(out_dir, "answers.jsonl")
-    if model_dir:
-        answers = answer_questions(model_dir, questions, answers_path, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, progress=progress)
-    else:
-        answers = read_answers(answers_path)
-    missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
-    if missing:
-        raise ValueError(f"{answers_path}: no answers for questions {missing[:10]}")
     client = JudgeClient(judge)
-    cache = JudgeCache(os.path.join(out_dir, "judge_cache.jsonl"))
-    try:
-        single = grade_single(questions, answers, client, cache, judge_prompts(), references(), progress=progress)
-        pairs = None
-        if baseline:
-            pairs = grade_pairwise(questions, answers, read_answers(baseline), client, cache, judge_prompts(),
-                                   references(), progress=progress)
-    finally:
-        cache.close()
-    report = build_report(single, pairs, model=model_dir or answers_path, judge=judge.model,
-                          usage=client.usage.as_dict())
-    write_report(report, single, pairs, out_dir)
+    questions = load_questions(per_category=per_category)
+    inputs = {"model_dir": model_dir, "--answers": answers_path, "--baseline": baseline}
+    with claim_folder(out_dir, "mt-bench", inputs=inputs, overwrite=overwrite):
+        if model_dir:
+            answers = answer_questions(model_dir, questions, answers_path or os.path.join(out_dir, "answers.jsonl"),
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        else:
+            answers = read_answers(answers_path)
+        missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
+        if missing:
+            raise ValueError(f"{answers_path}: no answers for questions {missing[:10]}")
+        cache = JudgeCache(os.path.join(out_dir, "judge_cache.jsonl"), valid=cached_grade_is_consistent,
+                           retry_failed=retry_failed)
+        try:
+            single = grade_single(questions, answers, client, cache, judge_prompts(), references(), progress=progress)
+            pairs = None
+            if baseline:
+                pairs = grade_pairwise(questions, answers, read_answers(baseline), client, cache, judge_prompts(),
+                                       references(), progress=progress)
+        finally:
+            cache.close()
+        report = build_report(single, pairs, model=model_dir or answers_path, judge=judge.model,
+                              usage=client.usage.as_dict())
+        report["damaged_cache_lines"] = cache.stats["damaged"]
+        write_report(report, single, pairs, out_dir)
     return report
 
 
@@ -171,6 +214,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per-category", type=int, help="first N questions of each category (default: all 10)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--retry-failed", action="store_true", help="ask again for grades that never parsed")
+    ap.add_argument("--overwrite_output_dir", "--overwrite", action="store_true",
+                    help="write into an existing folder that zephyr_fast did not create")
     add_judge_args(ap)
     a = ap.parse_args(argv)
     if not a.model_dir and not a.answers:
@@ -180,7 +226,8 @@ def main(argv=None) -> int:
     def body():
         report = run_mt_bench(a.model_dir, out, judge_config_from_args(a), answers_path=a.answers,
                               per_category=a.per_category, baseline=a.baseline, max_new_tokens=a.max_new_tokens,
-                              batch_size=a.batch_size, progress=not a.no_progress)
+                              batch_size=a.batch_size, progress=not a.no_progress, retry_failed=a.retry_failed,
+                              overwrite=a.overwrite_output_dir)
         print(report["table"])
         print(json.dumps({k: report[k] for k in ("overall", "turn_1", "turn_2", "failures")}))
     return cli_status(body)
