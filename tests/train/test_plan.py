@@ -8,7 +8,7 @@ from zephyr_fast.config import TrainingConfig
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_sft, pair_tokens
 from zephyr_fast.training.build import build_optimizer, build_scheduler
-from zephyr_fast.training.plan import ExampleSchedule, TokenSchedule, make_plan, micro_stats
+from zephyr_fast.training.plan import ExampleSchedule, TokenSchedule, make_plan, micro_stats, total
 from zephyr_fast.training.stages import DPOStage, SFTStage
 
 
@@ -27,11 +27,11 @@ def _token_plan(batches, *, world, accum, seed=3, epochs=2, max_steps=-1):
     return make_plan(sched, world_size=world, grad_accum=accum, num_train_epochs=epochs, max_steps=max_steps)
 
 
-def _example_plan(examples, *, per_device, world, accum, seed=3, epochs=1, max_steps=-1):
+def _example_plan(examples, *, per_device, world, accum, seed=3, epochs=1, max_steps=-1, drop_last=False):
     stage = DPOStage() if "prompt_ids" in examples[0] else SFTStage()
     data = DataConfig(dataset_mixer={"x": 1.0}, max_length=512)
     sched = ExampleSchedule(examples, [stage.size(ex, data) for ex in examples], lambda e: stage.collate(e, data),
-                            per_micro=per_device, micro_per_step=world * accum, seed=seed)
+                            per_micro=per_device, micro_per_step=world * accum, seed=seed, drop_last=drop_last)
     return make_plan(sched, world_size=world, grad_accum=accum, num_train_epochs=epochs, max_steps=max_steps)
 
 
@@ -56,7 +56,9 @@ def test_plan_errors_and_max_steps():
     with pytest.raises(ValueError, match="not enough data for one optimiser step"):
         _token_plan(batches[:3], world=2, accum=2)
     with pytest.raises(ValueError, match="has 6 examples, one step needs 8"):
-        _example_plan(_dpo_examples(6), per_device=2, world=2, accum=2)
+        _example_plan(_dpo_examples(6), per_device=2, world=2, accum=2, drop_last=True)
+    small = _example_plan(_dpo_examples(6), per_device=2, world=2, accum=2)  # TRL: one smaller step
+    assert small.steps_per_epoch == 1 and total(small.step_micro(0), "pairs") == 6
     assert _token_plan(batches, world=1, accum=2, max_steps=11).total_steps == 11
     assert _token_plan(batches, world=1, accum=2, epochs=0.5).total_steps == len(batches) // 4
 
@@ -88,10 +90,10 @@ def test_token_schedule_covers_every_micro_batch_once_per_epoch():
 @pytest.mark.parametrize("world, accum, per_device", [(1, 1, 4), (2, 2, 3), (4, 2, 1), (8, 1, 4)])
 def test_example_schedule_makes_exactly_the_recipes_pairs_per_step(world, accum, per_device):
     """TRL's count: every optimiser step holds exactly per_device x accumulation x world pairs, every
-    micro-batch exactly per_device; an epoch uses each pair at most once and leaves out fewer than a
-    step; the pairs of a step are balanced by tokens across its micro-batches."""
+    micro-batch exactly per_device; with drop_last an epoch uses each pair at most once and leaves out
+    fewer than a step; the pairs of a step are balanced by tokens across its micro-batches."""
     examples = _dpo_examples(103)
-    plan = _example_plan(examples, per_device=per_device, world=world, accum=accum, epochs=2)
+    plan = _example_plan(examples, per_device=per_device, world=world, accum=accum, epochs=2, drop_last=True)
     per_step = per_device * accum * world
     assert plan.steps_per_epoch == 103 // per_step and plan.total_steps == 2 * (103 // per_step)
     for epoch in range(2):
@@ -111,10 +113,36 @@ def test_example_schedule_makes_exactly_the_recipes_pairs_per_step(world, accum,
         assert 103 - len(seen) < per_step
 
 
+@pytest.mark.parametrize("world, accum, per_device, n", [(1, 1, 4, 103), (2, 2, 3, 103), (4, 2, 1, 103),
+                                                        (2, 2, 4, 18), (8, 1, 4, 5)])
+def test_example_schedule_keeps_each_epochs_remainder_as_a_last_step(world, accum, per_device, n):
+    """dataloader_drop_last: false (TRL's and HF's default): every pair once per epoch, full steps as the
+    recipe says, then one smaller last step of the remainder split over every micro-batch (a remainder
+    below the micro-batch count is topped up from the start of the epoch's order, as DistributedSampler
+    pads)."""
+    examples = _dpo_examples(n)
+    plan = _example_plan(examples, per_device=per_device, world=world, accum=accum, epochs=2)
+    per_step, micro = per_device * accum * world, world * accum
+    full, rem = divmod(n, per_step)
+    assert plan.steps_per_epoch == full + (rem > 0) and plan.total_steps == 2 * plan.steps_per_epoch
+    for epoch in range(2):
+        steps = [plan.step_micro(epoch * plan.steps_per_epoch + s) for s in range(plan.steps_per_epoch)]
+        assert all(total(m, "pairs") == per_step for m in steps[:full])
+        seen = [i for micros in steps for m in micros for i in m.batch.pair_index.tolist()]
+        last = steps[-1]
+        assert len(last) == micro and all(m.stats.pairs >= 1 for m in last)
+        assert max(m.stats.pairs for m in last) - min(m.stats.pairs for m in last) <= 1
+        if rem >= micro or rem == 0:
+            assert sorted(seen) == list(range(n))  # each pair exactly once
+        else:  # topped up: every pair, plus (micro - rem) repeats from the start of the order
+            assert sorted(set(seen)) == list(range(n)) and len(seen) == n + micro - rem
+
+
 def test_example_schedule_is_invariant_to_world_vs_accumulation_and_reshuffles():
-    examples = _dpo_examples(40)
+    examples = _dpo_examples(43)  # 5 full steps of 8 and a last one of 3, topped up to 4
     a = _example_plan(examples, per_device=2, world=1, accum=4, epochs=2)
     b = _example_plan(examples, per_device=2, world=2, accum=2, epochs=2)
+    assert a.steps_per_epoch == 6
     for step in range(a.total_steps):
         assert _ids(a.step_micro(step)) == _ids(b.step_micro(step))
     first = lambda p, e: sorted(i for m in p.step_micro(e * p.steps_per_epoch) for i in m.batch.pair_index.tolist())

@@ -70,6 +70,14 @@ def test_accumulation_splits_a_step_into_equal_pair_counts(tmp_path, monkeypatch
     steps = _record_steps(monkeypatch)
     cfg = build_config(_recipe(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2,
                                num_train_epochs=1), source=RECIPE)
+    s = run(cfg)  # TRL keeps the epoch's last 16 mod 6 pairs as a smaller last step
+    assert s["global_step"] == 3 and steps == [[3, 3], [3, 3], [2, 2]] and s["train_pairs"] == 16
+
+
+def test_dataloader_drop_last_leaves_each_epochs_remainder_out(tmp_path, monkeypatch):
+    steps = _record_steps(monkeypatch)
+    cfg = build_config(_recipe(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                               num_train_epochs=1, dataloader_drop_last=True), source=RECIPE)
     s = run(cfg)
     assert s["global_step"] == 16 // 6 and steps == [[3, 3]] * 2 and s["train_pairs"] == 12
 
@@ -86,7 +94,7 @@ def test_too_little_data_for_one_step_is_one_line_and_status_2(tmp_path, capsys)
     from zephyr_fast.train import main
 
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(_recipe(tmp_path, per_device_train_batch_size=32)))
+    path.write_text(yaml.safe_dump(_recipe(tmp_path, per_device_train_batch_size=32, dataloader_drop_last=True)))
     assert main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"error: {path}: not enough data for one optimiser step"), err

@@ -150,6 +150,9 @@ class DataConfig:
     #   SFT with packing: false, tokens for packed SFT (TRL's packing: B sequences of max_length).
     #   An explicit max_tokens_per_batch without batch_by means "tokens".
     batch_by: Optional[str] = None
+    # HF's / TRL's key: false (their default) keeps each epoch's last n mod step examples as a smaller
+    # last step; true leaves them out ("examples" batching; token bins come in whole steps)
+    dataloader_drop_last: bool = False
     dpo_layout: str = "separate"  # "separate" | "prefix_shared"
     overlong: str = "truncate"  # "truncate" | "split" (SFT sequences longer than a bin)
     # bad input

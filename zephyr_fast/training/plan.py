@@ -6,11 +6,14 @@ Two ways to batch the train split (``batch_by``, resolved by :meth:`Batching.res
 * ``examples`` (default for DPO, and for SFT with ``packing: false``): exactly
   ``per_device_train_batch_size`` examples per micro-batch, so one optimiser step holds exactly
   ``per_device_train_batch_size x gradient_accumulation_steps x world_size`` pairs -- TRL's and the
-  paper's count. Epoch ``e`` shuffles the examples with ``seed + e`` and cuts them into steps (the
-  last ``n mod per_step`` examples of each epoch's order are left out, a different remainder each
-  epoch); a step's examples are split into its ``world x accumulation`` micro-batches balanced by
-  tokens (longest first, into the lightest micro-batch that still has room) and each micro-batch is
-  packed padding-free. No micro-batch holds more than ``per_device x max_length`` tokens per sequence
+  paper's count. Epoch ``e`` shuffles the examples with ``seed + e`` and cuts them into steps; the
+  last ``n mod per_step`` examples of each epoch's order make a last, smaller step (TRL's and HF
+  Trainer's ``dataloader_drop_last: false``; ``drop_last`` leaves them out instead, a different
+  remainder each epoch). A step's examples are split into its ``world x accumulation`` micro-batches
+  balanced by tokens (longest first, into the lightest micro-batch that still has room) and each
+  micro-batch is packed padding-free; a remainder smaller than the step's micro-batch count is
+  topped up from the start of the epoch's order so that every micro-batch holds an example (as
+  ``DistributedSampler`` pads its last round), and the step's loss is normalised by what it holds. No micro-batch holds more than ``per_device x max_length`` tokens per sequence
   slot, the memory of TRL's padded batch.
 * ``tokens`` (packed SFT: TRL's ``packing`` with ``per_device_train_batch_size`` sequences of
   ``max_length``; or any stage with an explicit ``max_tokens_per_batch``): micro-batches are bins of at
@@ -85,6 +88,7 @@ class Batching:
     world_size: int
     grad_accum: int
     seed: int
+    drop_last: bool = False  # dataloader_drop_last: leave each epoch's remainder out ("examples")
 
     @property
     def micro_per_step(self) -> int:
@@ -102,7 +106,7 @@ class Batching:
         k = stage.tokens_per_example
         eval_tokens = data.max_tokens_per_batch if explicit else per_device_eval_batch_size * data.max_length * k
         return cls(by, per_device_train_batch_size, data.max_tokens_per_batch, max(eval_tokens, data.max_length * k),
-                   world_size, gradient_accumulation_steps, seed)
+                   world_size, gradient_accumulation_steps, seed, data.dataloader_drop_last)
 
 
 class _Shuffled:
@@ -136,8 +140,9 @@ class TokenSchedule(_Shuffled):
 
 
 def balance(items: list, sizes: list, groups: int, per_group: int) -> list:
-    """Split ``items`` (``groups * per_group`` of them) into ``groups`` lists of exactly ``per_group``
-    items with near-equal total ``sizes[item]``: longest first, into the lightest group with room."""
+    """Split ``items`` (``groups * per_group`` of them, or fewer but at least ``groups``: then some lists
+    hold fewer) into ``groups`` lists of at most ``per_group`` items with near-equal total
+    ``sizes[item]``: longest first, into the lightest group with room (so none stays empty)."""
     out: list = [[] for _ in range(groups)]
     heap = [(0, g) for g in range(groups)]  # (tokens, group) of the groups that still have room
     for i in sorted(items, key=lambda i: (-sizes[i], i)):
@@ -155,17 +160,21 @@ class ExampleSchedule(_Shuffled):
     by = "examples"
 
     def __init__(self, examples: list, sizes: list, collate: Callable, *, per_micro: int, micro_per_step: int,
-                 seed: int):
+                 seed: int, drop_last: bool = False):
         self.examples, self.sizes, self.collate = examples, sizes, collate
         self.per_micro, self.micro_per_step, self.seed = per_micro, micro_per_step, seed
         self.per_step = per_micro * micro_per_step  # examples per optimiser step
-        self.steps_per_epoch = len(examples) // self.per_step
-        self.leftover = len(examples) % self.per_step  # examples each epoch leaves out (its order's tail)
+        full, self.remainder = divmod(len(examples), self.per_step)  # the epoch order's tail
+        self.steps_per_epoch = full + (1 if self.remainder and not drop_last else 0)
+        self.leftover = self.remainder if drop_last else 0  # examples each epoch leaves out
 
     def step(self, epoch: int, s: int) -> list:
         """The micro-batches (all ranks) of step ``s`` of ``epoch``, built now (host, a few ms)."""
-        items = self._order(len(self.examples), epoch)[s * self.per_step:(s + 1) * self.per_step]
-        groups = balance(items, self.sizes, self.micro_per_step, self.per_micro)
+        order = self._order(len(self.examples), epoch)
+        items = order[s * self.per_step:(s + 1) * self.per_step]
+        if len(items) < self.micro_per_step:  # a small last step: one example per micro-batch at least
+            items = items + [order[i % len(order)] for i in range(self.micro_per_step - len(items))]
+        groups = balance(items, self.sizes, self.micro_per_step, -(-len(items) // self.micro_per_step))
         batches = [self.collate([self.examples[i] for i in g]) for g in groups]
         return [Micro(b, micro_stats(b)) for b in batches]
 
@@ -221,7 +230,7 @@ def _train_schedule(examples: list, data: DataConfig, stage: Stage, b: Batching)
         return TokenSchedule(batches, per_step=b.micro_per_step, seed=b.seed)
     sizes = [stage.size(ex, data) for ex in examples]
     return ExampleSchedule(examples, sizes, lambda exs: stage.collate(exs, data), per_micro=b.per_device,
-                           micro_per_step=b.micro_per_step, seed=b.seed)
+                           micro_per_step=b.micro_per_step, seed=b.seed, drop_last=b.drop_last)
 
 
 def describe_schedule(sched, stage: Stage, b: Batching, max_length: int) -> str:
@@ -231,7 +240,7 @@ def describe_schedule(sched, stage: Stage, b: Batching, max_length: int) -> str:
         n = len(sched.examples)
         return (f"batch_by examples: {b.per_device} {name}s per micro-batch x {b.grad_accum} accumulation x "
                 f"{b.world_size} ranks = {sched.per_step} {name}s per optimiser step, packed padding-free; "
-                f"{n} {name}s -> {sched.steps_per_epoch} steps per epoch ({sched.leftover} left out per epoch)")
+                f"{n} {name}s -> {sched.steps_per_epoch} steps per epoch ({_tail(sched, name)})")
     head = (f"batch_by tokens: {b.micro_per_step} micro-batches of <= {b.max_tokens} tokens per optimiser step "
             f"({sched.packing})")
     if stage.batch_by == "tokens" and b.max_tokens == b.per_device * max_length * stage.tokens_per_example:
@@ -241,6 +250,14 @@ def describe_schedule(sched, stage: Stage, b: Batching, max_length: int) -> str:
     return (f"{head}; a step holds {sum(per_step) / max(len(per_step), 1):.1f} {name}s on average "
             f"({min(per_step, default=0)}-{max(per_step, default=0)}), not the recipe's "
             f"per_device_train_batch_size x accumulation x world = {b.per_device * b.micro_per_step}")
+
+
+def _tail(sched, name: str) -> str:
+    if not sched.remainder:
+        return "every step full"
+    if sched.leftover:
+        return f"{sched.leftover} left out per epoch: drop_last"
+    return f"the last holds the remaining {sched.remainder} {name}s"
 
 
 @dataclass
