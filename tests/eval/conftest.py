@@ -16,3 +16,24 @@ def sft_run(tmp_path_factory, sft_dir):  # noqa: F811
     r = recipe("sft", out, sft_dir, max_steps=2, save_strategy="steps", save_steps=1)
     run(build_config(r, source="test"))
     return r, str(out)
+
+
+@pytest.fixture(scope="session")
+def dpo_run(tmp_path_factory, sft_run):
+    """A 2-step tiny dDPO run from ``sft_run``'s model (test split = train split), checkpoint at step 1,
+    evaluated at step 2; returns ``(recipe path, output_dir, summary)``."""
+    import yaml
+
+    from zephyr_fast.config import build_config
+    from zephyr_fast.train import run
+    from tests.train.helpers import dpo_rows, write_dpo_dir
+
+    data = write_dpo_dir(str(tmp_path_factory.mktemp("eval_dpo_data")), dpo_rows())
+    out = tmp_path_factory.mktemp("eval_dpo_run")
+    r = recipe("dpo", out, data, model_name_or_path=sft_run[1], max_steps=2, save_strategy="steps", save_steps=1,
+               eval_strategy="steps", eval_steps=2)
+    del r["model_init"]
+    path = out / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    summary = run(build_config(r, source=str(path)))
+    return str(path), str(out), summary
