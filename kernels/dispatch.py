@@ -27,6 +27,14 @@ import torch
 from zephyr_kernels import chunked
 
 IMPLS = ("auto", "triton", "triton_tiled", "torch")
+# Cut Cross-Entropy's impl names (its ``LinearCrossEntropyImpl``) → the zephyr impl that serves them.
+# Every CCE preset differs from plain "cce" only in accumulation dtype and gradient filtering; zephyr
+# always accumulates in fp32 and filters only below rounding, so they all run the fused default.
+# CCE's "torch_compile" materialises the logits in PyTorch: its counterpart is the plain torch path.
+CCE_IMPLS = {
+    "cce": "auto", "cce_exact": "auto", "cce_kahan_full_c": "auto", "cce_kahan_full_e": "auto",
+    "cce_kahan_full_c_full_e": "auto", "cce_kahan_full": "auto", "torch_compile": "torch",
+}
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 _TRITON_MODULES = {"triton": "zephyr_kernels.triton_chunked", "triton_tiled": "zephyr_kernels.triton_kernels"}
 
@@ -84,6 +92,18 @@ def _resolve(impl: str, device_type: str) -> str:
             stacklevel=4,
         )
     return "torch"
+
+
+def canonical_impl(impl) -> str:
+    """``impl`` as one of :data:`IMPLS`: zephyr's names unchanged, CCE's names (or its
+    ``LinearCrossEntropyImpl`` members) mapped through :data:`CCE_IMPLS`; anything else raises."""
+    name = impl.name.lower() if hasattr(impl, "name") and not isinstance(impl, str) else impl
+    if name in IMPLS:
+        return name
+    if name in CCE_IMPLS:
+        return CCE_IMPLS[name]
+    raise ValueError(f"zephyr_kernels: impl must be one of {IMPLS} or a Cut Cross-Entropy impl "
+                     f"{tuple(CCE_IMPLS)}, got {impl!r}")
 
 
 def resolve(impl: str, device: torch.device) -> str:

@@ -29,6 +29,14 @@ ENTRY_POINTS = {
         h, w, t, bias=b, reduction="none", impl=impl).sum(),
     "FusedLinearCrossEntropyLoss": lambda h, w, b, t, impl: zk.FusedLinearCrossEntropyLoss(
         label_smoothing=0.1, impl=impl)(w, h.view(1, N, D), t.view(1, N), b),
+    "linear_cross_entropy_cce_call": lambda h, w, b, t, impl: (lambda loss_lse: loss_lse[0] + (loss_lse[1] ** 2).mean())(
+        zk.linear_cross_entropy(h.view(1, N, D), w, t.view(1, N), b, shift=1, return_lse=True, impl=impl)),
+    "liger_fused_linear_cross_entropy": lambda h, w, b, t, impl: zk.liger_fused_linear_cross_entropy(
+        h, w, t, b, lse_square_scale=1e-3, label_smoothing=0.1, softcap=5.0, impl=impl),
+    "liger_fused_linear_cross_entropy_rowwise": lambda h, w, b, t, impl: zk.liger_fused_linear_cross_entropy(
+        h, w, t, b, ce_weight=torch.linspace(0.5, 1.5, V), label_smoothing=0.1, use_token_scaling=True, impl=impl),
+    "LigerFusedLinearCrossEntropyLoss": lambda h, w, b, t, impl: zk.LigerFusedLinearCrossEntropyLoss(
+        reduction="sum", return_z_loss=True, return_token_accuracy=True, impl=impl)(w, h, t, b).loss,
     "linear_logprobs": lambda h, w, b, t, impl: sum(
         (o * (i + 1)).sum() for i, o in enumerate(zk.linear_logprobs(
             h, w, t, bias=b, segment_ids=_segments(), num_segments=2 * P, impl=impl))),
