@@ -15,6 +15,18 @@
   means over every position of the chosen / rejected rows (padding included), the rewards
   ``β (logp - ref_logp)`` per pair.
 
+Semantics, where zephyr promises Liger's behaviour and where it deliberately differs:
+
+* Liger's loss types (``sigmoid, hinge, exo_pair, nca_pair, robust, bco_pair, sppo_hard, apo_zero,
+  apo_down, discopop``) give Liger's numbers; zephyr's other TRL types (``ipo``, ``aot``, ...,
+  :data:`zephyr_kernels.LOSS_TYPES`) are accepted as extensions. Refusals Liger also makes carry
+  Liger's text: an unknown ``loss_type`` (``Unsupported loss_type: ...``), ``exo_pair`` without
+  ``label_smoothing > 0``, ``robust`` outside ``[0.0, 0.5)``.
+* ``label_smoothing`` with ``loss_type="sigmoid"`` is **conservative DPO** (cDPO, Mitchell 2023), TRL's
+  math ``-(1-ε) log σ(βΔ) - ε log σ(-βΔ)``; Liger ignores ε for ``sigmoid`` (it gives plain DPO).
+  With a type that uses no ε (``hinge``, ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``apo_*``,
+  ``discopop``) Liger ignores a non-zero ε silently; zephyr refuses it in one line.
+
 Unlike Liger it never builds the ``(2B·T, V)`` log-softmax: padding rows are dropped before any
 matmul, the reference log-probs go through the same fused kernel without grad, and the policy
 loss through :func:`zephyr_kernels.fused_linear_dpo_loss`.  Precomputed reference log-probs may
@@ -29,6 +41,7 @@ import torch
 from torch import nn
 
 from zephyr_kernels.dpo import DPOOptions, fused_dpo
+from zephyr_kernels.losses import LOSS_TYPES, REFUSED_LOSS_TYPES, loss_types_of
 from zephyr_kernels.linear_logprobs import linear_logprobs
 
 
@@ -54,8 +67,25 @@ def _logits_means(hidden3, weight, bias):
         return row_sums[:b].sum() * scale, row_sums[b:].sum() * scale
 
 
+def check_liger_dpo_args(loss_type, label_smoothing):
+    """The refusals Liger makes at construction, with Liger's text (zephyr's own checks follow)."""
+    names = loss_types_of(loss_type)
+    for name in names:
+        if name not in LOSS_TYPES:
+            why = f" ({REFUSED_LOSS_TYPES[name]})" if name in REFUSED_LOSS_TYPES else ""
+            raise ValueError(f"Unsupported loss_type: {name}. Supported types are: {LOSS_TYPES}{why}")
+    if "exo_pair" in names and label_smoothing <= 0.0:
+        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'. The EXO paper recommends 1e-3.")
+    if "robust" in names and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust'. Got {label_smoothing}.")
+
+
 class LigerFusedLinearDPOLoss(nn.Module):
-    """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss`` (module docstring)."""
+    """Drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss`` (module docstring).
+
+    ``label_smoothing`` with ``loss_type="sigmoid"`` is TRL's cDPO (``-(1-ε) log σ(βΔ) - ε log σ(-βΔ)``),
+    where Liger ignores it; with loss types that use no ε zephyr refuses a non-zero value where Liger
+    ignores it. Every other option gives Liger's numbers; Liger's own refusals carry Liger's text."""
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
                  compute_nll_loss: bool = False, compiled: bool = True, use_ref_model: bool = True,
@@ -64,6 +94,7 @@ class LigerFusedLinearDPOLoss(nn.Module):
         super().__init__()
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_liger_dpo_args(loss_type, label_smoothing)
         self.opts = DPOOptions(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
                                rpo_alpha=float(alpha) if compute_nll_loss else None,
                                discopop_tau=float(discopop_tau), average_log_prob=bool(average_log_prob))
