@@ -6,6 +6,7 @@ from transformers import GPT2Config
 
 from tests.model.helpers import assert_grads_close, grads, random_seqs, sft_packed, tiny_model
 from zephyr_fast.model import forward_hidden, load_model, tiny_config
+from zephyr_fast.model import load as load_mod
 from zephyr_fast.model.attention import implementation_name, resolve_backend
 
 
@@ -32,7 +33,8 @@ def test_load_from_local_checkpoint_and_dtype(tmp_path):
 def test_the_model_revision_is_what_is_loaded(tmp_path, monkeypatch):
     """``model_revision`` reaches transformers for the config and the weights (the reference cache
     fingerprints that revision: the weights loaded must be the same commit). The Hub is out of reach
-    here, so transformers' two loaders are replaced by recorders over a local checkpoint."""
+    here, so transformers' two loaders are replaced by recorders over a local checkpoint (and the
+    reachability probe by a no-op)."""
     import transformers
 
     tiny_model("llama", seed=3).save_pretrained(tmp_path, safe_serialization=True)
@@ -49,6 +51,7 @@ def test_the_model_revision_is_what_is_loaded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
+    monkeypatch.setattr(load_mod, "ensure_hub_reachable", lambda *a, **k: None)  # the recorders stand in for it
     load_model("org/tiny", revision="v2", attn_impl="sdpa_segments")
     assert seen == [("config", "org/tiny", "v2"), ("weights", "org/tiny", "v2")]
 

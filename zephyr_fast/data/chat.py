@@ -150,14 +150,31 @@ def is_local_path(path: str) -> bool:
 _LOCAL_HINT = {
     "dataset": "a .json/.jsonl/.parquet/.arrow file or a directory, e.g. assets/data/ultrafeedback_binarized/sample16.jsonl",
     "tokenizer": "a folder with tokenizer.json / tokenizer_config.json, e.g. assets/tokenizers/mistral-7b-v0.1",
+    "model": "a folder with config.json and the weights, e.g. a run's output_dir",
 }
 
 
-def ensure_hub_reachable(repo_id: str, *, what: str = "dataset", timeout: float = 3.0) -> None:
-    """Fail in seconds with a useful message instead of hanging on network timeouts.
+HUB_PROBE_TIMEOUT_S = 1.5  # a TCP connect to the Hub: an offline machine answers in well under 2 s
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> Optional[str]:
+    """Why the Hugging Face Hub (``HF_ENDPOINT``, read now) cannot be reached from here, or None when it
+    answers. One TCP connect (milliseconds online, at most ``timeout`` offline): without it, each
+    offline look-up waits through huggingface_hub's retries (~25 s a file) before failing."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
+    except OSError as exc:
+        return f"the Hugging Face Hub ({host}) is unreachable ({exc.__class__.__name__})"
+    return None
+
+
+def ensure_hub_reachable(repo_id: str, *, what: str = "dataset") -> None:
+    """Fail in under 2 s with a useful message instead of hanging on network timeouts.
 
     Offline mode (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) is respected: then the hub cache is
-    used and a miss is reported by :func:`load_rows` with the same advice.
+    used and a miss is reported by the loader with the same advice.
     """
     if is_local_path(repo_id):
         if not os.path.exists(os.path.expanduser(repo_id)):
@@ -165,14 +182,12 @@ def ensure_hub_reachable(repo_id: str, *, what: str = "dataset", timeout: float 
         return
     if hub_offline():
         return
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as exc:
+    why = hub_unreachable()
+    if why:
         raise FileNotFoundError(
-            f"{what} '{repo_id}' is not a local path and the Hugging Face Hub ({host}) is unreachable "
-            f"({exc.__class__.__name__}). Pass a local path instead ({_LOCAL_HINT.get(what, 'a local folder')}), "
-            f"or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
+            f"{what} '{repo_id}' is not a local path and {why}. Pass a local path instead "
+            f"({_LOCAL_HINT.get(what, 'a local folder')}), or set HF_HUB_OFFLINE=1 to use a copy already in the "
+            f"Hugging Face cache."
         ) from None
 
 

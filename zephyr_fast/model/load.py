@@ -22,6 +22,8 @@ from typing import Optional, Union
 
 import torch
 
+from zephyr_fast.data.chat import ensure_hub_reachable
+
 from .attention import BACKENDS, register_varlen_attention
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,8 @@ def _model_type_of(config_or_model_type) -> tuple:
     if name in CONFIG_MAPPING and not os.path.isdir(name):
         return name, None
     try:
+        if not os.path.isdir(name):
+            ensure_hub_reachable(name, what="model")  # offline: one line in < 2 s, not ~25 s of retries
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as e:  # not found / unreachable / needs remote code: one line, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -235,6 +239,8 @@ def _checked_config(name_or_path, config, trust_remote_code: bool, liger_ops: bo
         raise ValueError("load_model: trust_remote_code=True is refused; zephyr_fast never executes code "
                          "from a checkpoint (every supported family is built into transformers)")
     if config is None:
+        if not os.path.isdir(name_or_path):
+            ensure_hub_reachable(name_or_path, what="model")
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
     check_supported(config)
     if liger_ops and config.model_type not in _LIGER_PATCHES:

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as tdist
 
+from zephyr_fast.data.chat import hub_unreachable
 from zephyr_fast.data.identity import file_digest
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -187,7 +188,7 @@ def resolve_commit(repo_id: str, revision: str) -> Optional[str]:
     revision = revision or "main"
     if _SHA_RE.match(revision):
         return revision
-    sha = None if hf_offline() else _online_commit(repo_id, revision)
+    sha = None if hf_offline() or hub_unreachable() else _online_commit(repo_id, revision)
     return sha or cached_commit(repo_id, revision)
 
 
