@@ -89,8 +89,8 @@ def check_not_input(output: str, inputs: dict, what: str) -> None:
     """Refuse an ``output`` that is one of ``inputs`` (``{name: path or None}``)."""
     for name, path in inputs.items():
         if isinstance(path, str) and path and os.path.exists(os.path.expanduser(path)) and _same(output, path):
-            raise OutputError(f"{what}: {output} is also the run's input ({name}); writing there would overwrite "
-                              "it: choose another output")
+            raise OutputError(f"{what}: is also the run's input ({name}); writing there would overwrite it: "
+                              "choose another output")
 
 
 def claim_folder(folder: str, command: str, *, inputs: Optional[dict] = None, overwrite: bool = False,

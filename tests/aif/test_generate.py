@@ -82,3 +82,73 @@ def test_bad_input_and_bad_pool_exit_2(pool, tmp_path, capsys):
     assert f"{bad}: row 1, field 'prompt'" in capsys.readouterr().err
     assert main([SAMPLE, str(tmp_path / "o"), "--pool", "a=/nonexistent"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def _gen(prompts, pool, out, **kw):
+    return generate_completions(prompts, pool, out, **{**dict(n_models=2, seed=0, max_new_tokens=3, batch_size=2,
+                                                              progress=False), **kw})
+
+
+def test_a_completion_is_reused_only_for_the_same_model_settings_and_prompt_text(pool, tmp_path):
+    """Issue 21: parts were keyed by (prompt_id, pool name) only."""
+    out, prompts = str(tmp_path / "gen"), load_prompts(SAMPLE, 2)
+    assert _gen(prompts, pool, out).generated == 4
+    assert _gen(prompts, pool, out).resumed == 4
+    assert _gen(prompts, pool, out, max_new_tokens=4).generated == 4  # other sampling settings
+    assert _gen(prompts, pool, out, temperature=0.5).generated == 4
+    other = save_tiny_model(tmp_path / "other", seed=3)  # another model under the name "alpha"
+    rep = _gen(prompts, {"alpha": other, "beta": pool["beta"]}, out)
+    assert rep.generated == 2 and rep.resumed == 2
+    edited = [{**prompts[0], "instruction": prompts[0]["instruction"] + " Answer in French."}, prompts[1]]
+    rep = _gen(edited, pool, out)  # the same prompt_id, another text
+    assert rep.generated == 2 and rep.resumed == 2
+    row = lines(rep.output)[0]
+    assert row["instruction"].endswith("Answer in French.")
+    fresh = {(r["prompt_id"], r["model"]): r["response"] for r in lines(os.path.join(out, PARTS))[-2:]}
+    assert {(row["prompt_id"], c["model"]): c["response"] for c in row["completions"]} == fresh
+
+
+def test_an_edited_or_damaged_part_line_is_generated_again(pool, tmp_path):
+    out, prompts = str(tmp_path / "gen"), load_prompts(SAMPLE, 2)
+    _gen(prompts, pool, out)
+    parts = os.path.join(out, PARTS)
+    recs = open(parts, "rb").read().splitlines(keepends=True)
+    first = json.loads(recs[0])
+    recs[0] = (json.dumps({**first, "response": "edited by hand"}) + "\n").encode()
+    recs[1] = recs[1][:10] + b"\xff" + recs[1][11:]
+    open(parts, "wb").write(b"".join(recs))
+    rep = _gen(prompts, pool, out)
+    assert rep.damaged_lines == 2 and rep.generated == 2 and rep.resumed == 2
+    assert "edited by hand" not in open(rep.output).read()
+
+
+def test_prompts_file_errors_are_one_line_naming_file_row_and_field(pool, tmp_path, capsys):
+    argv = [str(tmp_path / "o"), "--pool", "a=" + pool["alpha"], "--no-progress"]
+    bad = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": "x", "prompt_id": ["a", "list"]}])
+    assert main([bad, *argv]) == 2
+    assert capsys.readouterr().err == f"error: {bad}: row 1, field 'prompt_id': expected a string, got list\n"
+    raw = tmp_path / "latin1.jsonl"
+    raw.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    assert main([str(raw), *argv]) == 2
+    assert capsys.readouterr().err == f"error: {raw}: line 2: not UTF-8 (byte 0xe9 at column 16)\n"
+
+
+def test_output_folder_refusals_and_one_writer(pool, tmp_path, capsys):
+    from zephyr_fast.outputs import claim_folder
+
+    argv = ["--pool", "alpha=" + pool["alpha"], "--limit", "1", "--max-new-tokens", "2", "--no-progress"]
+    listing = sorted(os.listdir(pool["alpha"]))
+    assert main([SAMPLE, pool["alpha"], *argv]) == 2
+    assert "is also the run's input (pool model alpha)" in capsys.readouterr().err
+    assert sorted(os.listdir(pool["alpha"])) == listing  # nothing written into the model
+    assert main([SAMPLE, SAMPLE, *argv]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / PARTS).write_text('{"not": "ours"}\n')
+    assert main([SAMPLE, str(foreign), *argv]) == 2
+    assert "not written by zephyr_fast" in capsys.readouterr().err
+    with claim_folder(str(tmp_path / "busy"), "generate"):
+        assert main([SAMPLE, str(tmp_path / "busy"), *argv]) == 2
+    assert f"another writer holds it (zephyr-fast generate, pid {os.getpid()}" in capsys.readouterr().err
+    assert main([SAMPLE, str(tmp_path / "busy"), *argv]) == 0  # released: the folder is ours to resume

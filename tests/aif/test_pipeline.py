@@ -57,3 +57,23 @@ def test_recipe_errors_exit_2(tmp_path, capsys):
     assert main([str(path)]) == 2 and "judge.concurency" in capsys.readouterr().err
     assert cli(["aif", str(path)]) == 2 and "judge.concurency" in capsys.readouterr().err  # zephyr-fast aif
     assert load_recipe(str(REPO / "recipes" / "aif.yaml"), ["--generate.limit=2"])["generate"]["limit"] == 2
+
+
+def test_judge_config_error_is_one_line_without_the_key_before_any_work(tmp_path, pool, monkeypatch, capsys):
+    key = "sk-PLANTED-aif-key-0123456789"
+    monkeypatch.setenv("ZEPHYR_JUDGE_API_KEY", key)
+    path = recipe(tmp_path, pool, "http://127.0.0.1:9/v1")
+    assert main([path, "--judge.concurrency=0", "--judge.api_key=null"]) == 2
+    assert capsys.readouterr().err == "error: judge: concurrency must be an integer >= 1, got 0\n"
+    assert not (tmp_path / "aif" / "completions").exists()
+
+
+def test_output_dir_refusals(tmp_path, pool, capsys):
+    path = recipe(tmp_path, pool, "http://127.0.0.1:9/v1")
+    assert main([path, f"--output_dir={pool['one']}"]) == 2
+    assert "is also the run's input (generate.pool.one)" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "pairs.jsonl").write_text("precious\n")
+    assert main([path, f"--output_dir={tmp_path / 'mine'}"]) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "pairs.jsonl").read_text() == "precious\n"

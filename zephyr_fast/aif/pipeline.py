@@ -4,11 +4,12 @@ Recipe sections (see ``recipes/aif.yaml``; every key optional except ``generate.
 ``generate.pool``)::
 
     output_dir: outputs/aif            # completions/, judged.jsonl (+ cache, failures), pairs.jsonl
+    overwrite_output_dir: false        # write into an existing folder zephyr_fast did not create
     generate: {prompts, pool: {name: model_dir}, limit, n_models, seed, max_new_tokens, temperature,
                top_p, batch_size, backend}
     judge:    {base_url, model, serve_local: model_dir, constrain, concurrency, max_retries, max_reasks,
                timeout, temperature, max_tokens, top_logprobs, price_input_per_mtok, price_output_per_mtok,
-               aspects}
+               aspects, retry_failed}
     binarize: {seed, score, skip_invalid_rows}
     train:    {recipe: recipes/tiny/dpo.yaml, overrides: [--key=value, ...]}   # optional dDPO on pairs.jsonl
 
@@ -32,9 +33,12 @@ from dataclasses import fields
 
 import yaml
 
+from .. import safe_yaml
 from ..config import load_config
 from ..data.binarize import SCORES, binarize_rows
+from ..training.fingerprint import local_fingerprint
 from ..training.run import run
+from ..outputs import claim_folder
 from .client import JudgeConfig, cli_status
 from .generate import GenerateReport, generate_completions, load_prompts
 from .judge import judge_file
@@ -45,10 +49,14 @@ from .ultrafeedback import ASPECTS
 SECTIONS = {
     "generate": {"prompts", "pool", "limit", "n_models", "seed", "max_new_tokens", "temperature", "top_p",
                  "batch_size", "backend"},
-    "judge": {f.name for f in fields(JudgeConfig)} - {"constrain_tokenizer"} | {"serve_local", "constrain", "aspects"},
+    "judge": {f.name for f in fields(JudgeConfig)} - {"constrain_tokenizer"} | {"serve_local", "constrain", "aspects",
+                                                                              "retry_failed"},
     "binarize": {"seed", "score", "skip_invalid_rows"},
     "train": {"recipe", "overrides"},
 }
+
+
+TOP_KEYS = ("output_dir", "overwrite_output_dir")
 
 
 class RecipeError(ValueError):
@@ -57,10 +65,10 @@ class RecipeError(ValueError):
 
 def _check(recipe: dict, source: str) -> None:
     for key, value in recipe.items():
-        if key == "output_dir":
+        if key in TOP_KEYS:
             continue
         if key not in SECTIONS:
-            close = difflib.get_close_matches(key, list(SECTIONS) + ["output_dir"], n=1)
+            close = difflib.get_close_matches(key, list(SECTIONS) + list(TOP_KEYS), n=1)
             raise RecipeError(f"{source}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
         if not isinstance(value, dict):
             raise RecipeError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
@@ -77,15 +85,22 @@ def _check(recipe: dict, source: str) -> None:
 
 def load_recipe(path: str, overrides=()) -> dict:
     """Read an AIF recipe (``yaml.safe_load``) and apply ``--section.key=value`` overrides."""
-    with open(path, encoding="utf-8") as f:
-        recipe = yaml.safe_load(f) or {}
+    with open(path, "rb") as f:
+        try:
+            recipe = safe_yaml.load(f, path) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(recipe, dict):
         raise RecipeError(f"{path}: expected a YAML mapping")
     for arg in overrides:
         if not arg.startswith("--") or "=" not in arg:
             raise RecipeError(f"command line: override {arg!r} must look like --section.key=value")
         key, raw = arg[2:].split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = safe_yaml.load(raw, f"command line {arg.split('=', 1)[0]}") if raw else ""
+        except yaml.YAMLError as e:
+            raise RecipeError(f"command line {arg.split('=', 1)[0]}: not valid YAML: {' '.join(str(e).split())}") \
+                from None
         if "." in key:
             sec, k = key.split(".", 1)
             recipe.setdefault(sec, {})
@@ -100,8 +115,9 @@ def load_recipe(path: str, overrides=()) -> dict:
 def _judge_config(j: dict, server) -> JudgeConfig:
     keys = {f.name for f in fields(JudgeConfig)}
     kw = {k: v for k, v in j.items() if k in keys}
-    if server is not None:
-        kw.update(base_url=server.base_url, model=server.model, api_key=kw.get("api_key") or "local")
+    if server is not None:  # a fresh port each run: the cache names the served model's content instead
+        kw.update(base_url=server.base_url, model=server.model, api_key=kw.get("api_key") or "local",
+                  endpoint_id=f"transformers-serve:{local_fingerprint(server.model)}")
         if j.get("constrain"):
             kw["constrain_tokenizer"] = server.model
     return JudgeConfig.from_env(**kw)
@@ -114,17 +130,27 @@ def run_aif(recipe: dict, *, progress: bool = True) -> dict:
         JudgeRequestError: the judge endpoint failed for good (rerun to finish).
     """
     out = recipe.get("output_dir", "outputs/aif")
+    g, j = recipe["generate"], recipe.get("judge", {})
+    inputs = {"generate.prompts": g["prompts"], "judge.serve_local": j.get("serve_local"),
+              **{f"generate.pool.{k}": v for k, v in g["pool"].items()}}
+    with claim_folder(out, "aif", inputs=inputs, overwrite=bool(recipe.get("overwrite_output_dir"))):
+        return _run_steps(recipe, out, progress)
+
+
+def _run_steps(recipe: dict, out: str, progress: bool) -> dict:
     g, j, b = recipe["generate"], recipe.get("judge", {}), recipe.get("binarize", {})
+    early = _judge_config({**j, "model": j.get("model") or j.get("serve_local")}, None)
+    early.check()  # a bad judge setting is one line before any generation (never the config: it holds the key)
     prompts = load_prompts(g["prompts"], g.get("limit"))
     gen_kw = {k: g[k] for k in ("n_models", "seed", "max_new_tokens", "temperature", "top_p", "batch_size",
                                 "backend") if k in g}
     gen: GenerateReport = generate_completions(prompts, g["pool"], os.path.join(out, "completions"),
-                                               progress=progress, **gen_kw)
+                                               progress=progress, inputs={"generate.prompts": g["prompts"]}, **gen_kw)
     print(gen)
     judged = os.path.join(out, "judged.jsonl")
     with (serve_local(j["serve_local"]) if j.get("serve_local") else contextlib.nullcontext()) as server:
         jrep = judge_file(gen.output, judged, _judge_config(j, server), aspects=j.get("aspects", ASPECTS),
-                          progress=progress)
+                          progress=progress, retry_failed=bool(j.get("retry_failed")))
     print(jrep)
     pairs, brep = binarize_rows(read_input_jsonl(judged), seed=b.get("seed", 42), score=b.get("score", "auto"),
                                 skip_invalid_rows=b.get("skip_invalid_rows", False), dataset_name=judged)
