@@ -30,15 +30,16 @@ def test_ultrafeedback_samples_to_dpo_batches(assets_dir, tmp_path, tok, layout)
     flat = _rows(assets_dir / "data" / "ultrafeedback_binarized" / "flat1k.jsonl", tmp_path)
     assert len(uf) == 16 and len(flat) == 1000
     for rows in (uf, flat):
-        # flat1k has one pair whose chosen and rejected texts are identical: it must be reported
-        ex, rep = build_dpo_examples(rows, tok, max_length=1024, max_prompt_length=512, skip_invalid_rows=True,
-                                     show_progress=False)
-        assert rep.pairs + rep.skipped.num_skipped == len(rows)
+        # flat1k has one pair whose chosen and rejected texts are identical: kept (as TRL) and counted
+        ex, rep = build_dpo_examples(rows, tok, max_length=1024, max_prompt_length=512, show_progress=False)
+        assert rep.pairs == len(rows) and rep.skipped.num_skipped == 0
         batches = pack_dpo(ex, 4096, layout=layout, seed=0)
         for b in batches:
             b.validate()
         assert sum(b.num_pairs for b in batches) == rep.pairs
-    assert rep.skipped.num_skipped == 1 and dict(rep.skipped.by_kind) == {"identical_pair": 1}
+    assert rep.identical == 1 and "1 with identical chosen and rejected (kept" in str(rep)
+    same = [e for e in ex if e["chosen_ids"] == e["rejected_ids"]]
+    assert len(same) == 1 and flat[same[0]["index"]]["chosen"] == flat[same[0]["index"]]["rejected"]
 
 
 def test_mt_bench_questions_render_generation_prompts(assets_dir, tmp_path, tok):

@@ -38,8 +38,6 @@ def test_sft_bad_row_is_named(tok, bad, msg):
 DPO_CASES = [
     ({"chosen": [U("Hi"), A("Hello")], "rejected": [U("Hey"), A("Go away")]},
      r"field 'rejected\[0\]': chosen and rejected have different prompts"),
-    ({"chosen": [U("Hi"), A("Same")], "rejected": [U("Hi"), A("Same")]}, "field 'rejected': chosen and rejected completions are identical"),
-    ({"prompt": "Hi", "chosen": "Same", "rejected": "Same"}, "field 'rejected': chosen and rejected completions are identical"),
     ({"chosen": [U("Hi"), A("Hello")], "rejected": [U("Hi")]}, r"field 'rejected\[0\]\.role': last turn must be 'assistant'"),
     ({"prompt": "Hi", "chosen": 3, "rejected": "x"}, "field 'chosen': expected a string, a one-message assistant list or a whole conversation, got int"),
     ({"prompt": "", "chosen": "a", "rejected": "b"}, "field 'prompt': empty string"),

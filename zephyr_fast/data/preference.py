@@ -44,6 +44,7 @@ class DPOReport:
     prompt_truncated: int = 0
     completion_truncated: int = 0
     seam_retokenized: int = 0
+    identical: int = 0  # pairs whose chosen and rejected completions are the same text (trained on, as TRL)
     prompt_tokens: int = 0
     chosen_tokens: int = 0
     rejected_tokens: int = 0
@@ -56,7 +57,8 @@ class DPOReport:
             f"DPO: {self.pairs}/{self.rows} pairs; tokens prompt/chosen/rejected "
             f"{self.prompt_tokens}/{self.chosen_tokens}/{self.rejected_tokens}; truncated (max_length="
             f"{self.max_length}, max_prompt_length={self.max_prompt_length}): {self.prompt_truncated} prompts "
-            f"from the left, {self.completion_truncated} pairs' completions from the right; {self.skipped}"
+            f"from the left, {self.completion_truncated} pairs' completions from the right; "
+            f"{self.identical} with identical chosen and rejected (kept, as TRL: no gradient); {self.skipped}"
         )
 
 
@@ -116,8 +118,6 @@ def parse_pair(row: dict, *, ds: str, r: int):
         errs += e1 + e2
         if errs:
             return None, None, None, errs
-    if c["content"] == rj["content"]:
-        return None, None, None, [DataError(ds, r, "rejected", "chosen and rejected completions are identical", "identical_pair")]
     return prompt_msgs, c, rj, []
 
 
@@ -217,6 +217,7 @@ def build_dpo_examples(
                 continue
             report.prompt_truncated += pcut
             report.completion_truncated += ccut
+            report.identical += cc == rr  # kept, as TRL does: its DPO gradient is zero
             examples.append({"index": c0 + j, "prompt_ids": pp, "chosen_ids": cc, "rejected_ids": rr})
         bar.update(len(origins))
     bar.close()

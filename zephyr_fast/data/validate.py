@@ -52,6 +52,9 @@ class DataValidationError(ValueError):
         if all(e.row < 0 for e in self.errors):  # whole-file problems: skipping rows cannot help
             super().__init__("\n".join(str(e) for e in self.errors))
             return
+        if len(self.errors) == 1:  # one bad row: one line naming file, line/row and field
+            super().__init__(f"{self.errors[0]} (fix the data, or set skip_invalid_rows: true to skip the row)")
+            return
         counts = Counter(e.kind for e in self.errors)
         rows = len({(e.dataset, e.row) for e in self.errors})
         of = f" of {total_rows}" if total_rows is not None else ""
@@ -188,17 +191,17 @@ SOURCE_COL, SOURCE_ROW_COL = "_source", "_source_row"
 LOAD_ERROR_COL = "_load_error"
 
 
-def encode_load_error(kind: str, line: int, message: str) -> str:
+def encode_load_error(kind: str, line: int, message: str, field: str = "") -> str:
     """The ``LOAD_ERROR_COL`` value for a line that could not be read (see :func:`load_errors`)."""
-    return f"{kind}\t{line}\t{message}"
+    return f"{kind}\t{line}\t{field}\t{message}"
 
 
 def load_errors(value: Optional[str], *, dataset: str, row: int, position: int = -1) -> list:
     """``[DataError]`` for a row that ``load_rows`` could not read, ``[]`` for a readable row."""
     if value is None:
         return []
-    kind, line, message = value.split("\t", 2)
-    return [DataError(dataset, row, "", message, kind, position=position, line=int(line))]
+    kind, line, field, message = value.split("\t", 3)
+    return [DataError(dataset, row, field, message, kind, position=position, line=int(line))]
 
 
 def column_names(rows) -> list:
@@ -273,11 +276,12 @@ def read_json_rows(path: str) -> list:
         data = data[3:]
     if not data.strip():
         raise file_error(path, "the file is empty (whitespace only)", "empty_file")
-    rows = _json_document(path, data)
+    rows, lines = _json_document(path, data), None
     if rows is None:
-        rows = _json_lines(data)
+        rows, lines = _json_lines(data)
     if not rows:
         raise file_error(path, "the file is empty (a JSON document with no rows)", "empty_file")
+    rows = _mark_schema_conflicts(rows, lines or [0] * len(rows))
     errors = {i: r[LOAD_ERROR_COL] for i, r in enumerate(rows) if LOAD_ERROR_COL in r}
     if len(errors) == len(rows):  # nothing readable: the whole file is the problem
         raise DataValidationError([e for i, v in errors.items() for e in load_errors(v, dataset=path, row=i)])
@@ -316,8 +320,45 @@ def _bad_byte(data: bytes, pos: int) -> str:
     return f"byte 0x{data[pos]:02x} at column {pos - line_start + 1}"
 
 
-def _json_lines(data: bytes) -> list:
-    rows = []
+def _kind(value) -> Optional[str]:
+    """A JSON value's type as one Arrow column must hold it (None: null, fits any column)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        inner = next((_kind(v) for v in value if v is not None), None)
+        return "a list" if inner is None else f"a list of {inner.split(' ', 1)[1]}s"
+    name = {bool: "a boolean", str: "a string", dict: "an object"}.get(type(value))
+    return name or ("a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _mark_schema_conflicts(rows: list, lines: list) -> list:
+    """Rows whose field holds another type than most rows' (a string ``chosen`` among message lists):
+    each becomes a ``LOAD_ERROR_COL`` row naming its line and field, so validation reports (or
+    ``skip_invalid_rows`` skips) exactly those rows instead of the whole file failing to load."""
+    kinds: dict = {}
+    for i, r in enumerate(rows):
+        for k, v in r.items():
+            if k != LOAD_ERROR_COL and _kind(v) is not None:
+                kinds.setdefault(k, {}).setdefault(_kind(v), []).append(i)
+    bad: dict = {}
+    for field, by_kind in kinds.items():
+        if len(by_kind) < 2:
+            continue
+        usual = max(by_kind, key=lambda k: (len(by_kind[k]), -by_kind[k][0]))  # most rows; ties: the first
+        # a list whose elements are unknown (empty) fits a column of lists
+        odd = [k for k in by_kind if k != usual and not (k == "a list" and usual.startswith("a list"))]
+        example = by_kind[usual][0]
+        for k in odd:
+            for i in by_kind[k]:
+                at = f"line {lines[example]}" if lines[example] else f"row {example}"
+                bad.setdefault(i, encode_load_error(
+                    "schema", lines[i], f"{k}, where {len(by_kind[usual])} other rows (e.g. {at}) hold {usual}", field))
+    return [r if i not in bad else {LOAD_ERROR_COL: bad[i]} for i, r in enumerate(rows)]
+
+
+def _json_lines(data: bytes) -> tuple:
+    """``(rows, 1-based line of each row)`` of a JSON Lines file."""
+    rows, lines = [], []
     for n, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
@@ -329,4 +370,5 @@ def _json_lines(data: bytes) -> list:
         except json.JSONDecodeError as exc:
             problem = ("invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})")
         rows.append(obj if problem is None else {LOAD_ERROR_COL: encode_load_error(problem[0], n, problem[1])})
-    return rows
+        lines.append(n)
+    return rows, lines
