@@ -112,14 +112,15 @@ def cached_grade_is_consistent(rec: dict) -> bool:
     return rec.get("status") == "unparseable" and parsed is None
 
 
-def _run(client: JudgeClient, jobs: list, desc: str, progress: bool) -> list:
+def run_jobs(client: JudgeClient, jobs: list, desc: str, progress: bool, what: str = "mt-bench") -> list:
+    """Every judge job (a callable) on the client's threads; a request that failed for good raises after all ran."""
     results = client.map(lambda job: job(), jobs, desc=desc, progress=progress)
     errors = [r for r in results if isinstance(r, Exception)]
     for e in errors:
         if not isinstance(e, JudgeRequestError):
             raise e
     if errors:
-        raise JudgeRequestError(f"mt-bench: {len(errors)} judge requests failed for good (first: {errors[0]}); "
+        raise JudgeRequestError(f"{what}: {len(errors)} judge requests failed for good (first: {errors[0]}); "
                                 "graded items are cached, rerun to grade only the rest")
     return results
 
@@ -138,7 +139,7 @@ def grade_single(questions: list, answers: dict, client: JudgeClient, cache: Jud
                 "status": rec["status"], "score": rec["parsed"]["score"] if ok else -1,
                 "weighted": rec.get("weighted"), "answers": rec["answers"], "raw": rec["raw"]}
 
-    return _run(client, [lambda q=q, t=t: job(q, t) for q, t in items], "mt-bench grading", progress)
+    return run_jobs(client, [lambda q=q, t=t: job(q, t) for q, t in items], "mt-bench grading", progress)
 
 
 def grade_pairwise(questions: list, answers: dict, baseline: dict, client: JudgeClient, cache: JudgeCache,
@@ -160,4 +161,4 @@ def grade_pairwise(questions: list, answers: dict, baseline: dict, client: Judge
                 "order_1": v1, "order_2": v2}
 
     items = [(q, t) for q in questions for t in (1, 2)]
-    return _run(client, [lambda q=q, t=t: job(q, t) for q, t in items], "mt-bench pairwise", progress)
+    return run_jobs(client, [lambda q=q, t=t: job(q, t) for q, t in items], "mt-bench pairwise", progress)
