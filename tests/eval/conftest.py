@@ -37,3 +37,16 @@ def dpo_run(tmp_path_factory, sft_run):
     path.write_text(yaml.safe_dump(r))
     summary = run(build_config(r, source=str(path)))
     return str(path), str(out), summary
+
+
+@pytest.fixture(scope="session")
+def judge(tmp_path_factory):
+    """A real OpenAI-compatible judge: ``transformers serve`` with a tiny random model on 127.0.0.1, forced to
+    answer with a verdict token (``constrain_tokenizer``); its verdicts mean nothing, the plumbing is real."""
+    from tests.aif.helpers import TOKENIZER, save_tiny_model
+    from zephyr_fast.aif.serve import serve_local
+
+    model_dir = save_tiny_model(tmp_path_factory.mktemp("eval_judge") / "tiny-judge", seed=3)
+    with serve_local(model_dir) as server:
+        yield ["--base-url", server.base_url, "--judge-model", server.model, "--constrain-tokenizer", str(TOKENIZER),
+               "--concurrency", "2", "--timeout", "60"]
