@@ -24,6 +24,8 @@ import logging
 import os
 import sys
 
+from zephyr_fast import redaction
+
 USAGE = __doc__.split("\n\n")[1]
 
 # command -> (module, function taking argv, extra argv); each module is imported only when its command
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
     if argv is None:  # the console script itself (not an in-process call): end without finalisation
         exit_without_finalisation()
     argv = list(sys.argv[1:] if argv is None else argv)
+    redaction.redact_argv(argv)  # registers the secrets given as flags (masked in every message)
+    redaction.scrub_process_argv()  # what wandb and crash reports record as the command line
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return 0 if argv else 2

@@ -31,6 +31,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import typing
@@ -41,6 +42,7 @@ import yaml
 from zephyr_kernels.dispatch import IMPLS
 
 from zephyr_fast import recipe_keys as rk
+from zephyr_fast import redaction, safe_yaml
 from zephyr_fast.recipe_keys import CLI, ConfigError, typed
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.validate import first_line
@@ -56,6 +58,7 @@ OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adam", "rmsprop", "s
               "paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit", "adamw_8bit")
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("no", "steps", "epoch")
+MAX_EPOCHS = 1e6
 # zephyr_fast's packed backends, and transformers' names that training.build._ATTN_ALIASES maps onto them
 ATTN_IMPLEMENTATIONS = ("auto",) + tuple(BACKENDS) + ("flash_attention_2", "sdpa", "eager")
 
@@ -144,6 +147,9 @@ def _check_model_init(init: dict) -> None:
 class TrainingConfig:
     stage: Optional[str] = None  # None: inferred from the recipe's keys (recipe_keys.infer_stage)
     output_dir: str = "outputs/run"
+    # TRL's key: write into a non-empty output_dir zephyr_fast did not create, or over (and rotating
+    # away) an earlier run's checkpoints without resuming from them (zephyr_fast.outputs)
+    overwrite_output_dir: bool = False
     seed: int = 42
     num_train_epochs: float = 1.0
     max_steps: int = -1
@@ -193,6 +199,7 @@ class TrainingConfig:
     save_final_model: bool = True
 
     def __post_init__(self):
+        redaction.register(self.hub_token)  # masked in every message, log line and file from now on
         names = tuple(STAGES)
         _check(self.stage is None or self.stage in STAGES, "stage",
                f"must be one of {names}, got {self.stage!r}{_suggest(str(self.stage), names)}")
@@ -217,7 +224,15 @@ class TrainingConfig:
 
     def _check_ranges(self) -> None:
         """Optimiser and step counts: a value transformers would take silently but that means nothing
-        (a negative step count, a negative clipping norm) or that torch refuses mid-run (betas, eps)."""
+        (a negative step count, a negative clipping norm) or that torch refuses mid-run (betas, eps);
+        no float may be inf / nan, nor an epoch count beyond :data:`MAX_EPOCHS` (a step count that
+        overflows when the plan is made)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                _check(math.isfinite(value), f.name, f"must be a finite number, got {value}")
+        _check(self.num_train_epochs <= MAX_EPOCHS, "num_train_epochs", f"must be <= {MAX_EPOCHS:g}, got "
+               f"{self.num_train_epochs:g} (use max_steps for an exact step count)")
         for key in ("weight_decay", "warmup_steps", *rk.STEP_KEYS):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         # HF clips only when max_grad_norm > 0: 0 turns clipping off, a negative one did so silently
@@ -458,11 +473,13 @@ def load_config(path: str, overrides=()) -> Config:
     """Read a recipe (``yaml.safe_load``) and apply ``--key=value`` overrides."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: recipe file not found")
-    with open(path) as f:
+    with open(path, "rb") as f:
         try:
-            raw = yaml.safe_load(f)
+            raw = safe_yaml.load(f, path)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        except safe_yaml.YamlBudgetError as e:
+            raise ConfigError(str(e)) from None
     return build_config(raw or {}, source=path, overrides=list(overrides))
 
 

@@ -32,6 +32,8 @@ from typing import Optional
 
 import yaml
 
+from zephyr_fast import safe_yaml
+
 CLI = "command line"  # the ``where`` of a command-line value: "command line --key"
 
 
@@ -114,9 +116,11 @@ def coerce(value, tp, where: str):
 
 def _yaml_or_text(raw: str):
     try:
-        return yaml.safe_load(raw)
+        return safe_yaml.load(raw, CLI)
     except yaml.YAMLError:
         return raw
+    except safe_yaml.YamlBudgetError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _from_text(raw: str, tp, where: str):
@@ -183,7 +187,6 @@ NO_EFFECT = {
     "preprocessing_num_workers": "tokenising runs in the main process; the rows do not depend on it",
     "ddp_timeout": "zephyr_fast keeps torch.distributed's default timeout",
     "ddp_find_unused_parameters": "every parameter takes part in every step",
-    "overwrite_output_dir": "zephyr_fast writes into output_dir and resumes only when resume_from_checkpoint is set",
     "remove_unused_columns": "a stage only ever reads its own columns",
     "do_train": "the stage always trains",
     "do_eval": "evaluation follows eval_strategy",

@@ -26,6 +26,7 @@ if __name__ == "__main__":  # run as a script or with -m: neither its folder nor
 
     exit_without_finalisation()  # before the heavy imports below, so that their exit handlers run first
 
+from zephyr_fast import redaction  # noqa: E402
 from zephyr_fast.config import ConfigError, keys_help, load_config  # noqa: E402
 from zephyr_fast.data.validate import DataValidationError  # noqa: E402
 from zephyr_fast.training.distributed import teardown  # noqa: E402
@@ -74,6 +75,8 @@ def _run_option(overrides: list, name: str) -> tuple:
 def main(argv=None) -> int:
     """Load the recipe and run it; status 0, or 2 with one line naming the bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    redaction.redact_argv(argv)  # registers the secrets given as flags
+    redaction.scrub_process_argv()  # what wandb records as the command line
     if any(a in ("-h", "--help") for a in argv):
         print(f"{USAGE}\n\n{keys_help()}")
         return 0
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataValidationError, StaleRefLogpsError) as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redaction.redact(e)}", file=sys.stderr)
         return 2
 
 

@@ -42,6 +42,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
+from zephyr_fast import redaction
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects
 from zephyr_fast.training.manifest import (MANIFEST, CheckpointError, check_listing, fsync_dir, is_complete,
                                            read_manifest, verify_checkpoint, verifying, write_manifest, writing)
@@ -294,7 +295,7 @@ def _model_card(cfg, results: dict) -> str:
     if recipe:
         lines += [f"## Recipe (`{cfg.source}`)", "", "```yaml", recipe.rstrip(), "```", ""]
     lines += ["## Resolved configuration", "", "```yaml", resolved.rstrip(), "```", ""]
-    return "\n".join(lines)
+    return redaction.redact("\n".join(lines))  # the recipe as written may hold hub_token
 
 
 def export_final(out_dir: str, *, cfg, dist: DistInfo, model, tokenizer, engine=None, results: dict,

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import yaml
 from tqdm.auto import tqdm
 
+from zephyr_fast import safe_yaml
 from zephyr_fast.config import ConfigError, TrainingConfig
 
 DEFAULT_ZERO3 = {
@@ -159,8 +160,8 @@ def read_ds_file(path: str) -> tuple:
 
 def _yaml_or_none(text: str):
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return safe_yaml.load(text, "deepspeed")
+    except (yaml.YAMLError, safe_yaml.YamlBudgetError):
         return None
 
 

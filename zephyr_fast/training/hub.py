@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
 NO_PUSH = "or run without pushing: --push_to_hub=false"
 # never uploaded with the output_dir: checkpoints (per strategy), half-written ones, local caches
-IGNORE = ["_*", "checkpoint-*", ".checkpoint-*", "ref_logps/*", "wandb/*", "wandb_run_id", ".zephyr_fingerprint.json"]
+IGNORE = ["_*", "checkpoint-*", ".checkpoint-*", "ref_logps/*", "wandb/*", "wandb_run_id", ".zephyr_fingerprint.json",
+          ".zephyr_fast.lock"]
 SECRET_KEYS = ("hub_token",)
 _SCAN_BYTES = 16 << 20  # files up to this size are searched for the token before an upload
 

@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from zephyr_fast import redaction
 from zephyr_fast.config import ConfigError, load_config
 from zephyr_fast.data.validate import DataValidationError
 from zephyr_fast.model.load import tiny_config
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
         world_size = int(world[-1].split("=", 1)[1]) if world else 1
         p = build_plan(load_config(path, overrides), world_size=world_size)
     except (ConfigError, DataValidationError, ValueError) as e:  # one line, status 2
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redaction.redact(e)}", file=sys.stderr)
         return 2
     print(json.dumps(p, indent=1) if as_json else format_plan(p))
     return 0

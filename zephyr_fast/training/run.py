@@ -7,6 +7,7 @@ what differs between objectives, and every helper gets only the config section i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -18,6 +19,7 @@ import torch
 from zephyr_fast.config import Config, ConfigError, config_hash
 from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.data.identity import rows_digest
+from zephyr_fast.outputs import OutputError, OutputLock, claim_folder
 from zephyr_fast.model.forward import unwrap_model
 from zephyr_fast.training import checkpoint as ckpt
 from zephyr_fast.training import distributed
@@ -40,8 +42,13 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
     """
     # ---- setup -------------------------------------------------------------------------------
     t0 = time.time()
-    t, m = cfg.training, cfg.model
     dist, log = _setup(cfg)
+    with _claim(cfg, dist):  # one writer per output_dir, for the whole run
+        return _run(cfg, dist, log, t0, stop_after=stop_after, return_model=return_model)
+
+
+def _run(cfg: Config, dist, log, t0: float, *, stop_after: Optional[int], return_model: bool) -> dict:
+    t, m = cfg.training, cfg.model
     stage = make_stage(cfg)
     # what cannot run is refused in one line before any data work: the model family, QLoRA / bitsandbytes
     # off CUDA, the schedule's kwargs, the reporters, the Hub (push_to_hub: token, reachability, repo)
@@ -117,11 +124,47 @@ def _setup(cfg: Config) -> tuple:
     if m.use_peft and dist.zero_stage == 3:
         raise ConfigError(f"{cfg.source}: use_peft: LoRA runs use ZeRO-2 or one process (frozen base weights need "
                           f"no partitioning); pass --deepspeed=recipes/deepspeed/zero2.json")
-    if dist.is_main:
-        os.makedirs(t.output_dir, exist_ok=True)
-        cfg.save(os.path.join(t.output_dir, "config.yaml"))
     seed_everything(t.seed)
     return dist, log
+
+
+def _claim(cfg: Config, dist):
+    """Rank 0 claims output_dir (:func:`zephyr_fast.outputs.claim_folder`: not an input, not a foreign
+    folder, one writer) and writes the resolved config there; a refusal is raised on every rank."""
+    t, lock, error = cfg.training, contextlib.nullcontext(), None
+    if dist.is_main:
+        try:
+            lock = claim_folder(t.output_dir, "train", inputs=run_inputs(cfg), overwrite=t.overwrite_output_dir)
+            _check_earlier_checkpoints(t)
+            cfg.save(os.path.join(t.output_dir, "config.yaml"))
+        except OutputError as e:
+            if isinstance(lock, OutputLock):
+                lock.release()
+            error = str(e)
+    errors = [e for e in distributed.gather_objects(error, dist.world_size) if e]
+    if errors:
+        raise OutputError(errors[0])
+    return lock
+
+
+def run_inputs(cfg: Config) -> dict:
+    """The run's local inputs (what output_dir must not be): model, tokenizer, data files, configs."""
+    m, d = cfg.model, cfg.data
+    ids = list(d.dataset_mixer or {}) + [s.id for s in (d.dataset_mixture.datasets if d.dataset_mixture else [])]
+    return {"model_name_or_path": m.model_name_or_path, "tokenizer_name_or_path": m.tokenizer_name_or_path,
+            "ref_model_name_or_path": getattr(cfg.dpo, "ref_model_name_or_path", None),
+            "deepspeed": cfg.training.deepspeed, **{f"dataset {i}": i for i in ids}}
+
+
+def _check_earlier_checkpoints(t) -> None:
+    """A fresh run (no resume) next to an earlier run's checkpoints would rotate them away: refused
+    unless ``overwrite_output_dir``."""
+    found = ckpt.list_checkpoints(t.output_dir)
+    if found and not t.resume_from_checkpoint and not t.overwrite_output_dir:
+        raise OutputError(f"output_dir {t.output_dir}: holds an earlier run's checkpoints ({os.path.basename(found[-1])}"
+                          f"{f' and {len(found) - 1} more' if len(found) > 1 else ''}); resume with "
+                          "--resume_from_checkpoint=auto, pass --overwrite_output_dir=true to start afresh (they "
+                          "will be rotated away), or use a new output_dir")
 
 
 def recipe_tokenizer(cfg: Config):
@@ -290,7 +333,7 @@ def _train_summary(stage, state: LoopState, plan) -> dict:
 
 # what a resumed run may change without changing what it trains: where it writes and how often it
 # logs, evaluates, saves, reports and pushes (every other key must match the checkpoint's)
-RESUMABLE_KEYS = ("output_dir", "resume_from_checkpoint", "resume_allow_changes", "save_total_limit", "save_steps",
+RESUMABLE_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_changes", "save_total_limit", "save_steps",
                   "save_strategy", "save_final_model", "logging_steps", "logging_first_step", "eval_strategy",
                   "eval_steps", "per_device_eval_batch_size", "report_to", "run_name", "wandb_project",
                   "wandb_entity", "wandb_run_group", "push_to_hub", "hub_model_id", "hub_strategy",
