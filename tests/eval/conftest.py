@@ -33,7 +33,7 @@ def dpo_run(tmp_path_factory, sft_run):
     r = recipe("dpo", out, data, model_name_or_path=sft_run[1], max_steps=2, save_strategy="steps", save_steps=1,
                eval_strategy="steps", eval_steps=2)
     del r["model_init"]
-    path = out / "recipe.yaml"
+    path = tmp_path_factory.mktemp("eval_dpo_recipe") / "recipe.yaml"  # the output folder starts empty
     path.write_text(yaml.safe_dump(r))
     summary = run(build_config(r, source=str(path)))
     return str(path), str(out), summary

@@ -56,9 +56,7 @@ def _empty_model(cfg):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = cfg.model
-    path = m.model_name_or_path
-    if cfg.training.stage == "dpo" and m.ref_model_name_or_path and not path:
-        path = m.ref_model_name_or_path
+    path = m.model_name_or_path  # the policy's architecture (a DPO reference is another model)
     config = (AutoConfig.from_pretrained(path, revision=m.model_revision, trust_remote_code=False) if path
               else tiny_config(**m.model_init))
     dtype = getattr(torch, m.dtype) if isinstance(m.dtype, str) and hasattr(torch, m.dtype) else torch.float32
