@@ -19,7 +19,9 @@ MASK = "<redacted>"
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ZEPHYR_JUDGE_API_KEY", "OPENAI_API_KEY", "WANDB_API_KEY")
 # command-line options whose value is a secret (recipe keys of the trainer and the AIF recipe)
 SECRET_OPTIONS = ("hub_token", "hub-token", "judge.api_key", "api_key", "api-key")
-_MIN_LEN = 4  # shorter values ("x", "EMPTY" is 5) would mask ordinary words; local servers take any key
+# shorter values are placeholders local servers accept ("x", "EMPTY", "local"), and masking them would
+# mask ordinary words in every message; real tokens and keys are far longer (hf_... 37, sk-... 51)
+_MIN_LEN = 8
 _registered: set = set()
 _lock = threading.Lock()
 

@@ -116,3 +116,14 @@ def test_a_planted_hub_token_reaches_no_artefact(sft_dir, tmp_path, where):
         assert "hub_token: <redacted>" in (out / "README.md").read_text()  # the recipe as written, masked
     else:  # wandb did record the command line (so the check above can fail), masked
         assert any(b"--hub_token=<redacted>" in p.read_bytes() for p in wandb_dir.rglob("*.wandb"))
+
+
+def test_redaction_masks_registered_and_environment_secrets_in_every_form(monkeypatch):
+    from zephyr_fast import redaction
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-secret-value")
+    argv = ["train", "r.yaml", "--hub_token=hf_flag_secret", "--hub_token", "hf_next_secret", "--judge.api_key=sk-j"]
+    assert redaction.redact_argv(argv) == ["train", "r.yaml", "--hub_token=<redacted>", "--hub_token", "<redacted>",
+                                           "--judge.api_key=<redacted>"]
+    text = "hf_flag_secret and hf_next_secret, sk-env-secret-value; serve_local's key 'local' or sk-j stays"
+    assert redaction.redact(text) == "<redacted> and <redacted>, <redacted>; serve_local's key 'local' or sk-j stays"
