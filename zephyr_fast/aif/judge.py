@@ -16,11 +16,16 @@ CLI::
 
     zephyr-fast judge IN.jsonl OUT.jsonl [--cache CACHE.jsonl] [--base-url URL] [--judge-model NAME]
         [--concurrency 8] [--max-retries 5] [--timeout 120] [--top-logprobs 5]
-        [--constrain-tokenizer DIR] [--aspects a,b] [--price-in X --price-out Y]
+        [--constrain-tokenizer DIR] [--aspects a,b] [--price-in X --price-out Y] [--retry-failed]
+        [--overwrite_output_dir]
 
 The cache (default ``OUT.cache.jsonl``) is append-only: kill the run at any point and rerun the same
-command; only items not in the cache are sent.  Requests that fail for good (server down after all
-retries) are not cached: the run exits 1 without writing OUT, and the rerun sends only those.
+command; only items not in the cache are sent.  A rating's key is the endpoint, the template version
+and the exact request; its line is sealed and re-parsed when read (an edited or damaged line is asked
+again).  Only answers are cached: requests that fail for good (server down after all retries, or
+answers that are not chat completions) are not, the run exits 1 without writing OUT, and the rerun
+sends only those; ``--retry-failed`` also asks again for answers that never parsed.  OUT and the
+cache are locked for the run (one writer; ``zephyr_fast.outputs``).
 """
 
 from __future__ import annotations
