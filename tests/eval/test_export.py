@@ -93,3 +93,34 @@ def test_export_refuses_an_unverified_checkpoint_in_one_line(sft_run, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {target}: ")
     assert not os.path.exists(os.path.join(ckpt, "config.json"))
+
+
+def _resume_final_weights(r, run_dir, ckpt_dir):
+    """Resume ``r`` (copied to ``run_dir``) from ``ckpt_dir`` to its end; the final model's weights."""
+    from zephyr_fast.config import build_config
+    from zephyr_fast.train import run
+
+    run(build_config({**r, "output_dir": run_dir, "resume_from_checkpoint": ckpt_dir}, source="test"))
+    return load_file(os.path.join(run_dir, "model.safetensors"))
+
+
+@pytest.mark.parametrize("layout", ["saved", "older+exported"])
+def test_checkpoints_are_hf_folders_and_resume_exactly_from_them(sft_run, tmp_path, layout):
+    from transformers import AutoTokenizer
+
+    r, out = sft_run
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(out, run_dir)
+    ckpt = os.path.join(run_dir, "checkpoint-1")
+    if layout == "older+exported":
+        shutil.rmtree(ckpt)
+        ckpt, _ = legacy_copy(out, run_dir)
+        export_checkpoint(ckpt)
+    assert is_hf_folder(ckpt)
+    verify_checkpoint(ckpt, dist=ONE)
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    assert AutoTokenizer.from_pretrained(ckpt).chat_template  # the recipe's template travels with the weights
+    uninterrupted = load_file(os.path.join(out, "model.safetensors"))
+    resumed = _resume_final_weights(r, run_dir, ckpt)
+    assert set(resumed) == set(uninterrupted)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

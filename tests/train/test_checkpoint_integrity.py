@@ -20,6 +20,7 @@ from tests.train.test_checkpoint import ONE, save
 from zephyr_fast.config import build_config
 from zephyr_fast.train import main
 from zephyr_fast.training import checkpoint as ckpt
+from zephyr_fast.training import hf_folder
 from zephyr_fast.training.checkpoint import CheckpointError, read_manifest, verify_checkpoint, write_manifest
 from zephyr_fast.training.manifest import verifying
 from zephyr_fast.training.metrics import ConfigError, read_metrics
@@ -178,7 +179,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_checkpoint(tmp_path, monkeypatch,
     def full(*a, **k):
         raise exc
 
-    monkeypatch.setattr(*((torch, "save") if writer == "torch.save" else (ckpt, writer)), full)
+    monkeypatch.setattr(*((torch, "save") if writer == "torch.save" else (hf_folder, writer)), full)
     with pytest.raises(CheckpointError, match=rf"^no space left on device writing \S+/.checkpoint-2.tmp/{name} "):
         save(tmp_path, 2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]  # the partial save is gone

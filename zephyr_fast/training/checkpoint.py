@@ -4,7 +4,9 @@ Layout of ``{output_dir}/checkpoint-{step}/``:
 
 * ``trainer_state.json`` -- global step, epoch, the resumable config and its hash, the train split's
   rows digest, last metrics;
-* plain torch: ``model.safetensors``, ``optimizer.pt``; DeepSpeed: ``ds/`` (``engine.save_checkpoint``,
+* a Hugging Face model folder (``config.json``, ``generation_config.json``, tokenizer, HF-named weights:
+  ``training/hf_folder.py``); plain torch resumes from those weights;
+* plain torch: ``optimizer.pt``; DeepSpeed: ``ds/`` (``engine.save_checkpoint``,
   every rank writes its ZeRO partition);
 * ``scheduler.pt`` and ``rng_state_{rank}.pt`` (torch / CUDA / Python / NumPy generators);
 * ``manifest.json``, written **last**: every other file's size and sha256 per 64 MiB chunk (hashed on
@@ -40,9 +42,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
 
 from zephyr_fast import redaction
+from zephyr_fast.training import hf_folder
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects
 from zephyr_fast.training.manifest import (MANIFEST, CheckpointError, check_listing, fsync_dir, is_complete,
                                            read_manifest, verify_checkpoint, verifying, write_manifest, writing)
@@ -179,13 +181,14 @@ def _write(path: str, write: Callable) -> None:
         write(path)
 
 
-def _write_states(tmp: str, *, dist: DistInfo, model, optimizer, scheduler, engine, state: dict) -> None:
+def _write_states(tmp: str, *, dist: DistInfo, model, optimizer, scheduler, engine, state: dict,
+                  tokenizer=None) -> None:
     join = os.path.join
     if engine is not None:
         _write(join(tmp, "ds"), lambda p: engine.save_checkpoint(tmp, tag="ds"))
     elif dist.is_main:
-        _write(join(tmp, "model.safetensors"), lambda p: save_model(model, p))  # handles tied embeddings
         _write(join(tmp, "optimizer.pt"), lambda p: torch.save(optimizer.state_dict(), p))
+    hf_folder.write_model(tmp, model, tokenizer, dist=dist, engine=engine)  # a HF model folder (ZeRO-3: gathered)
     _write(join(tmp, f"rng_state_{dist.rank}.pt"), lambda p: torch.save(_rng_state(), p))
     if dist.is_main:
         _write(join(tmp, "scheduler.pt"), lambda p: torch.save(scheduler.state_dict(), p))
@@ -226,7 +229,7 @@ def _prune(output_dir: str, keep: str, total_limit: Optional[int]) -> None:
 
 
 def save_checkpoint(output_dir: str, step: int, *, dist: DistInfo, model, optimizer, scheduler, engine=None,
-                    state: dict, total_limit: Optional[int] = None) -> str:
+                    state: dict, total_limit: Optional[int] = None, tokenizer=None) -> str:
     """Write ``checkpoint-{step}`` atomically, manifest last (collective under DeepSpeed: every rank must call)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
@@ -237,7 +240,7 @@ def save_checkpoint(output_dir: str, step: int, *, dist: DistInfo, model, optimi
     barrier()
     _collectively(dist, tmp, lambda: _write_states(tmp, dist=dist, model=model, optimizer=optimizer,
                                                    scheduler=scheduler, engine=engine,
-                                                   state={**state, "global_step": step}))
+                                                   state={**state, "global_step": step}, tokenizer=tokenizer))
     barrier()
     index = gather_objects(_next_save_index(output_dir) if dist.is_main else None, dist.world_size)[0]
     _collectively(dist, tmp, lambda: write_manifest(tmp, step=step, save_index=index, dist=dist))
@@ -267,7 +270,7 @@ def load_checkpoint(path: str, *, dist: DistInfo, model, optimizer, scheduler, e
             if load_path is None:
                 raise CheckpointError(f"{path}/ds: DeepSpeed found no state to resume from")
         else:
-            load_model(model, os.path.join(path, "model.safetensors"))
+            hf_folder.load_model_weights(path, model)  # the HF folder, or an older checkpoint's own layout
             optimizer.load_state_dict(safe_torch_load(os.path.join(path, "optimizer.pt")))
         scheduler.load_state_dict(safe_torch_load(os.path.join(path, "scheduler.pt")))
         rng_path = os.path.join(path, f"rng_state_{dist.rank}.pt")

@@ -85,7 +85,7 @@ def _run(cfg: Config, dist, log, t0: float, *, stop_after: Optional[int], return
         return summary
 
     # ---- train and save ----------------------------------------------------------------------
-    lm, state, plan, opt = _train(cfg, dist, stage, model, data, reference_logps, hub_target,
+    lm, state, plan, opt = _train(cfg, dist, stage, model, data, reference_logps, hub_target, tokenizer,
                                   stop_after=stop_after, log=log)
     summary.update(_train_summary(stage, state, plan))
     timeline["epochs"] = state.epoch_ends
@@ -197,7 +197,8 @@ def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: di
     return reference_logps
 
 
-def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, hub_target, *, stop_after, log) -> tuple:
+def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, hub_target, tokenizer, *, stop_after,
+           log) -> tuple:
     """Plan, optimiser, reference log-probs, resume, then the loop; ``(loss_module, state, plan, opt)``."""
     t = cfg.training
     try:
@@ -220,7 +221,7 @@ def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, hub_tar
               "last_metrics": state.last_metrics, **extra}
         path = ckpt.save_checkpoint(t.output_dir, step, dist=dist, model=lm, optimizer=opt.optimizer,
                                     scheduler=opt.scheduler, engine=opt.engine, state=st,
-                                    total_limit=t.save_total_limit)
+                                    total_limit=t.save_total_limit, tokenizer=tokenizer)
         log(f"checkpoint: {path}")
         if dist.is_main:
             hub.push_checkpoint(hub_target, t.output_dir, path)
