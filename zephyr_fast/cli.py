@@ -12,6 +12,10 @@
     zephyr-fast judge IN OUT [--base-url URL --judge-model M]      # AIF: UltraFeedback 4-aspect ratings via an OpenAI API
     zephyr-fast aif recipes/aif.yaml [--key=value ...]             # AIF: generate -> judge -> binarize from one recipe
     zephyr-fast mt-bench MODEL_DIR [--out DIR]                     # MT-Bench answers + single-answer grading report
+    zephyr-fast alpaca-eval MODEL_DIR [--annotators 1,2]           # AlpacaEval 1 / 2 (or --from-annotations FILE)
+    zephyr-fast evaluate RECIPE.yaml [--split train] [--model DIR] # SFT loss / DPO metrics on a split, no training
+    zephyr-fast eval RUN_DIR [judge flags]                         # every checkpoint: preference acc., MT-Bench, AlpacaEval
+    zephyr-fast export CHECKPOINT [--out DIR]                      # an older checkpoint -> Hugging Face model folder
 
 Multi-GPU training goes through a launcher: ``deepspeed --num_gpus N zephyr_fast/train.py RECIPE``.
 """
@@ -43,8 +47,12 @@ COMMANDS = {
     "judge": ("zephyr_fast.aif.judge", "main", []),
     "aif": ("zephyr_fast.aif.pipeline", "main", []),
     "mt-bench": ("zephyr_fast.eval.mt_bench", "main", []),
+    "alpaca-eval": ("zephyr_fast.eval.alpaca", "main", []),
+    "evaluate": ("zephyr_fast.eval.evaluate", "main", []),
+    "eval": ("zephyr_fast.eval.run_eval", "main", []),
+    "export": ("zephyr_fast.training.export", "main", []),
 }
-ALIASES = {"ref_logps": "ref-logps", "mt_bench": "mt-bench"}
+ALIASES = {"ref_logps": "ref-logps", "mt_bench": "mt-bench", "alpaca_eval": "alpaca-eval"}
 _EXIT: dict = {}
 
 
