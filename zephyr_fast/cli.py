@@ -16,6 +16,7 @@
     zephyr-fast evaluate RECIPE.yaml [--split train] [--model DIR] # SFT loss / DPO metrics on a split, no training
     zephyr-fast eval RUN_DIR [judge flags]                         # every checkpoint: preference acc., MT-Bench, AlpacaEval
     zephyr-fast export CHECKPOINT [--out DIR]                      # an older checkpoint -> Hugging Face model folder
+    zephyr-fast lm-eval MODEL_DIR [--tasks leaderboard]            # Open LLM Leaderboard tasks through lm_eval
 
 Multi-GPU training goes through a launcher: ``deepspeed --num_gpus N zephyr_fast/train.py RECIPE``.
 """
@@ -51,8 +52,9 @@ COMMANDS = {
     "evaluate": ("zephyr_fast.eval.evaluate", "main", []),
     "eval": ("zephyr_fast.eval.run_eval", "main", []),
     "export": ("zephyr_fast.training.export", "main", []),
+    "lm-eval": ("zephyr_fast.eval.lm_harness", "main", []),
 }
-ALIASES = {"ref_logps": "ref-logps", "mt_bench": "mt-bench", "alpaca_eval": "alpaca-eval"}
+ALIASES = {"ref_logps": "ref-logps", "mt_bench": "mt-bench", "alpaca_eval": "alpaca-eval", "lm_eval": "lm-eval"}
 _EXIT: dict = {}
 
 
