@@ -81,7 +81,7 @@ def test_bad_input_and_bad_pool_exit_2(pool, tmp_path, capsys):
     assert main([bad, str(tmp_path / "o"), "--pool", "a=" + pool["alpha"]]) == 2
     assert f"{bad}: row 1, field 'prompt'" in capsys.readouterr().err
     assert main([SAMPLE, str(tmp_path / "o"), "--pool", "a=/nonexistent"]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "pool model 'a': model '/nonexistent': no such file or directory" in capsys.readouterr().err
 
 
 def _gen(prompts, pool, out, **kw):

@@ -11,10 +11,9 @@ import json
 
 import pytest
 
-from tests.aif.helpers import raw_rows, save_tiny_model, write_jsonl
+from tests.aif.helpers import raw_rows, write_jsonl
 from zephyr_fast.aif.client import JudgeClient, JudgeConfig
 from zephyr_fast.aif.judge import judge_file
-from zephyr_fast.aif.serve import serve_local
 from zephyr_fast.aif.store import JudgeCache
 from zephyr_fast.data.binarize import binarize_rows
 from zephyr_fast.eval.grading import grade_single
@@ -24,10 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = save_tiny_model(tmp_path_factory.mktemp("judge") / "tiny-judge", seed=3)
-    with serve_local(model_dir) as s:
-        yield s
+def server(served_tiny):
+    return served_tiny
 
 
 def config(server, **kw):

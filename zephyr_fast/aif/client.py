@@ -94,17 +94,19 @@ class JudgeConfig:
         vals.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**vals)
 
-    def check(self) -> None:
+    def check(self, label: str = "judge") -> None:
         """One line naming the first bad setting (never the whole config: it holds the API key)."""
         if not self.model:
+            if label != "judge":
+                raise ValueError(f"{label}: no model name for the endpoint {self.base_url}")
             raise ValueError("judge: no model (set ZEPHYR_JUDGE_MODEL or pass --judge-model)")
         for name, low in (("concurrency", 1), ("max_retries", 0), ("max_reasks", 0), ("top_logprobs", 0),
                           ("max_tokens", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"judge: {name} must be an integer >= {low}, got {value!r}")
+                raise ValueError(f"{label}: {name} must be an integer >= {low}, got {value!r}")
         if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < float("inf")):
-            raise ValueError(f"judge: timeout must be a number of seconds > 0, got {self.timeout!r}")
+            raise ValueError(f"{label}: timeout must be a number of seconds > 0, got {self.timeout!r}")
 
 
 @dataclass
@@ -159,9 +161,9 @@ def _logprobs(choice) -> Optional[list]:
 class JudgeClient:
     """Thread-safe chat calls with retries, backoff, usage accounting and optional rating constraint."""
 
-    def __init__(self, config: JudgeConfig, sleep: Callable[[float], None] = time.sleep):
-        config.check()
-        self.config = config
+    def __init__(self, config: JudgeConfig, sleep: Callable[[float], None] = time.sleep, label: str = "judge"):
+        config.check(label)
+        self.config, self.label = config, label
         self.usage = Usage()
         self._sleep = sleep
         self._client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key or "EMPTY",
@@ -189,11 +191,14 @@ class JudgeClient:
         return self._bias_cache[labels]
 
     def request(self, messages: list, *, max_tokens: Optional[int] = None, logit_bias: Optional[dict] = None,
-                temperature: Optional[float] = None) -> dict:
-        """The request :meth:`chat` sends (the ``openai`` call's arguments; no key, no endpoint)."""
+                temperature: Optional[float] = None, sampling: Optional[dict] = None) -> dict:
+        """The request :meth:`chat` sends (the ``openai`` call's arguments; no key, no endpoint).
+
+        ``sampling``: further ``create`` arguments (``top_p``, ``seed``: generation's).
+        """
         cfg = self.config
         kw = dict(model=cfg.model, messages=messages, max_tokens=max_tokens or cfg.max_tokens,
-                  temperature=cfg.temperature if temperature is None else temperature)
+                  temperature=cfg.temperature if temperature is None else temperature, **(sampling or {}))
         if logit_bias:
             kw["logit_bias"] = logit_bias
         if cfg.top_logprobs > 0:
@@ -207,14 +212,15 @@ class JudgeClient:
         return cache_key(self.config.endpoint, version, self.request(messages, **options))
 
     def chat(self, messages: list, *, max_tokens: Optional[int] = None, logit_bias: Optional[dict] = None,
-             temperature: Optional[float] = None) -> ChatResult:
+             temperature: Optional[float] = None, sampling: Optional[dict] = None) -> ChatResult:
         """One chat completion, retried on 429 / 5xx / timeout / connection errors.
 
         Raises:
             JudgeRequestError: a non-retryable error, or ``max_retries`` retries spent.
         """
         cfg = self.config
-        kw = self.request(messages, max_tokens=max_tokens, logit_bias=logit_bias, temperature=temperature)
+        kw = self.request(messages, max_tokens=max_tokens, logit_bias=logit_bias, temperature=temperature,
+                          sampling=sampling)
         for attempt in range(cfg.max_retries + 1):
             try:
                 with deadline(cfg.timeout):  # --timeout: the whole request, not one socket read
@@ -222,14 +228,15 @@ class JudgeClient:
             except RETRYABLE as exc:
                 if attempt == cfg.max_retries:
                     self.usage.add(requests=1, failed_requests=1)
-                    raise JudgeRequestError(f"judge: gave up after {attempt + 1} tries: {_describe(exc)}") from exc
+                    raise JudgeRequestError(f"{self.label}: gave up after {attempt + 1} tries: {_describe(exc)}") \
+                        from exc
                 self.usage.add(requests=1, retries=1)
                 delay = _retry_after(exc) or min(cfg.backoff_max, cfg.backoff * 2 ** attempt)
                 self._sleep(delay * (0.5 + random.random() / 2))
                 continue
             except openai.APIStatusError as exc:
                 self.usage.add(requests=1, failed_requests=1)
-                raise JudgeRequestError(f"judge: {_describe(exc)} (not retried)") from exc
+                raise JudgeRequestError(f"{self.label}: {_describe(exc)} (not retried)") from exc
             self.usage.add(requests=1)
             return result
         raise AssertionError("unreachable")

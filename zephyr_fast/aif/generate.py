@@ -20,14 +20,21 @@ e.g. ``assets/data/ultrafeedback_binarized/sample16.jsonl``.  Output in ``OUT_DI
   ``{"source", "instruction", "prompt_id", "models", "completions": [{"model", "principle",
   "custom_system_prompt", "response"}]}``, the input of ``zephyr-fast judge``.
 
-Models are run one at a time (model-major, like UltraFeedback), with the transformers backend
-(``zephyr_fast.model.generate``: batched, KV cache, CPU or GPU) or vLLM when installed, on CUDA,
-and asked for (``backend="vllm"`` or ``"auto"``).
+Pool entries (``aif/pool.py``): a model folder, a Hub id, or an OpenAI-compatible endpoint
+(``NAME=URL#MODEL``).  Models are run one at a time (model-major, like UltraFeedback): local ones
+in process (``aif/backends.py``: transformers -- any causal LM, batched, KV cache, CPU or GPU -- or
+vLLM when installed, on CUDA, and asked for), endpoints through the ``openai`` client with
+``concurrency`` requests in flight, retries, and each completion appended as it arrives.  A served
+completion's identity is the endpoint (``endpoint_id`` or URL), the exact request (model, messages,
+sampling, per-request ``seed``) and the settings; requests that fail for good are not recorded: the
+run exits 1 and the rerun asks only for them.
 
 CLI::
 
-    zephyr-fast generate PROMPTS.jsonl OUT_DIR --pool NAME=MODEL_DIR [--pool ...] [--n-models 4]
-        [--seed 0] [--max-new-tokens 256] [--batch-size 8] [--backend auto|transformers|vllm] [--limit N]
+    zephyr-fast generate PROMPTS.jsonl OUT_DIR --pool NAME=MODEL_DIR|HUB_ID|URL#MODEL [--pool ...]
+        [--n-models 4] [--seed 0] [--max-new-tokens 256] [--batch-size 8] [--dtype auto]
+        [--backend auto|transformers|vllm|openai] [--concurrency 8] [--max-retries 5] [--timeout 600]
+        [--limit N]
 """
 
 from __future__ import annotations
@@ -38,15 +45,15 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ..data.chat import load_tokenizer
-from ..model import generate, load_model
 from ..model.generate import prompt_texts
 from ..outputs import claim_folder
-from ..training.fingerprint import local_fingerprint
-from .client import cli_status
+from .backends import BACKENDS, ServedModel, pick_backend, pick_dtype, transformers_backend, vllm_backend
+from .client import JudgeRequestError, cli_status
+from .pool import check_pool, identity, is_endpoint, local_folder, parse_pool
 from .store import AppendLog, cache_key, iter_sealed, read_input_jsonl, write_jsonl_atomic
 from .ultrafeedback import pick_principle
 
@@ -63,11 +70,15 @@ class GenerateReport:
     damaged_lines: int = 0
     seconds: float = 0.0
     output: str = ""
+    usage: dict = field(default_factory=dict)  # the endpoints' requests, retries, tokens, cost
 
     def __str__(self) -> str:
+        u = self.usage
         return (f"generate: {self.completions} completions for {self.prompts} prompts: {self.resumed} already done, "
                 f"{self.generated} generated now in {self.seconds:.1f} s -> {self.output}"
-                + (f" ({self.damaged_lines} damaged lines ignored, generated again)" if self.damaged_lines else ""))
+                + (f" ({self.damaged_lines} damaged lines ignored, generated again)" if self.damaged_lines else "")
+                + (f"; endpoints: {u['requests']} requests, {u['retries']} retries, {u['prompt_tokens']} prompt + "
+                   f"{u['completion_tokens']} completion tokens, cost {u['cost']:.4f}" if u else ""))
 
 
 def load_prompts(path: str, limit: Optional[int] = None) -> list:
@@ -106,51 +117,35 @@ def assign(prompts: list, pool: list, n_models: int, seed: int) -> dict:
     return plan
 
 
-def _transformers_backend(model_dir: str, device: str):
-    model = load_model(model_dir).to(device).eval()
-    tok = load_tokenizer(model_dir)
-
-    def run(convs, *, max_new_tokens, temperature, top_p, seed, batch_size):
-        return generate(model, tok, convs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                        temperature=temperature or 1.0, top_p=top_p, seed=seed, batch_size=batch_size)
-    return run
+def resolve_pool(pool: dict, *, download: bool = True) -> dict:
+    """``{name: model folder | Endpoint | None}``: Hub ids downloaded (``download``) or taken from the
+    cache (None when not there yet, dry runs only); endpoints as they are."""
+    return {name: entry if is_endpoint(entry) else local_folder(name, entry, download=download)
+            for name, entry in pool.items()}
 
 
-def _vllm_backend(model_dir: str, device: str):
-    from vllm import LLM, SamplingParams  # optional extra: pip install vllm (CUDA)
+def completion_keys(plan: dict, prompts: list, pool: dict, settings: dict, served: Optional[dict] = None,
+                    folders: Optional[dict] = None) -> dict:
+    """``(prompt_id, model) -> key``: the identity of each planned completion (see the module docstring).
 
-    llm = LLM(model=model_dir, trust_remote_code=False)
-
-    def run(convs, *, max_new_tokens, temperature, top_p, seed, batch_size):
-        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
-        return [o.outputs[0].text for o in llm.chat([list(c) for c in convs], params, use_tqdm=False)]
-    return run
-
-
-def pick_backend(backend: str) -> str:
-    import importlib.util
-
-    import torch
-
-    has_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-    if backend == "vllm" and not has_vllm:
-        raise ValueError("generate: --backend vllm needs the vllm package and a CUDA device")
-    if backend not in ("auto", "transformers", "vllm"):
-        raise ValueError(f"generate: unknown backend {backend!r}")
-    return "vllm" if backend == "vllm" or (backend == "auto" and has_vllm) else "transformers"
-
-
-def completion_keys(plan: dict, prompts: list, pool: dict, settings: dict) -> dict:
-    """``(prompt_id, model) -> key``: the identity of each planned completion (see the module docstring)."""
-    by_id, keys = {p["prompt_id"]: p for p in prompts}, {}
-    for name, path in sorted(pool.items()):
+    ``pool`` entries as given, ``folders`` their model folders (:func:`resolve_pool`), ``served``
+    the :class:`ServedModel` of each endpoint; a model without a folder (a Hub id not downloaded
+    yet) gets no keys.
+    """
+    by_id, keys, folders = {p["prompt_id"]: p for p in prompts}, {}, folders or pool
+    for name, entry in sorted(pool.items()):
         items = [(pid, sp) for pid, its in plan.items() for m, _, sp in its if m == name]
-        if not items:
+        if not items or folders.get(name) is None:
             continue
-        fingerprint, tok = local_fingerprint(path), load_tokenizer(path)
-        texts = prompt_texts(tok, [_conversation(sp, by_id[pid]["instruction"]) for pid, sp in items])
+        who = identity(entry, folders[name])
+        if is_endpoint(entry):
+            texts = [served[name].request(pid, _conversation(sp, by_id[pid]["instruction"])) for pid, sp in items]
+            own = {**settings, "backend": "openai", "dtype": None}
+        else:
+            tok, own = load_tokenizer(folders[name]), settings
+            texts = prompt_texts(tok, [_conversation(sp, by_id[pid]["instruction"]) for pid, sp in items])
         for (pid, _), text in zip(items, texts):
-            keys[(pid, name)] = cache_key(PARTS_VERSION, name, fingerprint, text, settings)
+            keys[(pid, name)] = cache_key(PARTS_VERSION, name, who, text, own)
     return keys
 
 
@@ -161,34 +156,52 @@ def _conversation(system_prompt: str, instruction: str) -> list:
 def generate_completions(prompts: list, pool: dict, out_dir: str, *, n_models: int = 4, seed: int = 0,
                          max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
                          batch_size: int = 8, backend: str = "auto", device: Optional[str] = None,
+                         dtype: str = "auto", concurrency: int = 8, max_retries: int = 5, timeout: float = 600.0,
                          progress: bool = True, overwrite: bool = False, inputs: Optional[dict] = None) -> GenerateReport:
     """Generate every planned (prompt, model) completion not yet in ``OUT_DIR/completions.parts.jsonl``.
 
     Args:
         prompts: :func:`load_prompts` rows.
-        pool: ``{model name: model dir}`` (a saved transformers model with its tokenizer).
+        pool: ``{model name: entry}``: a model folder, a Hub id or an :class:`~zephyr_fast.aif.pool.Endpoint`
+            (``zephyr_fast.aif.pool``).
+        dtype: of the local models (``auto``: bf16 on CUDA, fp32 on CPU).
+        concurrency, max_retries, timeout: of the served models' requests (``timeout``: total, per request).
         overwrite: write into an existing ``out_dir`` that zephyr_fast did not create.
         inputs: further inputs ``out_dir`` must not be (``{name: path}``, e.g. the prompts file).
     Returns:
         the report; ``OUT_DIR/completions.jsonl`` is written when all completions are done.
+    Raises:
+        JudgeRequestError: served completions failed for good (the others are kept; rerun to finish).
     """
-    for name, path in pool.items():
-        if not os.path.isdir(path):
-            raise ValueError(f"generate: pool model {name!r}: {path} is not a directory")
-    plan = assign(prompts, list(pool), n_models, seed)
-    kind = pick_backend(backend)
-    settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-                "backend": kind}
-    claimed = {**(inputs or {}), **{f"pool model {k}": v for k, v in pool.items()}}
-    with claim_folder(out_dir, "generate", inputs=claimed, overwrite=overwrite):
-        return _generate(prompts, pool, out_dir, plan, completion_keys(plan, prompts, pool, settings), settings,
-                         batch_size=batch_size, device=device, progress=progress)
+    setup = prepare(prompts, pool, n_models=n_models, seed=seed, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, backend=backend, device=device, dtype=dtype,
+                    concurrency=concurrency, max_retries=max_retries, timeout=timeout)
+    local = {f"pool model {k}": v for k, v in setup["folders"].items() if not is_endpoint(v)}
+    with claim_folder(out_dir, "generate", inputs={**(inputs or {}), **local}, overwrite=overwrite):
+        keys = completion_keys(setup["plan"], prompts, setup["pool"], setup["settings"], setup["served"],
+                               setup["folders"])
+        return _generate(prompts, setup, out_dir, keys, batch_size=batch_size, progress=progress)
 
 
-def _generate(prompts, pool, out_dir, plan, keys, settings, *, batch_size, device, progress) -> GenerateReport:
+def prepare(prompts: list, pool: dict, *, n_models: int, seed: int, max_new_tokens: int, temperature: float,
+            top_p: float, backend: str, device: Optional[str], dtype: str, concurrency: int, max_retries: int,
+            timeout: float, download: bool = True) -> dict:
+    """The plan, settings, model folders and endpoint clients of a run (no model loaded, no request)."""
     import torch
-    from tqdm.auto import tqdm
 
+    pool = check_pool(pool, "generate")
+    plan = assign(prompts, list(pool), n_models, seed)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = pick_backend(backend, pool)
+    settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+                "backend": kind, "dtype": pick_dtype(dtype, device)}
+    served = {name: ServedModel(name, e, settings, concurrency=concurrency, max_retries=max_retries, timeout=timeout)
+              for name, e in pool.items() if is_endpoint(e)}
+    return {"plan": plan, "settings": settings, "device": device, "served": served, "pool": pool,
+            "folders": resolve_pool(pool, download=download)}
+
+
+def _generate(prompts, setup, out_dir, keys, *, batch_size, progress) -> GenerateReport:
     t0 = time.time()
     parts_path = os.path.join(out_dir, PARTS)
     stats = {"damaged": 0}
@@ -196,34 +209,67 @@ def _generate(prompts, pool, out_dir, plan, keys, settings, *, batch_size, devic
     done = {r["key"]: r for r in iter_sealed(parts_path, stats) if r.get("key") in wanted and _is_part(r)}
     rep = GenerateReport(prompts=len(prompts), completions=len(keys), damaged_lines=stats["damaged"])
     rep.resumed = sum(1 for k in keys.values() if k in done)
-    kind, device = settings["backend"], device or ("cuda" if torch.cuda.is_available() else "cpu")
-    by_id = {p["prompt_id"]: p for p in prompts}
-    bar = tqdm(total=rep.completions - rep.resumed, desc="generate", disable=not progress)
+    by_id, errors = {p["prompt_id"]: p for p in prompts}, []
     with AppendLog(parts_path, sealed=True) as log:
-        for name in sorted(pool):
-            todo = [(pid, pr, sp) for pid, items in plan.items() for m, pr, sp in items
+        def record(pid, name, pr, sp, text):
+            rec = log.append({"prompt_id": pid, "model": name, "principle": pr, "custom_system_prompt": sp,
+                              "response": text.strip(), "key": keys[(pid, name)]})
+            done[rec["key"]] = rec
+
+        for name in sorted(setup["pool"]):
+            todo = [(pid, pr, sp) for pid, items in setup["plan"].items() for m, pr, sp in items
                     if m == name and keys[(pid, m)] not in done]
             if not todo:
                 continue
-            run = (_vllm_backend if kind == "vllm" else _transformers_backend)(pool[name], device)
-            step = len(todo) if kind == "vllm" else batch_size
-            for i in range(0, len(todo), step):
-                chunk = todo[i:i + step]
-                convs = [_conversation(sp, by_id[pid]["instruction"]) for pid, _, sp in chunk]
-                bseed = int(hashlib.sha256(f"{settings['seed']}-{name}-{chunk[0][0]}".encode()).hexdigest()[:8], 16)
-                texts = run(convs, max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
-                            top_p=settings["top_p"], seed=bseed, batch_size=batch_size)
-                for (pid, pr, sp), text in zip(chunk, texts):
-                    rec = log.append({"prompt_id": pid, "model": name, "principle": pr, "custom_system_prompt": sp,
-                                      "response": text.strip(), "key": keys[(pid, name)]})
-                    done[rec["key"]] = rec
-                rep.generated += len(chunk)
-                bar.update(len(chunk))
-            del run
-    bar.close()
-    rep.output = _finalize(prompts, plan, {pm: done[k] for pm, k in keys.items()}, out_dir)
+            if name in setup["served"]:
+                errors += _served(setup["served"][name], todo, by_id, record, rep, progress)
+            else:
+                _local(name, setup, todo, by_id, record, rep, batch_size, progress)
+    if errors:
+        raise JudgeRequestError(f"{rep}; {len(errors)} completions failed for good (first: {errors[0]}); "
+                                "rerun the same command to generate only what is missing")
+    rep.output = _finalize(prompts, setup["plan"], {pm: done[k] for pm, k in keys.items()}, out_dir)
     rep.seconds = time.time() - t0
     return rep
+
+
+def _local(name, setup, todo, by_id, record, rep, batch_size, progress) -> None:
+    """The completions of one local pool model, batch by batch (a batch is flushed as it finishes)."""
+    from tqdm.auto import tqdm
+
+    settings = setup["settings"]
+    kind, device, folder = settings["backend"], setup["device"], setup["folders"][name]
+    run = (vllm_backend if kind == "vllm" else transformers_backend)(folder, device, settings["dtype"])
+    step = len(todo) if kind == "vllm" else batch_size
+    with tqdm(total=len(todo), desc=f"generate {name}", disable=not progress) as bar:
+        for i in range(0, len(todo), step):
+            chunk = todo[i:i + step]
+            convs = [_conversation(sp, by_id[pid]["instruction"]) for pid, _, sp in chunk]
+            bseed = int(hashlib.sha256(f"{settings['seed']}-{name}-{chunk[0][0]}".encode()).hexdigest()[:8], 16)
+            texts = run(convs, max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                        top_p=settings["top_p"], seed=bseed, batch_size=batch_size)
+            for (pid, pr, sp), text in zip(chunk, texts):
+                record(pid, name, pr, sp, text)
+            rep.generated += len(chunk)
+            bar.update(len(chunk))
+
+
+def _served(model: ServedModel, todo, by_id, record, rep, progress) -> list:
+    """The completions of one endpoint, ``concurrency`` requests in flight, each appended as it
+    arrives; returns the errors of those that failed for good (not recorded: a rerun asks again)."""
+    def one(item):
+        pid, pr, sp = item
+        record(pid, model.name, pr, sp, model.complete(pid, _conversation(sp, by_id[pid]["instruction"])))
+
+    results = model.client.map(one, todo, desc=f"generate {model.name}", progress=progress)
+    errors = [str(r) for r in results if isinstance(r, JudgeRequestError)]
+    for r in results:
+        if isinstance(r, Exception) and not isinstance(r, JudgeRequestError):
+            raise r
+    rep.generated += len(todo) - len(errors)
+    for k, v in model.client.usage.as_dict().items():
+        rep.usage[k] = rep.usage.get(k, 0) + v
+    return errors
 
 
 def _is_part(rec: dict) -> bool:
@@ -243,28 +289,24 @@ def _finalize(prompts, plan, done, out_dir) -> str:
     return path
 
 
-def parse_pool(items: list) -> dict:
-    pool = {}
-    for it in items:
-        name, sep, path = it.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--pool: expected NAME=MODEL_DIR, got {it!r}")
-        pool[name] = path
-    return pool
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="zephyr-fast generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("prompts")
     ap.add_argument("out_dir")
-    ap.add_argument("--pool", action="append", required=True, help="NAME=MODEL_DIR (repeat)")
+    ap.add_argument("--pool", action="append", required=True,
+                    help="NAME=MODEL_DIR, NAME=HUB_ID or NAME=URL#MODEL (an OpenAI-compatible endpoint); repeat")
     ap.add_argument("--n-models", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--backend", default="auto", choices=("auto", "transformers", "vllm"))
+    ap.add_argument("--backend", default="auto", choices=BACKENDS,
+                    help="engine of the local pool models; openai: every entry is an endpoint")
+    ap.add_argument("--dtype", default="auto", help="local models: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    ap.add_argument("--concurrency", type=int, default=8, help="endpoints: requests in flight")
+    ap.add_argument("--max-retries", type=int, default=5, help="endpoints: retries of 429 / 5xx / timeouts")
+    ap.add_argument("--timeout", type=float, default=600.0, help="endpoints: total seconds per request")
     ap.add_argument("--limit", type=int, help="first N prompts only")
     ap.add_argument("--overwrite_output_dir", "--overwrite", action="store_true",
                     help="write into an existing OUT_DIR that zephyr_fast did not create")
@@ -273,7 +315,8 @@ def main(argv=None) -> int:
     return cli_status(lambda: print(generate_completions(
         load_prompts(a.prompts, a.limit), parse_pool(a.pool), a.out_dir, n_models=a.n_models, seed=a.seed,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size,
-        backend=a.backend, progress=not a.no_progress, overwrite=a.overwrite_output_dir,
+        backend=a.backend, dtype=a.dtype, concurrency=a.concurrency, max_retries=a.max_retries, timeout=a.timeout,
+        progress=not a.no_progress, overwrite=a.overwrite_output_dir,
         inputs={"prompts": a.prompts})))
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ Recipe sections (see ``recipes/aif.yaml``; every key optional except ``generate.
 
     output_dir: outputs/aif            # completions/, judged.jsonl (+ cache, failures), pairs.jsonl
     overwrite_output_dir: false        # write into an existing folder zephyr_fast did not create
-    generate: {prompts, pool: {name: model_dir}, limit, n_models, seed, max_new_tokens, temperature,
-               top_p, batch_size, backend}
+    generate: {prompts, pool: {name: model_dir | hub id | URL#MODEL | {base_url, model, ...}}, limit,
+               n_models, seed, max_new_tokens, temperature, top_p, batch_size, backend, dtype,
+               concurrency, max_retries, timeout}
     judge:    {base_url, model, serve_local: model_dir, constrain, concurrency, max_retries, max_reasks,
                timeout, temperature, max_tokens, top_logprobs, price_input_per_mtok, price_output_per_mtok,
                aspects, retry_failed}
@@ -48,7 +49,7 @@ from .ultrafeedback import ASPECTS
 
 SECTIONS = {
     "generate": {"prompts", "pool", "limit", "n_models", "seed", "max_new_tokens", "temperature", "top_p",
-                 "batch_size", "backend"},
+                 "batch_size", "backend", "dtype", "concurrency", "max_retries", "timeout"},
     "judge": {f.name for f in fields(JudgeConfig)} - {"constrain_tokenizer"} | {"serve_local", "constrain", "aspects",
                                                                               "retry_failed"},
     "binarize": {"seed", "score", "skip_invalid_rows"},
@@ -132,7 +133,7 @@ def run_aif(recipe: dict, *, progress: bool = True) -> dict:
     out = recipe.get("output_dir", "outputs/aif")
     g, j = recipe["generate"], recipe.get("judge", {})
     inputs = {"generate.prompts": g["prompts"], "judge.serve_local": j.get("serve_local"),
-              **{f"generate.pool.{k}": v for k, v in g["pool"].items()}}
+              **{f"generate.pool.{k}": v for k, v in g["pool"].items() if isinstance(v, str)}}
     with claim_folder(out, "aif", inputs=inputs, overwrite=bool(recipe.get("overwrite_output_dir"))):
         return _run_steps(recipe, out, progress)
 
@@ -143,7 +144,7 @@ def _run_steps(recipe: dict, out: str, progress: bool) -> dict:
     early.check()  # a bad judge setting is one line before any generation (never the config: it holds the key)
     prompts = load_prompts(g["prompts"], g.get("limit"))
     gen_kw = {k: g[k] for k in ("n_models", "seed", "max_new_tokens", "temperature", "top_p", "batch_size",
-                                "backend") if k in g}
+                                "backend", "dtype", "concurrency", "max_retries", "timeout") if k in g}
     gen: GenerateReport = generate_completions(prompts, g["pool"], os.path.join(out, "completions"),
                                                progress=progress, inputs={"generate.prompts": g["prompts"]}, **gen_kw)
     print(gen)
