@@ -27,8 +27,14 @@ def test_full_size_recipe_opens_with_its_launch_line_and_loads(row):
     assert cfg.model.model_name_or_path == base
 
 
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory):
+    """One reference log-probs cache for the tiny DPO rows from the dSFT model: same model, same pairs."""
+    return str(tmp_path_factory.mktemp("ablation_ref_logps"))
+
+
 @pytest.mark.parametrize("row", ROWS)
-def test_tiny_recipe_plans_and_runs(row, sft_run, tmp_path, monkeypatch):
+def test_tiny_recipe_plans_and_runs(row, sft_run, ref_dir, tmp_path, monkeypatch):
     path = f"recipes/ablations/tiny/{row}.yaml"
     assert (REPO / path).read_text().splitlines()[0] == f"# Launch:  python zephyr_fast/train.py {path}"
     monkeypatch.chdir(REPO)  # the recipes name repository paths (assets/, recipes/), as their launch line runs
@@ -39,6 +45,8 @@ def test_tiny_recipe_plans_and_runs(row, sft_run, tmp_path, monkeypatch):
     start = ([f"--model_init={TINY_MODEL}"] if cfg.model.model_init and not cfg.model.model_name_or_path
              else [f"--model_name_or_path={sft_run[1]}"])
     over = start + [f"--output_dir={tmp_path / 'out'}", "--report_to=none"]
+    if cfg.training.stage == "dpo" and cfg.model.model_name_or_path:
+        over.append(f"--ref_logps_dir={ref_dir}")
     plan = build_plan(load_config(path, over), world_size=1)
     assert plan["total_steps"] >= 1
     summary = run(load_config(path, over + ["--max_steps=1", "--save_strategy=no", "--eval_strategy=no"]))
