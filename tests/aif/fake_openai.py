@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -60,10 +61,15 @@ def answer_for(messages) -> str:
         return "Both are similar, but one is better. [[" + "ABC"[h % 3] + "]]"
     if "[[rating]]" in user or "[[rating]]" in system:
         return f"The answer is adequate. Rating: [[{1 + h % 10}]]"
-    r = 1 + h % 5
-    if "Type: [List" in user:
-        return f"#### Output for Text 1\nType: None\nRationale: No issue.\nRating: {r}\nRationale: Fine."
-    return f"#### Output for Text 1\nRating: {r}\nRationale: Looks like a {r}."
+    n = len(re.findall(r"^<text \d> ", user.split("## Annotation")[-1], re.M))
+    return "\n\n".join(_text_answer(k, 1 + (h >> (8 * (k - 1))) % 5, "Type: [List" in user) for k in range(1, n + 1))
+
+
+def _text_answer(k: int, r: int, typed: bool) -> str:
+    """UltraFeedback's output block for text ``k`` (texts 2.. only in multi-text requests)."""
+    if typed:
+        return f"#### Output for Text {k}\nType: None\nRationale: No issue.\nRating: {r}\nRationale: Fine."
+    return f"#### Output for Text {k}\nRating: {r}\nRationale: Looks like a {r}."
 
 
 def _logprobs(text: str) -> dict:

@@ -75,3 +75,15 @@ def test_mt_bench_grading_through_transformers_serve(server, tmp_path):
                           references(), progress=False)
     assert len(single) == 8 and all(j["status"] == "ok" and 1 <= j["score"] <= 9 for j in single)
     assert client.usage.requests == 8 and client.usage.completion_tokens == 8
+
+
+def test_multi_text_request_through_transformers_serve(server, tmp_path):
+    """UltraFeedback's multi-text request to a real server: one request rates both completions; the
+    random model's garbage fails the request's every text (re-asked first), never half of it."""
+    inp = write_jsonl(tmp_path / "in.jsonl", raw_rows(1, 2))
+    out = str(tmp_path / "out.jsonl")
+    rep = judge_file(inp, out, config(server, max_tokens=8, max_reasks=1), aspects=["honesty"], progress=False,
+                     per_request=2)
+    assert rep.usage["requests"] == 2 and rep.reasks == 1 and rep.unparseable == 2 and rep.usage["prompt_tokens"] > 300
+    fails = [json.loads(line) for line in open(out + ".failures.jsonl")]
+    assert [(f["completion"], f["aspect"]) for f in fails] == [(0, "honesty"), (1, "honesty")]

@@ -17,7 +17,11 @@ CLI::
     zephyr-fast judge IN.jsonl OUT.jsonl [--cache CACHE.jsonl] [--base-url URL] [--judge-model NAME]
         [--concurrency 8] [--max-retries 5] [--timeout 120] [--top-logprobs 5]
         [--constrain-tokenizer DIR] [--aspects a,b] [--price-in X --price-out Y] [--retry-failed]
-        [--overwrite_output_dir]
+        [--completions-per-request 1|2|3|4] [--overwrite_output_dir]
+
+``--completions-per-request 4`` sends UltraFeedback's own request (a prompt's four completions in one
+request per aspect: a quarter of the requests, the rubric sent once); 1 (default) rates each alone,
+so that a rating depends only on its own key.  Each mode has its own template version in the keys.
 
 The cache (default ``OUT.cache.jsonl``) is append-only: kill the run at any point and rerun the same
 command; only items not in the cache are sent.  A rating's key is the endpoint, the template version
@@ -38,9 +42,10 @@ from typing import Optional, Sequence
 
 from ..outputs import claim_file
 from .client import JudgeClient, JudgeConfig, JudgeRequestError, cli_status
-from .scoring import ask_until_parsed
-from .store import JudgeCache, cache_key, read_input_jsonl, write_jsonl_atomic
-from .ultrafeedback import ASPECTS, RATINGS, TEMPLATE_VERSION, judge_messages, parse_rating
+from .scoring import ask_until_parsed, weighted_rating
+from .store import JudgeCache, read_input_jsonl, write_jsonl_atomic
+from .ultrafeedback import (ASPECTS, MAX_TEXTS, MULTI_TEMPLATE_VERSION, RATINGS, TEMPLATE_VERSION, judge_messages,
+                            judge_messages_multi, parse_rating, parse_ratings)
 
 
 @dataclass
@@ -100,11 +105,22 @@ def _item_key(client: JudgeClient, bias, row: dict, response: str, aspect: str) 
                               max_tokens=1 if constrained else None)
 
 
+def _multi_key(client: JudgeClient, row: dict, responses: list, aspect: str) -> str:
+    """The endpoint, judge model, multi-text template version and the exact request of 2-4 ratings."""
+    return client.request_key(MULTI_TEMPLATE_VERSION, _multi_messages(row, responses, aspect))
+
+
+def _multi_messages(row: dict, responses: list, aspect: str) -> list:
+    return judge_messages_multi(aspect, row["instruction"], responses, row.get("world_knowledge"))
+
+
 def cached_rating_is_consistent(rec: dict) -> bool:
     """A cache record's rating is what its raw answer says (re-parsed): an edited rating is refused."""
     aspect = rec.get("aspect")
     if aspect not in ASPECTS or not isinstance(rec.get("raw"), str):
         return False
+    if "texts" in rec:
+        return _multi_is_consistent(rec, aspect)
     parsed = parse_rating(aspect, rec["raw"])
     if rec.get("status") == "ok":
         return parsed is not None and isinstance(rec.get("parsed"), dict) and \
@@ -112,49 +128,89 @@ def cached_rating_is_consistent(rec: dict) -> bool:
     return rec.get("status") == "unparseable" and parsed is None
 
 
-def _annotation(rec: Optional[dict]) -> dict:
+def _multi_is_consistent(rec: dict, aspect: str) -> bool:
+    n = rec["texts"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_TEXTS:
+        return False
+    parsed = parse_ratings(aspect, rec["raw"], n)
+    if rec.get("status") == "ok":
+        stored = rec.get("parsed", {}).get("texts") if isinstance(rec.get("parsed"), dict) else None
+        weighted = rec.get("weighted")
+        return parsed is not None and isinstance(stored, list) and isinstance(weighted, list) and \
+            len(weighted) == n and [t.get("Rating") if isinstance(t, dict) else None for t in stored] == \
+            [t["Rating"] for t in parsed["texts"]]
+    return rec.get("status") == "unparseable" and parsed is None
+
+
+def _annotation(rec: Optional[dict], index: Optional[int] = None) -> dict:
+    """UltraFeedback's annotation of one rating: ``rec`` a cache record, ``index`` the text's place
+    in a multi-text request (None: a single-text one)."""
     if rec is None or rec["status"] != "ok":
         answers = rec["answers"] if rec else 0
         return {"Rating": "FAILED", "Rationale": "", "judge_error": f"unparseable after {answers} answers",
                 "raw": rec["raw"] if rec else ""}
-    p = rec["parsed"]
+    p = rec["parsed"] if index is None else rec["parsed"]["texts"][index]
+    weighted = rec.get("weighted") if index is None else rec["weighted"][index]
     ann = {"Rating": p["Rating"], "Rationale": p["Rationale"]}
-    if rec.get("weighted") is not None:
-        ann["Weighted Rating"] = rec["weighted"]
+    if weighted is not None:
+        ann["Weighted Rating"] = weighted
     return ann
 
 
+def plan_requests(rows: list, client: JudgeClient, cache: Optional[JudgeCache], *, aspects: Sequence[str] = ASPECTS,
+                  per_request: int = 1) -> tuple:
+    """Which requests rate ``rows``: ``(slots, todo, cached)``.
+
+    ``slots[(row, completion, aspect)] = (key, index)`` (``index``: the completion's place in a
+    multi-text request, None for a single-text one); ``todo[key] = (row, responses, aspect)`` the
+    distinct requests not in ``cache`` -- what a run sends first (``zephyr-fast aif --dry-run``
+    counts the same); ``cached`` the ratings found in ``cache``.  ``per_request``: completions
+    rated together (1: each alone; 2-4: UltraFeedback's multi-text request; a last group of one
+    is a single-text request).
+    """
+    if not (isinstance(per_request, int) and 1 <= per_request <= MAX_TEXTS):
+        raise ValueError(f"judge: completions_per_request must be 1 to {MAX_TEXTS}, got {per_request!r}")
+    constrained = bool(client.config.constrain_tokenizer)
+    if constrained and per_request > 1:
+        raise ValueError("judge: completions_per_request > 1 needs an unconstrained judge (a constrained one "
+                         "answers a single rating token)")
+    bias = client.rating_bias(RATINGS)
+    slots, todo, cached = {}, {}, 0
+    for i, row in enumerate(rows):
+        comps = row["completions"]
+        for a in aspects:
+            for start in range(0, len(comps), per_request):
+                group = list(range(start, min(start + per_request, len(comps))))
+                responses = [comps[j]["response"] for j in group]
+                key = _multi_key(client, row, responses, a) if len(group) > 1 else \
+                    _item_key(client, bias, row, responses[0], a)
+                for place, j in enumerate(group):
+                    slots[(i, j, a)] = (key, place if len(group) > 1 else None)
+                if cache is not None and key in cache:
+                    cached += len(group)
+                elif key not in todo:
+                    todo[key] = (row, responses, a)
+    return slots, todo, cached
+
+
 def judge_rows(rows: list, client: JudgeClient, cache: JudgeCache, *, aspects: Sequence[str] = ASPECTS,
-               progress: bool = True) -> tuple:
-    """Rate every (completion, aspect) of ``rows`` not yet in ``cache``.
+               progress: bool = True, per_request: int = 1) -> tuple:
+    """Rate every (completion, aspect) of ``rows`` not yet in ``cache`` (``per_request``: see
+    :func:`plan_requests`).
 
     Returns:
         ``(out_rows | None, report, failures)``; ``out_rows`` is None when requests failed for good
         (the failed items are not cached, so calling again sends only them).
     """
     cfg = client.config
-    constrained, version = bool(cfg.constrain_tokenizer), _version(client)
-    bias = client.rating_bias(RATINGS)
-    report = JudgeReport(rows=len(rows), damaged_cache_lines=cache.stats.get("damaged", 0))
-    todo, keys = {}, {}
-    for i, row in enumerate(rows):
-        for j, c in enumerate(row["completions"]):
-            report.completions += 1
-            for a in aspects:
-                report.items += 1
-                k = keys[(i, j, a)] = _item_key(client, bias, row, c["response"], a)
-                if k in cache:
-                    report.cached += 1
-                elif k not in todo:
-                    todo[k] = (row, c["response"], a)
+    slots, todo, cached = plan_requests(rows, client, cache, aspects=aspects, per_request=per_request)
+    report = JudgeReport(rows=len(rows), damaged_cache_lines=cache.stats.get("damaged", 0), items=len(slots),
+                         cached=cached, completions=sum(len(r["completions"]) for r in rows))
 
     def run(item):
-        k, (row, response, aspect) = item
-        msgs = _messages(row, response, aspect, constrained)
-        rec = ask_until_parsed(client, msgs, lambda t: parse_rating(aspect, t), values=RATINGS, logit_bias=bias,
-                               max_tokens=1 if constrained else None)
-        return cache.put(k, {"aspect": aspect, "judge_model": cfg.model, "endpoint": cfg.endpoint,
-                             "template_version": version, **rec})
+        k, (row, responses, aspect) = item
+        rec = _ask(client, row, responses, aspect)
+        return cache.put(k, {"aspect": aspect, "judge_model": cfg.model, "endpoint": cfg.endpoint, **rec})
 
     for res in client.map(run, list(todo.items()), desc="judge", progress=progress):
         if isinstance(res, JudgeRequestError):
@@ -168,18 +224,39 @@ def judge_rows(rows: list, client: JudgeClient, cache: JudgeCache, *, aspects: S
     report.usage = client.usage.as_dict()
     if report.request_errors:
         return None, report, []
-    return _assemble(rows, cache, keys, cfg.model, version, aspects, report)
+    return _assemble(rows, cache, slots, cfg.model, aspects, report)
 
 
-def _assemble(rows, cache, keys, judge_model, version, aspects, report):
+def _ask(client: JudgeClient, row: dict, responses: list, aspect: str) -> dict:
+    """One request, re-asked until it parses: a single-text rating or a multi-text one."""
+    if len(responses) == 1:
+        constrained = bool(client.config.constrain_tokenizer)
+        rec = ask_until_parsed(client, _messages(row, responses[0], aspect, constrained),
+                               lambda t: parse_rating(aspect, t), values=RATINGS, logit_bias=client.rating_bias(RATINGS),
+                               max_tokens=1 if constrained else None)
+        return {"template_version": _version(client), **rec}
+    n = len(responses)
+
+    def weigh(res, parsed):
+        return [weighted_rating(res.logprobs, res.text, p["rating_offset"], RATINGS, p["rating_text"])
+                for p in parsed["texts"]]
+    rec = ask_until_parsed(client, _multi_messages(row, responses, aspect), lambda t: parse_ratings(aspect, t, n),
+                           values=RATINGS, weigh=weigh)
+    return {"template_version": MULTI_TEMPLATE_VERSION, "texts": n, **rec,
+            "weighted": rec["weighted"] if rec["status"] == "ok" else [None] * n}
+
+
+def _assemble(rows, cache, slots, judge_model, aspects, report):
     out, failures = [], []
     for i, row in enumerate(rows):
         comps = []
         for j, c in enumerate(row["completions"]):
-            anns, failed = {}, []
+            anns, failed, versions = {}, [], set()
             for a in aspects:
-                rec = cache.get(keys[(i, j, a)])
-                anns[a] = _annotation(rec)
+                key, index = slots[(i, j, a)]
+                rec = cache.get(key)
+                versions.add(rec["template_version"] if rec else None)
+                anns[a] = _annotation(rec, index)
                 if anns[a]["Rating"] == "FAILED":
                     failed.append(a)
                     failures.append({"row": i, "completion": j, "aspect": a, "raw": anns[a]["raw"]})
@@ -187,7 +264,8 @@ def _assemble(rows, cache, keys, judge_model, version, aspects, report):
                     report.weighted += 1
             nums = [float(x["Rating"]) for x in anns.values() if x["Rating"] not in ("N/A", "FAILED")]
             comps.append({**c, "annotations": anns, "fine-grained_score": sum(nums) / len(nums) if nums else None,
-                          "judge": {"model": judge_model, "template_version": version, "failed_aspects": failed}})
+                          "judge": {"model": judge_model, "template_version": "|".join(sorted(v for v in versions if v)),
+                                    "failed_aspects": failed}})
         out.append({**row, "completions": comps})
     report.unparseable = len(failures)
     return out, report, failures
@@ -195,11 +273,12 @@ def _assemble(rows, cache, keys, judge_model, version, aspects, report):
 
 def judge_file(input_path: str, output_path: str, config: JudgeConfig, *, cache_path: Optional[str] = None,
                aspects: Sequence[str] = ASPECTS, progress: bool = True, retry_failed: bool = False,
-               overwrite: bool = False) -> JudgeReport:
+               overwrite: bool = False, per_request: int = 1) -> JudgeReport:
     """Judge ``input_path`` into ``output_path`` (+ ``.failures.jsonl``); see the module docstring.
 
     ``retry_failed``: ask again for the ratings that stayed unparseable in an earlier run.
     ``overwrite``: replace an existing ``output_path`` that zephyr_fast did not write.
+    ``per_request``: completions rated in one request (1, or 2-4: UltraFeedback's multi-text request).
 
     Raises:
         JudgeRequestError: some requests failed for good (after writing the cache of the others).
@@ -214,7 +293,8 @@ def judge_file(input_path: str, output_path: str, config: JudgeConfig, *, cache_
         held.enter_context(claim_file(cache_path, "judge", inputs={"input": input_path}, overwrite=True))
         cache = held.enter_context(contextlib.closing(
             JudgeCache(cache_path, valid=cached_rating_is_consistent, retry_failed=retry_failed)))
-        out, report, failures = judge_rows(rows, client, cache, aspects=aspects, progress=progress)
+        out, report, failures = judge_rows(rows, client, cache, aspects=aspects, progress=progress,
+                                           per_request=per_request)
         if out is None:
             raise JudgeRequestError(f"{report}; {report.request_errors} requests failed for good (first: "
                                     f"{report.errors[0]}); rerun the same command to judge only what is missing")
@@ -252,6 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", help="cache JSONL (default OUT.cache.jsonl)")
     ap.add_argument("--aspects", default=",".join(ASPECTS))
     ap.add_argument("--retry-failed", action="store_true", help="ask again for ratings that never parsed")
+    ap.add_argument("--completions-per-request", type=int, default=1,
+                    help="1: each completion rated alone; 2-4: a prompt's completions in one request per aspect "
+                         "(UltraFeedback's template; fewer requests and tokens, ratings depend on the group)")
     ap.add_argument("--overwrite_output_dir", "--overwrite", action="store_true",
                     help="replace an existing OUT that zephyr_fast did not write")
     add_judge_args(ap)
@@ -263,7 +346,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--aspects: expected a comma list of {ASPECTS}, got {args.aspects!r}")
         print(judge_file(args.input, args.output, judge_config_from_args(args), cache_path=args.cache,
                          aspects=aspects, progress=not args.no_progress, retry_failed=args.retry_failed,
-                         overwrite=args.overwrite_output_dir))
+                         overwrite=args.overwrite_output_dir, per_request=args.completions_per_request))
     return cli_status(body)
 
 if __name__ == "__main__":

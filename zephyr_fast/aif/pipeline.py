@@ -10,7 +10,7 @@ Recipe sections (see ``recipes/aif.yaml``; every key optional except ``generate.
                concurrency, max_retries, timeout}
     judge:    {base_url, model, serve_local: model_dir, constrain, concurrency, max_retries, max_reasks,
                timeout, temperature, max_tokens, top_logprobs, price_input_per_mtok, price_output_per_mtok,
-               aspects, retry_failed}
+               aspects, retry_failed, completions_per_request}
     binarize: {seed, score, skip_invalid_rows}
     train:    {recipe: recipes/tiny/dpo.yaml, overrides: [--key=value, ...]}   # optional dDPO on pairs.jsonl
 
@@ -51,7 +51,7 @@ SECTIONS = {
     "generate": {"prompts", "pool", "limit", "n_models", "seed", "max_new_tokens", "temperature", "top_p",
                  "batch_size", "backend", "dtype", "concurrency", "max_retries", "timeout"},
     "judge": {f.name for f in fields(JudgeConfig)} - {"constrain_tokenizer"} | {"serve_local", "constrain", "aspects",
-                                                                              "retry_failed"},
+                                                                              "retry_failed", "completions_per_request"},
     "binarize": {"seed", "score", "skip_invalid_rows"},
     "train": {"recipe", "overrides"},
 }
@@ -151,7 +151,8 @@ def _run_steps(recipe: dict, out: str, progress: bool) -> dict:
     judged = os.path.join(out, "judged.jsonl")
     with (serve_local(j["serve_local"]) if j.get("serve_local") else contextlib.nullcontext()) as server:
         jrep = judge_file(gen.output, judged, _judge_config(j, server), aspects=j.get("aspects", ASPECTS),
-                          progress=progress, retry_failed=bool(j.get("retry_failed")))
+                          progress=progress, retry_failed=bool(j.get("retry_failed")),
+                          per_request=j.get("completions_per_request", 1))
     print(jrep)
     pairs, brep = binarize_rows(read_input_jsonl(judged), seed=b.get("seed", 42), score=b.get("score", "auto"),
                                 skip_invalid_rows=b.get("skip_invalid_rows", False), dataset_name=judged)

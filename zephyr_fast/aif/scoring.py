@@ -50,8 +50,11 @@ def weighted_rating(logprobs: Optional[list], text: str, offset: Optional[int], 
 
 def ask_until_parsed(client: JudgeClient, messages: list, parse: Callable[[str], Optional[dict]], *,
                      values: Sequence[str], logit_bias: Optional[dict] = None,
-                     max_tokens: Optional[int] = None) -> dict:
+                     max_tokens: Optional[int] = None, weigh: Optional[Callable] = None) -> dict:
     """Send ``messages``; re-ask while ``parse(answer)`` is None.
+
+    ``weigh(result, parsed)``: the ``weighted`` value of a parsed answer (default: the weighted
+    rating at ``parsed["rating_offset"]``; a multi-text answer gives one per text).
 
     Returns:
         ``{"status": "ok"|"unparseable", "parsed": dict | None, "answers": int, "reasks": int,
@@ -71,7 +74,7 @@ def ask_until_parsed(client: JudgeClient, messages: list, parse: Callable[[str],
         parsed = parse(res.text)
         if parsed is not None:
             rec.update(status="ok", parsed=parsed,
-                       weighted=weighted_rating(res.logprobs, res.text, parsed.get("rating_offset"), values,
-                                                parsed.get("rating_text")))
+                       weighted=weigh(res, parsed) if weigh else weighted_rating(
+                           res.logprobs, res.text, parsed.get("rating_offset"), values, parsed.get("rating_text")))
             return rec
     return rec

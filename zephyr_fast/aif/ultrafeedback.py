@@ -5,10 +5,14 @@ OpenBMB/UltraFeedback ``src/comparison_data_generation/main.py`` (principles, ho
 completion) and ``src/data_annotation/preference_templates.py`` / ``annotate_preference.py`` (the
 four aspects, their rubrics, output format and parser).
 
-One deliberate change: UltraFeedback rates four texts in one request; here each completion is rated
-on its own (the same rubric with the ``<text 2..4>`` slots and their output blocks removed), so that
-a rating depends only on (prompt, completion, judge, template) — the cache key — and not on which
-other completions happened to share the request.  ``TEMPLATE_VERSION`` names this adaptation.
+Two modes.  By default each completion is rated on its own (the same rubric with the ``<text 2..4>``
+slots and their output blocks removed), so that a rating depends only on (prompt, completion,
+judge, template) -- the cache key -- and not on which other completions happened to share the
+request; ``TEMPLATE_VERSION`` names this adaptation.  ``judge --completions-per-request N`` (2-4)
+sends UltraFeedback's own multi-text request: a prompt's completions together, ``<text 1..N>``
+(the template verbatim for N = 4, the unused slots removed below), ``MULTI_TEMPLATE_VERSION``; the
+answer is split into its ``Output for Text k`` sections (or, as ``annotate_preference.py`` does,
+its blank-line separated blocks) and each parsed exactly like a single answer.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from ..data.binarize import ASPECTS  # the four UltraFeedback aspects, one defin
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 TEMPLATE_VERSION = "ultrafeedback@bf80fd4/single-text-v1"
+MULTI_TEMPLATE_VERSION = "ultrafeedback@bf80fd4/multi-text-v1"
+MAX_TEXTS = 4  # UltraFeedback's templates have four text slots
 RATINGS = ("1", "2", "3", "4", "5")
 # Which principle UltraFeedback draws per completion, by prompt source (main.py::instruction_completion).
 PRINCIPLE_MIX = {
@@ -57,30 +63,40 @@ def pick_principle(source: Optional[str], rng: random.Random) -> tuple:
     return principle, rng.choice(principles()[principle])
 
 
-def _single_text(template: str) -> str:
-    """The four-text template reduced to one text: ``<text 2..4>`` lines and the ``Output for Text
-    2..4`` blocks removed, every other character kept."""
-    paras = template.split("\n\n")
-    paras = [p for p in paras if not re.match(r"#+ Output for Text [234]\b", p)]
-    text = "\n\n".join(paras)
-    return "\n".join(line for line in text.split("\n") if not re.match(r"<text [234]> ", line))
+def _n_texts(template: str, n: int) -> str:
+    """The four-text template reduced to ``n`` texts: the ``<text k>`` lines and ``Output for Text k``
+    blocks of k > n removed, every other character kept (``n`` = 4: the template as it is)."""
+    drop = "".join(str(k) for k in range(n + 1, MAX_TEXTS + 1))
+    if not drop:
+        return template
+    paras = [p for p in template.split("\n\n") if not re.match(rf"#+ Output for Text [{drop}]\b", p)]
+    return "\n".join(line for line in "\n\n".join(paras).split("\n") if not re.match(rf"<text [{drop}]> ", line))
 
 
-def system_prompt() -> str:
+_COUNTS = {2: "two", 3: "three", 4: "four"}
+
+
+def system_prompt(n: int = 1) -> str:
+    """UltraFeedback's judge system prompt for ``n`` texts (verbatim for 4)."""
     sp = _load("ultrafeedback_templates.json")["templates"]["system_prompt"]
-    sp = sp.replace('four text outputs ("Text")', 'one text output ("Text")')
-    return sp.replace("\nThe four texts given are independent, and should be evaluated separately.", "")
+    if n == 1:
+        sp = sp.replace('four text outputs ("Text")', 'one text output ("Text")')
+        return sp.replace("\nThe four texts given are independent, and should be evaluated separately.", "")
+    return sp.replace("four text outputs", f"{_COUNTS[n]} text outputs").replace("The four texts",
+                                                                               f"The {_COUNTS[n]} texts")
 
 
-def template(aspect: str, with_world_knowledge: bool = False) -> str:
-    """The single-text rubric of ``aspect`` with ``{instruction}``, ``{text_1}`` (and
+def template(aspect: str, with_world_knowledge: bool = False, n: int = 1) -> str:
+    """The ``n``-text rubric of ``aspect`` with ``{instruction}``, ``{text_1..n}`` (and
     ``{world_knowledge}`` for truthfulness/helpfulness when ``with_world_knowledge``)."""
     if aspect not in ASPECTS:
         raise ValueError(f"unknown aspect {aspect!r}; expected one of {ASPECTS}")
+    if not 1 <= n <= MAX_TEXTS:
+        raise ValueError(f"UltraFeedback's templates rate 1 to {MAX_TEXTS} texts per request, not {n}")
     name = f"{aspect}_template"
     if aspect in ("truthfulness", "helpfulness"):
         name += "_with_answer" if with_world_knowledge else "_without_answer"
-    return _single_text(_load("ultrafeedback_templates.json")["templates"][name])
+    return _n_texts(_load("ultrafeedback_templates.json")["templates"][name], n)
 
 
 def judge_messages(aspect: str, instruction: str, completion: str, world_knowledge: Optional[str] = None,
@@ -90,12 +106,28 @@ def judge_messages(aspect: str, instruction: str, completion: str, world_knowled
     ``constrained``: the answer is forced to a rating token (``logit_bias``), so the output
     section asks for the rating only.
     """
-    tpl = template(aspect, with_world_knowledge=world_knowledge is not None)
-    fields = {"instruction": instruction, "text_1": completion, "world_knowledge": world_knowledge or ""}
-    user = re.sub(r"\{(instruction|text_1|world_knowledge)\}", lambda m: fields[m.group(1)], tpl)
+    user = _fill(template(aspect, with_world_knowledge=world_knowledge is not None), instruction, [completion],
+                 world_knowledge)
     if constrained:
         user += "Rating for text 1 (one digit, 1 to 5):"
     return [{"role": "system", "content": system_prompt()}, {"role": "user", "content": user}]
+
+
+def judge_messages_multi(aspect: str, instruction: str, completions: list,
+                         world_knowledge: Optional[str] = None) -> list:
+    """Chat messages asking the judge to rate 2-4 completions on one aspect in one request (UltraFeedback's)."""
+    n = len(completions)
+    if not 2 <= n <= MAX_TEXTS:
+        raise ValueError(f"a multi-text request rates 2 to {MAX_TEXTS} completions, not {n}")
+    user = _fill(template(aspect, world_knowledge is not None, n), instruction, completions, world_knowledge)
+    return [{"role": "system", "content": system_prompt(n)}, {"role": "user", "content": user}]
+
+
+def _fill(tpl: str, instruction: str, completions: list, world_knowledge: Optional[str]) -> str:
+    """``tpl`` with its fields filled in one pass (a completion containing ``{text_2}`` stays as it is)."""
+    fields = {"instruction": instruction, "world_knowledge": world_knowledge or "",
+              **{f"text_{k + 1}": c for k, c in enumerate(completions)}}
+    return re.sub(r"\{(instruction|text_[1-4]|world_knowledge)\}", lambda m: fields[m.group(1)], tpl)
 
 
 NA_ASPECTS = ("instruction_following", "honesty")  # annotate_preference.py accepts "N/A" for these
@@ -213,3 +245,40 @@ def parse_rating(aspect: str, text: str) -> Optional[dict]:
         at = offset + (len(field) - len(field.lstrip()))
     return {"Rating": value, "Rationale": rationale or "", "parse": "lenient" if rationale is None else "full",
             "rating_offset": at, "rating_text": value}
+
+
+_HEADER = re.compile(r"^[\s#>*]*Output for Text (\d+)\b")
+
+
+def _sections(text: str, n: int) -> Optional[list]:
+    """``[(offset, section)]`` of a multi-text answer: its ``Output for Text 1..n`` sections (exactly
+    those, in order), else -- no headers at all -- exactly ``n`` blank-line separated blocks."""
+    lines = _lines(text)
+    heads = [(start, int(m.group(1))) for start, line in lines for m in [_HEADER.match(line)] if m]
+    if heads:
+        if [k for _, k in heads] != list(range(1, n + 1)):
+            return None
+        ends = [start for start, _ in heads[1:]] + [len(text)]
+        return [(start, text[start:end]) for (start, _), end in zip(heads, ends)]
+    blocks, pos = [], 0
+    for block in text.split("\n\n"):
+        if block.strip():
+            blocks.append((pos, block))
+        pos += len(block) + 2
+    return blocks if len(blocks) == n else None
+
+
+def parse_ratings(aspect: str, text: str, n: int) -> Optional[dict]:
+    """Parse a multi-text answer for ``n`` texts: ``{"texts": [parse_rating of each section, its
+    ``rating_offset`` into ``text``]}``, or None when a section is missing, extra or unparseable."""
+    sections = _sections(text, n)
+    if sections is None:
+        return None
+    out = []
+    for offset, section in sections:
+        parsed = parse_rating(aspect, section)
+        if parsed is None:
+            return None
+        at = parsed["rating_offset"]
+        out.append({**parsed, "rating_offset": None if at is None else offset + at})
+    return {"texts": out}
