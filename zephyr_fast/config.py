@@ -27,9 +27,7 @@ recipe says (a notice; the model's family must be built into transformers).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -39,15 +37,15 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import yaml
+from zephyr_kernels import LOSS_TYPES
 from zephyr_kernels.dispatch import IMPLS
 
 from zephyr_fast import recipe_keys as rk
-from zephyr_fast import redaction, safe_yaml
+from zephyr_fast import redaction, safe_yaml, trl_keys
 from zephyr_fast.recipe_keys import CLI, ConfigError, typed
 from zephyr_fast.data.loading import DataConfig
-from zephyr_fast.data.validate import first_line
 from zephyr_fast.model.attention import BACKENDS
-from zephyr_fast.model.load import _TINY, tiny_config
+from zephyr_fast.model.load import check_model_init, did_you_mean
 from zephyr_fast.training.stages import STAGES, DPOConfig, stage_class
 
 # transformers' names; the ones beyond the first four are built by transformers.get_scheduler
@@ -69,10 +67,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key}: {msg}")
 
 
-def _suggest(key: str, known) -> str:
-    """``; did you mean 'x'?`` only for a really close name (a typo), else nothing."""
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
-    return f"; did you mean {close[0]!r}?" if close else ""
+_suggest = did_you_mean  # a typo's nearest key
 
 
 @dataclass
@@ -110,37 +105,7 @@ class ModelConfig:
                f"must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
                f"{_suggest(str(self.attn_implementation), ATTN_IMPLEMENTATIONS)}")
         if self.model_name_or_path is None:
-            _check_model_init(self.model_init)
-
-
-def _model_init_keys(cls) -> set:
-    """The keys a random init reads: tiny_config's own and the fields of the arch's config class."""
-    own = set(inspect.signature(tiny_config).parameters) - {"overrides"}
-    fields = ({f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
-              else set(inspect.signature(cls.__init__).parameters))
-    return own | fields | set(getattr(cls, "attribute_map", {}))
-
-
-def _check_model_init(init: dict) -> None:
-    """``model_init``: a known ``arch``, and only keys its config class reads.
-
-    transformers keeps an unknown keyword (a typo such as ``hiden_size``) as an attribute nothing
-    reads, so the run would train a different model than the recipe says. A legacy key the class
-    converts (``rope_theta`` -> ``rope_parameters``) is not left behind, and is accepted.
-    """
-    arch = init.get("arch", "mistral")
-    _check(arch in _TINY, "model_init",
-           f"arch must be one of {tuple(sorted(_TINY))}, got {arch!r}{_suggest(str(arch), _TINY)}")
-    class_name = _TINY[arch][0]
-    try:
-        built = tiny_config(**init)
-    except Exception as e:  # noqa: BLE001 - the config class's own validation, whatever its type
-        raise ValueError(f"model_init: {class_name} refuses it: {first_line(e)}") from None
-    known = _model_init_keys(type(built))
-    for key in init:
-        if key not in known and key in vars(built):
-            raise ValueError(f"model_init: {key!r} is not a {class_name} key (arch {arch!r}): nothing would read it"
-                             f"{_suggest(key, known)}")
+            check_model_init(self.model_init)
 
 
 @dataclass
@@ -175,7 +140,8 @@ class TrainingConfig:
     logging_steps: Union[int, float] = 10
     logging_first_step: bool = False  # also log the first optimiser step
     eval_strategy: str = "no"  # no | steps | epoch (alias evaluation_strategy)
-    eval_steps: Union[int, float] = 0
+    eval_steps: Union[int, float] = 0  # 0 (TRL: None) with eval_strategy steps: logging_steps, as HF
+    eval_on_start: bool = False  # evaluate once before the first step (logged at step 0), as HF
     save_strategy: str = "steps"  # no | steps | epoch
     save_steps: Union[int, float] = 0  # 0: only the final save
     save_total_limit: Optional[int] = 2  # None: keep every checkpoint (HF's default)
@@ -196,6 +162,10 @@ class TrainingConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0: detect from the CUDA card name
     kernel_impl: str = "auto"  # zephyr_kernels dispatch: one of zephyr_kernels.dispatch.IMPLS
     packing: bool = True  # false: exactly per_device_train_batch_size examples per micro-batch (still padding-free)
+    # HF's label smoothing of the SFT cross-entropy: (1 - e) nll + e mean_v(-log p_v) (Szegedy et al. 2016);
+    # DPO's own is dpo.label_smoothing (TRL's DPOTrainer does not apply this one either)
+    label_smoothing_factor: float = 0.0
+    use_cpu: bool = False  # train on the CPU even where CUDA is available (HF's key)
     save_final_model: bool = True
 
     def __post_init__(self):
@@ -214,8 +184,10 @@ class TrainingConfig:
         _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", "or max_steps must be > 0")
         for key in ("eval_strategy", "save_strategy"):
             _check(getattr(self, key) in STRATEGIES, key, f"must be no | steps | epoch, got {getattr(self, key)!r}")
-        _check(self.eval_strategy != "steps" or self.eval_steps > 0, "eval_steps",
-               "must be > 0 when eval_strategy is 'steps'")
+        if self.eval_strategy == "steps" and self.eval_steps == 0:
+            self.eval_steps = self.logging_steps  # HF: eval_steps defaults to logging_steps
+        _check(0.0 <= self.label_smoothing_factor < 1.0, "label_smoothing_factor",
+               f"must be in [0, 1), got {self.label_smoothing_factor}")
         _check(not self.fp16, "fp16", "is not supported (fp16 training needs loss scaling); use bf16: true")
         _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         _check(self.kernel_impl in IMPLS, "kernel_impl", f"must be {' | '.join(IMPLS)}, got {self.kernel_impl!r}")
@@ -369,6 +341,9 @@ def _resolve_stage(kwargs: dict, keys: "_RecipeKeys") -> None:
     """Set ``training.stage``: the explicit one checked against the recipe's keys, else inferred."""
     dpo_keys = {k: where for k, where in keys.seen.items() if k in _dpo_keys()}
     stage, notices = rk.infer_stage(kwargs["training"].get("stage"), dpo_keys, rk.data_kind(kwargs["data"]))
+    if keys.sft_loss_type and stage != "sft":
+        raise ConfigError(f"{keys.sft_loss_type}: nll is SFTConfig's loss_type; a DPO loss_type is one of "
+                          f"{', '.join(LOSS_TYPES)}")
     kwargs["training"]["stage"] = stage
     keys.notices.update((n.split(":", 1)[0], n) for n in notices)
 
@@ -398,6 +373,7 @@ class _RecipeKeys:
         self.seen: dict = {}
         self.notices: dict = {}
         self.dataset: dict = {}  # TRL's dataset_name & co -> (value, where)
+        self.sft_loss_type: Optional[str] = None  # where SFTConfig's loss_type (nll) was given
 
     def read(self, raw: dict, overrides) -> None:
         for key, value in raw.items():
@@ -419,6 +395,9 @@ class _RecipeKeys:
             if sec_hint not in SECTIONS:
                 raise ConfigError(f"{where}: unknown section {sec_hint!r}{_suggest(sec_hint, SECTIONS)}")
         key = rk.ALIASES.get(key, key)
+        if key == "loss_type" and self._sft_loss_type(value, where):  # SFTConfig's: nll is the SFT loss
+            self.sft_loss_type = where
+            return
         self.seen[key] = where
         if key not in self.index:
             return self._extra(key, value, where)
@@ -428,6 +407,13 @@ class _RecipeKeys:
             rk.check_step_count(key, value, where)
         for sec in ([sec_hint] if sec_hint else self.index[key]):
             self.flat[(sec, key)] = (value, where)
+
+    @staticmethod
+    def _sft_loss_type(value, where: str) -> bool:
+        try:
+            return trl_keys.sft_loss_type(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {str(e).removeprefix('loss_type: ')}") from None
 
     def _extra(self, key: str, value, where: str) -> None:
         """A key that is no section's field (:func:`zephyr_fast.recipe_keys.extra_key`), or unknown."""
@@ -465,8 +451,15 @@ def _section_kwargs(flat: dict) -> dict:
             # HF: "the checkpoint's dtype" -> bf16 runs stay bf16
             bf16, bf16_where = flat.get(("training", "bf16"), (False, ""))
             value = "bfloat16" if typed(bf16, bool, bf16_where) else "float32"
-        kwargs[sec][key] = typed(value, _field_types(SECTIONS[sec])[key], where)
+        tp = _field_types(SECTIONS[sec])[key]
+        if value is None and not _optional(tp):  # TRL's "not set" (a dumped config): the default here
+            continue
+        kwargs[sec][key] = typed(value, tp, where)
     return kwargs
+
+
+def _optional(tp) -> bool:
+    return typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
 
 
 def load_config(path: str, overrides=()) -> Config:

@@ -32,7 +32,7 @@ from typing import Optional
 
 import yaml
 
-from zephyr_fast import safe_yaml
+from zephyr_fast import safe_yaml, trl_keys
 
 CLI = "command line"  # the ``where`` of a command-line value: "command line --key"
 
@@ -164,6 +164,7 @@ ALIASES = {
     "attn_impl": "attn_implementation",
     "layout": "dpo_layout",
     "precompute_ref_logps_dir": "ref_logps_dir",
+    **trl_keys.MORE_ALIASES,
 }
 
 # key -> (the only value zephyr_fast implements, what it does)
@@ -197,11 +198,10 @@ NO_EFFECT = {
     "force_use_ref_model": "the reference log-probs always come from ref_model_name_or_path (default: the model)",
     "trust_remote_code": "zephyr_fast never executes code shipped with a model: it stays off, and the model's "
                          "family must be one built into transformers (SmolLM3, Qwen3, Gemma 3, ... are)",
+    **trl_keys.MORE_NO_EFFECT,
 }
 
 REFUSED = {
-    "dataset_text_field": "raw-text (continued pretraining) data is not implemented: zephyr_fast trains on chat "
-                          "`messages` (sft) or `chosen`/`rejected` pairs (dpo)",
     "optim_args": "set adam_beta1 / adam_beta2 / adam_epsilon / weight_decay instead",
     "use_reentrant": "set gradient_checkpointing_kwargs: {use_reentrant: ...} instead",
 }
@@ -243,7 +243,7 @@ WEAK_DPO_KEYS = ("max_prompt_length",)  # with an explicit stage sft: a notice, 
 
 def extra_keys() -> set:
     """Every accepted key that is not a section field (for did-you-mean and ``--help``)."""
-    return set(ALIASES) | set(ALWAYS) | set(NO_EFFECT) | set(TRANSLATED)
+    return set(ALIASES) | set(ALWAYS) | set(NO_EFFECT) | set(TRANSLATED) | set(trl_keys.UNSET_ONLY)
 
 
 def check_always(key: str, value) -> None:
@@ -300,14 +300,23 @@ def extra_key(key: str, value, where: str) -> tuple:
 
 def _extra_key(key: str, value, where: str) -> tuple:
     refusal = REFUSED.get(key) or objective_key(key)
-    if refusal:
+    if refusal and not trl_keys.unset(value):  # a config dumped from TRL holds them unset: no effect
         raise ValueError(refusal)
+    if refusal or key in trl_keys.UNSET_ONLY:
+        if key in trl_keys.UNSET_ONLY:
+            trl_keys.check_unset_only(key, value)
+        return [], None
     if key in ALWAYS:
         want = ALWAYS[key][0]
-        check_always(key, typed(value, type(want[0] if isinstance(want, tuple) else want), where))
+        value = typed(value, type(want[0] if isinstance(want, tuple) else want), where)
+        if key in trl_keys.EQUIVALENT and value != want:
+            return [], f"{key}: {value!r} -> {want!r}: {trl_keys.EQUIVALENT[key][1]}"
+        check_always(key, value)
         return [], None
     if key in NO_EFFECT:
         return [], f"{key}: {NO_EFFECT[key]}"
+    if key in ("model_init_kwargs", "dataset_kwargs") and trl_keys.unset(value):  # TRL's default: None
+        return [], None
     if key == "use_flash_attention_2":
         return [(k, v, where) for k, v in flash_attention(typed(value, bool, where)).items()], None
     if key == "model_init_kwargs":
@@ -475,6 +484,9 @@ def describe_keys(sections: dict, types: dict) -> str:
     lines += [f"  {k}: {v!r}  ({what})" for k, (v, what) in ALWAYS.items()]
     lines.append("\n[accepted, no effect on results: listed in a notice at the start of the run]")
     lines += [f"  {k}  ({why})" for k, why in NO_EFFECT.items()]
+    lines.append("\n[TRL / transformers features zephyr_fast does not implement: accepted off (TRL's default), "
+                 "any other value refused]")
+    lines += [f"  {k}  ({why})" for k, (_, why) in trl_keys.UNSET_ONLY.items()]
     lines.append("\n[refused]")
     lines += [f"  {k}: {why}" for k, why in REFUSED.items()]
     lines.append("  " + ", ".join(OBJECTIVE_KEYS) + ": objectives zephyr_fast does not implement")

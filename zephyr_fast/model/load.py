@@ -16,6 +16,9 @@ any data work.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import logging
 import os
 from typing import Optional, Union
@@ -282,3 +285,42 @@ def _apply_liger(model) -> None:
     # stays patched process-wide: the attention forward looks the function up at module level.
     for name, cls in classes.items():
         setattr(module, name, cls)
+
+
+def did_you_mean(key: str, known) -> str:
+    """``; did you mean 'x'?`` only for a really close name (a typo), else nothing."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _model_init_keys(cls) -> set:
+    """The keys a random init reads: tiny_config's own and the fields of the arch's config class."""
+    own = set(inspect.signature(tiny_config).parameters) - {"overrides"}
+    fields = ({f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
+              else set(inspect.signature(cls.__init__).parameters))
+    return own | fields | set(getattr(cls, "attribute_map", {}))
+
+
+def check_model_init(init: dict) -> None:
+    """A recipe's ``model_init``: a known ``arch``, and only keys its config class reads
+    (``ValueError("model_init: ...")`` otherwise).
+
+    transformers keeps an unknown keyword (a typo such as ``hiden_size``) as an attribute nothing
+    reads, so the run would train a different model than the recipe says. A legacy key the class
+    converts (``rope_theta`` -> ``rope_parameters``) is not left behind, and is accepted.
+    """
+    arch = init.get("arch", "mistral")
+    if arch not in _TINY:
+        raise ValueError(f"model_init: arch must be one of {tuple(sorted(_TINY))}, got {arch!r}"
+                         f"{did_you_mean(str(arch), _TINY)}")
+    class_name = _TINY[arch][0]
+    try:
+        built = tiny_config(**init)
+    except Exception as e:  # noqa: BLE001 - the config class's own validation, whatever its type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model_init: {class_name} refuses it: {first}") from None
+    known = _model_init_keys(type(built))
+    for key in init:
+        if key not in known and key in vars(built):
+            raise ValueError(f"model_init: {key!r} is not a {class_name} key (arch {arch!r}): nothing would read it"
+                             f"{did_you_mean(key, known)}")

@@ -74,15 +74,16 @@ class DistInfo:
         return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def _device(local_rank: int) -> torch.device:
-    if _use_cuda():
+def _device(local_rank: int, use_cpu: bool = False) -> torch.device:
+    if _use_cuda(use_cpu):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def _use_cuda() -> bool:
-    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+def _use_cuda(use_cpu: bool = False) -> bool:
+    """CUDA when there is one, unless the recipe says ``use_cpu`` or DeepSpeed's accelerator is the CPU."""
+    return not use_cpu and torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
 def setup(t: TrainingConfig, *, bf16: bool, env: Optional[Mapping[str, str]] = None) -> DistInfo:
@@ -92,12 +93,14 @@ def setup(t: TrainingConfig, *, bf16: bool, env: Optional[Mapping[str, str]] = N
     world = int(env.get("WORLD_SIZE", "1"))
     use_ds = world > 1 or t.deepspeed is not None or "LOCAL_RANK" in env
     if not use_ds:
-        return DistInfo(0, 1, 0, _device(0), False, None)
+        return DistInfo(0, 1, 0, _device(0, t.use_cpu), False, None)
     base, bf16 = base_ds_config(t, env, bf16=bf16)  # read before any process group: a bad file fails in one line
+    if t.use_cpu:  # DeepSpeed picks its accelerator when imported
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # optional heavy dependency: DeepSpeed runs only
 
     local_rank = int(env.get("LOCAL_RANK", "0"))
-    device = _device(local_rank)
+    device = _device(local_rank, t.use_cpu)
     if not dist.is_initialized():
         if world == 1 and not all(k in env for k in LAUNCHER_ENV):
             _init_single_rank()

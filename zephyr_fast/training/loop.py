@@ -147,6 +147,8 @@ class TrainLoop:
         target = plan.total_steps if stop_after is None else min(plan.total_steps, stop_after)
         bar = tqdm(total=plan.total_steps, initial=state.step, disable=not dist.is_main, desc=self.t.stage, unit="step")
         window = Window(dist.device)
+        if self.t.eval_on_start and state.step == 0:
+            self._evaluate(state)
         self.opt.module.train()
         while state.step < target:
             micros = plan.step_micro(state.step)
@@ -214,15 +216,21 @@ class TrainLoop:
         self.logger.log(state.step, row)
         return row
 
+    def _evaluate(self, state: LoopState) -> None:
+        """Evaluate the eval split (if the run has one) and log it at the current step."""
+        if self.eval_split is None:
+            return
+        ev = evaluate(self.opt.runner, self.stage, self.eval_split, self.eval_refs, dist=self.dist)
+        state.eval_metrics = ev
+        self.logger.log(state.step, ev)
+        self.log(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+
     def _evaluate_and_save(self, state: LoopState) -> None:
         t, step, last = self.t, state.step, state.step == self.plan.total_steps
         per_epoch = self.plan.steps_per_epoch
         eval_due = step % self.every["eval"] == 0 if t.eval_strategy == "steps" else step % per_epoch == 0
-        if self.eval_split is not None and (eval_due or last):
-            ev = evaluate(self.opt.runner, self.stage, self.eval_split, self.eval_refs, dist=self.dist)
-            state.eval_metrics = ev
-            self.logger.log(step, ev)
-            self.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+        if eval_due or last:
+            self._evaluate(state)
         if t.save_strategy == "steps":
             save_due = t.save_steps > 0 and step % self.every["save"] == 0
         else:

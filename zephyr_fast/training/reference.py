@@ -358,6 +358,7 @@ class ReferencePass:
     dtype: str  # the model's parameter dtype, part of the cache key
     seed: int
     impl: str
+    reference_free: bool = False  # TRL's reference_free: every reference log-prob is 0, nothing is computed
 
     @classmethod
     def configure(cls, d: DPOConfig, data: DataConfig, *, output_dir: str, dtype: str, seed: int,
@@ -366,7 +367,7 @@ class ReferencePass:
         return cls(cache_dir=d.ref_logps_dir or os.path.join(output_dir, "ref_logps"),
                    max_tokens=d.ref_logps_max_tokens or 4 * data.max_tokens_per_batch, recompute=d.ref_logps_recompute,
                    lengths={"max_length": data.max_length, "max_prompt_length": data.max_prompt_length},
-                   dtype=dtype, seed=seed, impl=impl)
+                   dtype=dtype, seed=seed, impl=impl, reference_free=d.reference_free)
 
     def run(self, model, splits: dict, tokenizer, identity, *, dist: DistInfo, log=print) -> dict:
         """``{split: RefLogps}`` for every split in ``splits`` (``SplitData`` or None): cached, else computed.
@@ -380,6 +381,10 @@ class ReferencePass:
         out = {}
         for name, split in splits.items():
             if split is None:
+                continue
+            if self.reference_free:  # the loss sees log pi alone (TRL's reference_free): zeros, no pass
+                index = torch.tensor(sorted(ex["index"] for ex in split.examples), dtype=torch.int64)
+                out[name] = RefLogps(index, torch.zeros(len(index)), torch.zeros(len(index)), path="reference_free")
                 continue
             key = cache_key(split=name, rows=split.rows, examples=split.examples, tokenizer=tokenizer,
                             weights=identity.weights, dtype=self.dtype, **self.lengths)

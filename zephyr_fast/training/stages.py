@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from zephyr_kernels import LOSS_TYPES, FusedLinearDPOLoss, check_dpo_args, linear_cross_entropy
@@ -94,6 +94,9 @@ class Stage:
         -> ``(loss_sum () fp32, {name: 0-d metric sum})``."""
         raise NotImplementedError
 
+    def prepare_model(self, model) -> None:
+        """Adjust the model before training (in place); nothing by default."""
+
     def log_metrics(self, pairs: int, seconds: float) -> dict:
         """Stage-specific throughput for a logged step window (TRL names)."""
         return {}
@@ -128,10 +131,14 @@ class SFTStage(Stage):
     def collate(self, examples: list, data: DataConfig):
         return sft_batch([(ex["input_ids"], ex["loss_mask"]) for ex in examples])  # each <= max_length already
 
+    label_smoothing = 0.0  # training.label_smoothing_factor (make_stage)
+
     def loss_head(self, *, temperature: float, softcap: Optional[float]) -> Callable:
+        eps = self.label_smoothing
+
         def head(rows, weight, labels, segment_ids, ref):
-            return linear_cross_entropy(rows, weight, labels, reduction="sum", temperature=temperature,
-                                        softcap=softcap, impl=self.impl), {}
+            return linear_cross_entropy(rows, weight, labels, reduction="sum", label_smoothing=eps,
+                                        temperature=temperature, softcap=softcap, impl=self.impl), {}
 
         return head
 
@@ -141,9 +148,13 @@ class DPOConfig:
     """The ``dpo:`` section of a recipe; the loss arguments are checked by the kernels' own rule."""
 
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: Union[str, list] = "sigmoid"  # or TRL's list of losses (MPO), mixed by loss_weights
+    loss_weights: Optional[list] = None  # one weight per loss_type (default: 1 each)
     label_smoothing: float = 0.0
     rpo_alpha: Optional[float] = None
+    discopop_tau: float = 0.05  # temperature of loss_type discopop
+    reference_free: bool = False  # TRL: the reference log-probs are 0 (no reference pass)
+    disable_dropout: bool = True  # TRL's default: every nn.Dropout of the trained model (LoRA's too) gets p = 0
     ref_logps_dir: Optional[str] = None  # default: {output_dir}/ref_logps
     ref_logps_max_tokens: int = 0  # micro-batch budget of the no-grad pass; 0: 4x the training one
     ref_logps_recompute: bool = False  # overwrite a stale cache instead of refusing it
@@ -151,11 +162,16 @@ class DPOConfig:
     ref_model_name_or_path: Optional[str] = None
 
     def __post_init__(self):
+        if isinstance(self.loss_type, list) and len(self.loss_type) == 1 and self.loss_weights is None:
+            self.loss_type = self.loss_type[0]  # TRL 1.16's default is ["sigmoid"]: the same loss
         try:
-            check_dpo_args(self.beta, self.loss_type, self.label_smoothing, "sum")
+            check_dpo_args(self.beta, self.loss_type, self.label_smoothing, "sum", self.loss_weights,
+                           self.discopop_tau)
         except ValueError as e:
-            close = difflib.get_close_matches(str(self.loss_type), LOSS_TYPES, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close and self.loss_type not in LOSS_TYPES else ""
+            names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+            bad = next((str(n) for n in names if n not in LOSS_TYPES), None)
+            close = difflib.get_close_matches(bad, LOSS_TYPES, n=1, cutoff=0.6) if bad else []
+            hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{e}{hint}") from None
 
 
@@ -190,11 +206,19 @@ class DPOStage(Stage):
     def collate(self, examples: list, data: DataConfig):
         return dpo_batch(examples, data.dpo_layout)
 
+    def prepare_model(self, model) -> None:
+        """TRL's ``disable_dropout``: every ``nn.Dropout`` (LoRA's included) gets ``p = 0``."""
+        if self.cfg.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+
     def loss_head(self, *, temperature: float, softcap: Optional[float]) -> Callable:
         d = self.cfg
         dpo_loss = FusedLinearDPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                                      rpo_alpha=d.rpo_alpha, reduction="sum", temperature=temperature,
-                                      softcap=softcap, impl=self.impl)
+                                      rpo_alpha=d.rpo_alpha, reduction="sum", loss_weights=d.loss_weights,
+                                      discopop_tau=d.discopop_tau, temperature=temperature, softcap=softcap,
+                                      impl=self.impl)
 
         def head(rows, weight, labels, segment_ids, ref):
             ref_chosen, ref_rejected = ref
@@ -234,6 +258,7 @@ class LossModule(torch.nn.Module):
 
     def __init__(self, model, stage: Stage):
         super().__init__()
+        stage.prepare_model(model)
         self.model = model  # the state dict's "model." prefix is what the HF export strips
         self.loss_head = stage.loss_head(**head_transform(model))  # as packed_logps scores the reference
 
@@ -258,4 +283,7 @@ def stage_class(name: str) -> type:
 def make_stage(cfg) -> Stage:
     """The recipe's stage, given the kernel impl and its own config section (none for SFT)."""
     cls = STAGES[cfg.training.stage]
-    return cls(cfg.training.kernel_impl, getattr(cfg, cls.section) if cls.section else None)
+    stage = cls(cfg.training.kernel_impl, getattr(cfg, cls.section) if cls.section else None)
+    if cls is SFTStage:
+        stage.label_smoothing = cfg.training.label_smoothing_factor
+    return stage
