@@ -139,17 +139,17 @@ def completion_keys(plan: dict, prompts: list, pool: dict, settings: dict, serve
             continue
         who = identity(entry, folders[name])
         if is_endpoint(entry):
-            texts = [served[name].request(pid, _conversation(sp, by_id[pid]["instruction"])) for pid, sp in items]
+            texts = [served[name].request(pid, conversation(sp, by_id[pid]["instruction"])) for pid, sp in items]
             own = {**settings, "backend": "openai", "dtype": None}
         else:
             tok, own = load_tokenizer(folders[name]), settings
-            texts = prompt_texts(tok, [_conversation(sp, by_id[pid]["instruction"]) for pid, sp in items])
+            texts = prompt_texts(tok, [conversation(sp, by_id[pid]["instruction"]) for pid, sp in items])
         for (pid, _), text in zip(items, texts):
             keys[(pid, name)] = cache_key(PARTS_VERSION, name, who, text, own)
     return keys
 
 
-def _conversation(system_prompt: str, instruction: str) -> list:
+def conversation(system_prompt: str, instruction: str) -> list:
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": instruction}]
 
 
@@ -206,7 +206,7 @@ def _generate(prompts, setup, out_dir, keys, *, batch_size, progress) -> Generat
     parts_path = os.path.join(out_dir, PARTS)
     stats = {"damaged": 0}
     wanted = set(keys.values())
-    done = {r["key"]: r for r in iter_sealed(parts_path, stats) if r.get("key") in wanted and _is_part(r)}
+    done = {r["key"]: r for r in iter_sealed(parts_path, stats) if r.get("key") in wanted and is_part(r)}
     rep = GenerateReport(prompts=len(prompts), completions=len(keys), damaged_lines=stats["damaged"])
     rep.resumed = sum(1 for k in keys.values() if k in done)
     by_id, errors = {p["prompt_id"]: p for p in prompts}, []
@@ -244,7 +244,7 @@ def _local(name, setup, todo, by_id, record, rep, batch_size, progress) -> None:
     with tqdm(total=len(todo), desc=f"generate {name}", disable=not progress) as bar:
         for i in range(0, len(todo), step):
             chunk = todo[i:i + step]
-            convs = [_conversation(sp, by_id[pid]["instruction"]) for pid, _, sp in chunk]
+            convs = [conversation(sp, by_id[pid]["instruction"]) for pid, _, sp in chunk]
             bseed = int(hashlib.sha256(f"{settings['seed']}-{name}-{chunk[0][0]}".encode()).hexdigest()[:8], 16)
             texts = run(convs, max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                         top_p=settings["top_p"], seed=bseed, batch_size=batch_size)
@@ -259,7 +259,7 @@ def _served(model: ServedModel, todo, by_id, record, rep, progress) -> list:
     arrives; returns the errors of those that failed for good (not recorded: a rerun asks again)."""
     def one(item):
         pid, pr, sp = item
-        record(pid, model.name, pr, sp, model.complete(pid, _conversation(sp, by_id[pid]["instruction"])))
+        record(pid, model.name, pr, sp, model.complete(pid, conversation(sp, by_id[pid]["instruction"])))
 
     results = model.client.map(one, todo, desc=f"generate {model.name}", progress=progress)
     errors = [str(r) for r in results if isinstance(r, JudgeRequestError)]
@@ -272,7 +272,7 @@ def _served(model: ServedModel, todo, by_id, record, rep, progress) -> list:
     return errors
 
 
-def _is_part(rec: dict) -> bool:
+def is_part(rec: dict) -> bool:
     return all(isinstance(rec.get(k), str) for k in ("prompt_id", "model", "principle", "custom_system_prompt",
                                                      "response"))
 

@@ -227,21 +227,27 @@ def judge_rows(rows: list, client: JudgeClient, cache: JudgeCache, *, aspects: S
     return _assemble(rows, cache, slots, cfg.model, aspects, report)
 
 
+def request_messages(client: JudgeClient, row: dict, responses: list, aspect: str) -> list:
+    """The messages of one planned request (:func:`plan_requests`' ``todo`` values)."""
+    if len(responses) == 1:
+        return _messages(row, responses[0], aspect, bool(client.config.constrain_tokenizer))
+    return _multi_messages(row, responses, aspect)
+
+
 def _ask(client: JudgeClient, row: dict, responses: list, aspect: str) -> dict:
     """One request, re-asked until it parses: a single-text rating or a multi-text one."""
+    msgs = request_messages(client, row, responses, aspect)
     if len(responses) == 1:
         constrained = bool(client.config.constrain_tokenizer)
-        rec = ask_until_parsed(client, _messages(row, responses[0], aspect, constrained),
-                               lambda t: parse_rating(aspect, t), values=RATINGS, logit_bias=client.rating_bias(RATINGS),
-                               max_tokens=1 if constrained else None)
+        rec = ask_until_parsed(client, msgs, lambda t: parse_rating(aspect, t), values=RATINGS,
+                               logit_bias=client.rating_bias(RATINGS), max_tokens=1 if constrained else None)
         return {"template_version": _version(client), **rec}
     n = len(responses)
 
     def weigh(res, parsed):
         return [weighted_rating(res.logprobs, res.text, p["rating_offset"], RATINGS, p["rating_text"])
                 for p in parsed["texts"]]
-    rec = ask_until_parsed(client, _multi_messages(row, responses, aspect), lambda t: parse_ratings(aspect, t, n),
-                           values=RATINGS, weigh=weigh)
+    rec = ask_until_parsed(client, msgs, lambda t: parse_ratings(aspect, t, n), values=RATINGS, weigh=weigh)
     return {"template_version": MULTI_TEMPLATE_VERSION, "texts": n, **rec,
             "weighted": rec["weighted"] if rec["status"] == "ok" else [None] * n}
 

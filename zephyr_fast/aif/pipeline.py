@@ -20,7 +20,8 @@ Otherwise ``base_url`` / ``model`` / key come from the recipe or the environment
 (``ZEPHYR_JUDGE_BASE_URL``, ``ZEPHYR_JUDGE_MODEL``, ``ZEPHYR_JUDGE_API_KEY``).
 
 Every step resumes: rerunning the command after a crash regenerates and re-judges only what is
-missing.  Overrides: ``--generate.limit=4 --judge.concurrency=2`` (values parsed as YAML).
+missing.  ``--dry-run`` prints what the run would do -- prompts, completions, judge requests,
+estimated tokens and cost -- without loading a model or sending a request (``plan.py``).  Overrides: ``--generate.limit=4 --judge.concurrency=2`` (values parsed as YAML).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ..outputs import claim_folder
 from .client import JudgeConfig, cli_status
 from .generate import GenerateReport, generate_completions, load_prompts
 from .judge import judge_file
+from .plan import describe, dry_run
 from .serve import serve_local
 from .store import read_input_jsonl, write_jsonl_atomic
 from .ultrafeedback import ASPECTS
@@ -181,8 +183,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="zephyr-fast aif", description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print prompts, completions, judge requests, estimated tokens and cost; load and send nothing")
     args, overrides = ap.parse_known_args(argv)
-    return cli_status(lambda: run_aif(load_recipe(args.recipe, overrides), progress=not args.no_progress) and None)
+
+    def body():
+        recipe = load_recipe(args.recipe, overrides)
+        if args.dry_run:
+            print(describe(dry_run(recipe, _judge_config)))
+        else:
+            run_aif(recipe, progress=not args.no_progress)
+    return cli_status(body)
 
 if __name__ == "__main__":
     sys.exit(main())
