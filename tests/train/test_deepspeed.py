@@ -66,6 +66,7 @@ def test_zero3_dpo_kill_resume_matches_one_process(sft_model, tmp_path):
                save_strategy="steps", save_steps=1, save_total_limit=1, eval_strategy="steps", eval_steps=3)
     launch(r, tmp_path, "dpo", "--stop_after=2")  # preempted after step 2 (checkpoint-2 written)
     assert os.path.isdir(tmp_path / "ds" / "checkpoint-2") and not os.path.isdir(tmp_path / "ds" / "checkpoint-1")
+    assert_checkpoint_is_the_gathered_model(str(tmp_path / "ds" / "checkpoint-2"))
     launch(r, tmp_path, "dpo", "--resume_from_checkpoint=auto")
     single = run(build_config({**r, "output_dir": str(tmp_path / "one"), "gradient_accumulation_steps": 2,
                                "save_strategy": "no"}, source="test"))
@@ -85,6 +86,22 @@ def test_zero3_dpo_kill_resume_matches_one_process(sft_model, tmp_path):
     a, b = load_file(str(tmp_path / "ds" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
     assert_adam_trajectories_match(a, b, load_file(os.path.join(sft_model["model_dir"], "model.safetensors")),
                                    lr=r["learning_rate"], steps=3)
+
+
+def assert_checkpoint_is_the_gathered_model(path):
+    """A ZeRO-3 checkpoint is also a HF model folder: its weights, gathered at save time, are the ZeRO
+    partitions' (read back by DeepSpeed's own zero_to_fp32, under the safe torch.load)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from zephyr_fast.training.checkpoint import safe_torch_loads
+
+    hf = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    with safe_torch_loads():
+        parts = get_fp32_state_dict_from_zero_checkpoint(path, tag="ds")
+    assert {"model." + k for k in hf} == set(parts)
+    for k, v in hf.items():
+        assert torch.equal(v, parts["model." + k]), k
 
 
 def assert_adam_trajectories_match(a, b, start, *, lr, steps):
