@@ -65,3 +65,22 @@ def test_plan_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert preview.main([str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing.yaml" in err and "\n" not in err
+
+
+def test_plan_and_train_agree_about_the_reference_cache(tmp_path, capsys):
+    """Absent -> computed; then reused; after the data changed, plan names the same refusal train gives."""
+    from zephyr_fast.train import main as train_main
+
+    path = _write_recipe(tmp_path, max_steps=1, save_strategy="no")
+    assert _plan(capsys, [path])["reference_logps"]["train"] == "absent: computed once at run start"
+    assert train_main([path]) == 0
+    capsys.readouterr()
+    assert _plan(capsys, [path])["reference_logps"]["train"] == "cached: digest and key verified now, reused"
+    changed = _write_recipe(tmp_path, max_steps=1, save_strategy="no", max_prompt_length=48, overwrite_output_dir=True)
+    verdict = _plan(capsys, [changed])["reference_logps"]["train"]
+    assert verdict.startswith("refused at run start: ") and "(lengths changed" in verdict, verdict
+    assert train_main([changed]) == 2
+    refusal = capsys.readouterr().err.strip().splitlines()[-1]
+    assert verdict.removeprefix("refused at run start: ") in refusal
+    fresh = _plan(capsys, [changed, "--ref_logps_recompute=true"])["reference_logps"]["train"]
+    assert fresh == "stale: recomputed at run start (ref_logps_recompute)"

@@ -28,11 +28,13 @@ import torch
 
 from zephyr_fast import redaction
 from zephyr_fast.config import ConfigError, load_config
-from zephyr_fast.data.validate import DataValidationError
+from zephyr_fast.data.validate import DataValidationError, first_line
 from zephyr_fast.model.load import tiny_config
-from zephyr_fast.training.build import check_model
+from zephyr_fast.training.build import build_model, check_model
+from zephyr_fast.training.distributed import DistInfo
 from zephyr_fast.training.plan import make_plan, prepare, total
-from zephyr_fast.training.reference import ReferencePass, cache_path
+from zephyr_fast.training.reference import (ReferencePass, StaleRefLogpsError, cache_key, cache_path, read_cache,
+                                             reference_identity)
 from zephyr_fast.training.run import batching, recipe_tokenizer
 from zephyr_fast.training.stages import make_stage
 
@@ -65,16 +67,40 @@ def memory_estimate(shape: dict, *, max_tokens: int, world_size: int, bf16: bool
     return {"zero2": (weights + (grads + opt) / w + acts) / GIB, "zero3": ((weights + grads + opt) / w + acts) / GIB}
 
 
-def reference_cache(cfg, split_names) -> dict:
-    """Where a DPO run's reference log-probs live and whether a cache is there (its key is verified
-    against the weights, tokenizer and data when the run starts)."""
-    ref = ReferencePass.configure(cfg.dpo, cfg.data, output_dir=cfg.training.output_dir, dtype=cfg.model.dtype,
-                                  seed=cfg.training.seed, impl=cfg.training.kernel_impl)
+def reference_cache(cfg, path, data: dict, tokenizer) -> dict:
+    """What the run will do with each split's reference log-probs, decided as the run decides it: the
+    same cache key (weights fingerprint, tokenizer, rows, examples, lengths, dtype) read and verified the
+    same way -- reused, computed, recomputed, or refused with the run's own one-line reason."""
+    d, t = cfg.dpo, cfg.training
+    ref = ReferencePass.configure(d, cfg.data, output_dir=t.output_dir, dtype=cfg.model.dtype, seed=t.seed,
+                                  impl=t.kernel_impl)
+    if ref.reference_free:
+        return {"dir": "-", "all": "reference_free: every reference log-prob is 0, nothing is computed"}
+    model = None if path else build_model(cfg.model, DistInfo(0, 1, 0, torch.device("cpu"), False), seed=t.seed)
+    identity = reference_identity(t.stage, d, cfg.model, path=path, model=model, seed=t.seed)
     out = {"dir": ref.cache_dir}
-    for split in split_names:
-        out[split] = "cached (digest and key verified at run start)" if os.path.exists(cache_path(ref.cache_dir, split)) \
-            else "absent: computed once at run start"
+    for name in ("train", "test"):
+        split = data.get(name)
+        if split is None:
+            continue
+        key = cache_key(split=name, rows=split.rows, examples=split.examples, tokenizer=tokenizer,
+                        weights=identity.weights, dtype=ref.dtype, **ref.lengths)
+        out[name] = _cache_verdict(ref, name, key, identity)
     return out
+
+
+def _cache_verdict(ref: ReferencePass, split: str, key: dict, identity) -> str:
+    exists = os.path.exists(cache_path(ref.cache_dir, split))
+    try:
+        hit = read_cache(ref.cache_dir, split, key, recompute=ref.recompute and identity.computable,
+                         log=lambda *a, **k: None)
+    except StaleRefLogpsError as e:
+        return f"refused at run start: {first_line(e)}"
+    if hit is not None:
+        return "cached: digest and key verified now, reused"
+    if not identity.computable:
+        return f"refused at run start: no cache of ref_model_name_or_path={identity.source} (stage ref_logps writes it)"
+    return "stale: recomputed at run start (ref_logps_recompute)" if exists else "absent: computed once at run start"
 
 
 def build_plan(cfg, *, world_size: int = 1, log=lambda *a, **k: None) -> dict:
@@ -108,7 +134,7 @@ def build_plan(cfg, *, world_size: int = 1, log=lambda *a, **k: None) -> dict:
                                               gradient_checkpointing=m.gradient_checkpointing),
     }
     if stage.uses_reference:
-        out["reference_logps"] = reference_cache(cfg, [s for s in ("train", "test") if data[s] is not None])
+        out["reference_logps"] = reference_cache(cfg, path, data, tokenizer)
     return out
 
 
