@@ -67,6 +67,7 @@ def test_zero3_dpo_kill_resume_matches_one_process(sft_model, tmp_path):
     launch(r, tmp_path, "dpo", "--stop_after=2")  # preempted after step 2 (checkpoint-2 written)
     assert os.path.isdir(tmp_path / "ds" / "checkpoint-2") and not os.path.isdir(tmp_path / "ds" / "checkpoint-1")
     assert_checkpoint_is_the_gathered_model(str(tmp_path / "ds" / "checkpoint-2"))
+    assert_export_rebuilds_it_from_the_partitions(str(tmp_path / "ds"), tmp_path / "older")
     launch(r, tmp_path, "dpo", "--resume_from_checkpoint=auto")
     single = run(build_config({**r, "output_dir": str(tmp_path / "one"), "gradient_accumulation_steps": 2,
                                "save_strategy": "no"}, source="test"))
@@ -102,6 +103,32 @@ def assert_checkpoint_is_the_gathered_model(path):
     assert {"model." + k for k in hf} == set(parts)
     for k, v in hf.items():
         assert torch.equal(v, parts["model." + k]), k
+
+
+def assert_export_rebuilds_it_from_the_partitions(run_dir, older):
+    """``zephyr-fast export`` on the same checkpoint written without its HF files (as before they were
+    written at save time): the folder rebuilt from ds/ holds the same weights, the checkpoint stays verified."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from zephyr_fast.training.checkpoint import verify_checkpoint
+    from zephyr_fast.training.export import ONE, export_checkpoint
+    from zephyr_fast.training.manifest import read_manifest, write_manifest
+
+    ckpt = str(older / "checkpoint-2")
+    shutil.copytree(os.path.join(run_dir, "checkpoint-2"), ckpt)
+    shutil.copy(os.path.join(run_dir, "config.yaml"), older / "config.yaml")
+    saved = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja"):
+        os.remove(os.path.join(ckpt, name))
+    m = read_manifest(ckpt)
+    write_manifest(ckpt, step=m["step"], save_index=m["save_index"], dist=ONE)
+    assert export_checkpoint(ckpt)["exported"]
+    verify_checkpoint(ckpt, dist=ONE)
+    rebuilt = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    assert rebuilt.keys() == saved.keys() and all(torch.equal(rebuilt[k], saved[k]) for k in saved)
 
 
 def assert_adam_trajectories_match(a, b, start, *, lr, steps):

@@ -86,7 +86,8 @@ def run_eval(run_dir: str, out: str, judge: JudgeConfig, *, benches: tuple = BEN
     if not models:
         raise ConfigError(f"{run_dir}: no complete checkpoint and no final model to evaluate")
     os.makedirs(out, exist_ok=True)
-    evaluator = Evaluator(load_config(os.path.join(run_dir, "config.yaml"), []), split) \
+    # the run's recipe, evaluated in this one process (a DeepSpeed run's config is read without its launcher)
+    evaluator = Evaluator(load_config(os.path.join(run_dir, "config.yaml"), ["--deepspeed=null"]), split) \
         if "preference" in benches else None
     opts = {"per_category": per_category, "alpaca_limit": alpaca_limit, "max_new_tokens": max_new_tokens, "lc": lc,
             "progress": progress}

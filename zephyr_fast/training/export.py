@@ -48,7 +48,7 @@ def _run_config(ckpt: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing (the run's resolved config, written at its start, names the "
                               f"model to rebuild)")
-    return load_config(path, [])
+    return load_config(path, ["--deepspeed=null"])  # only the model and tokenizer are needed: one process
 
 
 def _empty_model(cfg):
