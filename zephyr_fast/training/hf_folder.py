@@ -6,8 +6,8 @@ At save time (:func:`write_model`, inside the checkpoint's temporary folder, bef
 written, so the manifest vouches for these files too): a plain-torch run writes its weights once, as the
 HF ``model.safetensors`` (the ``LossModule``'s ``model.`` prefix dropped) and resume reads that same file
 back (:func:`load_model_weights`, which still reads the older ``model.``-prefixed layout). Under DeepSpeed
-``ds/`` stays what resume reads; the HF weights are an extra 16-bit copy (ZeRO-3: gathered on rank 0, a
-collective every rank enters). A LoRA model or a bare module keeps ``model.safetensors`` under its own names.
+``ds/`` stays what resume reads; the HF weights are an extra copy in the model dtype (ZeRO-3: gathered on
+rank 0, a collective every rank enters). A LoRA model or a bare module keeps ``model.safetensors`` under its own names.
 ``zephyr-fast export`` (``training/export.py``) adds the folder to a checkpoint written without it.
 """
 
