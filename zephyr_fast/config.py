@@ -45,7 +45,8 @@ from zephyr_fast import redaction, safe_yaml, trl_keys
 from zephyr_fast.recipe_keys import CLI, ConfigError, typed
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.model.attention import BACKENDS
-from zephyr_fast.model.load import check_model_init, did_you_mean
+from zephyr_fast.model.load import check_model_init
+from zephyr_fast.model.load import did_you_mean as _suggest  # a typo's nearest key
 from zephyr_fast.training.stages import STAGES, DPOConfig, stage_class
 
 # transformers' names; the ones beyond the first four are built by transformers.get_scheduler
@@ -65,9 +66,6 @@ def _check(cond: bool, key: str, msg: str) -> None:
     """A section's own check: ``ValueError("key: msg")`` (``build_config`` adds the recipe path)."""
     if not cond:
         raise ValueError(f"{key}: {msg}")
-
-
-_suggest = did_you_mean  # a typo's nearest key
 
 
 @dataclass
@@ -142,6 +140,10 @@ class TrainingConfig:
     eval_strategy: str = "no"  # no | steps | epoch (alias evaluation_strategy)
     eval_steps: Union[int, float] = 0  # 0 (TRL: None) with eval_strategy steps: logging_steps, as HF
     eval_on_start: bool = False  # evaluate once before the first step (logged at step 0), as HF
+    # HF: end with the weights of the checkpoint whose eval metric was best (kept whatever save_total_limit)
+    load_best_model_at_end: bool = False
+    metric_for_best_model: Optional[str] = None  # default "loss" (eval_loss); "eval_" is added as HF does
+    greater_is_better: Optional[bool] = None  # default: False for a *loss metric, True otherwise
     save_strategy: str = "steps"  # no | steps | epoch
     save_steps: Union[int, float] = 0  # 0: only the final save
     save_total_limit: Optional[int] = 2  # None: keep every checkpoint (HF's default)
@@ -193,6 +195,21 @@ class TrainingConfig:
         _check(self.kernel_impl in IMPLS, "kernel_impl", f"must be {' | '.join(IMPLS)}, got {self.kernel_impl!r}")
         _check(self.deepspeed is None or os.path.isfile(self.deepspeed), "deepspeed",
                f"file not found: {self.deepspeed!r}")
+        if self.load_best_model_at_end:
+            self._check_best_model()
+
+    def _check_best_model(self) -> None:
+        """HF's rules: checkpoints are written where the metric is measured."""
+        _check(self.eval_strategy != "no" and self.save_strategy == self.eval_strategy, "load_best_model_at_end",
+               f"needs eval_strategy and save_strategy to be the same and not 'no' (got {self.eval_strategy!r} "
+               f"and {self.save_strategy!r})")
+        _check(self.save_strategy != "steps" or (self.save_steps > 0 and self.save_steps % self.eval_steps == 0),
+               "load_best_model_at_end", f"needs save_steps ({self.save_steps}) to be a multiple of eval_steps "
+               f"({self.eval_steps})")
+        name = self.metric_for_best_model or "loss"
+        self.metric_for_best_model = name if name.startswith("eval_") else f"eval_{name}"
+        if self.greater_is_better is None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
 
     def _check_ranges(self) -> None:
         """Optimiser and step counts: a value transformers would take silently but that means nothing
@@ -452,14 +469,10 @@ def _section_kwargs(flat: dict) -> dict:
             bf16, bf16_where = flat.get(("training", "bf16"), (False, ""))
             value = "bfloat16" if typed(bf16, bool, bf16_where) else "float32"
         tp = _field_types(SECTIONS[sec])[key]
-        if value is None and not _optional(tp):  # TRL's "not set" (a dumped config): the default here
+        if value is None and not rk.optional(tp):  # TRL's "not set" (a dumped config): the default here
             continue
         kwargs[sec][key] = typed(value, tp, where)
     return kwargs
-
-
-def _optional(tp) -> bool:
-    return typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
 
 
 def load_config(path: str, overrides=()) -> Config:

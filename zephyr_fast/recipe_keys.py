@@ -95,6 +95,11 @@ def _convert(value, tp):
     return value  # Any, and the data layer's own annotations: trust YAML's typing
 
 
+def optional(tp) -> bool:
+    """Whether annotation ``tp`` admits None."""
+    return typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+
+
 def coerce(value, tp, where: str):
     """Coerce ``value`` (already YAML-parsed) to annotation ``tp``; raise ConfigError naming ``where``."""
     if typing.get_origin(tp) is typing.Union:

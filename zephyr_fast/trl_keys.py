@@ -56,10 +56,6 @@ UNSET_ONLY = {
     "torch_compile_mode": ((), "the model is not compiled (torch_compile)"),
     "train_sampling_strategy": (("random",), "each epoch is a seeded shuffle of the train split"),
     "use_weighting": ((False,), "WPO's weighting is not implemented"),
-    "load_best_model_at_end": ((False,), "the final model is the last step's; pick a checkpoint by its eval_* in "
-                                         "metrics.jsonl and `zephyr-fast export` it"),
-    "metric_for_best_model": ((), "load_best_model_at_end is not implemented"),
-    "greater_is_better": ((), "load_best_model_at_end is not implemented"),
     "truncation_mode": (("keep_start",), "zephyr_fast truncates as alignment-handbook's TRL did: the prompt from the "
                                          "left to max_prompt_length, then the completions from the right to "
                                          "max_length; with max_prompt_length: null that is keep_start"),

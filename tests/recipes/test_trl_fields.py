@@ -59,7 +59,7 @@ def test_every_trl_field_loads_at_trls_default(stage, key, value):
     ("torch_compile", True, "the model is not compiled"),
     ("use_weighting", True, "WPO's weighting is not implemented"),
     ("f_divergence_type", "js_divergence", "f-divergence DPO variants are not implemented"),
-    ("load_best_model_at_end", True, "`zephyr-fast export` it"),
+    ("ld_alpha", 0.5, "LD-DPO"),
     ("neftune_noise_alpha", 5.0, "NEFTune"),
     ("fsdp", "full_shard", "ZeRO-3"),
     ("truncation_mode", "keep_end", "alignment-handbook's TRL"),
@@ -168,3 +168,33 @@ def test_eval_on_start_evaluates_before_the_first_step(sft_dir, tmp_path):  # no
     summary = run(cfg)
     evals = [json.loads(line)["step"] for line in open(summary["metrics_path"]) if "eval_loss" in line]
     assert evals == [0, 2]
+
+
+def test_load_best_model_at_end_follows_hf_rules():
+    with pytest.raises(ConfigError, match="load_best_model_at_end: needs eval_strategy and save_strategy"):
+        _cfg("sft", load_best_model_at_end=True, eval_strategy="steps", eval_steps=2, save_strategy="no")
+    with pytest.raises(ConfigError, match=r"needs save_steps \(3\) to be a multiple of eval_steps \(2\)"):
+        _cfg("sft", load_best_model_at_end=True, eval_strategy="steps", eval_steps=2, save_steps=3)
+    t = _cfg("dpo", load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch",
+             metric_for_best_model="rewards/accuracies").training
+    assert (t.metric_for_best_model, t.greater_is_better) == ("eval_rewards/accuracies", True)
+
+
+def test_load_best_model_at_end_ends_with_the_best_checkpoints_weights(sft_dir, tmp_path):  # noqa: F811
+    """Three saved evaluations; the metric asked for is best at step 1 (the largest eval loss, a metric
+    where greater is better by the recipe's say-so): the final model is checkpoint-1's, kept although
+    save_total_limit is 1."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    cfg = build_config(recipe("sft", out, sft_dir, max_steps=4, eval_strategy="steps", eval_steps=1, save_steps=1,
+                              save_strategy="steps", save_total_limit=1, load_best_model_at_end=True,
+                              metric_for_best_model="loss", greater_is_better=True), source="test")
+    summary = run(cfg)
+    evals = {json.loads(line)["step"]: json.loads(line)["eval_loss"] for line in open(summary["metrics_path"])
+             if "eval_loss" in line}
+    best = max(evals, key=evals.get)
+    assert best != 4 and summary["best_step"] == best and summary["best_model_checkpoint"].endswith(f"checkpoint-{best}")
+    final, kept = load_file(str(out / "model.safetensors")), load_file(str(out / f"checkpoint-{best}" / "model.safetensors"))
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted({f"checkpoint-{best}", "checkpoint-3"})

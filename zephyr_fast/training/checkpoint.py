@@ -219,18 +219,21 @@ def _publish(tmp: str, final: str) -> None:
     fsync_dir(os.path.dirname(final))
 
 
-def _prune(output_dir: str, keep: str, total_limit: Optional[int]) -> None:
-    """Keep the ``total_limit`` most recently written checkpoints, ``keep`` (the one just written) always."""
+def _prune(output_dir: str, keep: str, total_limit: Optional[int], protect: Optional[str] = None) -> None:
+    """Keep the ``total_limit`` most recently written checkpoints, ``keep`` (the one just written) always,
+    and ``protect`` (the best one, load_best_model_at_end) besides them, as HF does."""
     if not total_limit:
         return
-    others = [p for p in list_checkpoints(output_dir) if os.path.abspath(p) != os.path.abspath(keep)]
+    spared = {os.path.abspath(p) for p in (keep, protect) if p}
+    others = [p for p in list_checkpoints(output_dir) if os.path.abspath(p) not in spared]
     for old in others[:max(len(others) - (total_limit - 1), 0)]:
         _retire(old)
 
 
 def save_checkpoint(output_dir: str, step: int, *, dist: DistInfo, model, optimizer, scheduler, engine=None,
-                    state: dict, total_limit: Optional[int] = None, tokenizer=None) -> str:
-    """Write ``checkpoint-{step}`` atomically, manifest last (collective under DeepSpeed: every rank must call)."""
+                    state: dict, total_limit: Optional[int] = None, tokenizer=None, protect: Optional[str] = None) -> str:
+    """Write ``checkpoint-{step}`` atomically, manifest last (collective under DeepSpeed: every rank must call);
+    then prune to ``total_limit``, never ``protect``."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
     if dist.is_main:
@@ -246,7 +249,7 @@ def save_checkpoint(output_dir: str, step: int, *, dist: DistInfo, model, optimi
     _collectively(dist, tmp, lambda: write_manifest(tmp, step=step, save_index=index, dist=dist))
     if dist.is_main:
         _publish(tmp, final)
-        _prune(output_dir, final, total_limit)
+        _prune(output_dir, final, total_limit, protect)
     barrier()
     return final
 

@@ -110,6 +110,8 @@ class LoopState:
     train_pairs: int = 0
     metrics_path: str = ""
     epoch_ends: list = field(default_factory=list)  # wall time (time.time()) at the end of each epoch of this run
+    eval_step: int = -1  # the step eval_metrics were measured at
+    best: dict = field(default_factory=dict)  # load_best_model_at_end: {"step", "metric"} of the best save
 
 
 @dataclass
@@ -221,7 +223,7 @@ class TrainLoop:
         if self.eval_split is None:
             return
         ev = evaluate(self.opt.runner, self.stage, self.eval_split, self.eval_refs, dist=self.dist)
-        state.eval_metrics = ev
+        state.eval_metrics, state.eval_step = ev, state.step
         self.logger.log(state.step, ev)
         self.log(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
 
@@ -236,4 +238,21 @@ class TrainLoop:
         else:
             save_due = step % per_epoch == 0
         if t.save_strategy != "no" and not last and save_due:
+            self._track_best(state)  # first: the checkpoint's state records it and keeps it from pruning
             self.save(step, {})
+        elif last:
+            self._track_best(state)
+
+    def _track_best(self, state: LoopState) -> None:
+        """load_best_model_at_end: remember this step when its eval metric beats the best so far (HF's rule:
+        only steps that are saved, and the final one, compete)."""
+        t = self.t
+        if not t.load_best_model_at_end or state.eval_step != state.step:
+            return
+        if t.metric_for_best_model not in state.eval_metrics:
+            raise KeyError(f"metric_for_best_model: {t.metric_for_best_model!r} is not an eval metric of this run "
+                           f"(it has {sorted(state.eval_metrics)})")
+        value = state.eval_metrics[t.metric_for_best_model]
+        best = state.best.get("metric")
+        if best is None or (value > best if t.greater_is_better else value < best):
+            state.best = {"step": state.step, "metric": value}

@@ -88,6 +88,8 @@ def _run(cfg: Config, dist, log, t0: float, *, stop_after: Optional[int], return
     lm, state, plan, opt = _train(cfg, dist, stage, model, data, reference_logps, hub_target, tokenizer,
                                   stop_after=stop_after, log=log)
     summary.update(_train_summary(stage, state, plan))
+    if t.load_best_model_at_end and state.best and summary["finished"]:
+        summary.update(_load_best(cfg, dist, lm, opt, state, log))
     timeline["epochs"] = state.epoch_ends
     summary["runtime_seconds"] = time.time() - t0
     if summary["finished"] and t.save_final_model:
@@ -219,9 +221,10 @@ def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, hub_tar
     def save(step: int, extra: dict) -> str:
         st = {"stage": t.stage, **identity.state(), "epoch": step / plan.steps_per_epoch,
               "last_metrics": state.last_metrics, **extra}
+        best = os.path.join(t.output_dir, f"checkpoint-{state.best['step']}") if state.best else None
         path = ckpt.save_checkpoint(t.output_dir, step, dist=dist, model=lm, optimizer=opt.optimizer,
-                                    scheduler=opt.scheduler, engine=opt.engine, state=st,
-                                    total_limit=t.save_total_limit, tokenizer=tokenizer)
+                                    scheduler=opt.scheduler, engine=opt.engine, state={**st, "best": state.best},
+                                    total_limit=t.save_total_limit, tokenizer=tokenizer, protect=best)
         log(f"checkpoint: {path}")
         if dist.is_main:
             hub.push_checkpoint(hub_target, t.output_dir, path)
@@ -236,6 +239,20 @@ def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, hub_tar
     return lm, state, plan, opt
 
 
+def _load_best(cfg: Config, dist, lm, opt, state, log) -> dict:
+    """load_best_model_at_end: the best saved step's weights become the run's (the last step's already are
+    when it was the best); the summary names them as HF's trainer state does."""
+    t, step = cfg.training, state.best["step"]
+    path = os.path.join(t.output_dir, f"checkpoint-{step}")
+    if step != state.step:
+        ckpt.load_checkpoint(path, dist=dist, model=lm, optimizer=opt.optimizer, scheduler=opt.scheduler,
+                             engine=opt.engine)
+        log(f"load_best_model_at_end: {t.metric_for_best_model}={state.best['metric']:.6g} at step {step}: "
+            f"the final model is {path}'s")
+    return {"best_model_checkpoint": path if step != state.step else t.output_dir,
+            "best_metric": state.best["metric"], "best_step": step}
+
+
 def _resume(cfg: Config, dist, lm, opt, log, identity: "RunIdentity") -> tuple:
     """``(LoopState, MetricLogger)``: restored from ``resume_from_checkpoint`` when set, else fresh.
 
@@ -248,6 +265,7 @@ def _resume(cfg: Config, dist, lm, opt, log, identity: "RunIdentity") -> tuple:
         restored = ckpt.load_checkpoint(resume, dist=dist, model=lm, optimizer=opt.optimizer, scheduler=opt.scheduler,
                                         engine=opt.engine)
         state.step = _check_step(resume, restored, opt.scheduler)
+        state.best = restored.get("best") or {}
         changes = identity.changes(restored)
         if changes and not t.resume_allow_changes:
             raise ckpt.CheckpointError(f"{resume}: {'; '.join(changes)} since it was written; resume with "
