@@ -100,3 +100,38 @@ def test_bad_annotation_file_is_one_line(tmp_path, capsys, record, field):
     assert main(["--from-annotations", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and err[0].startswith(f"error: {path}: row 1: field '{field}'")
+
+
+def test_length_control_removes_a_pure_length_preference(tmp_path, monkeypatch):
+    """AlpacaEval's own GLM through our annotations frame: a judge that only likes longer answers gives a
+    high raw win rate and a length-controlled one near 50% (a frame with output_1 / output_2 or the
+    instruction index mixed up would not). The GLM's Hub data (gamed baselines, instruction difficulty)
+    is synthetic here, drawn from the same length-only judge."""
+    ae = import_alpaca_eval()
+    if ae is None:
+        pytest.skip("alpaca_eval not installed")
+    import math
+
+    import pandas as pd
+
+    from zephyr_fast.eval.alpaca_metrics import length_controlled
+
+    rng = random.Random(0)
+    judge = lambda d: 1 / (1 + math.exp(2.0 * math.tanh(d)))  # noqa: E731 - p(output_2 wins): longer wins
+    gamed = [{"model": m, "index": i, "instruction_difficulty": rng.gauss(0, 1), "not_gamed_baseline": False,
+              "std_delta_len": (d := rng.gauss(0, 1)), "preference": judge(d)}
+             for m in ("gpt4_gamed_concise", "gpt4_gamed_verbose") for i in range(805)]
+    path = tmp_path / "df_gamed.csv"
+    pd.DataFrame(gamed).to_csv(path, index=False)
+    monkeypatch.setattr(ae.metrics.glm_winrate, "hf_hub_download", lambda **kw: str(path))
+    rows = []
+    for i in range(805):
+        base, model = rng.randint(200, 1200), rng.randint(400, 2400)  # the model writes longer on average
+        rows.append({"index": i, "output_1": "b" * base, "output_2": "m" * model, "generator_1": "baseline",
+                     "generator_2": "verbose-model", "instruction": f"i{i}"})
+    std = pd.Series([len(r["output_1"]) - len(r["output_2"]) for r in rows]).std()
+    for r in rows:
+        r["preference"] = 1 + judge((len(r["output_1"]) - len(r["output_2"])) / std)
+    raw = win_rate([r["preference"] for r in rows])["win_rate"]
+    lc = length_controlled(rows)["length_controlled_winrate"]
+    assert raw > 65 and abs(lc - 50) < 5, (raw, lc)
