@@ -35,17 +35,21 @@ class DPOOptions:
     loss_weights: Optional[Sequence[float]] = None
     discopop_tau: float = 0.05
     average_log_prob: bool = False
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
     def __post_init__(self):
         check_dpo_args(self.beta, self.loss_type, self.label_smoothing, self.reduction, self.loss_weights,
-                       self.discopop_tau)
+                       self.discopop_tau, self.f_divergence_type)
 
     def loss(self, pc, pr, rc, rr, counts, nll):
         """:func:`dpo_loss` on ``(P,)`` policy / reference log-probs with these options."""
         return dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type,
                         label_smoothing=self.label_smoothing, rpo_alpha=self.rpo_alpha, chosen_nll=nll,
                         reduction=self.reduction, chosen_lengths=counts[0::2], rejected_lengths=counts[1::2],
-                        loss_weights=self.loss_weights, discopop_tau=self.discopop_tau)
+                        loss_weights=self.loss_weights, discopop_tau=self.discopop_tau,
+                        f_divergence_type=self.f_divergence_type,
+                        f_alpha_divergence_coef=self.f_alpha_divergence_coef)
 
 
 class FusedLinearDPOFunction(torch.autograd.Function):
@@ -129,7 +133,8 @@ def fused_linear_dpo_loss(
     beta: float = 0.1, loss_type: Union[str, Sequence[str]] = "sigmoid", label_smoothing: float = 0.0,
     rpo_alpha: Optional[float] = None, ignore_index: int = -100, reduction: str = "mean",
     loss_weights: Optional[Sequence[float]] = None, discopop_tau: float = 0.05, temperature: float = 1.0,
-    softcap: Optional[float] = None, impl: str = "auto",
+    softcap: Optional[float] = None, impl: str = "auto", f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ):
     """DPO-family loss straight from packed policy hidden states; reference log-probs come in as numbers.
 
@@ -139,8 +144,9 @@ def fused_linear_dpo_loss(
         segment_ids: ``(N,) int64`` — ``2i`` for pair i's chosen tokens, ``2i+1`` for its rejected.
         ref_chosen_logps, ref_rejected_logps: ``(P,)`` precomputed reference sequence log-probs;
             ``num_segments = 2P`` comes from their shape (no host sync).
-        beta, loss_type, label_smoothing, rpo_alpha, reduction, loss_weights, discopop_tau: as
-            :func:`zephyr_kernels.dpo_loss` (formulas and papers in :mod:`zephyr_kernels.losses`).
+        beta, loss_type, label_smoothing, rpo_alpha, reduction, loss_weights, discopop_tau,
+            f_divergence_type, f_alpha_divergence_coef: as :func:`zephyr_kernels.dpo_loss` (formulas
+            and papers in :mod:`zephyr_kernels.losses`).
         temperature, softcap: the LM head's logit transform (``softcap · tanh(z / softcap) / T``,
             Gemma 2's final-logit softcap), as in :func:`zephyr_kernels.linear_logprobs`.
     Returns:
@@ -150,7 +156,8 @@ def fused_linear_dpo_loss(
     """
     opts = DPOOptions(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
                       rpo_alpha=None if rpo_alpha is None else float(rpo_alpha), reduction=reduction,
-                      loss_weights=loss_weights, discopop_tau=float(discopop_tau))
+                      loss_weights=loss_weights, discopop_tau=float(discopop_tau),
+                      f_divergence_type=f_divergence_type, f_alpha_divergence_coef=float(f_alpha_divergence_coef))
     loss, metrics, _ = fused_dpo(hidden, weight, labels, segment_ids, ref_chosen_logps, ref_rejected_logps,
                                  bias, opts, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                                  impl=impl)
@@ -165,12 +172,13 @@ class FusedLinearDPOLoss(nn.Module):
                  label_smoothing: float = 0.0, rpo_alpha: Optional[float] = None, ignore_index: int = -100,
                  reduction: str = "mean", loss_weights: Optional[Sequence[float]] = None,
                  discopop_tau: float = 0.05, temperature: float = 1.0, softcap: Optional[float] = None,
-                 impl: str = "auto"):
+                 impl: str = "auto", f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5):
         super().__init__()
         self.opts = DPOOptions(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
                                rpo_alpha=None if rpo_alpha is None else float(rpo_alpha), reduction=reduction,
                                loss_weights=None if loss_weights is None else tuple(loss_weights),
-                               discopop_tau=float(discopop_tau))
+                               discopop_tau=float(discopop_tau), f_divergence_type=f_divergence_type,
+                               f_alpha_divergence_coef=float(f_alpha_divergence_coef))
         self.ignore_index, self.impl = ignore_index, impl
         self.head = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap))
 

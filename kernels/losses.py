@@ -44,6 +44,14 @@ log-ratios ``c = log π(y_w) - log π_ref(y_w)``, ``r = log π(y_l) - log π_ref
 ``loss_weights`` (default all 1), as TRL's list-valued ``loss_type`` — e.g. MPO (Wang et al. 2024,
 arXiv:2411.10442): ``("sigmoid", "bco_pair", "sft")`` with ``(0.8, 0.2, 1.0)``.
 
+``f_divergence_type`` (TRL's, from f-DPO, Wang et al. 2023, arXiv:2309.16240) replaces the log-ratios
+``c``, ``r`` by the scores ``f'(t)`` of the ratio ``t = π/π_ref`` in the losses built on the margin
+(``sigmoid``, ``hinge``, ``ipo``, ``exo_pair``, ``robust``, ``discopop``, ``sigmoid_norm``; ``sft`` takes
+none): ``reverse_kl`` ``log t`` (DPO), ``forward_kl`` ``1 - 1/t``, ``js_divergence``
+``log 2 + log σ(log t)``, ``alpha_divergence`` ``(t^(α-1) - 1)/(α-1)`` with α =
+``f_alpha_divergence_coef`` (its exponent clamped at 80, as TRL; α = 1 is ``reverse_kl``). The
+``rewards/*`` metrics stay ``β·c``, ``β·r``.
+
 ``reduction="mean"`` averages over pairs; ``"sum"`` sums (and scales the per-batch ``sft`` and RPO
 terms by P) so a caller can divide by the global pair count across micro-batches and ranks.
 """
@@ -66,6 +74,9 @@ REFUSED_LOSS_TYPES = {
     "kto_pair": "removed from TRL: KTO needs unpaired examples and a batch KL estimate, not (P,) pair "
                 "log-probs; use TRL's KTOTrainer",
 }
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# the losses built on the (f-)scores; TRL refuses another f-divergence with the others
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 # label_smoothing range [lo, hi) per loss type; exo_pair needs ε > 0 (log ε); others take no ε
 _EPS_RANGE = {"sigmoid": (0.0, 1.0), "robust": (0.0, 0.5), "aot": (0.0, 1.0), "aot_unpaired": (0.0, 1.0)}
 METRIC_KEYS = (
@@ -94,9 +105,15 @@ def _check_eps(name, eps):
         raise ValueError(f"label_smoothing must lie in [{lo}, {hi}) for loss_type={name!r}, got {eps}")
 
 
-def check_dpo_args(beta, loss_type, label_smoothing, reduction, loss_weights=None, discopop_tau=0.05):
+def check_dpo_args(beta, loss_type, label_smoothing, reduction, loss_weights=None, discopop_tau=0.05,
+                   f_divergence_type="reverse_kl"):
     """Refuse, with one line, any argument the DPO losses cannot honour (ranges per loss type)."""
     names = loss_types_of(loss_type)
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
+    if f_divergence_type != "reverse_kl" and not set(names) <= set(F_DIVERGENCE_LOSS_TYPES):
+        raise ValueError(f"f_divergence_type={f_divergence_type!r} is only supported for the loss types "
+                         f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, got {list(names)}; use f_divergence_type='reverse_kl'")
     if not names:
         raise ValueError("loss_type must name at least one loss")
     for name in names:
@@ -128,6 +145,8 @@ class _Pairs(NamedTuple):
     beta: float
     eps: float
     tau: float
+    sc: torch.Tensor  # f-divergence score of the chosen ratio (c for reverse_kl)
+    sr: torch.Tensor  # ... of the rejected one
 
 
 def _smoothed_sigmoid(z, eps):
@@ -136,24 +155,36 @@ def _smoothed_sigmoid(z, eps):
     return out - F.logsigmoid(-z) * eps if eps else out
 
 
+def f_scores(c: torch.Tensor, r: torch.Tensor, f_divergence_type: str, alpha: float) -> tuple:
+    """``(f'(t_w), f'(t_l))`` from the log-ratios ``c = log t_w``, ``r = log t_l`` (module docstring)."""
+    if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return c, r
+    if f_divergence_type == "forward_kl":
+        return 1.0 - torch.exp(-c), 1.0 - torch.exp(-r)
+    if f_divergence_type == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(c), math.log(2.0) + F.logsigmoid(r)
+    k = alpha - 1.0
+    return (torch.exp(torch.clamp(k * c, max=80.0)) - 1.0) / k, (torch.exp(torch.clamp(k * r, max=80.0)) - 1.0) / k
+
+
 def _per_token(x: _Pairs, name):
     if x.lc is None or x.lr is None:
         raise ValueError(f"loss_type={name!r} needs chosen_lengths and rejected_lengths (completion token counts)")
-    return x.c / x.lc.float().clamp(min=1.0), x.r / x.lr.float().clamp(min=1.0)
+    return x.sc / x.lc.float().clamp(min=1.0), x.sr / x.lr.float().clamp(min=1.0)
 
 
 def _ipo(x):
-    c, r = (x.c, x.r) if x.lc is None else _per_token(x, "ipo")
+    c, r = (x.sc, x.sr) if x.lc is None else _per_token(x, "ipo")
     return (c - r - 1.0 / (2.0 * x.beta)) ** 2
 
 
 def _robust(x):
-    z = x.beta * (x.c - x.r)
+    z = x.beta * (x.sc - x.sr)
     return (-(1.0 - x.eps) * F.logsigmoid(z) + x.eps * F.logsigmoid(-z)) / (1.0 - 2.0 * x.eps)
 
 
 def _exo_pair(x):
-    z = x.beta * (x.c - x.r)
+    z = x.beta * (x.sc - x.sr)
     log_pw, log_pl = math.log1p(-x.eps), math.log(x.eps)
     return torch.sigmoid(z) * (F.logsigmoid(z) - log_pw) + torch.sigmoid(-z) * (F.logsigmoid(-z) - log_pl)
 
@@ -177,7 +208,7 @@ def _aot_unpaired(x):
 
 
 def _discopop(x):
-    z = x.beta * (x.c - x.r)
+    z = x.beta * (x.sc - x.sr)
     m = torch.sigmoid(z / x.tau)
     return -F.logsigmoid(z) * (1.0 - m) + torch.exp(-z) * m
 
@@ -196,8 +227,8 @@ def _sft(x):
 
 
 _LOSSES = {
-    "sigmoid": lambda x: _smoothed_sigmoid(x.beta * (x.c - x.r), x.eps),
-    "hinge": lambda x: torch.relu(1.0 - x.beta * (x.c - x.r)),
+    "sigmoid": lambda x: _smoothed_sigmoid(x.beta * (x.sc - x.sr), x.eps),
+    "hinge": lambda x: torch.relu(1.0 - x.beta * (x.sc - x.sr)),
     "ipo": _ipo,
     "robust": _robust,
     "exo_pair": _exo_pair,
@@ -250,6 +281,8 @@ def dpo_loss(
     rejected_lengths: Optional[torch.Tensor] = None,
     loss_weights=None,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ):
     """DPO-family loss of ``P`` pairs (formulas and papers in the module docstring).
 
@@ -261,11 +294,12 @@ def dpo_loss(
         chosen_lengths, rejected_lengths: optional ``(P,)`` completion token counts; used by ``ipo``
             (TRL's per-token normalisation) and required by ``sigmoid_norm`` and ``sft``.
         discopop_tau: τ of ``discopop``.
+        f_divergence_type, f_alpha_divergence_coef: TRL's f-divergence scores (module docstring).
     Returns:
         ``(loss, metrics)``: fp32 0-d loss and a dict of detached 0-d tensors named as TRL logs them
         (means over pairs, or sums with ``reduction="sum"``).
     """
-    check_dpo_args(beta, loss_type, label_smoothing, reduction, loss_weights, discopop_tau)
+    check_dpo_args(beta, loss_type, label_smoothing, reduction, loss_weights, discopop_tau, f_divergence_type)
     pc, pr = policy_chosen_logps.float(), policy_rejected_logps.float()
     rc, rr = ref_chosen_logps.float(), ref_rejected_logps.float()
     if not (pc.shape == pr.shape == rc.shape == rr.shape) or pc.dim() != 1:
@@ -273,8 +307,9 @@ def dpo_loss(
             "policy/ref chosen/rejected logps must all be (P,); got "
             f"{[tuple(t.shape) for t in (pc, pr, rc, rr)]}"
         )
-    x = _Pairs(pc, pr, rc, rr, pc - rc, pr - rr, chosen_lengths, rejected_lengths,
-               float(beta), float(label_smoothing), float(discopop_tau))
+    c, r = pc - rc, pr - rr
+    x = _Pairs(pc, pr, rc, rr, c, r, chosen_lengths, rejected_lengths, float(beta), float(label_smoothing),
+               float(discopop_tau), *f_scores(c, r, f_divergence_type, float(f_alpha_divergence_coef)))
     names = loss_types_of(loss_type)
     weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
     reduce = torch.mean if reduction == "mean" else torch.sum

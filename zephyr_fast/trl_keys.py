@@ -31,9 +31,6 @@ UNSET_ONLY = {
     "do_predict": ((False,), "use `zephyr-fast evaluate RECIPE --split test`"),
     "enable_jit_checkpoint": ((False,), "checkpoints are written at save_steps / save_strategy"),
     "eval_delay": ((0, 0.0), "evaluation follows eval_strategy / eval_steps from the start"),
-    "f_alpha_divergence_coef": ((0.5,), "only f_divergence_type reverse_kl (DPO's) is implemented"),
-    "f_divergence_type": (("reverse_kl",), "f-divergence DPO variants are not implemented (loss_type lists "
-                                           "the implemented losses)"),
     "fp16_full_eval": ((False,), "evaluation runs in the model's dtype"),
     "fsdp": ((False,), "FSDP is not wired: ZeRO-3 (recipes/deepspeed/zero3.json) shards the same way"),
     "fsdp_config": ((), "FSDP is not wired: ZeRO-3 (recipes/deepspeed/zero3.json) shards the same way"),

@@ -153,6 +153,8 @@ class DPOConfig:
     label_smoothing: float = 0.0
     rpo_alpha: Optional[float] = None
     discopop_tau: float = 0.05  # temperature of loss_type discopop
+    f_divergence_type: str = "reverse_kl"  # TRL's f-DPO scores (zephyr_kernels.losses)
+    f_alpha_divergence_coef: float = 0.5  # alpha of f_divergence_type alpha_divergence
     reference_free: bool = False  # TRL: the reference log-probs are 0 (no reference pass)
     disable_dropout: bool = True  # TRL's default: every nn.Dropout of the trained model (LoRA's too) gets p = 0
     ref_logps_dir: Optional[str] = None  # default: {output_dir}/ref_logps
@@ -166,7 +168,7 @@ class DPOConfig:
             self.loss_type = self.loss_type[0]  # TRL 1.16's default is ["sigmoid"]: the same loss
         try:
             check_dpo_args(self.beta, self.loss_type, self.label_smoothing, "sum", self.loss_weights,
-                           self.discopop_tau)
+                           self.discopop_tau, self.f_divergence_type)
         except ValueError as e:
             names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
             bad = next((str(n) for n in names if n not in LOSS_TYPES), None)
@@ -218,7 +220,8 @@ class DPOStage(Stage):
         dpo_loss = FusedLinearDPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                                       rpo_alpha=d.rpo_alpha, reduction="sum", loss_weights=d.loss_weights,
                                       discopop_tau=d.discopop_tau, temperature=temperature, softcap=softcap,
-                                      impl=self.impl)
+                                      impl=self.impl, f_divergence_type=d.f_divergence_type,
+                                      f_alpha_divergence_coef=d.f_alpha_divergence_coef)
 
         def head(rows, weight, labels, segment_ids, ref):
             ref_chosen, ref_rejected = ref
