@@ -1,4 +1,7 @@
-"""Fixtures shared by the evaluation tests: one tiny SFT run with checkpoints (session-wide)."""
+"""Fixtures shared by the evaluation tests: a tiny SFT run with a checkpoint, a tiny dDPO run from it, and
+a judge served from that checkpoint (session-wide, built once)."""
+
+import os
 
 import pytest
 
@@ -40,13 +43,17 @@ def dpo_run(tmp_path_factory, sft_run):
 
 
 @pytest.fixture(scope="session")
-def judge(tmp_path_factory):
-    """A real OpenAI-compatible judge: ``transformers serve`` with a tiny random model on 127.0.0.1, forced to
-    answer with a verdict token (``constrain_tokenizer``); its verdicts mean nothing, the plumbing is real."""
-    from tests.aif.helpers import TOKENIZER, save_tiny_model
+def judge(tmp_path_factory, sft_run):
+    """A real OpenAI-compatible judge: ``transformers serve`` of a copy of ``sft_run``'s checkpoint-1 (a
+    checkpoint is a servable model folder) on 127.0.0.1, forced to answer with a verdict token
+    (``constrain_tokenizer``); a tiny model's verdicts mean nothing, the plumbing is real."""
+    import shutil
+
+    from tests.aif.helpers import TOKENIZER
     from zephyr_fast.aif.serve import serve_local
 
-    model_dir = save_tiny_model(tmp_path_factory.mktemp("eval_judge") / "tiny-judge", seed=3)
+    model_dir = str(tmp_path_factory.mktemp("eval_judge") / "checkpoint-1")
+    shutil.copytree(os.path.join(sft_run[1], "checkpoint-1"), model_dir)  # the server may write beside it
     with serve_local(model_dir) as server:
         yield ["--base-url", server.base_url, "--judge-model", server.model, "--constrain-tokenizer", str(TOKENIZER),
                "--concurrency", "2", "--timeout", "60"]
