@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from zephyr_kernels.dispatch import autocast_inputs, autocast_off, backend, check_inputs
-from zephyr_kernels.losses import LOSS_TYPES, METRIC_KEYS, check_dpo_args, dpo_loss  # noqa: F401
+from zephyr_kernels.losses import LOSS_TYPES, METRIC_KEYS, check_dpo_args, dpo_loss, loss_types_of  # noqa: F401
 
 AUX_KEYS = METRIC_KEYS + ("logits/chosen", "logits/rejected", "nll_loss")
 
@@ -37,19 +37,32 @@ class DPOOptions:
     average_log_prob: bool = False
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    use_weighting: bool = False  # WPO's pair weights (zephyr_kernels.losses)
 
     def __post_init__(self):
         check_dpo_args(self.beta, self.loss_type, self.label_smoothing, self.reduction, self.loss_weights,
                        self.discopop_tau, self.f_divergence_type)
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(loss_types_of(self.loss_type)):
+            raise ValueError("use_weighting is not supported with loss_type 'aot' / 'aot_unpaired' (as TRL)")
 
-    def loss(self, pc, pr, rc, rr, counts, nll):
+    def loss(self, pc, pr, rc, rr, counts, nll, pair_weights=None):
         """:func:`dpo_loss` on ``(P,)`` policy / reference log-probs with these options."""
         return dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type,
                         label_smoothing=self.label_smoothing, rpo_alpha=self.rpo_alpha, chosen_nll=nll,
                         reduction=self.reduction, chosen_lengths=counts[0::2], rejected_lengths=counts[1::2],
                         loss_weights=self.loss_weights, discopop_tau=self.discopop_tau,
                         f_divergence_type=self.f_divergence_type,
-                        f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+                        f_alpha_divergence_coef=self.f_alpha_divergence_coef, pair_weights=pair_weights)
+
+
+def wpo_weights(be, hidden, weight, bias, labels, segment_ids, seg, counts, cfg) -> torch.Tensor:
+    """WPO's ``(P,)`` pair weights ``w(y_w)·w(y_l)``: per sequence ``exp(mean_t [log p_t - log Σ_v p_v²])``,
+    where ``log p_t - log Σ_v p_v²`` is the token's log-prob at half the temperature minus ``log p_t``
+    (``2z_t - lse(2z) - z_t + lse(z)``): one more statistics pass, no gradient."""
+    half = dict(cfg, temperature=cfg["temperature"] / 2.0)
+    seg_half = be.stats(hidden, weight, bias, labels, segment_ids=segment_ids, num_segments=seg.numel(), **half).seg
+    w = torch.exp((seg_half - seg.detach()) / counts.clamp(min=1.0))
+    return w[0::2] * w[1::2]
 
 
 class FusedLinearDPOFunction(torch.autograd.Function):
@@ -71,12 +84,14 @@ class FusedLinearDPOFunction(torch.autograd.Function):
         counts = torch.zeros(2 * P, device=hidden.device).index_add_(0, segment_ids, valid)
         zsums = torch.zeros(2 * P, device=hidden.device).index_add_(0, segment_ids, st.zsum * valid)
         need = ctx.needs_input_grad[:3]
+        pw = (wpo_weights(be, hidden, weight, bias, labels, segment_ids, st.seg, counts, cfg)
+              if opts.use_weighting else None)
         with torch.enable_grad():
             seg = st.seg.detach().requires_grad_()
             logps = seg / counts.clamp(min=1.0) if opts.average_log_prob else seg
             nll = None if opts.rpo_alpha is None else -seg[0::2].sum() / counts[0::2].sum().clamp(min=1.0)
             loss, metrics = opts.loss(logps[0::2], logps[1::2], ref_chosen.detach().float(),
-                                      ref_rejected.detach().float(), counts, nll)
+                                      ref_rejected.detach().float(), counts, nll, pw)
             g_seg = torch.autograd.grad(loss, seg)[0] if any(need) else None
         V = weight.shape[0]
         extra = [
@@ -134,7 +149,7 @@ def fused_linear_dpo_loss(
     rpo_alpha: Optional[float] = None, ignore_index: int = -100, reduction: str = "mean",
     loss_weights: Optional[Sequence[float]] = None, discopop_tau: float = 0.05, temperature: float = 1.0,
     softcap: Optional[float] = None, impl: str = "auto", f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
+    f_alpha_divergence_coef: float = 0.5, use_weighting: bool = False,
 ):
     """DPO-family loss straight from packed policy hidden states; reference log-probs come in as numbers.
 
@@ -147,6 +162,7 @@ def fused_linear_dpo_loss(
         beta, loss_type, label_smoothing, rpo_alpha, reduction, loss_weights, discopop_tau,
             f_divergence_type, f_alpha_divergence_coef: as :func:`zephyr_kernels.dpo_loss` (formulas
             and papers in :mod:`zephyr_kernels.losses`).
+        use_weighting: WPO's pair weights (:func:`wpo_weights`; one more no-gradient pass).
         temperature, softcap: the LM head's logit transform (``softcap · tanh(z / softcap) / T``,
             Gemma 2's final-logit softcap), as in :func:`zephyr_kernels.linear_logprobs`.
     Returns:
@@ -157,7 +173,8 @@ def fused_linear_dpo_loss(
     opts = DPOOptions(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
                       rpo_alpha=None if rpo_alpha is None else float(rpo_alpha), reduction=reduction,
                       loss_weights=loss_weights, discopop_tau=float(discopop_tau),
-                      f_divergence_type=f_divergence_type, f_alpha_divergence_coef=float(f_alpha_divergence_coef))
+                      f_divergence_type=f_divergence_type, f_alpha_divergence_coef=float(f_alpha_divergence_coef),
+                      use_weighting=bool(use_weighting))
     loss, metrics, _ = fused_dpo(hidden, weight, labels, segment_ids, ref_chosen_logps, ref_rejected_logps,
                                  bias, opts, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                                  impl=impl)
@@ -172,13 +189,15 @@ class FusedLinearDPOLoss(nn.Module):
                  label_smoothing: float = 0.0, rpo_alpha: Optional[float] = None, ignore_index: int = -100,
                  reduction: str = "mean", loss_weights: Optional[Sequence[float]] = None,
                  discopop_tau: float = 0.05, temperature: float = 1.0, softcap: Optional[float] = None,
-                 impl: str = "auto", f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5):
+                 impl: str = "auto", f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                 use_weighting: bool = False):
         super().__init__()
         self.opts = DPOOptions(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
                                rpo_alpha=None if rpo_alpha is None else float(rpo_alpha), reduction=reduction,
                                loss_weights=None if loss_weights is None else tuple(loss_weights),
                                discopop_tau=float(discopop_tau), f_divergence_type=f_divergence_type,
-                               f_alpha_divergence_coef=float(f_alpha_divergence_coef))
+                               f_alpha_divergence_coef=float(f_alpha_divergence_coef),
+                               use_weighting=bool(use_weighting))
         self.ignore_index, self.impl = ignore_index, impl
         self.head = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap))
 

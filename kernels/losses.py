@@ -52,6 +52,11 @@ none): ``reverse_kl`` ``log t`` (DPO), ``forward_kl`` ``1 - 1/t``, ``js_divergen
 ``f_alpha_divergence_coef`` (its exponent clamped at 80, as TRL; α = 1 is ``reverse_kl``). The
 ``rewards/*`` metrics stay ``β·c``, ``β·r``.
 
+``use_weighting`` (WPO, Zhou et al. 2024, arXiv:2406.11827, eq. 2-3, as TRL 1.16) multiplies each pair's
+loss by ``w(y_w)·w(y_l)``, ``w(y) = exp(mean_t [log p(y_t) - log Σ_v p(v)²])`` over the completion's
+tokens, taken as constants (:mod:`zephyr_kernels.dpo` computes them: ``log p_t - log Σ_v p_v²`` is the
+token's log-prob at half the temperature minus its log-prob, one more no-gradient statistics pass).
+
 ``reduction="mean"`` averages over pairs; ``"sum"`` sums (and scales the per-batch ``sft`` and RPO
 terms by P) so a caller can divide by the global pair count across micro-batches and ranks.
 """
@@ -283,6 +288,7 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
+    pair_weights: Optional[torch.Tensor] = None,
 ):
     """DPO-family loss of ``P`` pairs (formulas and papers in the module docstring).
 
@@ -295,6 +301,7 @@ def dpo_loss(
             (TRL's per-token normalisation) and required by ``sigmoid_norm`` and ``sft``.
         discopop_tau: τ of ``discopop``.
         f_divergence_type, f_alpha_divergence_coef: TRL's f-divergence scores (module docstring).
+        pair_weights: optional ``(P,)`` factors of each pair's loss (WPO's weights; treated as constants).
     Returns:
         ``(loss, metrics)``: fp32 0-d loss and a dict of detached 0-d tensors named as TRL logs them
         (means over pairs, or sums with ``reduction="sum"``).
@@ -313,7 +320,8 @@ def dpo_loss(
     names = loss_types_of(loss_type)
     weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
     reduce = torch.mean if reduction == "mean" else torch.sum
-    loss = sum(w * reduce(pair_losses(x, name)) for name, w in zip(names, weights))
+    pw = 1.0 if pair_weights is None else pair_weights.detach().float()
+    loss = sum(w * reduce(pair_losses(x, name) * pw) for name, w in zip(names, weights))
     if rpo_alpha is not None:
         if chosen_nll is None:
             raise ValueError("rpo_alpha needs chosen_nll (mean NLL per chosen token)")

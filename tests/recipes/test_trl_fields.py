@@ -57,7 +57,7 @@ def test_every_trl_field_loads_at_trls_default(stage, key, value):
 
 @pytest.mark.parametrize("key,value,expected", [
     ("torch_compile", True, "the model is not compiled"),
-    ("use_weighting", True, "WPO's weighting is not implemented"),
+    ("use_weighting", "maybe", "expected bool"),
     ("f_divergence_type", "chi2", "f_divergence_type must be one of"),
     ("ld_alpha", 0.5, "LD-DPO"),
     ("neftune_noise_alpha", 5.0, "NEFTune"),
@@ -114,6 +114,7 @@ def _head_inputs(P=3, D=16, V=53, seed=0):
      dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2])),
     ({"loss_type": "discopop", "discopop_tau": 0.2}, dict(loss_type="discopop", discopop_tau=0.2)),
     ({"loss_type": ["ipo"]}, dict(loss_type="ipo")),
+    ({"use_weighting": True}, dict(use_weighting=True)),
     ({"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
      dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)),
 ])

@@ -155,6 +155,7 @@ class DPOConfig:
     discopop_tau: float = 0.05  # temperature of loss_type discopop
     f_divergence_type: str = "reverse_kl"  # TRL's f-DPO scores (zephyr_kernels.losses)
     f_alpha_divergence_coef: float = 0.5  # alpha of f_divergence_type alpha_divergence
+    use_weighting: bool = False  # WPO's pair weights (zephyr_kernels.losses)
     reference_free: bool = False  # TRL: the reference log-probs are 0 (no reference pass)
     disable_dropout: bool = True  # TRL's default: every nn.Dropout of the trained model (LoRA's too) gets p = 0
     ref_logps_dir: Optional[str] = None  # default: {output_dir}/ref_logps
@@ -221,7 +222,8 @@ class DPOStage(Stage):
                                       rpo_alpha=d.rpo_alpha, reduction="sum", loss_weights=d.loss_weights,
                                       discopop_tau=d.discopop_tau, temperature=temperature, softcap=softcap,
                                       impl=self.impl, f_divergence_type=d.f_divergence_type,
-                                      f_alpha_divergence_coef=d.f_alpha_divergence_coef)
+                                      f_alpha_divergence_coef=d.f_alpha_divergence_coef,
+                                      use_weighting=d.use_weighting)
 
         def head(rows, weight, labels, segment_ids, ref):
             ref_chosen, ref_rejected = ref
