@@ -52,9 +52,6 @@ UNSET_ONLY = {
     "torch_compile_backend": ((), "the model is not compiled (torch_compile)"),
     "torch_compile_mode": ((), "the model is not compiled (torch_compile)"),
     "train_sampling_strategy": (("random",), "each epoch is a seeded shuffle of the train split"),
-    "truncation_mode": (("keep_start",), "zephyr_fast truncates as alignment-handbook's TRL did: the prompt from the "
-                                         "left to max_prompt_length, then the completions from the right to "
-                                         "max_length; with max_prompt_length: null that is keep_start"),
 }
 
 # keys -> why they cannot change a result (whatever the value)

@@ -62,7 +62,7 @@ def test_every_trl_field_loads_at_trls_default(stage, key, value):
     ("ld_alpha", 0.5, "LD-DPO"),
     ("neftune_noise_alpha", 5.0, "NEFTune"),
     ("fsdp", "full_shard", "ZeRO-3"),
-    ("truncation_mode", "keep_end", "alignment-handbook's TRL"),
+    ("truncation_mode", "keep_end", "'keep_start' (TRL 1.16's, which deprecates keep_end)"),
     ("optim_args", "foo=1", "adam_beta1"),
 ])
 def test_a_value_zephyr_fast_cannot_honour_is_refused_with_a_pointer(key, value, expected):

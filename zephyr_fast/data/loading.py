@@ -153,6 +153,9 @@ class DataConfig:
     # HF's / TRL's key: false (their default) keeps each epoch's last n mod step examples as a smaller
     # last step; true leaves them out ("examples" batching; token bins come in whole steps)
     dataloader_drop_last: bool = False
+    # DPO truncation: None (alignment-handbook's TRL: prompt from the left to max_prompt_length, then the
+    # completions from the right) or TRL 1.16's "keep_start" (zephyr_fast.data.preference)
+    truncation_mode: Optional[str] = None
     dpo_layout: str = "separate"  # "separate" | "prefix_shared"
     overlong: str = "truncate"  # "truncate" | "split" (SFT sequences longer than a bin)
     # bad input
@@ -173,6 +176,10 @@ class DataConfig:
             self.batch_by = "tokens" if self.max_tokens_per_batch is not None else "auto"
         if self.batch_by not in ("auto", "examples", "tokens"):
             raise ValueError(f"batch_by: must be auto | examples | tokens, got {self.batch_by!r}")
+        if self.truncation_mode not in (None, "keep_start"):
+            raise ValueError(f"truncation_mode: {self.truncation_mode!r} is not supported: 'keep_start' (TRL 1.16's, "
+                             "which deprecates keep_end) or leave it out for alignment-handbook's truncation "
+                             "(the prompt from the left to max_prompt_length)")
         if self.overlong not in ("truncate", "split"):
             raise ValueError(f"data config: overlong must be 'truncate' or 'split', got {self.overlong!r}")
 

@@ -45,6 +45,7 @@ class DPOReport:
     completion_truncated: int = 0
     seam_retokenized: int = 0
     identical: int = 0  # pairs whose chosen and rejected completions are the same text (trained on, as TRL)
+    prompt_fills: int = 0  # truncation_mode keep_start: pairs dropped, the prompt alone fills max_length (TRL)
     prompt_tokens: int = 0
     chosen_tokens: int = 0
     rejected_tokens: int = 0
@@ -58,7 +59,9 @@ class DPOReport:
             f"{self.prompt_tokens}/{self.chosen_tokens}/{self.rejected_tokens}; truncated (max_length="
             f"{self.max_length}, max_prompt_length={self.max_prompt_length}): {self.prompt_truncated} prompts "
             f"from the left, {self.completion_truncated} pairs' completions from the right; "
-            f"{self.identical} with identical chosen and rejected (kept, as TRL: no gradient); {self.skipped}"
+            f"{self.identical} with identical chosen and rejected (kept, as TRL: no gradient); "
+            + (f"{self.prompt_fills} dropped: the prompt alone fills max_length (truncation_mode keep_start); "
+               if self.prompt_fills else "") + f"{self.skipped}"
         )
 
 
@@ -151,6 +154,7 @@ def build_dpo_examples(
     skip_invalid_rows: bool = False,
     dataset_name: str = "dpo",
     show_progress: bool = True,
+    truncation_mode: Optional[str] = None,
 ):
     """Tokenise preference rows into DPO pairs.
 
@@ -158,6 +162,10 @@ def build_dpo_examples(
         rows: ``datasets.Dataset`` or list of dicts (formats in the module docstring).
         max_length: cap on ``len(prompt) + len(completion)`` for chosen and for rejected.
         max_prompt_length: prompts of over-long pairs are cut from the left to this many tokens.
+        truncation_mode: None (alignment-handbook's TRL: the prompt, then the completions) or TRL 1.16's
+            ``"keep_start"``: each sequence keeps its first ``max_length`` tokens (the prompt is never
+            cut; ``max_prompt_length`` is not used) and a pair whose prompt alone fills ``max_length``
+            is dropped and counted, as TRL drops it.
         add_empty_system: prepend an empty system turn (alignment-handbook's Zephyr default).
     Returns:
         ``(examples, report)``; each example is ``{"index": int (position in rows), "prompt_ids":
@@ -207,8 +215,13 @@ def build_dpo_examples(
                 else:  # a token merged across the seam: tokenise the completion alone
                     report.seam_retokenized += 1
                     comps.append(tokenizer(text[len(ptxt[t]) :], add_special_tokens=False)["input_ids"])
+            keep_start = truncation_mode == "keep_start"
             pp, cc, rr, pcut, ccut = truncate_pair(list(p), comps[0], comps[1], max_length=max_length,
-                                                  max_prompt_length=max_prompt_length, bos_id=bos_id)
+                                                  max_prompt_length=None if keep_start else max_prompt_length,
+                                                  bos_id=bos_id)
+            if keep_start and len(pp) >= max_length:
+                report.prompt_fills += 1
+                continue
             if len(pp) >= max_length:
                 ds, r = origins[j]
                 errors.append(DataError(ds, r, "prompt", f"the prompt alone has {len(pp)} tokens >= max_length="

@@ -198,6 +198,7 @@ class DPOStage(Stage):
 
     def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
         return build_dpo_examples(rows, tokenizer, max_prompt_length=data.max_prompt_length,
+                                  truncation_mode=data.truncation_mode,
                                   **common_tokenize_kwargs(data, name))
 
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
