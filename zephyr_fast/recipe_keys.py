@@ -241,7 +241,7 @@ HF_DEFAULTS = {
 }
 
 # the DPO stage's keys outside the ``dpo`` section (DPO evidence for infer_stage)
-DPO_DATA_KEYS = ("max_prompt_length", "dpo_layout")
+DPO_DATA_KEYS = ("max_prompt_length", "dpo_layout", "max_completion_length")
 DPO_TRL_KEYS = ("precompute_ref_log_probs", "force_use_ref_model")
 WEAK_DPO_KEYS = ("max_prompt_length",)  # with an explicit stage sft: a notice, not a refusal
 

@@ -1,4 +1,4 @@
-"""``truncation_mode: keep_start`` (TRL 1.16): each sequence keeps its first max_length tokens, the prompt
+"""``max_completion_length`` (older TRL) and ``truncation_mode: keep_start`` (TRL 1.16): each sequence keeps its first max_length tokens, the prompt
 is never cut, and a pair whose prompt alone fills max_length is dropped and counted; without it the
 alignment-handbook truncation (prompt from the left to max_prompt_length) stays the default."""
 
@@ -42,3 +42,10 @@ def test_the_default_is_the_handbooks_truncation(tok):
 def test_keep_end_is_refused_with_a_pointer():
     with pytest.raises(ValueError, match="truncation_mode: 'keep_end' is not supported: 'keep_start'"):
         DataConfig(dataset_mixer={"x.jsonl": 1.0}, truncation_mode="keep_end")
+
+
+def test_max_completion_length_cuts_each_completion_first(tok):
+    full, _ = build_dpo_examples(ROWS[1:2], tok, max_length=4096, show_progress=False)
+    ex, rep = build_dpo_examples(ROWS[1:2], tok, max_length=4096, max_completion_length=20, show_progress=False)
+    assert ex[0]["prompt_ids"] == full[0]["prompt_ids"] and rep.completion_truncated == 1
+    assert ex[0]["chosen_ids"] == full[0]["chosen_ids"][:20] and ex[0]["rejected_ids"] == full[0]["rejected_ids"][:20]

@@ -156,6 +156,7 @@ class DataConfig:
     # DPO truncation: None (alignment-handbook's TRL: prompt from the left to max_prompt_length, then the
     # completions from the right) or TRL 1.16's "keep_start" (zephyr_fast.data.preference)
     truncation_mode: Optional[str] = None
+    max_completion_length: Optional[int] = None  # older TRL's DPO key: completions cut from the right to it first
     dpo_layout: str = "separate"  # "separate" | "prefix_shared"
     overlong: str = "truncate"  # "truncate" | "split" (SFT sequences longer than a bin)
     # bad input
@@ -176,6 +177,8 @@ class DataConfig:
             self.batch_by = "tokens" if self.max_tokens_per_batch is not None else "auto"
         if self.batch_by not in ("auto", "examples", "tokens"):
             raise ValueError(f"batch_by: must be auto | examples | tokens, got {self.batch_by!r}")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length: must be >= 1, got {self.max_completion_length}")
         if self.truncation_mode not in (None, "keep_start"):
             raise ValueError(f"truncation_mode: {self.truncation_mode!r} is not supported: 'keep_start' (TRL 1.16's, "
                              "which deprecates keep_end) or leave it out for alignment-handbook's truncation "

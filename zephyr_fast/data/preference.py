@@ -155,6 +155,7 @@ def build_dpo_examples(
     dataset_name: str = "dpo",
     show_progress: bool = True,
     truncation_mode: Optional[str] = None,
+    max_completion_length: Optional[int] = None,
 ):
     """Tokenise preference rows into DPO pairs.
 
@@ -166,6 +167,8 @@ def build_dpo_examples(
             ``"keep_start"``: each sequence keeps its first ``max_length`` tokens (the prompt is never
             cut; ``max_prompt_length`` is not used) and a pair whose prompt alone fills ``max_length``
             is dropped and counted, as TRL drops it.
+        max_completion_length: older TRL's cap: each completion is cut from the right to it before
+            the ``max_length`` rules (counted as a completion truncation).
         add_empty_system: prepend an empty system turn (alignment-handbook's Zephyr default).
     Returns:
         ``(examples, report)``; each example is ``{"index": int (position in rows), "prompt_ids":
@@ -215,6 +218,9 @@ def build_dpo_examples(
                 else:  # a token merged across the seam: tokenise the completion alone
                     report.seam_retokenized += 1
                     comps.append(tokenizer(text[len(ptxt[t]) :], add_special_tokens=False)["input_ids"])
+            if max_completion_length is not None and max(len(x) for x in comps) > max_completion_length:
+                comps = [x[:max_completion_length] for x in comps]
+                report.completion_truncated += 1
             keep_start = truncation_mode == "keep_start"
             pp, cc, rr, pcut, ccut = truncate_pair(list(p), comps[0], comps[1], max_length=max_length,
                                                   max_prompt_length=None if keep_start else max_prompt_length,

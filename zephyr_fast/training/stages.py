@@ -199,6 +199,7 @@ class DPOStage(Stage):
     def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
         return build_dpo_examples(rows, tokenizer, max_prompt_length=data.max_prompt_length,
                                   truncation_mode=data.truncation_mode,
+                                  max_completion_length=data.max_completion_length,
                                   **common_tokenize_kwargs(data, name))
 
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
