@@ -8,9 +8,9 @@
     zephyr-fast binarize IN OUT [--seed N] [--score ...] # UltraFeedback raw/flat -> ultrafeedback_binarized
     zephyr-fast plot OUT.png LABEL=metrics.jsonl ...     # loss / reward-margin plot of finished runs
     zephyr-fast demo [--fast]                            # dSFT -> ref log-probs -> dDPO -> MT-Bench, tiny CPU model
-    zephyr-fast generate PROMPTS OUT_DIR --pool NAME=MODEL_DIR ... # AIF: completions from N pool models per prompt
-    zephyr-fast judge IN OUT [--base-url URL --judge-model M]      # AIF: UltraFeedback 4-aspect ratings via an OpenAI API
-    zephyr-fast aif recipes/aif.yaml [--key=value ...]             # AIF: generate -> judge -> binarize from one recipe
+    zephyr-fast generate PROMPTS OUT_DIR --pool NAME=MODEL_DIR|NAME=HUB_ID|NAME=URL#MODEL ... # AIF completions
+    zephyr-fast judge IN OUT [--base-url URL --judge-model M --completions-per-request N]  # UltraFeedback ratings
+    zephyr-fast aif recipes/aif.yaml [--dry-run] [--key=value ...] # AIF: generate -> judge -> binarize, one recipe
     zephyr-fast mt-bench MODEL_DIR [--out DIR]                     # MT-Bench answers + single-answer grading report
     zephyr-fast alpaca-eval MODEL_DIR [--annotators 1,2]           # AlpacaEval 1 / 2 (or --from-annotations FILE)
     zephyr-fast evaluate RECIPE.yaml [--split train] [--model DIR] # SFT loss / DPO metrics on a split, no training
