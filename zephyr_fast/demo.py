@@ -12,8 +12,10 @@
 4. dDPO (beta 0.1) from the dSFT model on the AIF pairs, reading the cache  -- recipes/tiny/dpo.yaml
 5. MT-Bench: the dDPO model answers one question per category (both turns, the training chat
    template, FastChat temperatures), graded by the same local judge with FastChat's prompts
-6. a summary on stdout, ``outputs/demo/demo.png`` (loss and reward margins per step) and
-   ``outputs/demo/mt_bench/`` (report.json, report.md, radar.png)
+6. ``zephyr-fast eval`` of the dDPO run (docs/EVAL.md): each epoch's checkpoint and the final model,
+   training preference accuracy and AlpacaEval (4 instructions) by the same judge, table and plot
+7. a summary on stdout, ``outputs/demo/demo.png`` (loss and reward margins per step),
+   ``outputs/demo/mt_bench/`` (report.json, report.md, radar.png) and ``outputs/demo/eval/`` (eval.md, eval.png)
 
 A GPU is used when present (same command). The models are tiny and trained for minutes, and the
 judge is one of them: its ratings are samples from a near-random distribution over the rating
@@ -38,6 +40,7 @@ from zephyr_fast.aif.serve import serve_local
 from zephyr_fast.config import load_config
 from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.eval.mt_bench import run_mt_bench
+from zephyr_fast.eval.run_eval import markdown_table, run_eval
 from zephyr_fast.model import load_model
 from zephyr_fast.train import run
 from zephyr_fast.training.metrics import plot_runs, read_jsonl
@@ -76,12 +79,23 @@ def _aif(out: str, server, args) -> dict:
     return run_aif(recipe, progress=False)
 
 
+def _judge(server) -> JudgeConfig:
+    """The served judge, forced to answer with a rating / verdict token, sampled."""
+    return JudgeConfig(base_url=server.base_url, model=server.model, api_key="local",
+                       constrain_tokenizer=server.model, temperature=1.0, concurrency=2, extra_body=SAMPLE_JUDGE)
+
+
 def _mt_bench(out: str, server, args) -> dict:
     """Step 5: MT-Bench answers of the dDPO model graded by the served judge."""
-    judge = JudgeConfig(base_url=server.base_url, model=server.model, api_key="local",
-                        constrain_tokenizer=server.model, temperature=1.0, concurrency=2, extra_body=SAMPLE_JUDGE)
-    return run_mt_bench(f"{out}/dpo", f"{out}/mt_bench", judge, per_category=args.questions,
+    return run_mt_bench(f"{out}/dpo", f"{out}/mt_bench", _judge(server), per_category=args.questions,
                         max_new_tokens=args.max_new_tokens, progress=False)
+
+
+def _eval(out: str, server, args) -> list:
+    """Step 6 (docs/EVAL.md): every dDPO checkpoint (one per epoch) and the final model -- training
+    preference accuracy and AlpacaEval on the first 4 instructions -- table and plot by epoch."""
+    return run_eval(f"{out}/dpo", f"{out}/eval", _judge(server), benches=("preference", "alpaca-eval"),
+                    alpaca_limit=4, max_new_tokens=args.max_new_tokens, lc=False, progress=False)
 
 
 def main(argv=None) -> int:
@@ -124,7 +138,8 @@ def main(argv=None) -> int:
 
         # 4. dDPO, reading the cache
         t = time.time()
-        dpo = run(load_config("recipes/tiny/dpo.yaml", dpo_over + [f"--output_dir={out}/dpo"]))
+        dpo_run = dpo_over + [f"--output_dir={out}/dpo", "--save_strategy=epoch"]  # a checkpoint per epoch: step 6
+        dpo = run(load_config("recipes/tiny/dpo.yaml", dpo_run))
         times["dDPO"] = time.time() - t
         assert dpo["ref_logps_train_reused"], "dDPO should reuse the reference log-probs of step 3"
 
@@ -133,7 +148,12 @@ def main(argv=None) -> int:
         mt = _mt_bench(out, server, args)
         times["MT-Bench"] = time.time() - t
 
-    # 6. plot + summary
+        # 6. every checkpoint of the dDPO run: training preference accuracy and AlpacaEval by epoch
+        t = time.time()
+        by_epoch = _eval(out, server, args)
+        times["eval by epoch"] = time.time() - t
+
+    # 7. plot + summary
     png = plot_runs({"dSFT": sft["metrics_path"], "dDPO": dpo["metrics_path"]}, os.path.join(out, "demo.png"))
     total = time.time() - t0
     sft_rows, dpo_rows = read_jsonl(sft["metrics_path"]), read_jsonl(dpo["metrics_path"])
@@ -151,6 +171,7 @@ def main(argv=None) -> int:
                 "train_pairs_per_second": dpo.get("train_pairs_per_second"), "steps": dpo["global_step"]},
         "mt_bench": {k: mt[k] for k in ("overall", "turn_1", "turn_2", "categories", "graded", "failures", "radar")},
         "mt_bench_table": mt["table"],
+        "eval_by_epoch": markdown_table(by_epoch, "train"), "eval_plot": f"{out}/eval/eval.png",
         "plot": png, "model_dir": f"{out}/dpo",
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -161,7 +182,7 @@ def main(argv=None) -> int:
 
 def _print_summary(s: dict) -> None:
     bar = "=" * 78
-    print(f"\n{bar}\nzephyr_fast demo: dSFT -> AIF -> ref log-probs -> dDPO -> MT-Bench  ({s['device']}, "
+    print(f"\n{bar}\nzephyr_fast demo: dSFT -> AIF -> ref log-probs -> dDPO -> MT-Bench -> eval  ({s['device']}, "
           f"{s['total_seconds']:.0f} s)\n{bar}")
     for k, v in s["phase_seconds"].items():
         print(f"  {k:<15} {v:7.1f} s")
@@ -185,6 +206,8 @@ def _print_summary(s: dict) -> None:
     print(f"  MT-Bench (tiny model graded by a tiny constrained judge: the numbers mean nothing): overall "
           f"{mt['overall']}, {mt['graded']} graded, {mt['failures']} failed; radar: {mt['radar']}")
     print("\n".join("    " + line for line in s["mt_bench_table"].splitlines()))
+    print("  by epoch (zephyr-fast eval): training preference accuracy, AlpacaEval (tiny judge: meaningless)")
+    print("\n".join("    " + line for line in s["eval_by_epoch"].splitlines()) + f"\n    plot: {s['eval_plot']}")
     print(f"  plot: {s['plot']}\n  model: {s['model_dir']}\n{bar}")
 
 
