@@ -108,6 +108,10 @@ def test_wandb_offline_run_gets_hf_names_config_and_resumes(tmp_path, wandb_offl
     again.log(2, {"loss": 2.0})
     assert again.wandb_run.id == run_id  # the resumed run continues the same wandb run
     again.close()
+    # the offline transaction logs are written by wandb's service process; finish() returns before it has
+    # necessarily flushed them (one CI run read the resumed run's file without its records): shutting the
+    # service down waits for it
+    wandb.teardown()
 
     runs = [rec.run for kind, rec in wandb_records(wandb_offline) if kind == "run"]
     assert [r.run_id for r in runs] == [run_id, run_id]

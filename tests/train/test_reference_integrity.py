@@ -255,6 +255,7 @@ def test_online_resolution_uses_model_info(tmp_path, monkeypatch):
         return types.SimpleNamespace(sha=SHA2)
 
     monkeypatch.setattr(HfApi, "model_info", model_info)
+    monkeypatch.setattr(fp, "hub_unreachable", lambda: None)  # the Hub answers (model_info stands in for it)
     assert fp.weights_fingerprint("org/tiny") == f"hub:org/tiny@{SHA2}" and calls == [("org/tiny", "main")]
 
 
