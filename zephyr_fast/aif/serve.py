@@ -64,11 +64,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs the server command in place of itself after asking Linux to send it SIGTERM when its parent (this
+# process) dies, even by SIGKILL: a killed `aif` / `judge` run leaves no server behind. The server has its
+# own session (so a Ctrl-C of the run does not reach it before stop()), so nothing else would end it.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # the parent died before the signal was armed\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
 def _command(model_dir: str, port: int) -> list:
     exe = shutil.which("transformers")
     base = [exe] if exe else [sys.executable, "-m", "transformers.cli.transformers"]
-    return base + ["serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                   "--log-level", "warning"]
+    serve = base + ["serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                    "--log-level", "warning"]
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *serve]
 
 
 def start_server(model_dir: str, *, port: Optional[int] = None, startup_timeout: float = 180.0,
