@@ -28,7 +28,9 @@ import traceback
 _CASE_MODULES = {"lm_head": ("benchmarks.lm_head",),
                  "model": ("benchmarks.model_cases", "zephyr_fast.model.load", "zephyr_fast.model.forward",
                            "zephyr_fast.data.packing", "transformers",
-                           "transformers.models.mistral.modeling_mistral")}
+                           "transformers.models.mistral.modeling_mistral"),
+                 "hf_patch": ("benchmarks.compat_cases", "zephyr_kernels.hf_patch", "zephyr_fast.model.load",
+                              "transformers.models.mistral.modeling_mistral")}
 
 
 def build(spec: dict):
@@ -41,6 +43,10 @@ def build(spec: dict):
         from .model_cases import ModelCase
 
         return ModelCase(spec)
+    if kind == "hf_patch":
+        from .compat_cases import HFPatchCase
+
+        return HFPatchCase(spec)
     raise ValueError(f"memprobe: unknown case kind {kind!r}")
 
 
