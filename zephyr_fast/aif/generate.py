@@ -51,7 +51,8 @@ from typing import Optional
 from ..data.chat import load_tokenizer
 from ..model.generate import prompt_texts
 from ..outputs import claim_folder
-from .backends import BACKENDS, ServedModel, pick_backend, pick_dtype, transformers_backend, vllm_backend
+from .backends import (BACKENDS, ServedModel, pick_backend, pick_dtype, request_seed, transformers_backend,
+                       vllm_backend)
 from .client import JudgeRequestError, cli_status
 from .pool import check_pool, identity, is_endpoint, local_folder, parse_pool
 from .store import AppendLog, cache_key, iter_sealed, read_input_jsonl, write_jsonl_atomic
@@ -201,12 +202,18 @@ def prepare(prompts: list, pool: dict, *, n_models: int, seed: int, max_new_toke
             "folders": resolve_pool(pool, download=download)}
 
 
+def read_done(parts_path: str, keys: dict, stats: Optional[dict] = None) -> dict:
+    """``{key: record}`` of the completions already in the parts file that this run wants (``keys``'
+    values), sealed lines only (``stats["damaged"]`` counts the others)."""
+    wanted = set(keys.values())
+    return {r["key"]: r for r in iter_sealed(parts_path, stats) if r.get("key") in wanted and is_part(r)}
+
+
 def _generate(prompts, setup, out_dir, keys, *, batch_size, progress) -> GenerateReport:
     t0 = time.time()
     parts_path = os.path.join(out_dir, PARTS)
     stats = {"damaged": 0}
-    wanted = set(keys.values())
-    done = {r["key"]: r for r in iter_sealed(parts_path, stats) if r.get("key") in wanted and is_part(r)}
+    done = read_done(parts_path, keys, stats)
     rep = GenerateReport(prompts=len(prompts), completions=len(keys), damaged_lines=stats["damaged"])
     rep.resumed = sum(1 for k in keys.values() if k in done)
     by_id, errors = {p["prompt_id"]: p for p in prompts}, []
@@ -245,7 +252,7 @@ def _local(name, setup, todo, by_id, record, rep, batch_size, progress) -> None:
         for i in range(0, len(todo), step):
             chunk = todo[i:i + step]
             convs = [conversation(sp, by_id[pid]["instruction"]) for pid, _, sp in chunk]
-            bseed = int(hashlib.sha256(f"{settings['seed']}-{name}-{chunk[0][0]}".encode()).hexdigest()[:8], 16)
+            bseed = request_seed(settings["seed"], name, chunk[0][0])  # one seed per batch, as per request
             texts = run(convs, max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                         top_p=settings["top_p"], seed=bseed, batch_size=batch_size)
             for (pid, pr, sp), text in zip(chunk, texts):

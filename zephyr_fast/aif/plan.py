@@ -23,7 +23,7 @@ import os
 from types import SimpleNamespace
 
 from .client import JudgeClient
-from .generate import PARTS, conversation, is_part, completion_keys, load_prompts, prepare
+from .generate import PARTS, completion_keys, conversation, load_prompts, prepare, read_done
 from .judge import cached_rating_is_consistent, plan_requests, request_messages
 from .store import iter_sealed
 from .ultrafeedback import ASPECTS
@@ -59,7 +59,7 @@ def dry_run(recipe: dict, judge_config) -> dict:
     setup = prepare(prompts, g["pool"], device=None, download=False, **kw)
     keys = completion_keys(setup["plan"], prompts, setup["pool"], setup["settings"], setup["served"], setup["folders"])
     parts = os.path.join(out, "completions", PARTS)
-    done = {r["key"]: r for r in iter_sealed(parts) if r.get("key") in set(keys.values()) and is_part(r)}
+    done = read_done(parts, keys)
     gen = _generation(prompts, setup, keys, done, kw["max_new_tokens"])
     if j.get("serve_local") and not os.path.isdir(j["serve_local"]):
         raise FileNotFoundError(f"judge.serve_local: {j['serve_local']}: no such model folder")
