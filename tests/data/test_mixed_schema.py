@@ -55,6 +55,11 @@ def test_skip_invalid_rows_skips_exactly_the_odd_rows(tmp_path, uf_rows):
 def test_nulls_and_empty_lists_fit_any_column(tmp_path):
     rows = [{"a": [{"x": 1}], "b": None}, {"a": [], "b": "s"}, {"a": None, "b": "t"}]
     assert read_json_rows(_write(tmp_path / "r.jsonl", rows)) == rows
+    mostly_empty = [{"tools": []}, {"tools": []}, {"tools": []}, {"tools": [{"name": "f"}]}]
+    assert read_json_rows(_write(tmp_path / "t.jsonl", mostly_empty)) == mostly_empty
+    clash = [{"tools": []}, {"tools": []}, {"tools": [{"name": "f"}]}, {"tools": ["g"]}, {"tools": ["h"]}]
+    marked = read_json_rows(_write(tmp_path / "c.jsonl", clash))
+    assert [r.get("tools") for r in marked] == [[], [], None, ["g"], ["h"]]  # objects among strings: row 2 odd
 
 
 def test_identical_pair_is_kept_and_counted(uf_rows):

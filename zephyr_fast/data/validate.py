@@ -341,18 +341,20 @@ def _mark_schema_conflicts(rows: list, lines: list) -> list:
             if k != LOAD_ERROR_COL and _kind(v) is not None:
                 kinds.setdefault(k, {}).setdefault(_kind(v), []).append(i)
     bad: dict = {}
-    for field, by_kind in kinds.items():
+    for col, by_kind in kinds.items():
         if len(by_kind) < 2:
             continue
-        usual = max(by_kind, key=lambda k: (len(by_kind[k]), -by_kind[k][0]))  # most rows; ties: the first
-        # a list whose elements are unknown (empty) fits a column of lists
+        # an empty list (elements unknown) fits any column of lists: the column's type is the most
+        # common of the others (ties: the first row's), empty lists agreeing with any list type
+        typed = [k for k in by_kind if k != "a list"] or list(by_kind)
+        usual = max(typed, key=lambda k: (len(by_kind[k]), -by_kind[k][0]))
         odd = [k for k in by_kind if k != usual and not (k == "a list" and usual.startswith("a list"))]
         example = by_kind[usual][0]
         for k in odd:
             for i in by_kind[k]:
                 at = f"line {lines[example]}" if lines[example] else f"row {example}"
                 bad.setdefault(i, encode_load_error(
-                    "schema", lines[i], f"{k}, where {len(by_kind[usual])} other rows (e.g. {at}) hold {usual}", field))
+                    "schema", lines[i], f"{k}, where {len(by_kind[usual])} other rows (e.g. {at}) hold {usual}", col))
     return [r if i not in bad else {LOAD_ERROR_COL: bad[i]} for i, r in enumerate(rows)]
 
 
