@@ -49,3 +49,6 @@ def test_max_completion_length_cuts_each_completion_first(tok):
     ex, rep = build_dpo_examples(ROWS[1:2], tok, max_length=4096, max_completion_length=20, show_progress=False)
     assert ex[0]["prompt_ids"] == full[0]["prompt_ids"] and rep.completion_truncated == 1
     assert ex[0]["chosen_ids"] == full[0]["chosen_ids"][:20] and ex[0]["rejected_ids"] == full[0]["rejected_ids"][:20]
+    p = len(full[0]["prompt_ids"])  # also cut to max_length afterwards: still one truncated pair
+    ex, rep = build_dpo_examples(ROWS[1:2], tok, max_length=p + 10, max_completion_length=20, show_progress=False)
+    assert len(ex[0]["chosen_ids"]) == 10 and rep.completion_truncated == 1

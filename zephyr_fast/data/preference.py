@@ -218,9 +218,9 @@ def build_dpo_examples(
                 else:  # a token merged across the seam: tokenise the completion alone
                     report.seam_retokenized += 1
                     comps.append(tokenizer(text[len(ptxt[t]) :], add_special_tokens=False)["input_ids"])
-            if max_completion_length is not None and max(len(x) for x in comps) > max_completion_length:
+            capped = max_completion_length is not None and max(len(x) for x in comps) > max_completion_length
+            if capped:
                 comps = [x[:max_completion_length] for x in comps]
-                report.completion_truncated += 1
             keep_start = truncation_mode == "keep_start"
             pp, cc, rr, pcut, ccut = truncate_pair(list(p), comps[0], comps[1], max_length=max_length,
                                                   max_prompt_length=None if keep_start else max_prompt_length,
@@ -235,7 +235,7 @@ def build_dpo_examples(
                                         "prompt_too_long", position=c0 + j))
                 continue
             report.prompt_truncated += pcut
-            report.completion_truncated += ccut
+            report.completion_truncated += ccut or capped  # a pair counts once
             report.identical += cc == rr  # kept, as TRL does: its DPO gradient is zero
             examples.append({"index": c0 + j, "prompt_ids": pp, "chosen_ids": cc, "rejected_ids": rr})
         bar.update(len(origins))
