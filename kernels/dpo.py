@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from zephyr_kernels.dispatch import autocast_inputs, autocast_off, backend, check_inputs
-from zephyr_kernels.losses import LOSS_TYPES, METRIC_KEYS, check_dpo_args, dpo_loss, loss_types_of  # noqa: F401
+from zephyr_kernels.losses import LOSS_TYPES, METRIC_KEYS, check_dpo_args, dpo_loss  # noqa: F401
 
 AUX_KEYS = METRIC_KEYS + ("logits/chosen", "logits/rejected", "nll_loss")
 
@@ -41,9 +41,7 @@ class DPOOptions:
 
     def __post_init__(self):
         check_dpo_args(self.beta, self.loss_type, self.label_smoothing, self.reduction, self.loss_weights,
-                       self.discopop_tau, self.f_divergence_type)
-        if self.use_weighting and {"aot", "aot_unpaired"} & set(loss_types_of(self.loss_type)):
-            raise ValueError("use_weighting is not supported with loss_type 'aot' / 'aot_unpaired' (as TRL)")
+                       self.discopop_tau, self.f_divergence_type, self.use_weighting)
 
     def loss(self, pc, pr, rc, rr, counts, nll, pair_weights=None):
         """:func:`dpo_loss` on ``(P,)`` policy / reference log-probs with these options."""

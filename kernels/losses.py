@@ -111,9 +111,11 @@ def _check_eps(name, eps):
 
 
 def check_dpo_args(beta, loss_type, label_smoothing, reduction, loss_weights=None, discopop_tau=0.05,
-                   f_divergence_type="reverse_kl"):
+                   f_divergence_type="reverse_kl", use_weighting=False):
     """Refuse, with one line, any argument the DPO losses cannot honour (ranges per loss type)."""
     names = loss_types_of(loss_type)
+    if use_weighting and {"aot", "aot_unpaired"} & set(names):
+        raise ValueError("use_weighting is not supported with loss_type 'aot' / 'aot_unpaired' (as TRL)")
     if f_divergence_type not in F_DIVERGENCES:
         raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
     if f_divergence_type != "reverse_kl" and not set(names) <= set(F_DIVERGENCE_LOSS_TYPES):

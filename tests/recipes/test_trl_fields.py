@@ -92,6 +92,11 @@ def test_sft_loss_type_nll_is_the_sft_loss_and_not_a_dpo_key():
         _cfg("dpo", loss_type="nll", beta=0.1)
 
 
+def test_wpo_with_aot_is_refused_when_the_recipe_loads():
+    with pytest.raises(ConfigError, match="use_weighting is not supported with loss_type 'aot'"):
+        _cfg("dpo", loss_type="aot", use_weighting=True)
+
+
 def test_eval_steps_default_to_logging_steps_as_hf():
     assert _cfg("sft", eval_strategy="steps", eval_steps=None, logging_steps=7).training.eval_steps == 7
 

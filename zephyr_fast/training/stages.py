@@ -169,7 +169,7 @@ class DPOConfig:
             self.loss_type = self.loss_type[0]  # TRL 1.16's default is ["sigmoid"]: the same loss
         try:
             check_dpo_args(self.beta, self.loss_type, self.label_smoothing, "sum", self.loss_weights,
-                           self.discopop_tau, self.f_divergence_type)
+                           self.discopop_tau, self.f_divergence_type, self.use_weighting)
         except ValueError as e:
             names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
             bad = next((str(n) for n in names if n not in LOSS_TYPES), None)
