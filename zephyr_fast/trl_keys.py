@@ -15,8 +15,6 @@ at TRL's default.
 
 from __future__ import annotations
 
-UNSET = (None, "", (), [], {})  # what "not set" looks like in a dumped config
-
 # key -> (the values that mean "off", what to use instead)
 UNSET_ONLY = {
     "accelerator_config": ((), "the launcher sets accelerate's options (docs/LAUNCH.md)"),
@@ -116,6 +114,7 @@ SFT_LOSS_TYPES = ("nll", "dft")  # SFTConfig.loss_type (the DPO section's loss_t
 
 
 def unset(value) -> bool:
+    """What "not set" looks like in a dumped config: null, or an empty string / list / mapping."""
     return value is None or (isinstance(value, (str, list, tuple, dict)) and len(value) == 0)
 
 

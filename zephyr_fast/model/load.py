@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from zephyr_fast.data.chat import ensure_hub_reachable
+from zephyr_fast.data.validate import first_line
 
 from .attention import BACKENDS, register_varlen_attention
 
@@ -108,8 +109,7 @@ def _model_type_of(config_or_model_type) -> tuple:
             ensure_hub_reachable(name, what="model")  # offline: one line in < 2 s, not ~25 s of retries
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as e:  # not found / unreachable / needs remote code: one line, not a traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read the config of {name!r} to check its model type: {first}") from None
+        raise ValueError(f"cannot read the config of {name!r} to check its model type: {first_line(e)}") from None
     return config.model_type, config
 
 
@@ -317,8 +317,7 @@ def check_model_init(init: dict) -> None:
     try:
         built = tiny_config(**init)
     except Exception as e:  # noqa: BLE001 - the config class's own validation, whatever its type
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"model_init: {class_name} refuses it: {first}") from None
+        raise ValueError(f"model_init: {class_name} refuses it: {first_line(e)}") from None
     known = _model_init_keys(type(built))
     for key in init:
         if key not in known and key in vars(built):
