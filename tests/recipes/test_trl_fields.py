@@ -12,7 +12,7 @@ from trl import DPOConfig as TRLDPOConfig
 from trl import SFTConfig as TRLSFTConfig
 
 from tests.train.conftest import sft_dir  # noqa: F401
-from tests.train.helpers import recipe
+from tests.train.helpers import dpo_rows, recipe, write_dpo_dir
 from zephyr_fast import trl_keys
 from zephyr_fast.config import ConfigError, build_config
 from zephyr_fast.train import run
@@ -158,7 +158,7 @@ def test_reference_free_makes_every_reference_log_prob_zero():
         examples = [{"index": 3}, {"index": 0}, {"index": 7}]
         rows = None
 
-    refs = rp.run(None, {"train": Split(), "test": None}, None, "w", dist=None)  # no model is touched
+    refs = rp.run(None, {"train": Split(), "test": None}, None, None, dist=None)  # no model, no identity
     c, r = refs["train"].lookup(torch.tensor([7, 0]))
     assert c.tolist() == r.tolist() == [0.0, 0.0] and refs["train"].path == "reference_free"
 
@@ -206,3 +206,10 @@ def test_load_best_model_at_end_ends_with_the_best_checkpoints_weights(sft_dir, 
     final, kept = load_file(str(out / "model.safetensors")), load_file(str(out / f"checkpoint-{best}" / "model.safetensors"))
     assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted({f"checkpoint-{best}", "checkpoint-3"})
+
+
+def test_reference_free_run_trains_without_a_reference_pass(tmp_path):
+    data = write_dpo_dir(tmp_path / "data", dpo_rows(4))
+    summary = run(build_config(recipe("dpo", tmp_path / "out", data, max_steps=1, reference_free=True), source="test"))
+    assert summary["global_step"] == 1 and summary["ref_logps_train_path"] == "reference_free"
+    assert not (tmp_path / "out" / "ref_logps").exists()  # nothing computed, nothing cached

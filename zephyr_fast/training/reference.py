@@ -374,6 +374,8 @@ class ReferencePass:
 
         ``identity``: a :class:`ReferenceIdentity` (or a bare weights fingerprint: the model in hand).
         """
+        if self.reference_free:  # the loss sees log pi alone (TRL's reference_free): zeros, no pass, no identity
+            return {name: _zero_logps(split) for name, split in splits.items() if split is not None}
         identity = ReferenceIdentity(identity) if isinstance(identity, str) else identity
         if identity.weights.startswith("unresolved:"):
             log(f"note: {identity.source}: its revision cannot be resolved to a commit (offline and not in the "
@@ -381,10 +383,6 @@ class ReferencePass:
         out = {}
         for name, split in splits.items():
             if split is None:
-                continue
-            if self.reference_free:  # the loss sees log pi alone (TRL's reference_free): zeros, no pass
-                index = torch.tensor(sorted(ex["index"] for ex in split.examples), dtype=torch.int64)
-                out[name] = RefLogps(index, torch.zeros(len(index)), torch.zeros(len(index)), path="reference_free")
                 continue
             key = cache_key(split=name, rows=split.rows, examples=split.examples, tokenizer=tokenizer,
                             weights=identity.weights, dtype=self.dtype, **self.lengths)
@@ -406,6 +404,11 @@ class ReferencePass:
         batches = list(pack_dpo(split.examples, self.max_tokens, layout="separate", seed=self.seed))
         return compute_and_write(model, batches, cache_dir=self.cache_dir, split=name, key=key, dist=dist,
                                  impl=self.impl, log=log)
+
+
+def _zero_logps(split) -> RefLogps:
+    index = torch.tensor(sorted(ex["index"] for ex in split.examples), dtype=torch.int64)
+    return RefLogps(index, torch.zeros(len(index)), torch.zeros(len(index)), path="reference_free")
 
 
 def ref_summary(refs: dict) -> dict:

@@ -186,9 +186,10 @@ def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: di
     t, m = cfg.training, cfg.model
     # the reference model's identity: these weights, or the ref_model_name_or_path whose cache stage
     # ref_logps wrote (computed once on rank 0, broadcast)
-    identity = reference_identity(t.stage, cfg.dpo, m, path=path, model=core, seed=t.seed)
     reference = ReferencePass.configure(cfg.dpo, cfg.data, output_dir=t.output_dir, dtype=m.dtype, seed=t.seed,
                                         impl=t.kernel_impl)
+    identity = None if reference.reference_free else reference_identity(t.stage, cfg.dpo, m, path=path, model=core,
+                                                                         seed=t.seed)
 
     def reference_logps(net) -> dict:
         refs = reference.run(net, data, tokenizer, identity, dist=dist, log=log)
