@@ -213,3 +213,13 @@ def test_reference_free_run_trains_without_a_reference_pass(tmp_path):
     summary = run(build_config(recipe("dpo", tmp_path / "out", data, max_steps=1, reference_free=True), source="test"))
     assert summary["global_step"] == 1 and summary["ref_logps_train_path"] == "reference_free"
     assert not (tmp_path / "out" / "ref_logps").exists()  # nothing computed, nothing cached
+
+
+def test_an_unknown_metric_for_best_model_stops_at_the_first_evaluation(sft_dir, tmp_path):  # noqa: F811
+    cfg = build_config(recipe("sft", tmp_path / "out", sft_dir, max_steps=2, eval_strategy="steps", eval_steps=1,
+                              save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                              metric_for_best_model="bleu", eval_on_start=True), source="test")
+    with pytest.raises(ConfigError, match=r"metric_for_best_model: 'eval_bleu' is not an eval metric of this run "
+                                          r"\(it has eval_loss"):
+        run(cfg)
+    assert not list((tmp_path / "out").glob("checkpoint-*"))  # before any step

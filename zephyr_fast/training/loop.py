@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zephyr_fast.config import TrainingConfig
-from zephyr_fast.recipe_keys import steps_every
+from zephyr_fast.recipe_keys import ConfigError, steps_every
 from zephyr_fast.training.build import Optimisation
 from zephyr_fast.training.distributed import DistInfo, all_reduce_sum, sharded_forwards
 from zephyr_fast.training.metrics import MetricLogger, peak_memory_gb
@@ -224,6 +224,9 @@ class TrainLoop:
             return
         ev = evaluate(self.opt.runner, self.stage, self.eval_split, self.eval_refs, dist=self.dist)
         state.eval_metrics, state.eval_step = ev, state.step
+        if self.t.load_best_model_at_end and self.t.metric_for_best_model not in ev:  # at the first evaluation
+            raise ConfigError(f"metric_for_best_model: {self.t.metric_for_best_model!r} is not an eval metric of "
+                              f"this run (it has {', '.join(sorted(ev))})")
         self.logger.log(state.step, ev)
         self.log(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
 
@@ -249,9 +252,6 @@ class TrainLoop:
         t = self.t
         if not t.load_best_model_at_end or state.eval_step != state.step:
             return
-        if t.metric_for_best_model not in state.eval_metrics:
-            raise KeyError(f"metric_for_best_model: {t.metric_for_best_model!r} is not an eval metric of this run "
-                           f"(it has {sorted(state.eval_metrics)})")
         value = state.eval_metrics[t.metric_for_best_model]
         best = state.best.get("metric")
         if best is None or (value > best if t.greater_is_better else value < best):
