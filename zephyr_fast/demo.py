@@ -73,6 +73,7 @@ def _aif(out: str, server, args) -> dict:
                            "pool": {"dsft": f"{out}/sft", "init": _save_random_init(f"{out}/sft", f"{out}/init")},
                            "max_new_tokens": args.max_new_tokens, "batch_size": 8},
               "judge": {"base_url": server.base_url, "model": server.model, "api_key": "local",
+                        "endpoint_id": server.endpoint_id,
                         "constrain_tokenizer": server.model, "temperature": 1.0, "concurrency": 2,
                         "extra_body": SAMPLE_JUDGE},
               "binarize": {"seed": 42}}
@@ -81,7 +82,7 @@ def _aif(out: str, server, args) -> dict:
 
 def _judge(server) -> JudgeConfig:
     """The served judge, forced to answer with a rating / verdict token, sampled."""
-    return JudgeConfig(base_url=server.base_url, model=server.model, api_key="local",
+    return JudgeConfig(base_url=server.base_url, model=server.model, api_key="local", endpoint_id=server.endpoint_id,
                        constrain_tokenizer=server.model, temperature=1.0, concurrency=2, extra_body=SAMPLE_JUDGE)
 
 

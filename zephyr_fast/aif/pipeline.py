@@ -38,7 +38,6 @@ import yaml
 from .. import safe_yaml
 from ..config import load_config
 from ..data.binarize import SCORES, binarize_rows
-from ..training.fingerprint import local_fingerprint
 from ..training.run import run
 from ..outputs import claim_folder
 from .client import JudgeConfig, cli_status
@@ -120,7 +119,7 @@ def _judge_config(j: dict, server) -> JudgeConfig:
     kw = {k: v for k, v in j.items() if k in keys}
     if server is not None:  # a fresh port each run: the cache names the served model's content instead
         kw.update(base_url=server.base_url, model=server.model, api_key=kw.get("api_key") or "local",
-                  endpoint_id=f"transformers-serve:{local_fingerprint(server.model)}")
+                  endpoint_id=server.endpoint_id)
         if j.get("constrain"):
             kw["constrain_tokenizer"] = server.model
     return JudgeConfig.from_env(**kw)

@@ -11,6 +11,7 @@ It listens on 127.0.0.1 only; ``HF_HUB_OFFLINE=1`` is set so it never reaches th
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -22,6 +23,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from typing import Optional
+
+from ..training.fingerprint import local_fingerprint
 
 
 class ServeError(RuntimeError):
@@ -38,6 +41,12 @@ class LocalServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @functools.cached_property
+    def endpoint_id(self) -> str:
+        """What a judge cache names this server by: the served model's content, not its port (a fresh one
+        each run)."""
+        return f"transformers-serve:{local_fingerprint(self.model)}"
 
     def healthy(self) -> bool:
         try:
