@@ -135,3 +135,22 @@ def test_length_control_removes_a_pure_length_preference(tmp_path, monkeypatch):
     raw = win_rate([r["preference"] for r in rows])["win_rate"]
     lc = length_controlled(rows)["length_controlled_winrate"]
     assert raw > 65 and abs(lc - 50) < 5, (raw, lc)
+
+
+def test_answers_are_regenerated_when_the_chat_template_changes(tmp_path):
+    """The weights' fingerprint does not cover the tokenizer: an answer is keyed by its rendered prompt."""
+    import shutil
+
+    from zephyr_fast.eval.alpaca_answers import answer_instructions
+
+    model = shutil.copytree(save_tiny_model(tmp_path / "m", seed=2), tmp_path / "copy")
+    out, ins = str(tmp_path / "out"), ["Name a colour.", "Count to three."]
+    answer_instructions(str(model), ins, out, max_new_tokens=3, progress=False)
+    parts = os.path.join(out, "model_outputs.parts.jsonl")
+    before = open(parts).read().splitlines()
+    answer_instructions(str(model), ins, out, max_new_tokens=3, progress=False)
+    assert open(parts).read().splitlines() == before  # the same prompts: reused
+    assert (model / "chat_template.jinja").is_file()  # where transformers keeps the template
+    (model / "chat_template.jinja").write_text("{% for m in messages %}### {{ m['content'] }}\n{% endfor %}### Answer:\n")
+    answer_instructions(str(model), ins, out, max_new_tokens=3, progress=False)
+    assert len(open(parts).read().splitlines()) == len(before) + 2  # new prompts: answered again

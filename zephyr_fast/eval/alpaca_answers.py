@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..aif.store import AppendLog, cache_key, iter_sealed
 from ..data.chat import load_tokenizer
 from ..model import generate, load_model
+from ..model.generate import prompt_texts
 from ..training.fingerprint import local_fingerprint
 
 __all__ = ["answer_instructions"]
@@ -22,8 +23,10 @@ __all__ = ["answer_instructions"]
 ANSWER_VERSION = "zephyr_fast-alpaca-answers-1"
 
 
-def _identity(fingerprint: str, instruction: str, max_new_tokens: int) -> str:
-    return cache_key(ANSWER_VERSION, fingerprint, instruction, max_new_tokens)
+def _identity(fingerprint: str, prompt: str, max_new_tokens: int) -> str:
+    """An answer's key: the weights, the prompt exactly as rendered (the tokenizer's chat template is not
+    part of the weights' fingerprint) and the generation settings."""
+    return cache_key(ANSWER_VERSION, fingerprint, prompt, max_new_tokens)
 
 
 def answer_instructions(model_dir: str, instructions: list, out_dir: str, *, max_new_tokens: int = 2048,
@@ -31,12 +34,13 @@ def answer_instructions(model_dir: str, instructions: list, out_dir: str, *, max
     """``{instruction: output}`` for ``instructions``, generating only those not yet in the parts file."""
     parts = os.path.join(out_dir, "model_outputs.parts.jsonl")
     fingerprint = local_fingerprint(model_dir)
-    ids = {ins: _identity(fingerprint, ins, max_new_tokens) for ins in instructions}
+    tok = load_tokenizer(model_dir)
+    prompts = prompt_texts(tok, [[{"role": "user", "content": ins}] for ins in instructions])
+    ids = {ins: _identity(fingerprint, prompt, max_new_tokens) for ins, prompt in zip(instructions, prompts)}
     known = {r.get("identity"): r.get("output") for r in iter_sealed(parts, {"damaged": 0})}
     done = {ins: known[k] for ins, k in ids.items() if isinstance(known.get(k), str)}
     todo = [ins for ins in instructions if ins not in done]
     if todo:
-        tok = load_tokenizer(model_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(model_dir).to(device).eval()
         bar = tqdm(total=len(todo), desc="alpaca-eval answers", disable=not progress)
