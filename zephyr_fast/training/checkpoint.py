@@ -304,8 +304,7 @@ def _model_card(cfg, results: dict) -> str:
     return redaction.redact("\n".join(lines))  # the recipe as written may hold hub_token
 
 
-def export_final(out_dir: str, *, cfg, dist: DistInfo, model, tokenizer, engine=None, results: dict,
-                 prefix: str = "model.") -> None:
+def export_final(out_dir: str, *, cfg, dist: DistInfo, model, tokenizer, engine=None, results: dict) -> None:
     """HF-format save (safetensors; 16-bit gathered under ZeRO-3), tokenizer, model card, results.
 
     Collective under DeepSpeed (the ZeRO-3 gather): every rank must call.
@@ -314,18 +313,14 @@ def export_final(out_dir: str, *, cfg, dist: DistInfo, model, tokenizer, engine=
     if engine is not None and dist.zero_stage == 3:
         full = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the full dict
         if dist.is_main:  # the engine wraps the trainer's LossModule: drop its "model." prefix
-            state_dict = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+            state_dict = hf_folder.strip_prefix(full)
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
         to_save = model
         if cfg.model.use_peft:
             model.save_pretrained(os.path.join(out_dir, "adapter"), safe_serialization=True)
             to_save = model.merge_and_unload() if state_dict is None else model.get_base_model()
-        kwargs = {"safe_serialization": True}
-        if state_dict is not None:
-            kwargs["state_dict"] = state_dict
-        to_save.save_pretrained(out_dir, **kwargs)
-        tokenizer.save_pretrained(out_dir)
+        hf_folder.save_hf(out_dir, to_save, tokenizer, state_dict)
         with open(os.path.join(out_dir, "README.md"), "w") as f:
             f.write(_model_card(cfg, results))
         with open(os.path.join(out_dir, "train_results.json"), "w") as f:
