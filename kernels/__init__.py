@@ -6,7 +6,9 @@ Public API (contracts in docs/ARCHITECTURE.md):
 * :func:`linear_cross_entropy` (also Cut Cross-Entropy's call, :mod:`zephyr_kernels.cce_compat`).
 * :class:`LigerFusedLinearCrossEntropyLoss`, :func:`liger_fused_linear_cross_entropy`,
   :class:`CrossEntropyOutput` — Liger's FLCE drop-in (old name :class:`FusedLinearCrossEntropyLoss`).
-* :func:`patch` — one-line fused loss for a Hugging Face causal LM (:mod:`zephyr_kernels.hf_patch`).
+* :func:`patch` — one-line fused loss for a Hugging Face causal LM (:mod:`zephyr_kernels.hf_patch`), also
+  through TRL's ``SFTTrainer`` / ``DPOTrainer`` heads; :func:`patch_trl` — every TRL SFT / DPO head
+  (:mod:`zephyr_kernels.trl_patch`).
 * :func:`dpo_loss`, :func:`fused_linear_dpo_loss`, :class:`FusedLinearDPOLoss`,
   :class:`LigerFusedLinearDPOLoss` (Liger's drop-in; old name
   ``LigerCompatibleFusedLinearDPOLoss``).
@@ -14,7 +16,7 @@ Public API (contracts in docs/ARCHITECTURE.md):
   :mod:`zephyr_kernels.reference` holds the naive fp32 references.
 
 Importing this package touches neither CUDA nor Triton; the Triton backend loads on first use, and
-``transformers`` only when :func:`patch` is first looked up.
+``transformers`` / ``trl`` only when :func:`patch` / :func:`patch_trl` is first looked up.
 """
 
 import importlib
@@ -47,11 +49,13 @@ __all__ = [
     "resolve",
 ]
 
-_LAZY = {"patch": "zephyr_kernels.hf_patch", "unpatch": "zephyr_kernels.hf_patch"}
+_LAZY = {"patch": "zephyr_kernels.hf_patch", "unpatch": "zephyr_kernels.hf_patch",
+         "patch_trl": "zephyr_kernels.trl_patch", "unpatch_trl": "zephyr_kernels.trl_patch"}
 
 
 def __getattr__(name):
-    """``patch`` / ``unpatch`` import ``transformers``; they load on first access (PEP 562)."""
+    """``patch`` / ``unpatch`` / ``patch_trl`` / ``unpatch_trl`` import ``transformers`` (and ``trl``); they load on
+    first access (PEP 562)."""
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'zephyr_kernels' has no attribute {name!r}")

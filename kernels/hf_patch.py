@@ -17,9 +17,11 @@ Families: those zephyr_fast supports (:data:`SUPPORTED_MODEL_TYPES`, the same li
 soft-cap; any other ``model_type`` is refused in one line (its head may scale or transform the logits).
 Mixtral's router auxiliary loss (``output_router_logits=True``) is refused too, as zephyr_fast does.
 
-Not covered by this patch: TRL 1.16's ``SFTTrainer`` and ``DPOTrainer`` score tokens with their own
-logits-free head (``trl.trainer.utils.add_fused_lm_head``, called with ``fused_lm_head=True``); they do
-not call ``forward(labels=...)``, so this patch does not change their loss.
+TRL 1.16's ``SFTTrainer`` and ``DPOTrainer`` score tokens with their own logits-free head
+(``trl.trainer.utils.add_fused_lm_head``, called with ``fused_lm_head=True``), not through
+``forward(labels=...)``: when TRL is installed, :func:`patch` also installs zephyr's version of that head
+for this model (:mod:`zephyr_kernels.trl_patch`), so ``SFTTrainer(model=zephyr_kernels.patch(model))`` trains
+through zephyr's kernels too.
 """
 
 from __future__ import annotations
@@ -115,6 +117,9 @@ def patch(model, *, keep_logits: bool = False, impl: str = "auto"):
         return _fused_forward(self, *args, **kwargs)
 
     model.forward = types.MethodType(forward, model)
+    from zephyr_kernels import trl_patch  # TRL's trainers build their own head: give them zephyr's for this model
+
+    trl_patch.install()
     return model
 
 

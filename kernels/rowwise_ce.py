@@ -147,3 +147,36 @@ def argmax_tokens(hidden, weight, bias, targets, *, ignore_index=-100, temperatu
         r1 = min(N, r0 + step)
         out[r0:r1] = block_logits(hidden[r0:r1], weight, bias, temperature, softcap).argmax(-1)
     return torch.where(targets != ignore_index, out, -1)
+
+
+STAT_NAMES = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+@torch.no_grad()
+def token_statistics(hidden, weight, bias, targets, names, *, temperature=1.0, softcap=None):
+    """No-grad per-row statistics of ``p = softmax(z)``, ``z = transform(h Wᵀ + b)`` (``(N, D)`` hidden, ``(V, D)``
+    weight, ``(N,)`` int64 targets, every row valid), over ``(rows, V)`` fp32 blocks of at most ``_BLOCK_BYTES``:
+
+    * ``entropy``: ``H = lse(z) - Σ_v p_v z_v`` (fp32);
+    * ``log_sum_sq_probs``: ``log Σ_v p_v² = lse(2z) - 2·lse(z)`` (fp32);
+    * ``mean_logits``: ``Σ_v z_v / V`` (fp32);
+    * ``is_top1``: ``argmax_v z_v == target`` (bool; the first maximum on ties).
+
+    Returns ``{name: (N,) tensor}`` for the requested ``names`` (a subset of :data:`STAT_NAMES`)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    out = {n: hidden.new_empty(N, dtype=torch.bool if n == "is_top1" else torch.float32) for n in names}
+    step = _rows_per_block(V)
+    for r0 in range(0, N, step):
+        r1 = min(N, r0 + step)
+        z = block_logits(hidden[r0:r1], weight, bias, temperature, softcap)
+        if "entropy" in out or "log_sum_sq_probs" in out:
+            lse = torch.logsumexp(z, dim=-1)
+        if "entropy" in out:
+            out["entropy"][r0:r1] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+        if "log_sum_sq_probs" in out:
+            out["log_sum_sq_probs"][r0:r1] = torch.logsumexp(2 * z, dim=-1) - 2 * lse
+        if "mean_logits" in out:
+            out["mean_logits"][r0:r1] = z.sum(-1) / V
+        if "is_top1" in out:
+            out["is_top1"][r0:r1] = z.argmax(-1) == targets[r0:r1]
+    return out
