@@ -6,13 +6,17 @@
 * ``compat_patch``: one Hugging Face training step (``forward(input_ids, labels=...)`` + ``backward``) of a
   small Mistral (hidden 256, 2 layers, V 32000, 4 x 512 tokens), plain and through
   ``zephyr_kernels.patch(model)``: time and peak memory (peak-RSS growth of one step in a fresh process,
-  memprobe's method; the floor is the parameters' gradients).
+  memprobe's method; the floor is the parameters' gradients);
+* ``compat_trl``: the same model and tokens through TRL 1.16's fused LM head (what ``SFTTrainer`` /
+  ``DPOTrainer`` call: ``model(input_ids, labels=..., fused_lm_head=True)`` with SFT's outputs ``log_probs``,
+  ``entropy``, ``is_top1``) + ``backward``, TRL's head vs zephyr's (``zephyr_kernels.patch_trl()``); time only.
 """
 
 import pytest
 import torch
 
 import zephyr_kernels as zk
+from zephyr_kernels import trl_patch
 
 from .compat_cases import HFPatchCase
 from .harness import cpu_peak_growth_subprocess, record, run_timed
@@ -67,3 +71,25 @@ def test_hf_patch_step(benchmark, variant):
     probe = cpu_peak_growth_subprocess(dict(spec, mode="full"))
     benchmark.extra_info.update(peak_mem_bytes=probe["peak_rss_growth"], floor_bytes=probe["floor"],
                                 workspace_bytes=probe["peak_rss_growth"] - probe["floor"])
+
+
+@pytest.mark.benchmark(group="compat-trl")
+@pytest.mark.parametrize("variant", ["TRL head", "zephyr head"])
+def test_trl_fused_head_step(benchmark, variant):
+    from trl.trainer.utils import add_fused_lm_head
+
+    case = HFPatchCase({"case": "hf_patch", "variant": "plain", "batch": B, "seq": T, "hidden": D, "vocab": V,
+                        "seed": 0})
+    outputs = ("log_probs", "entropy", "is_top1")  # SFTTrainer's
+    if variant == "TRL head":
+        add_fused_lm_head(case.model, outputs=outputs)
+    else:
+        trl_patch.add_fused_lm_head(case.model, outputs=outputs)
+
+    def step():
+        case.zero_grad()
+        case.model(input_ids=case.input_ids, labels=case.input_ids, fused_lm_head=True).loss.backward()
+
+    run_timed(benchmark, step, dev=CPU, rounds=3)
+    record(benchmark, suite="compat_trl", provider="zephyr_fast", mode="full",
+           shape=f"Mistral D{D} x2 layers, {B}x{T} tokens, V{V}", dtype="float32", dev=CPU, variant=variant)
