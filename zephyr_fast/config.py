@@ -40,6 +40,7 @@ import yaml
 from zephyr_kernels import LOSS_TYPES
 from zephyr_kernels.dispatch import IMPLS
 
+from zephyr_fast.fileio import atomic_open
 from zephyr_fast import recipe_keys as rk
 from zephyr_fast import redaction, safe_yaml, trl_keys
 from zephyr_fast.recipe_keys import CLI, ConfigError, typed
@@ -275,7 +276,7 @@ class Config:
         if self.training.stage == "sft":
             _drop_dpo_defaults(out)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
+        with atomic_open(path) as f:
             if self.source:
                 f.write(f"# resolved from {self.source}\n")
             yaml.safe_dump(out, f, sort_keys=False)

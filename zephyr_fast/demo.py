@@ -34,6 +34,7 @@ import time
 import torch
 from transformers import AutoConfig
 
+from zephyr_fast.fileio import atomic_open
 from zephyr_fast.aif.client import JudgeConfig
 from zephyr_fast.aif.pipeline import dpo_data_override, run_aif
 from zephyr_fast.aif.serve import serve_local
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
         "eval_by_epoch": markdown_table(by_epoch, "train"), "eval_plot": f"{out}/eval/eval.png",
         "plot": png, "model_dir": f"{out}/dpo",
     }
-    with open(os.path.join(out, "summary.json"), "w") as f:
+    with atomic_open(os.path.join(out, "summary.json")) as f:
         json.dump(summary, f, indent=2)
     _print_summary(summary)
     return 0

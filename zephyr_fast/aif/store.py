@@ -23,6 +23,8 @@ import os
 import threading
 from typing import Callable, Iterable, Iterator, Optional
 
+from zephyr_fast.fileio import atomic_open
+
 DIGEST = "digest"
 
 
@@ -152,12 +154,10 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
-    """Write ``rows`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Replace ``path`` with ``rows`` (one JSON object per line) atomically (:func:`~zephyr_fast.fileio.atomic_open`)."""
+    with atomic_open(path) as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 class JudgeCache:

@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..fileio import atomic_open
 from .loading import load_split
 from .validate import (
     LOAD_ERROR_COL,
@@ -261,11 +262,9 @@ def main(argv=None) -> int:
         # the loader's advice names the recipe key; this command's switch is --skip-invalid-rows
         print(f"error: {str(exc).replace('set skip_invalid_rows: true', 'pass --skip-invalid-rows')}", file=sys.stderr)
         return 2
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(args.output) as f:
         for p in pairs:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.output)
     print(report)
     return 0
 

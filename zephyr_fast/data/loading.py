@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
+from ..fileio import first_line
 from ..recipe_keys import ConfigError
 from .chat import DATA_EXTS, ensure_hub_reachable, hub_offline, is_local_path
 from .identity import content_cache_dir, file_digest, rows_digest  # noqa: F401 - re-exported
@@ -38,7 +39,6 @@ from .validate import (
     DataValidationError,
     column_names,
     file_error,
-    first_line,
     iter_chunks,
     load_errors,
     read_json_rows,

@@ -250,12 +250,6 @@ def iter_chunks(rows, names: Sequence[str], size: int, dataset_name: str):
 # --- reading JSON / JSON Lines: an unreadable line is a row error, never a traceback -------------
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def file_error(path: str, message: str, kind: str, line: int = 0) -> DataValidationError:
     """A problem with a whole file (one line; skipping rows cannot help)."""
     return DataValidationError([DataError(path, -1, "", message, kind, line=line)])

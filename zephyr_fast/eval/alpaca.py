@@ -49,6 +49,7 @@ from typing import Optional
 from ..aif.client import JudgeClient, JudgeConfig, cli_status
 from ..aif.judge import add_judge_args, judge_config_from_args
 from ..aif.store import JudgeCache
+from ..fileio import atomic_open, first_line
 from .alpaca_answers import answer_instructions
 from .alpaca_metrics import format_row, leaderboard_row
 from .grading import run_jobs
@@ -79,7 +80,7 @@ def _read_json_list(path: str, fields: tuple) -> list:
         with open(path) as f:
             rows = json.load(f)
     except (OSError, ValueError) as e:
-        raise AlpacaInputError(f"{path}: not a readable JSON file ({str(e).splitlines()[0]})") from None
+        raise AlpacaInputError(f"{path}: not a readable JSON file ({first_line(e)})") from None
     if not isinstance(rows, list):
         raise AlpacaInputError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
     for i, r in enumerate(rows):
@@ -222,16 +223,14 @@ def run_alpaca_eval(model_dir: str, out_dir: str, judge: JudgeConfig, *, annotat
     finally:
         cache.close()
     _write_json(os.path.join(out_dir, "leaderboard.json"), report)
-    with open(os.path.join(out_dir, "leaderboard.md"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "leaderboard.md")) as f:
         f.write("\n\n".join(format_row(generator, row, name) for name, row in report["annotators"].items()) + "\n")
     return report
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
 
 
 def _annotators(arg: str) -> tuple:

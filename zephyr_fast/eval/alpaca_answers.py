@@ -12,6 +12,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+from zephyr_fast.fileio import atomic_open
 from ..aif.store import AppendLog, cache_key, iter_sealed
 from ..data.chat import load_tokenizer
 from ..model import generate, load_model
@@ -56,6 +57,6 @@ def answer_instructions(model_dir: str, instructions: list, out_dir: str, *, max
         bar.close()
     generator = os.path.basename(os.path.normpath(model_dir))
     rows = [{"instruction": ins, "output": done[ins], "generator": generator} for ins in instructions]
-    with open(os.path.join(out_dir, "model_outputs.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "model_outputs.json")) as f:
         json.dump(rows, f, indent=1)
     return done

@@ -27,6 +27,8 @@ from typing import Optional
 
 from packaging.version import parse as parse_version
 
+from zephyr_fast.fileio import first_line
+
 __all__ = ["import_alpaca_eval", "leaderboard_row", "length_controlled", "win_rate"]
 
 
@@ -77,7 +79,7 @@ def length_controlled(annotations: list) -> dict:
         out = ae.metrics.get_length_controlled_winrate(pd.DataFrame(rows), save_weights_dir=None,
                                                        is_add_glm_preference_inplace=False)
     except Exception as e:  # noqa: BLE001 - the Hub file (offline), or the GLM fit: reported in the row
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         return {"lc_unavailable": f"alpaca_eval's length-control GLM did not run: {type(e).__name__}: {first[:160]}"}
     return {"length_controlled_winrate": float(out["length_controlled_winrate"]),
             "lc_standard_error": float(out["lc_standard_error"])}

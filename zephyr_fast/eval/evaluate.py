@@ -28,6 +28,7 @@ import torch
 
 from zephyr_fast.config import Config, ConfigError, load_config
 from zephyr_fast.data.validate import DataValidationError
+from zephyr_fast.fileio import atomic_open, first_line
 from zephyr_fast.model.forward import unwrap_model
 from zephyr_fast.training import distributed
 from zephyr_fast.training.build import build_model, seed_everything
@@ -127,12 +128,12 @@ def main(argv=None) -> int:
         ev = Evaluator(load_config(args.recipe, overrides), args.split, log=_stderr)  # stdout: the JSON only
         metrics = ev.score(args.model)
     except (ConfigError, DataValidationError, StaleRefLogpsError) as e:  # bad input: one line
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     text = json.dumps({"recipe": args.recipe, "model": args.model, "split": args.split, **metrics}, indent=1)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
+        with atomic_open(args.out) as f:
             f.write(text + "\n")
     return 0
 

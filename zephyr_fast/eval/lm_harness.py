@@ -21,6 +21,8 @@ import os
 import sys
 from typing import Optional
 
+from zephyr_fast.fileio import atomic_open, first_line
+
 __all__ = ["LEADERBOARD", "main", "run_lm_eval"]
 
 # Open LLM Leaderboard v1: (lm_eval task, shots, the metric the leaderboard reports)
@@ -66,7 +68,7 @@ def run_lm_eval(model_dir: str, out_dir: str, *, tasks: str = "leaderboard", num
     report = {"model": model_dir, "tasks": tasks, "limit": limit, "num_fewshot": shots_of, "versions": versions,
               "results": results, "lm_eval_version": getattr(lm_eval, "__version__", None)}
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "lm_eval.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "lm_eval.json")) as f:
         json.dump(report, f, indent=1, default=str)
     return report
 
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
                              batch_size=args.batch_size, device=args.device, include_path=args.include_path,
                              dtype=args.dtype)
     except ValueError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     print(table(report))
     print(f"written: {out}/lm_eval.json")

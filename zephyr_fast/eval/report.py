@@ -14,6 +14,7 @@ import math
 import os
 from typing import Optional
 
+from zephyr_fast.fileio import atomic_open
 from ..aif.store import write_jsonl_atomic
 
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -104,7 +105,7 @@ def write_report(report: dict, single: list, pairs: Optional[list], out_dir: str
         write_jsonl_atomic(os.path.join(out_dir, "pairwise.jsonl"), pairs)
     title = f"MT-Bench {os.path.basename(str(report['model']).rstrip('/'))} (judge: {report['judge']})"
     report["radar"] = radar(report["categories"], os.path.join(out_dir, "radar.png"), title)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "report.md")) as f:
         f.write(f"# {title}\n\n{report['table']}\n")
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "report.json")) as f:
         json.dump(report, f, indent=2)

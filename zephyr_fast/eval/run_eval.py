@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from zephyr_fast.fileio import atomic_open
 from ..aif.client import JudgeConfig, cli_status
 from ..aif.judge import add_judge_args, judge_config_from_args
 from ..config import ConfigError, load_config
@@ -95,9 +96,9 @@ def run_eval(run_dir: str, out: str, judge: JudgeConfig, *, benches: tuple = BEN
     for name, folder, step, epoch in models:
         rows.append({"model": name, "step": step, "epoch": epoch,
                      **_score(name, folder, out, judge, evaluator, benches, opts)})
-    with open(os.path.join(out, "eval.json"), "w") as f:
+    with atomic_open(os.path.join(out, "eval.json")) as f:
         json.dump({"run_dir": run_dir, "split": split, "rows": rows}, f, indent=1)
-    with open(os.path.join(out, "eval.md"), "w") as f:
+    with atomic_open(os.path.join(out, "eval.md")) as f:
         f.write(markdown_table(rows, split) + "\n")
     plot(rows, os.path.join(out, "eval.png"), split)
     return rows

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 
 from zephyr_fast.data.chat import ensure_hub_reachable
-from zephyr_fast.data.validate import first_line
+from zephyr_fast.fileio import first_line
 
 from .attention import BACKENDS, register_varlen_attention
 

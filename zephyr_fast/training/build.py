@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import transformers
 
+from zephyr_fast.fileio import first_line
 from zephyr_fast.config import ConfigError, ModelConfig, TrainingConfig
 from zephyr_fast.model.forward import unwrap_model
 from zephyr_fast.model.load import check_supported, load_model, resolve_dtype, tiny_config
@@ -207,7 +208,7 @@ def build_scheduler(optimizer, t: TrainingConfig, total_steps: int):
         return transformers.get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
                                           scheduler_specific_kwargs=kwargs)
     except (TypeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise ConfigError(f"lr_scheduler_kwargs: {first} (lr_scheduler_type {kind!r})") from None
 
 

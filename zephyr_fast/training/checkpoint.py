@@ -44,9 +44,10 @@ import torch
 import yaml
 
 from zephyr_fast import redaction
+from zephyr_fast.fileio import atomic_open, first_line, fsync_dir
 from zephyr_fast.training import hf_folder
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects
-from zephyr_fast.training.manifest import (MANIFEST, CheckpointError, check_listing, fsync_dir, is_complete,
+from zephyr_fast.training.manifest import (MANIFEST, CheckpointError, check_listing, is_complete,
                                            read_manifest, verify_checkpoint, verifying, write_manifest, writing)
 
 __all__ = ["MANIFEST", "CheckpointError", "export_final", "is_complete", "list_checkpoints", "load_checkpoint",
@@ -101,7 +102,7 @@ def _load_weights_only(load: Callable, f, map_location, **kwargs):
         with torch.serialization.safe_globals(_allowed_globals()):
             return load(f, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
-        first = (str(e).strip().splitlines() or ["?"])[0]
+        first = first_line(e)
         raise CheckpointError(f"{f}: refused to unpickle a non-tensor object ({first})") from None
 
 
@@ -321,9 +322,9 @@ def export_final(out_dir: str, *, cfg, dist: DistInfo, model, tokenizer, engine=
             model.save_pretrained(os.path.join(out_dir, "adapter"), safe_serialization=True)
             to_save = model.merge_and_unload() if state_dict is None else model.get_base_model()
         hf_folder.save_hf(out_dir, to_save, tokenizer, state_dict)
-        with open(os.path.join(out_dir, "README.md"), "w") as f:
+        with atomic_open(os.path.join(out_dir, "README.md")) as f:
             f.write(_model_card(cfg, results))
-        with open(os.path.join(out_dir, "train_results.json"), "w") as f:
+        with atomic_open(os.path.join(out_dir, "train_results.json")) as f:
             json.dump(results, f, indent=2, default=str)
         cfg.save(os.path.join(out_dir, "zephyr_fast_config.yaml"))
     barrier()

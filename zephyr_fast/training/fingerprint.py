@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import uuid
 from typing import Callable, Optional
 
@@ -35,6 +34,7 @@ import torch.distributed as tdist
 
 from zephyr_fast.data.chat import hub_unreachable
 from zephyr_fast.data.identity import file_digest
+from zephyr_fast.fileio import atomic_write
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 IDENTITY_FILES = ("config.json",)  # architecture settings change the log-probs as much as weights do
@@ -107,17 +107,12 @@ def _load_store(paths: list) -> dict:
 def _save_store(paths: list, files: dict) -> None:
     text = json.dumps({"version": _FP_VERSION, "files": files}, indent=1, sort_keys=True)
     for p in paths:  # first writable location wins; none writable: digests are recomputed next time
-        tmp = None
         try:
             os.makedirs(os.path.dirname(p), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(p) + ".", suffix=".tmp", dir=os.path.dirname(p))
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, p)
+            atomic_write(p, text)
             return
         except OSError:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
+            continue
 
 
 def local_fingerprint(path: str) -> str:

@@ -34,6 +34,7 @@ from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from zephyr_fast.config import ConfigError, TrainingConfig
+from zephyr_fast.fileio import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +115,10 @@ def _call(what: str, url: str, fn, *args, **kwargs):
         if status == 401:
             raise ConfigError(f"push_to_hub: the Hub at {url} rejected the token (401 on {what}); set a valid "
                               f"hub_token / $HF_TOKEN, {NO_PUSH}") from None
-        raise ConfigError(f"push_to_hub: {what} failed at {url}: {_first_line(e)}; {NO_PUSH}") from None
+        raise ConfigError(f"push_to_hub: {what} failed at {url}: {first_line(e)}; {NO_PUSH}") from None
     except Exception as e:  # noqa: BLE001 - the HTTP client's (httpx) connect / timeout errors share no base but this
-        raise ConfigError(f"push_to_hub: cannot reach the Hugging Face Hub at {url} ({_first_line(e)}); check the "
+        raise ConfigError(f"push_to_hub: cannot reach the Hugging Face Hub at {url} ({first_line(e)}); check the "
                           f"network or $HF_ENDPOINT, {NO_PUSH}") from None
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def push_checkpoint(target: Optional[HubTarget], output_dir: str, checkpoint_dir: str) -> list:
@@ -138,7 +135,7 @@ def push_checkpoint(target: Optional[HubTarget], output_dir: str, checkpoint_dir
             commits.append(_upload(api, target, checkpoint_dir, dest, f"{name} as {dest}", None))
     except Exception as e:  # noqa: BLE001 - any HTTP / Hub failure: keep training, say so
         logger.warning("push_to_hub: pushing %s to %s failed (%s); training continues", name, target.repo_id,
-                       _first_line(e))
+                       first_line(e))
     return commits
 
 

@@ -24,6 +24,7 @@ from typing import Optional
 import xxhash
 
 from zephyr_fast.config import ConfigError
+from zephyr_fast.fileio import atomic_open
 from zephyr_fast.training.distributed import DistInfo, gather_objects
 
 MANIFEST = "manifest.json"
@@ -112,23 +113,10 @@ def _self_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_json(path: str, obj) -> None:
-    """``path`` replaced whole or not at all: write a hidden tmp file, fsync, ``os.replace``, fsync the dir."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with writing(path), open(tmp, "w") as f:
+    """``path`` replaced whole or not at all (:func:`~zephyr_fast.fileio.atomic_open`); a full disk is one line."""
+    with writing(path), atomic_open(path) as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
 
 
 def write_manifest(root: str, *, step: int, save_index: int, dist: DistInfo) -> Optional[dict]:

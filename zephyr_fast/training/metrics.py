@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from zephyr_fast.config import ConfigError, TrainingConfig
+from zephyr_fast.fileio import atomic_open, first_line
 from zephyr_fast.training.hub import redact_secrets
 
 REPORTERS = ("tensorboard", "wandb")
@@ -167,9 +168,9 @@ class MetricLogger:
         try:  # no id: wandb picks a fresh one
             run = wandb.init(id=run_id or None, resume="allow", config=redact_secrets(run_config), **settings)
         except wandb.errors.Error as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise ConfigError(f"report_to: wandb.init failed: {first} (WANDB_MODE=offline logs locally)") from None
-        with open(id_path, "w") as f:
+        with atomic_open(id_path) as f:
             f.write(run.id + "\n")
         run.define_metric("train/global_step")
         run.define_metric("*", step_metric="train/global_step", step_sync=True)
@@ -236,13 +237,9 @@ def read_metrics(path: str) -> tuple:
 
 
 def write_jsonl(path: str, rows: list) -> None:
-    """Replace ``path`` with ``rows`` atomically (hidden tmp file, fsync, ``os.replace``)."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
+    """Replace ``path`` with ``rows`` atomically (:func:`~zephyr_fast.fileio.atomic_open`)."""
+    with atomic_open(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def plot_runs(runs: dict, out_png: str) -> str:

@@ -28,7 +28,8 @@ import torch
 
 from zephyr_fast import redaction
 from zephyr_fast.config import ConfigError, load_config
-from zephyr_fast.data.validate import DataValidationError, first_line
+from zephyr_fast.data.validate import DataValidationError
+from zephyr_fast.fileio import first_line
 from zephyr_fast.model.load import tiny_config
 from zephyr_fast.training.build import build_model, check_model
 from zephyr_fast.training.distributed import DistInfo

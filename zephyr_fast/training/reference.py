@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -48,6 +47,7 @@ from safetensors.torch import load, save
 from zephyr_fast.data.identity import rows_digest
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_dpo
+from zephyr_fast.fileio import atomic_write, first_line
 from zephyr_fast.model.forward import packed_logps
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects, sharded_forwards
 from zephyr_fast.training.fingerprint import sha256_text, weights_fingerprint
@@ -143,11 +143,6 @@ def _digest(meta: dict, tensors: dict) -> str:
     return h.hexdigest()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _header_metadata(path: str, data: bytes) -> dict:
     """The safetensors header's ``__metadata__`` (``{}`` when absent); a broken header is refused."""
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
@@ -199,7 +194,7 @@ def load_verified(path: str) -> tuple:
         tensors = load(data)
         key, stats = json.loads(meta["key"]), json.loads(meta.get("stats", "{}"))
     except Exception as e:  # safetensors raises its own error types for a broken layout
-        raise CorruptRefLogpsError(f"{path}: corrupt reference log-prob cache: {_first_line(e)}; {_REDO}") from None
+        raise CorruptRefLogpsError(f"{path}: corrupt reference log-prob cache: {first_line(e)}; {_REDO}") from None
     if _digest(meta, tensors) != meta.get("sha256"):
         raise CorruptRefLogpsError(f"{path}: corrupt reference log-prob cache: its sha256 does not match the digest "
                                    f"stored with it (changed on disk after it was written); {_REDO}")
@@ -240,27 +235,6 @@ def _short(v) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """``data`` to a temp file in the same directory, fsynced, renamed over ``path``, directory fsynced."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_cache(cache_dir: str, split: str, key: dict, ref: RefLogps) -> None:
     """One ``{split}.safetensors`` holding the tensors, the key and their sha256, replaced atomically:
     a crash leaves the previous file whole or the new one whole, never new tensors under an old key."""
@@ -271,7 +245,7 @@ def write_cache(cache_dir: str, split: str, key: dict, ref: RefLogps) -> None:
     meta = {"format": CACHE_FORMAT, "key": json.dumps(key, sort_keys=True),
             "stats": json.dumps({"seconds": ref.seconds, "tokens": ref.tokens})}
     meta["sha256"] = _digest(meta, tensors)
-    _atomic_write(path, save(tensors, metadata=meta))
+    atomic_write(path, save(tensors, metadata=meta))
     if os.path.exists(legacy):  # the version-2 key beside it would only mislead a reader
         os.remove(legacy)
     ref.path = path

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from zephyr_fast.fileio import atomic_open
 from zephyr_fast.config import Config, ConfigError, config_hash
 from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.data.identity import rows_digest
@@ -389,6 +390,6 @@ def _jsonable(d: dict) -> dict:
 
 def _write_summary(output_dir: str, dist, summary: dict, log) -> None:
     if dist.is_main:
-        with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        with atomic_open(os.path.join(output_dir, "summary.json")) as f:
             json.dump(_jsonable(summary), f, indent=2)
         log(json.dumps({k: v for k, v in _jsonable(summary).items() if not isinstance(v, dict)}, indent=1))
