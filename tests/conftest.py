@@ -1,5 +1,6 @@
 """Shared test setup: Triton runs through its CPU interpreter, CUDA-only tests skip by mark."""
 
+import json
 import os
 import pathlib
 
@@ -31,3 +32,20 @@ def assets_dir():
 @pytest.fixture(scope="session")
 def tokenizer_dir():
     return TOKENIZER_DIR
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def uf_rows(assets_dir):
+    """The 16 real ``ultrafeedback_binarized`` sample rows."""
+    return read_jsonl(assets_dir / "data" / "ultrafeedback_binarized" / "sample16.jsonl")
+
+
+@pytest.fixture(scope="session")
+def flat_rows(assets_dir):
+    """1000 real flat UltraFeedback preference rows."""
+    return read_jsonl(assets_dir / "data" / "ultrafeedback_binarized" / "flat1k.jsonl")

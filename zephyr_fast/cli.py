@@ -41,7 +41,7 @@ COMMANDS = {
     "dpo": ("zephyr_fast.train", "main", ["--stage=dpo"]),
     "ref-logps": ("zephyr_fast.train", "main", ["--stage=ref_logps"]),
     "plan": ("zephyr_fast.training.preview", "main", []),
-    "binarize": ("zephyr_fast.data.binarize", "main", []),
+    "binarize": ("zephyr_fast.aif.binarize", "main", []),
     "plot": ("zephyr_fast.training.metrics", "plot_main", []),
     "demo": ("zephyr_fast.demo", "main", []),
     "generate": ("zephyr_fast.aif.generate", "main", []),

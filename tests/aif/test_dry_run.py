@@ -9,7 +9,8 @@ import yaml
 from tests.aif.fake_openai import Faults, start_in_thread
 from tests.aif.helpers import REPO, save_tiny_model
 from zephyr_fast.aif import backends
-from zephyr_fast.aif.pipeline import _judge_config, load_recipe, main, run_aif
+from zephyr_fast.aif.pipeline import _judge_config, main, run_aif
+from zephyr_fast.aif.recipe import load_recipe
 from zephyr_fast.aif.plan import dry_run
 
 pytestmark = pytest.mark.slow

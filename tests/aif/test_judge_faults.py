@@ -12,7 +12,7 @@ from tests.aif.fake_openai import Faults, start_in_thread
 from tests.aif.helpers import FakeProcess, fork_run, fake_config, log_hashes, raw_rows, write_jsonl
 from zephyr_fast.aif.client import JudgeClient, JudgeRequestError
 from zephyr_fast.aif.judge import judge_file, main
-from zephyr_fast.data.binarize import binarize_rows
+from zephyr_fast.aif.binarize import binarize_rows
 
 ITEMS = 2 * 2 * 4  # rows x completions x aspects
 

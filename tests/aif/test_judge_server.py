@@ -15,7 +15,7 @@ from tests.aif.helpers import raw_rows, write_jsonl
 from zephyr_fast.aif.client import JudgeClient, JudgeConfig
 from zephyr_fast.aif.judge import judge_file
 from zephyr_fast.aif.store import JudgeCache
-from zephyr_fast.data.binarize import binarize_rows
+from zephyr_fast.aif.binarize import binarize_rows
 from zephyr_fast.eval.grading import grade_single
 from zephyr_fast.eval.mt_bench import judge_prompts, load_questions, references
 

@@ -7,8 +7,10 @@ import yaml
 
 from tests.aif.fake_openai import Faults, start_in_thread
 from tests.aif.helpers import REPO, save_tiny_model
-from zephyr_fast.aif.pipeline import RecipeError, load_recipe, main, run_aif
+from zephyr_fast.aif.pipeline import main, run_aif
+from zephyr_fast.aif.recipe import RecipeError, load_recipe
 from zephyr_fast.cli import main as cli
+from zephyr_fast.config import ConfigError
 from zephyr_fast.data import DataConfig, build_dpo_examples, load_rows, load_tokenizer
 
 SAMPLE = str(REPO / "assets" / "data" / "ultrafeedback_binarized" / "sample16.jsonl")
@@ -77,3 +79,32 @@ def test_output_dir_refusals(tmp_path, pool, capsys):
     assert main([path, f"--output_dir={tmp_path / 'mine'}"]) == 2
     assert "--overwrite_output_dir" in capsys.readouterr().err
     assert (tmp_path / "mine" / "pairs.jsonl").read_text() == "precious\n"
+
+
+def test_overrides_are_parsed_by_the_keys_type(tmp_path):
+    aif = str(REPO / "recipes" / "aif.yaml")
+    r = load_recipe(aif, ["--judge.model=null", "--binarize.score=auto", "--judge.aspects=honesty,helpfulness",
+                          "--judge.timeout=30", "--generate.temperature=1", "--judge.constrain=no",
+                          "--judge.extra_body={a: 1}", "--output_dir=no"])
+    assert r["judge"]["model"] is None and r["judge"]["aspects"] == ["honesty", "helpfulness"]
+    assert r["judge"]["timeout"] == 30.0 and isinstance(r["generate"]["temperature"], float)
+    assert r["judge"]["constrain"] is False and r["judge"]["extra_body"] == {"a": 1}
+    assert r["output_dir"] == "no"  # a string key stays the text, not YAML's false
+    for bad, msg in [("--generate.limit=two", r"^command line --generate.limit: expected int, got 'two'"),
+                     ("--judge.concurrency=2.5", r"^command line --judge.concurrency: expected int"),
+                     ("--judge.concurency=2", r"unknown key judge.concurency; did you mean 'concurrency'\?"),
+                     ("--judge=2", r"judge is a section"),
+                     ("judge.model=x", r"must look like --section.key=value")]:
+        with pytest.raises(ConfigError, match=msg):  # RecipeError is a ConfigError: one line, exit 2
+            load_recipe(aif, [bad])
+
+
+def test_recipe_values_are_coerced_and_checked_by_type(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"generate": {"prompts": SAMPLE, "pool": {"a": "x"}, "max_new_tokens": "8",
+                                                 "top_p": 1}}))
+    g = load_recipe(str(path))["generate"]
+    assert g["max_new_tokens"] == 8 and g["top_p"] == 1.0 and isinstance(g["top_p"], float)
+    path.write_text(yaml.safe_dump({"generate": {"prompts": SAMPLE, "pool": {"a": "x"}, "n_models": [1]}}))
+    with pytest.raises(ConfigError, match=r"r.yaml: generate.n_models: expected int, got \[1\]"):
+        load_recipe(str(path))

@@ -5,7 +5,7 @@
 * :class:`JudgeClient`, :class:`JudgeConfig` — any OpenAI-compatible chat endpoint, retries,
   backoff, concurrency, token / cost accounting (``client.py``).
 * :func:`judge_file`, :func:`judge_rows` (``zephyr-fast judge``) — UltraFeedback's four aspects,
-  re-asks, on-disk cache (``judge.py``); output feeds ``zephyr_fast.data.binarize`` unchanged.
+  re-asks, on-disk cache (``judge.py``); output feeds ``zephyr_fast.aif.binarize`` unchanged.
 * :func:`run_aif` (``zephyr-fast aif recipes/aif.yaml``) — generate -> judge -> binarize (``pipeline.py``).
 * :func:`serve_local` — a loopback ``transformers serve`` judge (``serve.py``).
 """

@@ -21,98 +21,29 @@ Otherwise ``base_url`` / ``model`` / key come from the recipe or the environment
 
 Every step resumes: rerunning the command after a crash regenerates and re-judges only what is
 missing.  ``--dry-run`` prints what the run would do -- prompts, completions, judge requests,
-estimated tokens and cost -- without loading a model or sending a request (``plan.py``).  Overrides: ``--generate.limit=4 --judge.concurrency=2`` (values parsed as YAML).
+estimated tokens and cost -- without loading a model or sending a request (``plan.py``).  Overrides: ``--generate.limit=4 --judge.concurrency=2``, parsed by each key's type (``recipe.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import os
 import sys
 from dataclasses import fields
 
-import yaml
-
-from .. import safe_yaml
 from ..config import load_config
-from ..data.binarize import SCORES, binarize_rows
+from .binarize import binarize_rows
 from ..training.run import run
 from ..outputs import claim_folder
 from .client import JudgeConfig, cli_status
 from .generate import GenerateReport, generate_completions, load_prompts
 from .judge import judge_file
 from .plan import describe, dry_run
+from .recipe import GEN_KEYS, load_recipe
 from .serve import serve_local
 from .store import read_input_jsonl, write_jsonl_atomic
 from .ultrafeedback import ASPECTS
-
-SECTIONS = {
-    "generate": {"prompts", "pool", "limit", "n_models", "seed", "max_new_tokens", "temperature", "top_p",
-                 "batch_size", "backend", "dtype", "concurrency", "max_retries", "timeout"},
-    "judge": {f.name for f in fields(JudgeConfig)} - {"constrain_tokenizer"} | {"serve_local", "constrain", "aspects",
-                                                                              "retry_failed", "completions_per_request"},
-    "binarize": {"seed", "score", "skip_invalid_rows"},
-    "train": {"recipe", "overrides"},
-}
-
-
-TOP_KEYS = ("output_dir", "overwrite_output_dir")
-
-
-class RecipeError(ValueError):
-    pass
-
-
-def _check(recipe: dict, source: str) -> None:
-    for key, value in recipe.items():
-        if key in TOP_KEYS:
-            continue
-        if key not in SECTIONS:
-            close = difflib.get_close_matches(key, list(SECTIONS) + list(TOP_KEYS), n=1)
-            raise RecipeError(f"{source}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        if not isinstance(value, dict):
-            raise RecipeError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
-        for k in value:
-            if k not in SECTIONS[key]:
-                close = difflib.get_close_matches(k, SECTIONS[key], n=1)
-                raise RecipeError(f"{source}: unknown key {key}.{k}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    gen = recipe.get("generate", {})
-    if "prompts" not in gen or not isinstance(gen.get("pool"), dict) or not gen["pool"]:
-        raise RecipeError(f"{source}: generate.prompts and generate.pool (name: model_dir) are required")
-    if recipe.get("binarize", {}).get("score", "auto") not in SCORES:
-        raise RecipeError(f"{source}: binarize.score must be one of {SCORES}")
-
-
-def load_recipe(path: str, overrides=()) -> dict:
-    """Read an AIF recipe (``yaml.safe_load``) and apply ``--section.key=value`` overrides."""
-    with open(path, "rb") as f:
-        try:
-            recipe = safe_yaml.load(f, path) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(recipe, dict):
-        raise RecipeError(f"{path}: expected a YAML mapping")
-    for arg in overrides:
-        if not arg.startswith("--") or "=" not in arg:
-            raise RecipeError(f"command line: override {arg!r} must look like --section.key=value")
-        key, raw = arg[2:].split("=", 1)
-        try:
-            value = safe_yaml.load(raw, f"command line {arg.split('=', 1)[0]}") if raw else ""
-        except yaml.YAMLError as e:
-            raise RecipeError(f"command line {arg.split('=', 1)[0]}: not valid YAML: {' '.join(str(e).split())}") \
-                from None
-        if "." in key:
-            sec, k = key.split(".", 1)
-            recipe.setdefault(sec, {})
-            if isinstance(recipe[sec], dict):
-                recipe[sec][k] = value
-                continue
-        recipe[key] = value
-    _check(recipe, path)
-    return recipe
-
 
 def _judge_config(j: dict, server) -> JudgeConfig:
     keys = {f.name for f in fields(JudgeConfig)}
@@ -144,8 +75,7 @@ def _run_steps(recipe: dict, out: str, progress: bool) -> dict:
     early = _judge_config({**j, "model": j.get("model") or j.get("serve_local")}, None)
     early.check()  # a bad judge setting is one line before any generation (never the config: it holds the key)
     prompts = load_prompts(g["prompts"], g.get("limit"))
-    gen_kw = {k: g[k] for k in ("n_models", "seed", "max_new_tokens", "temperature", "top_p", "batch_size",
-                                "backend", "dtype", "concurrency", "max_retries", "timeout") if k in g}
+    gen_kw = {k: g[k] for k in GEN_KEYS if k in g}
     gen: GenerateReport = generate_completions(prompts, g["pool"], os.path.join(out, "completions"),
                                                progress=progress, inputs={"generate.prompts": g["prompts"]}, **gen_kw)
     print(gen)
@@ -193,6 +123,7 @@ def main(argv=None) -> int:
         else:
             run_aif(recipe, progress=not args.no_progress)
     return cli_status(body)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,16 +23,15 @@ import os
 from types import SimpleNamespace
 
 from .client import JudgeClient
-from .generate import PARTS, completion_keys, conversation, load_prompts, prepare, read_done
+from .generate import PARTS, completion_keys, conversation, generate_completions, load_prompts, prepare, read_done
 from .judge import cached_rating_is_consistent, plan_requests, request_messages
+from .recipe import GEN_KEYS, signature_defaults
 from .store import iter_sealed
 from .ultrafeedback import ASPECTS
 
 CHARS_PER_TOKEN = 4
-GEN_KEYS = ("n_models", "seed", "max_new_tokens", "temperature", "top_p", "backend", "dtype", "concurrency",
-            "max_retries", "timeout")
-GEN_DEFAULTS = dict(n_models=4, seed=0, max_new_tokens=256, temperature=1.0, top_p=1.0, backend="auto", dtype="auto",
-                    concurrency=8, max_retries=5, timeout=600.0)
+PLAN_KEYS = tuple(k for k in GEN_KEYS if k != "batch_size")  # what ``prepare`` takes (batching changes no plan)
+GEN_DEFAULTS = signature_defaults(generate_completions, PLAN_KEYS)
 
 
 def tokens(messages: list) -> int:
@@ -55,7 +54,7 @@ def dry_run(recipe: dict, judge_config) -> dict:
     builds the judge's config as the run does."""
     out, g, j = recipe.get("output_dir", "outputs/aif"), recipe["generate"], recipe.get("judge", {})
     prompts = load_prompts(g["prompts"], g.get("limit"))
-    kw = {**GEN_DEFAULTS, **{k: g[k] for k in GEN_KEYS if k in g}}
+    kw = {**GEN_DEFAULTS, **{k: g[k] for k in PLAN_KEYS if k in g}}
     setup = prepare(prompts, g["pool"], device=None, download=False, **kw)
     keys = completion_keys(setup["plan"], prompts, setup["pool"], setup["settings"], setup["served"], setup["folders"])
     parts = os.path.join(out, "completions", PARTS)

@@ -24,7 +24,7 @@ import random
 import re
 from typing import Optional
 
-from ..data.binarize import ASPECTS  # the four UltraFeedback aspects, one definition
+from .binarize import ASPECTS  # the four UltraFeedback aspects, one definition
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 TEMPLATE_VERSION = "ultrafeedback@bf80fd4/single-text-v1"

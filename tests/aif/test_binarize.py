@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from zephyr_fast.data.binarize import binarize_rows, main, mean_rating
+from zephyr_fast.aif.binarize import binarize_rows, main, mean_rating
 from zephyr_fast.data.validate import DataValidationError
 
 

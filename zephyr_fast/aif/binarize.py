@@ -21,7 +21,7 @@ depend on file order or chunking.
 
 CLI::
 
-    python -m zephyr_fast.data.binarize IN OUT [--seed 42] [--score auto|overall|mean_rating|weighted_rating]
+    python -m zephyr_fast.aif.binarize IN OUT [--seed 42] [--score auto|overall|mean_rating|weighted_rating]
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..fileio import atomic_open
-from .loading import load_split
-from .validate import (
+from ..data.loading import load_split
+from ..data.validate import (
     LOAD_ERROR_COL,
     DataError,
     DataValidationError,
@@ -245,7 +245,7 @@ def read_rows(path: str) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zephyr_fast.data.binarize", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m zephyr_fast.aif.binarize", description=__doc__.split("\n\n")[0])
     ap.add_argument("input", help="raw UltraFeedback or flat prompt/chosen/rejected rows (.jsonl/.json/.parquet)")
     ap.add_argument("output", help="output .jsonl in the ultrafeedback_binarized schema")
     ap.add_argument("--seed", type=int, default=42)
