@@ -1,5 +1,5 @@
-"""benchmarks/scaling.py (issue 13): docs/SCALING.md is exactly what the inputs JSON gives, and the
-model's pieces (benchmarks/scaling_model.py) check out on cases small enough to work by hand."""
+"""benchmarks/scaling/ (issue 13): docs/SCALING.md is exactly what the inputs JSON gives, and the
+model's pieces (benchmarks/scaling/model.py) check out on cases small enough to work by hand."""
 
 import copy
 import os
@@ -7,7 +7,7 @@ import os
 import pytest
 
 from benchmarks import scaling as S
-from benchmarks import scaling_model as SM
+from benchmarks.scaling import model as SM
 from zephyr_fast.training.metrics import train_flops
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,

@@ -1,6 +1,6 @@
 """The analytical model behind docs/SCALING.md (issue 13): a Zephyr-7B dSFT and dDPO step on N GPUs.
 
-Every figure is computed from ``benchmarks/scaling_inputs.json`` (each input carries its source).
+Every figure is computed from ``benchmarks/scaling/inputs.json`` (each input carries its source).
 Model, per micro-step of one rank:
 
 * FLOPs: :func:`zephyr_fast.training.metrics.train_flops` (PaLM: ``6·N·tokens + 12·L·d·Σ len²``,
@@ -23,8 +23,8 @@ import os
 
 from zephyr_fast.training.metrics import train_flops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INPUTS = os.path.join(ROOT, "benchmarks", "scaling_inputs.json")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+INPUTS = os.path.join(ROOT, "benchmarks", "scaling", "inputs.json")
 GIB = 2 ** 30
 
 

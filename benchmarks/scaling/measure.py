@@ -1,4 +1,4 @@
-"""Measuring the 'measured' inputs of benchmarks/scaling_inputs.json (issue 13): token counts, Σ len²,
+"""Measuring the 'measured' inputs of benchmarks/scaling/inputs.json (issue 13): token counts, Σ len²,
 packing efficiency and padding waste from the bundled data with the real Mistral-7B tokenizer, and the
 calibration figures of benchmarks/results/gpu.json. Run by ``python -m benchmarks.scaling --measure``;
 not run by the tests.
@@ -10,7 +10,7 @@ import json
 import os
 
 from benchmarks.model_cases import real_pairs
-from benchmarks.scaling_model import ROOT, load_inputs
+from benchmarks.scaling.model import ROOT, load_inputs
 from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.data.measure import padded_waste
 from zephyr_fast.data.packing import pack_dpo, pack_sft
