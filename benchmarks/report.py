@@ -175,15 +175,32 @@ def _cmd_path(path: pathlib.Path) -> str:
         return str(path)
 
 
-def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = None,
-           now: Optional[_dt.datetime] = None, profile: Optional[dict] = None) -> str:
-    now = now or _dt.datetime.now(_dt.timezone.utc)
-    names = " ".join(_cmd_path(pathlib.Path(m["source"])) for m in metas)  # runnable from the repo root
-    lines = ["# zephyr_fast benchmark results", "",
-             f"Generated {now:%Y-%m-%d %H:%M UTC} by `python -m benchmarks.report {names}` from "
-             f"pytest-benchmark JSON (`pytest benchmarks/` regenerates this file). Where a later JSON "
-             f"re-measured a table, that whole table comes from it.", ""]
-    lines += ["## Machines and versions", ""]
+METHOD = [
+    "- Same inputs (same seed) for every provider; one untimed warm-up, then the median of the "
+    "timed rounds (3 on CPU); CUDA synchronised inside the timed region.",
+    "- Peak memory: CUDA `max_memory_allocated` beyond what was allocated before the call; CPU "
+    "peak-RSS growth of one call in a fresh subprocess after a warm-up, inputs allocated first, "
+    "`MALLOC_MMAP_THRESHOLD_=65536`. The floor of an LM-head call is its dX + dW.",
+    "- LM-head TFLOP/s count 6·N·D·V (forward, dX, dW; recomputation not credited).",
+    "- `inputs=peaked`: targets Zipf-distributed, hidden states aimed at the predicted token "
+    "(softmax peaked like a trained model's); `normal`: N(0,1) inputs, flat softmax.",
+    "- Liger's DPO cannot take precomputed reference log-probs: in `task=dpo` it runs "
+    "`use_ref_model=False` (less work than the others); `task=dpo_ref` compares our precomputed "
+    "numbers against its reference-hidden-states path.",
+    "- Ratio columns: anchor ÷ zephyr_fast for time (or zephyr ÷ anchor for tokens/s) and memory; "
+    "> 1 means zephyr_fast is faster / leaner.",
+    "- An anchor that is not installed or cannot run on the device is absent (skipped with the "
+    "reason in the pytest output), never substituted.",
+    "- e2e tier (`pytest benchmarks/ --e2e`, tables `e2e_whole_*`): each trainer runs once as a fresh "
+    "process on the same model folder, rows and batch, timed from launch to exit; the 1-epoch figure of "
+    "a multi-epoch case is launch → end of epoch 1 of that same run (no model is saved). Loop tokens/s "
+    "count real (non-padding) tokens. Phases come from zephyr_fast's `summary.json` timeline and a TRL "
+    "callback.",
+]
+
+
+def _machines(metas: list[dict]) -> list[str]:
+    lines = ["## Machines and versions", ""]
     for m in metas:
         mi = m.get("machine_info") or {}
         cpu = (mi.get("cpu") or {}).get("brand_raw") or mi.get("processor") or "?"
@@ -196,37 +213,29 @@ def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = No
             lines.append("  - versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v))
         if m.get("notes"):
             lines.append("  - notes: " + m["notes"])
-    lines += ["", "## Method", "",
-              "- Same inputs (same seed) for every provider; one untimed warm-up, then the median of the "
-              "timed rounds (3 on CPU); CUDA synchronised inside the timed region.",
-              "- Peak memory: CUDA `max_memory_allocated` beyond what was allocated before the call; CPU "
-              "peak-RSS growth of one call in a fresh subprocess after a warm-up, inputs allocated first, "
-              "`MALLOC_MMAP_THRESHOLD_=65536`. The floor of an LM-head call is its dX + dW.",
-              "- LM-head TFLOP/s count 6·N·D·V (forward, dX, dW; recomputation not credited).",
-              "- `inputs=peaked`: targets Zipf-distributed, hidden states aimed at the predicted token "
-              "(softmax peaked like a trained model's); `normal`: N(0,1) inputs, flat softmax.",
-              "- Liger's DPO cannot take precomputed reference log-probs: in `task=dpo` it runs "
-              "`use_ref_model=False` (less work than the others); `task=dpo_ref` compares our precomputed "
-              "numbers against its reference-hidden-states path.",
-              "- Ratio columns: anchor ÷ zephyr_fast for time (or zephyr ÷ anchor for tokens/s) and memory; "
-              "> 1 means zephyr_fast is faster / leaner.",
-              "- An anchor that is not installed or cannot run on the device is absent (skipped with the "
-              "reason in the pytest output), never substituted.",
-              "- e2e tier (`pytest benchmarks/ --e2e`, tables `e2e_whole_*`): each trainer runs once as a fresh "
-              "process on the same model folder, rows and batch, timed from launch to exit; the 1-epoch figure of "
-              "a multi-epoch case is launch → end of epoch 1 of that same run (no model is saved). Loop tokens/s "
-              "count real (non-padding) tokens. Phases come from zephyr_fast's `summary.json` timeline and a TRL "
-              "callback.", ""]
-    lines += ["## Targets", "", "| issue | target | measured | status |", "|---|---|---|---|"]
+    return lines
+
+
+def _targets(records: list[dict], metas: list[dict]) -> list[str]:
+    lines = ["## Targets", "", "| issue | target | measured | status |", "|---|---|---|---|"]
     for t in evaluate_targets(records, metas):
         measured = t["measured"] + (f" — {t['note']}" if t["note"] else "")
         lines.append(f"| #{t['issue']} | {t['target']} | {measured} | {t['status']} |")
-    lines += ["", "## Results", ""]
+    return lines
+
+
+def _results(records: list[dict]) -> list[str]:
+    lines = ["## Results", ""]
     if not records:
         lines += ["No benchmark results in the input JSON.", ""]
     for key, rows in group(records).items():
         body = e2e_report.tables(rows) if e2e_report.is_whole_process(rows) else table(rows)
         lines += [f"### {group_title(key)}", ""] + body + [""]
+    return lines
+
+
+def _extras(metas: list[dict], chart_rel: Optional[str], profile: Optional[dict]) -> list[str]:
+    lines = []
     if profile:
         lines += ["## Where one DPO step's seconds go", "",
                   f"`python -m benchmarks.profile_step --json benchmarks/results/{STEP_PROFILE}`, run "
@@ -238,6 +247,20 @@ def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = No
     if skipped:
         lines += ["## Skipped (with the reason)", ""]
         lines += [f"- `{s['test']}`: {s['reason'].replace('Skipped: ', '')}" for s in skipped] + [""]
+    return lines
+
+
+def render(records: list[dict], metas: list[dict], chart_rel: Optional[str] = None,
+           now: Optional[_dt.datetime] = None, profile: Optional[dict] = None) -> str:
+    """The whole RESULTS.md text (deterministic given ``now``)."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    names = " ".join(_cmd_path(pathlib.Path(m["source"])) for m in metas)  # runnable from the repo root
+    lines = ["# zephyr_fast benchmark results", "",
+             f"Generated {now:%Y-%m-%d %H:%M UTC} by `python -m benchmarks.report {names}` from "
+             f"pytest-benchmark JSON (`pytest benchmarks/` regenerates this file). Where a later JSON "
+             f"re-measured a table, that whole table comes from it.", ""]
+    lines += _machines(metas) + ["", "## Method", ""] + METHOD + [""]
+    lines += _targets(records, metas) + [""] + _results(records) + _extras(metas, chart_rel, profile)
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,7 @@ plumbing and its measurements, not quality.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -34,7 +35,6 @@ import time
 import torch
 from transformers import AutoConfig
 
-from zephyr_fast.fileio import atomic_open
 from zephyr_fast.aif.client import JudgeConfig
 from zephyr_fast.aif.pipeline import dpo_data_override, run_aif
 from zephyr_fast.aif.serve import serve_local
@@ -42,6 +42,7 @@ from zephyr_fast.config import load_config
 from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.eval.mt_bench import run_mt_bench
 from zephyr_fast.eval.run_eval import markdown_table, run_eval
+from zephyr_fast.fileio import atomic_open
 from zephyr_fast.model import load_model
 from zephyr_fast.train import run
 from zephyr_fast.training.metrics import plot_runs, read_jsonl
@@ -100,7 +101,7 @@ def _eval(out: str, server, args) -> list:
                     alpaca_limit=4, max_new_tokens=args.max_new_tokens, lc=False, progress=False)
 
 
-def main(argv=None) -> int:
+def _parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m zephyr_fast.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "outputs" / "demo"))
     ap.add_argument("--sft_epochs", type=float, default=8)
@@ -112,60 +113,50 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.fast:
         args.sft_epochs, args.dpo_epochs, args.aif_prompts, args.max_new_tokens = 1, 1, 8, 16
+    return args
 
-    os.chdir(REPO)  # recipes name repo-relative data and tokenizer paths
-    out = os.path.abspath(args.out)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"zephyr_fast demo on {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else
-                                              f" ({torch.get_num_threads()} threads)") + f" -> {out}")
-    t0 = time.time()
-    times = {}
 
-    # 1. dSFT
-    sft = run(load_config("recipes/tiny/sft.yaml", [f"--output_dir={out}/sft", f"--num_train_epochs={args.sft_epochs}"]))
-    times["dSFT"] = time.time() - t0
+@contextlib.contextmanager
+def _timed(times: dict, phase: str):
+    t = time.time()
+    yield
+    times[phase] = time.time() - t
 
+
+def _pipeline(out: str, args, times: dict) -> dict:
+    """Steps 1-6; returns each step's result by name."""
+    r = {}
+    with _timed(times, "dSFT"):  # 1. dSFT
+        r["sft"] = run(load_config("recipes/tiny/sft.yaml", [f"--output_dir={out}/sft",
+                                                             f"--num_train_epochs={args.sft_epochs}"]))
     with serve_local(f"{out}/sft") as server:  # the local judge, on 127.0.0.1, for steps 2 and 5
-        # 2. AIF: generate -> judge -> binarize
-        t = time.time()
-        aif = _aif(out, server, args)
-        times["AIF"] = time.time() - t
-
-        # 3. reference log-probs (stage ref_logps) on the AIF pairs, cached next to the DPO run
+        with _timed(times, "AIF"):  # 2. AIF: generate -> judge -> binarize
+            r["aif"] = _aif(out, server, args)
         dpo_over = [f"--model_name_or_path={out}/sft", f"--ref_logps_dir={out}/ref_logps",
-                    f"--num_train_epochs={args.dpo_epochs}", dpo_data_override(aif["pairs"])]
-        t = time.time()
-        ref = run(load_config("recipes/tiny/dpo.yaml", dpo_over + ["--stage=ref_logps", f"--output_dir={out}/ref"]))
-        times["ref log-probs"] = time.time() - t
+                    f"--num_train_epochs={args.dpo_epochs}", dpo_data_override(r["aif"]["pairs"])]
+        with _timed(times, "ref log-probs"):  # 3. reference log-probs (stage ref_logps), cached beside the DPO run
+            r["ref"] = run(load_config("recipes/tiny/dpo.yaml", dpo_over + ["--stage=ref_logps",
+                                                                             f"--output_dir={out}/ref"]))
+        with _timed(times, "dDPO"):  # 4. dDPO, reading the cache; a checkpoint per epoch for step 6
+            r["dpo"] = run(load_config("recipes/tiny/dpo.yaml", dpo_over + [f"--output_dir={out}/dpo",
+                                                                             "--save_strategy=epoch"]))
+        assert r["dpo"]["ref_logps_train_reused"], "dDPO should reuse the reference log-probs of step 3"
+        with _timed(times, "MT-Bench"):  # 5. MT-Bench answers + grading with the dDPO model
+            r["mt"] = _mt_bench(out, server, args)
+        with _timed(times, "eval by epoch"):  # 6. every dDPO checkpoint: preference accuracy, AlpacaEval
+            r["by_epoch"] = _eval(out, server, args)
+    return r
 
-        # 4. dDPO, reading the cache
-        t = time.time()
-        dpo_run = dpo_over + [f"--output_dir={out}/dpo", "--save_strategy=epoch"]  # a checkpoint per epoch: step 6
-        dpo = run(load_config("recipes/tiny/dpo.yaml", dpo_run))
-        times["dDPO"] = time.time() - t
-        assert dpo["ref_logps_train_reused"], "dDPO should reuse the reference log-probs of step 3"
 
-        # 5. MT-Bench answers + grading with the dDPO model
-        t = time.time()
-        mt = _mt_bench(out, server, args)
-        times["MT-Bench"] = time.time() - t
-
-        # 6. every checkpoint of the dDPO run: training preference accuracy and AlpacaEval by epoch
-        t = time.time()
-        by_epoch = _eval(out, server, args)
-        times["eval by epoch"] = time.time() - t
-
-    # 7. plot + summary
-    png = plot_runs({"dSFT": sft["metrics_path"], "dDPO": dpo["metrics_path"]}, os.path.join(out, "demo.png"))
-    total = time.time() - t0
+def _summary(r: dict, out: str, png: str) -> dict:
+    sft, dpo, aif, mt = r["sft"], r["dpo"], r["aif"], r["mt"]
     sft_rows, dpo_rows = read_jsonl(sft["metrics_path"]), read_jsonl(dpo["metrics_path"])
-    summary = {
-        "device": device, "total_seconds": total, "phase_seconds": times,
+    return {
         "sft": {"loss_first_last": _first_last(sft_rows, "loss"), "eval_loss_first_last": _first_last(sft_rows, "eval_loss"),
                 "train_tokens_per_second": sft["train_tokens_per_second"], "steps": sft["global_step"]},
         "aif": {"generate": str(aif["generate"]), "judge": str(aif["judge"]), "binarize": str(aif["binarize"]),
                 "pairs": aif["pairs"], "judge_usage": aif["judge"].usage},
-        "ref_logps": {k: v for k, v in ref.items() if k.startswith("ref_logps_")},
+        "ref_logps": {k: v for k, v in r["ref"].items() if k.startswith("ref_logps_")},
         "dpo": {"loss_first_last": _first_last(dpo_rows, "loss"),
                 "rewards/margins_first_last": _first_last(dpo_rows, "rewards/margins"),
                 "rewards/accuracies_first_last": _first_last(dpo_rows, "rewards/accuracies"),
@@ -173,9 +164,23 @@ def main(argv=None) -> int:
                 "train_pairs_per_second": dpo.get("train_pairs_per_second"), "steps": dpo["global_step"]},
         "mt_bench": {k: mt[k] for k in ("overall", "turn_1", "turn_2", "categories", "graded", "failures", "radar")},
         "mt_bench_table": mt["table"],
-        "eval_by_epoch": markdown_table(by_epoch, "train"), "eval_plot": f"{out}/eval/eval.png",
+        "eval_by_epoch": markdown_table(r["by_epoch"], "train"), "eval_plot": f"{out}/eval/eval.png",
         "plot": png, "model_dir": f"{out}/dpo",
     }
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    os.chdir(REPO)  # recipes name repo-relative data and tokenizer paths
+    out = os.path.abspath(args.out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"zephyr_fast demo on {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else
+                                              f" ({torch.get_num_threads()} threads)") + f" -> {out}")
+    t0, times = time.time(), {}
+    r = _pipeline(out, args, times)
+    # 7. plot + summary
+    png = plot_runs({"dSFT": r["sft"]["metrics_path"], "dDPO": r["dpo"]["metrics_path"]}, os.path.join(out, "demo.png"))
+    summary = {"device": device, "total_seconds": time.time() - t0, "phase_seconds": times, **_summary(r, out, png)}
     with atomic_open(os.path.join(out, "summary.json")) as f:
         json.dump(summary, f, indent=2)
     _print_summary(summary)
