@@ -24,7 +24,8 @@ from zephyr_fast.training import hf_folder
 from zephyr_fast.training.checkpoint import CheckpointError, read_manifest, verify_checkpoint, write_manifest
 from zephyr_fast.training.manifest import verifying
 from zephyr_fast.training.metrics import ConfigError, read_metrics
-from zephyr_fast.training.run import RunIdentity, run
+from zephyr_fast.training.checkpointer import RunIdentity
+from zephyr_fast.training.run import run
 
 ARTEFACTS = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pt", "trainer_state.json"]
 

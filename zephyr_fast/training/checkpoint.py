@@ -9,13 +9,14 @@ Layout of ``{output_dir}/checkpoint-{step}/``:
 * plain torch: ``optimizer.pt``; DeepSpeed: ``ds/`` (``engine.save_checkpoint``,
   every rank writes its ZeRO partition);
 * ``scheduler.pt`` and ``rng_state_{rank}.pt`` (torch / CUDA / Python / NumPy generators);
-* ``manifest.json``, written **last**: every other file's size and sha256 per 64 MiB chunk (hashed on
-  threads and ranks), the step, a save counter, and its own digest.
+* ``manifest.json``, written **last**: every other file's size and XXH3-128 digest per 64 MiB chunk
+  (``training/manifest.py``; hashed on threads and ranks), the step, a save counter, and its own sha256.
 
 A checkpoint is written into ``.checkpoint-{step}.tmp``; the manifest is written there atomically
 (tmp file, fsync, ``os.replace``) after every file is fsynced, and the directory is then renamed into
-place. A checkpoint without a valid manifest is incomplete: ``resume_from_checkpoint=auto`` never
-picks it and an explicit path is refused. Loading verifies every file against the manifest first
+place (:func:`publish`; ``zephyr-fast export`` moves its staged files in with it too). A checkpoint
+without a valid manifest is incomplete: ``resume_from_checkpoint=auto`` never picks it and an explicit
+path is refused. Loading verifies every file against the manifest first
 and refuses in one line naming the file (:class:`CheckpointError`).
 
 ``save_index`` counts saves in the output folder: ``auto`` resumes the most recently *written* complete
@@ -51,7 +52,7 @@ from zephyr_fast.training.manifest import (MANIFEST, CheckpointError, check_list
                                            read_manifest, verify_checkpoint, verifying, write_manifest, writing)
 
 __all__ = ["MANIFEST", "CheckpointError", "export_final", "is_complete", "list_checkpoints", "load_checkpoint",
-           "read_manifest", "resolve_resume", "safe_torch_load", "safe_torch_loads", "save_checkpoint",
+           "publish", "read_manifest", "resolve_resume", "safe_torch_load", "safe_torch_loads", "save_checkpoint",
            "verify_checkpoint", "write_manifest"]
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -203,21 +204,32 @@ def _clear_tmp(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
+def _rename(src: str, dst: str) -> None:
+    """``os.replace`` then fsync ``dst``'s folder: the one rename of checkpoint files, durable once it returns."""
+    os.replace(src, dst)
+    fsync_dir(os.path.dirname(dst))
+
+
 def _retire(path: str) -> None:
     """Remove a checkpoint: renamed hidden first, so a crash mid-delete never leaves a half of it visible."""
     hidden = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old.tmp")
     shutil.rmtree(hidden, ignore_errors=True)
-    os.replace(path, hidden)
+    _rename(path, hidden)
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def _publish(tmp: str, final: str) -> None:
-    """Rename the finished ``tmp`` into place (an existing same-step checkpoint is replaced)."""
-    fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving a step on a new branch after a resume
-        _retire(final)
-    os.replace(tmp, final)
-    fsync_dir(os.path.dirname(final))
+def publish(src: str, dst: str) -> None:
+    """The checkpoint publish: move the finished ``src`` to ``dst`` in the same folder tree, durably.
+
+    A folder (a save's ``.checkpoint-{step}.tmp``) is fsynced and renamed into place, an existing same-step
+    checkpoint (re-saved on a new branch after a resume) retired first; a file (a staged export file moved
+    into its checkpoint) replaces ``dst`` atomically. Its data is fsynced by the manifest written after it.
+    """
+    if os.path.isdir(src):
+        fsync_dir(src)
+        if os.path.exists(dst):
+            _retire(dst)
+    _rename(src, dst)
 
 
 def _prune(output_dir: str, keep: str, total_limit: Optional[int], protect: Optional[str] = None) -> None:
@@ -249,7 +261,7 @@ def save_checkpoint(output_dir: str, step: int, *, dist: DistInfo, model, optimi
     index = gather_objects(_next_save_index(output_dir) if dist.is_main else None, dist.world_size)[0]
     _collectively(dist, tmp, lambda: write_manifest(tmp, step=step, save_index=index, dist=dist))
     if dist.is_main:
-        _publish(tmp, final)
+        publish(tmp, final)
         _prune(output_dir, final, total_limit, protect)
     barrier()
     return final

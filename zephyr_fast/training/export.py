@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from zephyr_fast.config import ConfigError, load_config
 from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.model.load import tiny_config
-from zephyr_fast.training.checkpoint import safe_torch_loads
+from zephyr_fast.training.checkpoint import publish, safe_torch_loads
 from zephyr_fast.training.distributed import DistInfo
 from zephyr_fast.training.hf_folder import WEIGHTS, is_hf_folder, load_into, prefixed, save_hf, strip_prefix
 from zephyr_fast.training.manifest import (CheckpointError, check_listing, read_manifest, verify_checkpoint,
@@ -104,7 +104,7 @@ def _write_export(ckpt: str, out: Optional[str], cfg) -> str:
     for name in sorted(os.listdir(staging)):
         if name in manifest["files"] and name != WEIGHTS:
             continue  # never overwrite a file the manifest already vouches for
-        os.replace(os.path.join(staging, name), os.path.join(ckpt, name))
+        publish(os.path.join(staging, name), os.path.join(ckpt, name))
     shutil.rmtree(staging, ignore_errors=True)
     write_manifest(ckpt, step=manifest["step"], save_index=manifest["save_index"], dist=ONE)
     return ckpt

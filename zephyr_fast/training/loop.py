@@ -22,8 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from zephyr_fast.config import TrainingConfig
-from zephyr_fast.recipe_keys import ConfigError, steps_every
+from zephyr_fast.config.keys import ConfigError, steps_every
 from zephyr_fast.training.build import Optimisation
+from zephyr_fast.training.checkpointer import Checkpointer
 from zephyr_fast.training.distributed import DistInfo, all_reduce_sum, sharded_forwards
 from zephyr_fast.training.metrics import MetricLogger, peak_memory_gb
 from zephyr_fast.training.plan import SplitData, StepPlan, total
@@ -113,13 +114,26 @@ class LoopState:
     eval_step: int = -1  # the step eval_metrics were measured at
     best: dict = field(default_factory=dict)  # load_best_model_at_end: {"step", "metric"} of the best save
 
+    def summary(self, stage: Stage, plan: StepPlan) -> dict:
+        """The run summary's training entries (``finished``: every planned step is done)."""
+        secs = max(self.train_seconds, 1e-9)
+        return {
+            "global_step": self.step, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+            "train_runtime": secs, "train_tokens": self.train_tokens,
+            "train_tokens_per_second": self.train_tokens / secs, "metrics": self.last_metrics,
+            "eval_metrics": self.eval_metrics, "train_loss": self.last_metrics.get("loss"),
+            "metrics_path": self.metrics_path, **stage.summary_metrics(self.train_pairs, secs),
+            "finished": self.step >= plan.total_steps,
+        }
+
 
 @dataclass
 class TrainLoop:
     """One run's optimiser steps over the step plan, with logging, evaluation and checkpoints.
 
-    Built by :func:`zephyr_fast.training.run.run`; ``save(step, extra) -> path`` writes a checkpoint
-    (collective under DeepSpeed), ``flops(stats) -> FLOPs`` counts a step's training FLOPs for MFU.
+    Built by :func:`zephyr_fast.training.run.run`; the loop asks ``checkpointer``
+    (:class:`~zephyr_fast.training.checkpointer.Checkpointer`) to save when a checkpoint is due
+    (collective under DeepSpeed); ``flops(stats) -> FLOPs`` counts a step's training FLOPs for MFU.
     """
 
     t: TrainingConfig
@@ -130,7 +144,7 @@ class TrainLoop:
     train: SplitData
     train_refs: object  # RefLogps of the train split, or None
     logger: MetricLogger
-    save: Callable
+    checkpointer: Checkpointer
     flops: Callable
     peak_tflops: Optional[float] = None
     eval_split: Optional[SplitData] = None
@@ -154,7 +168,7 @@ class TrainLoop:
         self.opt.module.train()
         while state.step < target:
             micros = plan.step_micro(state.step)
-            step_loss, step_mets = self._micro_batches(state.step, micros, total(micros, self.stage.denominator))
+            step_loss, step_mets = self._micro_batches(state, micros, total(micros, self.stage.denominator))
             lr = self.opt.scheduler.get_last_lr()[0]
             grad_norm = self.opt.step()
             state.step += 1
@@ -176,8 +190,9 @@ class TrainLoop:
         bar.close()
         return state
 
-    def _micro_batches(self, step: int, micros: list, denom: int) -> tuple:
-        """Forward + backward of this rank's micro-batches of step ``step``; ``(step_loss, metric_sums)``."""
+    def _micro_batches(self, state: LoopState, micros: list, denom: int) -> tuple:
+        """Forward + backward of this rank's micro-batches of the step after ``state.step``;
+        ``(step_loss, metric_sums)``."""
         dist = self.dist
         mine = self.plan.rank_micro(micros, dist.rank)
         step_loss, step_mets = torch.zeros((), device=dist.device), {}
@@ -187,16 +202,17 @@ class TrainLoop:
             step_loss = step_loss + loss.detach().float()
             _accumulate(step_mets, mets)
             if k == len(mine) - 1:
-                self._check_finite(step, step_loss)
+                self._check_finite(state, step_loss)
             self.opt.backward(loss)
         return step_loss, step_mets
 
-    def _check_finite(self, step: int, step_loss: torch.Tensor) -> None:
+    def _check_finite(self, state: LoopState, step_loss: torch.Tensor) -> None:
         """One scalar sync per optimiser step, before the last backward: a NaN/inf loss must stop the
         run before it reaches the weights, so the checkpoint holds the good state."""
         reduced = all_reduce_sum(step_loss.clone()) if self.dist.world_size > 1 else step_loss
         if not math.isfinite(float(reduced)):
-            self.save(step, {"stopped": "non-finite loss"})
+            step = state.step
+            self.checkpointer.save(state, epoch=self._epoch(state), extra={"stopped": "non-finite loss"})
             raise NonFiniteLossError(
                 f"loss is {float(reduced)} at step {step + 1} (epoch {step // self.plan.steps_per_epoch}); a "
                 f"checkpoint of the weights before this step was written to {self.t.output_dir}/checkpoint-{step}. "
@@ -209,7 +225,7 @@ class TrainLoop:
             torch.cuda.synchronize(dist.device)
         dt = max(time.time() - window.t0, 1e-9)
         row.update({"grad_norm": self.opt.grad_norm(grad_norm), "learning_rate": lr,
-                    "epoch": state.step / self.plan.steps_per_epoch, "train_tokens_per_second": window.tokens / dt,
+                    "epoch": self._epoch(state), "train_tokens_per_second": window.tokens / dt,
                     "peak_memory_gb": peak_memory_gb(dist.device)})
         row.update(self.stage.log_metrics(window.pairs, dt))
         if self.peak_tflops:
@@ -242,9 +258,12 @@ class TrainLoop:
             save_due = step % per_epoch == 0
         if t.save_strategy != "no" and not last and save_due:
             self._track_best(state)  # first: the checkpoint's state records it and keeps it from pruning
-            self.save(step, {})
+            self.checkpointer.save(state, epoch=self._epoch(state))
         elif last:
             self._track_best(state)
+
+    def _epoch(self, state: LoopState) -> float:
+        return state.step / self.plan.steps_per_epoch
 
     def _track_best(self, state: LoopState) -> None:
         """load_best_model_at_end: remember this step when its eval metric beats the best so far (HF's rule:

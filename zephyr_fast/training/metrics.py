@@ -127,6 +127,11 @@ def wandb_keys(metrics: dict) -> dict:
     return out
 
 
+def metrics_path(output_dir: str) -> str:
+    """The run's metrics.jsonl: one JSON row per logging / eval step (``{"step": N, ...}``)."""
+    return os.path.join(output_dir, "metrics.jsonl")
+
+
 class MetricLogger:
     """metrics.jsonl (+ TensorBoard / wandb as ``report_to`` asks) on rank 0; no-op elsewhere.
 
@@ -139,7 +144,7 @@ class MetricLogger:
                  wandb: Optional[dict] = None, run_config: Optional[dict] = None):
         self.enabled = enabled
         self.output_dir = output_dir
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.path = metrics_path(output_dir)
         self.history: list = []
         self._tb = self._wandb = None
         self._t0 = time.time()
