@@ -1,4 +1,4 @@
-"""Atomic, digest-checked checkpoints, branch-safe resume, and the final Hugging Face export.
+"""Atomic, digest-checked checkpoints and branch-safe resume: the checkpoint format.
 
 Layout of ``{output_dir}/checkpoint-{step}/``:
 
@@ -42,16 +42,14 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import yaml
 
-from zephyr_fast import redaction
-from zephyr_fast.fileio import atomic_open, first_line, fsync_dir
+from zephyr_fast.fileio import first_line, fsync_dir
 from zephyr_fast.training import hf_folder
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects
 from zephyr_fast.training.manifest import (MANIFEST, CheckpointError, check_listing, is_complete,
                                            read_manifest, verify_checkpoint, verifying, write_manifest, writing)
 
-__all__ = ["MANIFEST", "CheckpointError", "export_final", "is_complete", "list_checkpoints", "load_checkpoint",
+__all__ = ["MANIFEST", "CheckpointError", "is_complete", "list_checkpoints", "load_checkpoint",
            "publish", "read_manifest", "resolve_resume", "safe_torch_load", "safe_torch_loads", "save_checkpoint",
            "verify_checkpoint", "write_manifest"]
 
@@ -294,49 +292,3 @@ def load_checkpoint(path: str, *, dist: DistInfo, model, optimizer, scheduler, e
             _set_rng_state(safe_torch_load(rng_path))
     state["save_index"] = manifest["save_index"]
     return state
-
-
-# ---- export --------------------------------------------------------------------------------------
-
-def _model_card(cfg, results: dict) -> str:
-    recipe = ""
-    if cfg.source and os.path.isfile(cfg.source):
-        with open(cfg.source) as f:
-            recipe = f.read()
-    resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    lines = [
-        "---", "library_name: transformers", "tags: [zephyr_fast, " + cfg.training.stage + "]", "---", "",
-        f"# {os.path.basename(os.path.abspath(cfg.training.output_dir))}", "",
-        f"Trained with zephyr_fast, stage `{cfg.training.stage}` (Zephyr recipe: dSFT -> dDPO, "
-        "Tunstall et al. 2023), from `" + str(cfg.model.model_name_or_path or "random init") + "`.", "",
-        "## Results", "", "```json", json.dumps(results, indent=2, default=str), "```", "",
-    ]
-    if recipe:
-        lines += [f"## Recipe (`{cfg.source}`)", "", "```yaml", recipe.rstrip(), "```", ""]
-    lines += ["## Resolved configuration", "", "```yaml", resolved.rstrip(), "```", ""]
-    return redaction.redact("\n".join(lines))  # the recipe as written may hold hub_token
-
-
-def export_final(out_dir: str, *, cfg, dist: DistInfo, model, tokenizer, engine=None, results: dict) -> None:
-    """HF-format save (safetensors; 16-bit gathered under ZeRO-3), tokenizer, model card, results.
-
-    Collective under DeepSpeed (the ZeRO-3 gather): every rank must call.
-    """
-    state_dict = None
-    if engine is not None and dist.zero_stage == 3:
-        full = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the full dict
-        if dist.is_main:  # the engine wraps the trainer's LossModule: drop its "model." prefix
-            state_dict = hf_folder.strip_prefix(full)
-    if dist.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        to_save = model
-        if cfg.model.use_peft:
-            model.save_pretrained(os.path.join(out_dir, "adapter"), safe_serialization=True)
-            to_save = model.merge_and_unload() if state_dict is None else model.get_base_model()
-        hf_folder.save_hf(out_dir, to_save, tokenizer, state_dict)
-        with atomic_open(os.path.join(out_dir, "README.md")) as f:
-            f.write(_model_card(cfg, results))
-        with atomic_open(os.path.join(out_dir, "train_results.json")) as f:
-            json.dump(results, f, indent=2, default=str)
-        cfg.save(os.path.join(out_dir, "zephyr_fast_config.yaml"))
-    barrier()

@@ -18,7 +18,8 @@ The recipe (``training/run.py``) builds it from the config, as a torchtune recip
   pushed to the Hub; :meth:`~Checkpointer.write_summary` -- ``summary.json``.
 
 The on-disk format is ``training/checkpoint.py`` (layout, publish, prune, load), ``manifest.py``
-(digests) and ``hf_folder.py`` (the model folder); this module decides when and what is written.
+(digests), ``hf_folder.py`` (the model folder) and ``export.py`` (the final model folder); this module
+decides when and what is written.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from zephyr_fast.outputs import OutputError, OutputLock, claim_folder
 from zephyr_fast.training import checkpoint as ckpt
 from zephyr_fast.training import hub
 from zephyr_fast.training.distributed import DistInfo, gather_objects
+from zephyr_fast.training.export import export_final
 from zephyr_fast.training.metrics import metrics_path, read_metrics, write_jsonl
 
 __all__ = ["RESUMABLE_KEYS", "Checkpointer", "RunIdentity", "run_inputs"]
@@ -172,7 +174,7 @@ class Checkpointer:
         push_to_hub; returns the summary's new entries. Collective under DeepSpeed (the ZeRO-3 gather)."""
         lm, out = self._opt.module, self.t.output_dir
         model = lm.model if self.cfg.model.use_peft else unwrap_model(lm.model)
-        ckpt.export_final(out, cfg=self.cfg, dist=self.dist, model=model, tokenizer=self._tokenizer,
+        export_final(out, cfg=self.cfg, dist=self.dist, model=model, tokenizer=self._tokenizer,
                           engine=self._opt.engine, results=_jsonable(summary))
         added = {"model_dir": out}
         if self.dist.is_main and self.hub is not None:

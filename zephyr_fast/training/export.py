@@ -9,11 +9,15 @@ moved in, and the manifest is rewritten last to list them (same step, same save 
 checkpoint stays verified and resumable. An export killed before that rewrite leaves unlisted HF files
 only, which the next export removes first. ``--out DIR`` writes the folder there and leaves the
 checkpoint untouched.
+
+:func:`export_final` writes the end of a training run the same way (``Checkpointer.export``): the
+trained model as a HF folder in output_dir, with its model card and ``train_results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -22,18 +26,21 @@ import time
 from typing import Optional
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from zephyr_fast import redaction
 from zephyr_fast.config import ConfigError, load_config
 from zephyr_fast.data.chat import load_tokenizer
+from zephyr_fast.fileio import atomic_open
 from zephyr_fast.model.load import tiny_config
 from zephyr_fast.training.checkpoint import publish, safe_torch_loads
-from zephyr_fast.training.distributed import DistInfo
+from zephyr_fast.training.distributed import DistInfo, barrier
 from zephyr_fast.training.hf_folder import WEIGHTS, is_hf_folder, load_into, prefixed, save_hf, strip_prefix
 from zephyr_fast.training.manifest import (CheckpointError, check_listing, read_manifest, verify_checkpoint,
                                            write_manifest)
 
-__all__ = ["export_checkpoint", "main"]
+__all__ = ["export_checkpoint", "export_final", "main"]
 
 _STAGING = ".hf-export.tmp"
 # what save_pretrained writes (model and tokenizer): the only unlisted names a killed export may leave
@@ -124,6 +131,50 @@ def export_checkpoint(ckpt: str, out: Optional[str] = None) -> dict:
     t0 = time.time()
     path = _write_export(ckpt, out, _run_config(ckpt))
     return {"path": path, "exported": True, "seconds": time.time() - t0, "bytes": _folder_bytes(path) - before}
+
+
+def _model_card(cfg, results: dict) -> str:
+    recipe = ""
+    if cfg.source and os.path.isfile(cfg.source):
+        with open(cfg.source) as f:
+            recipe = f.read()
+    resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    lines = [
+        "---", "library_name: transformers", "tags: [zephyr_fast, " + cfg.training.stage + "]", "---", "",
+        f"# {os.path.basename(os.path.abspath(cfg.training.output_dir))}", "",
+        f"Trained with zephyr_fast, stage `{cfg.training.stage}` (Zephyr recipe: dSFT -> dDPO, "
+        "Tunstall et al. 2023), from `" + str(cfg.model.model_name_or_path or "random init") + "`.", "",
+        "## Results", "", "```json", json.dumps(results, indent=2, default=str), "```", "",
+    ]
+    if recipe:
+        lines += [f"## Recipe (`{cfg.source}`)", "", "```yaml", recipe.rstrip(), "```", ""]
+    lines += ["## Resolved configuration", "", "```yaml", resolved.rstrip(), "```", ""]
+    return redaction.redact("\n".join(lines))  # the recipe as written may hold hub_token
+
+
+def export_final(out_dir: str, *, cfg, dist: DistInfo, model, tokenizer, engine=None, results: dict) -> None:
+    """HF-format save (safetensors; 16-bit gathered under ZeRO-3), tokenizer, model card, results.
+
+    Collective under DeepSpeed (the ZeRO-3 gather): every rank must call.
+    """
+    state_dict = None
+    if engine is not None and dist.zero_stage == 3:
+        full = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the full dict
+        if dist.is_main:  # the engine wraps the trainer's LossModule: drop its "model." prefix
+            state_dict = strip_prefix(full)
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        to_save = model
+        if cfg.model.use_peft:
+            model.save_pretrained(os.path.join(out_dir, "adapter"), safe_serialization=True)
+            to_save = model.merge_and_unload() if state_dict is None else model.get_base_model()
+        save_hf(out_dir, to_save, tokenizer, state_dict)
+        with atomic_open(os.path.join(out_dir, "README.md")) as f:
+            f.write(_model_card(cfg, results))
+        with atomic_open(os.path.join(out_dir, "train_results.json")) as f:
+            json.dump(results, f, indent=2, default=str)
+        cfg.save(os.path.join(out_dir, "zephyr_fast_config.yaml"))
+    barrier()
 
 
 def _folder_bytes(path: Optional[str]) -> int:
