@@ -30,6 +30,7 @@ import os
 import sys
 
 from zephyr_fast import redaction
+from zephyr_fast.config import print_help, wants_help
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
         print(f"zephyr-fast: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module, func, extra = COMMANDS[cmd]
+    if module == "zephyr_fast.train" and wants_help(rest):  # every recipe key, without importing the trainer
+        return run_command(print_help, rest)
     # the one deferred import of the package (see COMMANDS): the command's own module
     return run_command(getattr(importlib.import_module(module), func), rest + extra)
 

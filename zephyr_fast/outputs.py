@@ -27,7 +27,7 @@ import socket
 import time
 from typing import Optional
 
-from zephyr_fast.recipe_keys import ConfigError
+from zephyr_fast.config import ConfigError
 
 LOCK_NAME = ".zephyr_fast.lock"
 OVERWRITE = "--overwrite_output_dir"

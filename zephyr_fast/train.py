@@ -23,19 +23,22 @@ if __name__ == "__main__":  # run as a script or with -m: neither its folder nor
     _PKG = os.path.dirname(os.path.abspath(__file__))
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") not in (_PKG, os.path.dirname(_PKG))]
     from zephyr_fast.cli import exit_without_finalisation, run_command
+    from zephyr_fast.config import print_help, wants_help
 
+    if wants_help(sys.argv[1:]):  # before the heavy imports below: --help never loads torch or the trainer
+        sys.exit(print_help())
     exit_without_finalisation()  # before the heavy imports below, so that their exit handlers run first
 
 from zephyr_fast import redaction  # noqa: E402
-from zephyr_fast.config import ConfigError, keys_help, load_config  # noqa: E402
+from zephyr_fast.config import TRAIN_USAGE as USAGE  # noqa: E402
+from zephyr_fast.config import ConfigError, load_config, print_help, wants_help  # noqa: E402
 from zephyr_fast.data.validate import DataValidationError  # noqa: E402
+from zephyr_fast.training.build import check_config  # noqa: E402
 from zephyr_fast.training.distributed import teardown  # noqa: E402
 from zephyr_fast.training.reference import StaleRefLogpsError  # noqa: E402
 from zephyr_fast.training.run import run  # noqa: E402
 
 __all__ = ["load_config", "main", "parse_args", "run"]
-
-USAGE = "usage: train.py RECIPE.yaml [--key=value ...] [--debug] [--stop_after=N]   (--help: every recipe key)"
 
 
 def parse_args(argv: list) -> tuple:
@@ -77,9 +80,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     redaction.redact_argv(argv)  # registers the secrets given as flags
     redaction.scrub_process_argv()  # what wandb records as the command line
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\n{keys_help()}")
-        return 0
+    if wants_help(argv):
+        return print_help(argv)
     try:
         path, overrides = parse_args(argv)
     except SystemExit as e:
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
 
 def _load_and_run(path: str, overrides: list, stop_after) -> int:
     cfg = load_config(path, overrides)
+    check_config(cfg)  # what only the trainer's code can check, before anything is set up (as load_config)
     try:
         run(cfg, stop_after=stop_after)
     finally:

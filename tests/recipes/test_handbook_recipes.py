@@ -11,7 +11,7 @@ import os
 import pytest
 import yaml
 
-from zephyr_fast import recipe_keys as rk
+from zephyr_fast.config import keys as rk
 from zephyr_fast.config import SECTIONS, ConfigError, load_config
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "handbook")

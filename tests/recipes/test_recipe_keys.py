@@ -9,7 +9,7 @@ import yaml
 
 from tests.train.helpers import TOKENIZER_DIR
 from zephyr_fast import cli
-from zephyr_fast import recipe_keys as rk
+from zephyr_fast.config import keys as rk
 from zephyr_fast.config import SECTIONS, ConfigError, _field_index, build_config
 from zephyr_fast.data.chat import load_tokenizer
 
@@ -52,7 +52,7 @@ def test_use_flash_attention_2_and_model_init_kwargs_translate():
 
 def test_fractional_step_counts_are_fractions_of_the_run():
     """transformers: logging/eval/save_steps below 1 are ceil(fraction x total optimiser steps)."""
-    from zephyr_fast.recipe_keys import steps_every
+    from zephyr_fast.config.keys import steps_every
 
     c = cfg_of(save_steps=0.25, logging_steps=0.05, eval_steps=3)
     assert (c.training.save_steps, c.training.logging_steps, c.training.eval_steps) == (0.25, 0.05, 3)

@@ -13,10 +13,11 @@ from trl import SFTConfig as TRLSFTConfig
 
 from tests.train.conftest import sft_dir  # noqa: F401
 from tests.train.helpers import dpo_rows, recipe, write_dpo_dir
-from zephyr_fast import trl_keys
+from zephyr_fast.config import trl as trl_keys
 from zephyr_fast.config import ConfigError, build_config
 from zephyr_fast.train import run
 from zephyr_fast.training import distributed
+from zephyr_fast.training.build import check_config
 from zephyr_fast.training.reference import ReferencePass
 from zephyr_fast.training.stages import make_stage
 
@@ -41,8 +42,11 @@ FIELDS = [("dpo", k, v) for k, v in _defaults(TRLDPOConfig)] + [("sft", k, v) fo
 
 
 def _cfg(stage, overrides=(), **kw):
-    return build_config({**BASE, "stage": stage, **(DPO_DATA if stage == "dpo" else SFT_DATA), **kw},
-                        source="r.yaml", overrides=list(overrides))
+    """The recipe loaded and checked as train.py does (load_config, then check_config: the kernels' DPO rule)."""
+    cfg = build_config({**BASE, "stage": stage, **(DPO_DATA if stage == "dpo" else SFT_DATA), **kw},
+                       source="r.yaml", overrides=list(overrides))
+    check_config(cfg)
+    return cfg
 
 
 def test_the_installed_trl_has_the_fields_we_walk():

@@ -9,6 +9,7 @@ from tests.train.helpers import REPO, recipe
 
 from zephyr_fast.config import ConfigError, build_config, load_config
 from zephyr_fast.train import main, parse_args
+from zephyr_fast.training.build import check_config
 
 DATA = {"dataset_mixer": {"assets/data/ultrachat_200k/sample16.jsonl": 1.0}, "dataset_splits": ["train"]}
 BASE = {"tokenizer_name_or_path": "tok", "model_init": {"hidden_size": 64}, **DATA}
@@ -24,8 +25,9 @@ def cfg_of(**kw):
 
 
 def err(raw, overrides=()):
+    """The one-line error of loading ``raw`` and of the checks train makes right after (check_config)."""
     with pytest.raises(ConfigError) as e:
-        build_config(raw, source="r.yaml", overrides=list(overrides))
+        check_config(build_config(raw, source="r.yaml", overrides=list(overrides)))
     return str(e.value)
 
 
@@ -372,12 +374,12 @@ def test_boundary_values_are_accepted():
 def test_every_accepted_attn_implementation_is_one_the_model_loader_takes():
     from zephyr_fast.config import ATTN_IMPLEMENTATIONS
     from zephyr_fast.model.attention import BACKENDS
-    from zephyr_fast.training.build import _ATTN_ALIASES
+    from zephyr_fast.training.build import attn_backend
 
-    aliases = {k for k in _ATTN_ALIASES if k is not None}
-    assert set(ATTN_IMPLEMENTATIONS) == {"auto", *BACKENDS, *aliases}
+    assert set(BACKENDS) < set(ATTN_IMPLEMENTATIONS)
     for name in ATTN_IMPLEMENTATIONS:
         assert cfg_of(attn_implementation=name).model.attn_implementation == name
+        assert attn_backend(name) in ("auto", *BACKENDS)
 
 
 GOOD_SFT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'

@@ -3,7 +3,7 @@
 Every key has one type, taken from where the value is used -- ``generate_completions``'s signature,
 :class:`~zephyr_fast.aif.client.JudgeConfig`'s fields, ``binarize_rows``'s signature -- so a default or
 a type is written once.  Recipe values are coerced to that type and command-line values parsed by it
-with the trainer's parser (:func:`zephyr_fast.recipe_keys.typed`): ``--judge.model=null`` is None,
+with the trainer's parser (:func:`zephyr_fast.config.keys.typed`): ``--judge.model=null`` is None,
 ``--binarize.score=no`` the string "no", ``--judge.aspects=honesty,helpfulness`` a list.  An unknown
 key gets a did-you-mean; every error is one line naming the file (or ``command line --key``) and key.
 """
@@ -19,7 +19,7 @@ from typing import Optional
 import yaml
 
 from .. import safe_yaml
-from ..recipe_keys import CLI, ConfigError, typed
+from ..config.keys import CLI, ConfigError, typed
 from .binarize import SCORES, binarize_rows
 from .client import JudgeConfig
 from .generate import generate_completions

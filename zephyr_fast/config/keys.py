@@ -1,7 +1,7 @@
 """What every alignment-handbook / TRL / transformers recipe key becomes in zephyr_fast.
 
 :mod:`zephyr_fast.config` owns the typed sections; this module owns the keys that are *not* a
-field of one of them, and the rules that read the recipe as a whole:
+field of one of them (the stage of a recipe is read by :mod:`zephyr_fast.config.values`):
 
 * :data:`ALIASES` -- another name for a field (``max_seq_length`` -> ``max_length``).
 * :data:`ALWAYS` -- a TRL switch whose one value is what zephyr_fast always does (``padding_free:
@@ -13,18 +13,15 @@ field of one of them, and the rules that read the recipe as a whole:
   ``dataset_name`` / ``dataset_config`` / ``dataset_train_split`` / ``dataset_test_split``.
 * :data:`HF_DEFAULTS` -- transformers' / TRL's defaults of the result-setting keys: a recipe that leaves
   one out where zephyr_fast's default differs gets a notice (:func:`default_notices`).
-* the stage: :func:`infer_stage` reads it from the DPO keys and the data when the recipe has no
-  ``stage:`` (alignment-handbook recipes never do: its script chose the objective), and refuses a
-  ``stage:`` that the recipe's keys contradict.
 
 It also reads a value as its key's type (:func:`typed`): a YAML value is coerced, a command-line
 value parsed from its text by that type (never as YAML: ``--eval_strategy=no`` is the string "no").
-Nothing here imports the sections; :mod:`zephyr_fast.config` passes them in.
+Nothing here imports the sections; :mod:`zephyr_fast.config.loader` passes them in.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import math
 import os
 import typing
@@ -32,13 +29,20 @@ from typing import Optional
 
 import yaml
 
-from zephyr_fast import safe_yaml, trl_keys
+from zephyr_fast import safe_yaml
+from zephyr_fast.config import trl as trl_keys
 
 CLI = "command line"  # the ``where`` of a command-line value: "command line --key"
 
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the file and key."""
+
+
+def did_you_mean(key: str, known, cutoff: float = 0.8) -> str:
+    """``; did you mean 'x'?`` only for a really close name (a typo), else nothing."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 # --- values: a key's value as its field's type -------------------------------------------------
@@ -240,10 +244,6 @@ HF_DEFAULTS = {
     "max_prompt_length": 512, "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
 }
 
-# the DPO stage's keys outside the ``dpo`` section (DPO evidence for infer_stage)
-DPO_DATA_KEYS = ("max_prompt_length", "dpo_layout", "max_completion_length")
-DPO_TRL_KEYS = ("precompute_ref_log_probs", "force_use_ref_model")
-WEAK_DPO_KEYS = ("max_prompt_length",)  # with an explicit stage sft: a notice, not a refusal
 
 
 def extra_keys() -> set:
@@ -387,112 +387,13 @@ def translate_dataset(values: dict) -> dict:
     return out
 
 
-def _kinds_of_spec(spec) -> set:
-    """'dpo' / 'sft' evidence of one dataset_mixture entry (its columns and split name)."""
-    if not isinstance(spec, dict):
-        spec = getattr(spec, "__dict__", {})
-    cols = set(spec.get("columns") or ())
-    split = str(spec.get("split") or "")
-    kinds = set()
-    if {"chosen", "rejected"} <= cols or split.endswith("_prefs"):
-        kinds.add("dpo")
-    if ("messages" in cols and "chosen" not in cols) or split.endswith("_sft"):
-        kinds.add("sft")
-    return kinds
-
-
-def data_kind(data: dict) -> Optional[str]:
-    """'dpo' (preference data), 'sft' (chat data) or None (the recipe does not say) from the data keys.
-
-    Raises ``ValueError`` when the recipe mixes both kinds.
-    """
-    kinds: set = set()
-    mixture = data.get("dataset_mixture")
-    if mixture is not None:
-        specs = mixture.get("datasets", ()) if isinstance(mixture, dict) else getattr(mixture, "datasets", ())
-        for spec in specs or ():
-            kinds |= _kinds_of_spec(spec)
-    elif data.get("dataset_mixer") is not None:
-        for split in data.get("dataset_splits") or ():
-            kinds |= _kinds_of_spec({"split": split})
-    if len(kinds) > 1:
-        raise ValueError("dataset: mixes preference (chosen/rejected, *_prefs) and chat (messages, *_sft) data; "
-                         "a run trains one stage")
-    return kinds.pop() if kinds else None
-
-
-def infer_stage(explicit: Optional[str], dpo_keys: dict, kind: Optional[str]) -> tuple:
-    """``(stage, notices)`` from an explicit ``stage`` (or None), the DPO keys present (``{key: where}``)
-    and the data kind. Raises ``ValueError("key: ...")`` when they contradict each other.
-    """
-    strong = [k for k in dpo_keys if k not in WEAK_DPO_KEYS]
-    named = [f"{k} ({dpo_keys[k]})" if dpo_keys[k].startswith(CLI) else k for k in strong]
-    if explicit is None:
-        if strong and kind == "sft":
-            raise ValueError(f"{strong[0]}: a DPO key, but the data is chat (SFT) data; give preference data "
-                             "(chosen/rejected) or remove the DPO keys")
-        return ("dpo" if dpo_keys or kind == "dpo" else "sft"), []
-    if explicit == "sft":
-        if strong:
-            raise ValueError(f"stage: 'sft' contradicts the DPO key(s) {', '.join(named)}; remove them, "
-                             "or train stage dpo (zephyr-fast dpo RECIPE)")
-        if kind == "dpo":
-            raise ValueError("stage: 'sft' contradicts the preference data (chosen/rejected, *_prefs); "
-                             "train stage dpo (zephyr-fast dpo RECIPE)")
-        return explicit, [f"{k}: a DPO key, unused by stage sft" for k in dpo_keys]
-    if kind == "sft":
-        raise ValueError(f"stage: {explicit!r} contradicts the chat (SFT) data (messages, *_sft); give preference "
-                         "data (chosen/rejected) or train stage sft (zephyr-fast sft RECIPE)")
-    return explicit, []
-
-
-def default_notices(values: dict, seen, stage: str, dpo_keys) -> list:
+def default_notices(values: dict, seen, unused) -> list:
     """``"key: not set; ..."`` for each :data:`HF_DEFAULTS` key the recipe leaves out whose zephyr_fast
-    default (``values[key]``) differs from transformers' / TRL's (DPO keys only for a DPO stage)."""
+    default (``values[key]``) differs from transformers' / TRL's (not for the ``unused`` keys: those
+    the run's stage does not read)."""
     out = []
     for key, hf in HF_DEFAULTS.items():
-        if key in seen or (stage == "sft" and key in dpo_keys) or values[key] == hf:
+        if key in seen or key in unused or values[key] == hf:
             continue
         out.append(f"{key}: not set, so zephyr_fast's default {values[key]!r} (transformers / TRL: {hf!r})")
     return out
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return "Optional[" + ", ".join(_type_name(a) for a in args) + "]"
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def describe_keys(sections: dict, types: dict) -> str:
-    """The ``--help`` key table: ``{section: dataclass}`` and ``{section: {field: type}}``."""
-    by_target: dict = {}
-    for alias, target in ALIASES.items():
-        by_target.setdefault(target, []).append(alias)
-    for sub, target in MODEL_INIT_KWARGS.items():
-        by_target.setdefault(target, []).append(f"model_init_kwargs.{sub}")
-    by_target.setdefault("attn_implementation", []).append("use_flash_attention_2")
-    lines = ["recipe keys (flat, or under their section; --key=value / --section.key=value on the command line,",
-             "parsed by the key's type: a list as a,b or [a, b], a dict as {a: 1}, none/null for an Optional key).",
-             "stage: sft | ref_logps | dpo; when the recipe has none: dpo if it has a DPO key (beta, loss_type, ...,",
-             "max_prompt_length) or preference data (chosen/rejected columns, *_prefs splits), else sft."]
-    for sec, cls in sections.items():
-        lines.append(f"\n[{sec}]")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            also = by_target.get(f.name)
-            alias = f"  (also: {', '.join(also)})" if also else ""
-            lines.append(f"  {f.name}: {_type_name(types[sec][f.name])} = {default!r}{alias}")
-    lines.append("\n[TRL dataset keys] " + ", ".join(DATASET_KEYS) + " -> dataset_mixer + dataset_splits")
-    lines.append("[dataset_kwargs] add_special_tokens (decided per tokenizer), append_concat_token: false")
-    lines.append("\n[accepted: what zephyr_fast always does; any other value is refused]")
-    lines += [f"  {k}: {v!r}  ({what})" for k, (v, what) in ALWAYS.items()]
-    lines.append("\n[accepted, no effect on results: listed in a notice at the start of the run]")
-    lines += [f"  {k}  ({why})" for k, why in NO_EFFECT.items()]
-    lines.append("\n[TRL / transformers features zephyr_fast does not implement: accepted off (TRL's default), "
-                 "any other value refused]")
-    lines += [f"  {k}  ({why})" for k, (_, why) in trl_keys.UNSET_ONLY.items()]
-    lines.append("\n[refused]")
-    lines += [f"  {k}: {why}" for k, why in REFUSED.items()]
-    lines.append("  " + ", ".join(OBJECTIVE_KEYS) + ": objectives zephyr_fast does not implement")
-    return "\n".join(lines)

@@ -24,11 +24,11 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
-from typing import Optional, Union
+from typing import Optional
 
 from ..fileio import first_line
-from ..recipe_keys import ConfigError
+from ..config import ConfigError
+from ..config.data import DataConfig, DatasetMixture, DatasetSpec, check_test_split_value  # noqa: F401 - re-exported
 from .chat import DATA_EXTS, ensure_hub_reachable, hub_offline, is_local_path
 from .identity import content_cache_dir, file_digest, rows_digest  # noqa: F401 - re-exported
 from .validate import (
@@ -48,143 +48,6 @@ log = logging.getLogger(__name__)
 
 LOCAL_EXTS = {e: e[1:].replace("jsonl", "json") for e in DATA_EXTS}  # extension -> datasets builder
 _COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub revision that is already a commit sha
-
-
-@dataclass
-class DatasetSpec:
-    """One entry of ``dataset_mixture.datasets``."""
-
-    id: str
-    config: Optional[str] = None
-    split: str = "train"
-    columns: Optional[list] = None
-    weight: Optional[float] = None
-    revision: Optional[str] = None
-
-
-@dataclass
-class DatasetMixture:
-    """``dataset_mixture``: its datasets, the seed, and the held-out test rows; checked when built."""
-
-    datasets: list = field(default_factory=list)  # list[DatasetSpec]
-    seed: int = 0
-    test_split_size: Optional[Union[int, float]] = None
-
-    def __post_init__(self):
-        if not isinstance(self.datasets, (list, tuple)):
-            raise ValueError(f"dataset_mixture: datasets must be a list, got {type(self.datasets).__name__}")
-        self.datasets = [_spec(d, i) for i, d in enumerate(self.datasets)]
-        if self.test_split_size is not None:
-            check_test_split_value(self.test_split_size, "dataset_mixture: test_split_size")
-
-
-def _from_mapping(cls, value, where: str):
-    """``cls(**value)``, refusing a non-mapping or an unknown key in one line naming ``where``."""
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a mapping, got {value!r}")
-    names = [f.name for f in fields(cls)]
-    unknown = [k for k in value if k not in names]
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(names)})")
-    return cls(**value)
-
-
-def _spec(value, i: int) -> DatasetSpec:
-    """One ``dataset_mixture.datasets`` entry, its ``weight`` a number > 0 (or left out)."""
-    spec = _from_mapping(DatasetSpec, value, f"dataset_mixture: datasets[{i}]")
-    w = spec.weight
-    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0):
-        raise ValueError(f"dataset_mixture: datasets[{i}] ({spec.id!r}): weight must be a number > 0, got {w!r}")
-    return spec
-
-
-def _check_mixer(mixer, splits: list, configs: Optional[list]) -> None:
-    """The old schema: ``dataset_mixer: {id: fraction >= 0}`` (0: only its test splits are used),
-    ``dataset_splits`` each a train or a test split, ``dataset_configs`` one per dataset."""
-    if not isinstance(mixer, dict):
-        raise ValueError(f"dataset_mixer: expected a mapping {{dataset: fraction}}, got {mixer!r}")
-    for ds_id, frac in mixer.items():
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not frac >= 0:
-            raise ValueError(f"dataset_mixer: the fraction of {ds_id!r} must be a number >= 0, got {frac!r}")
-    for split in splits:
-        if "train" not in str(split) and "test" not in str(split):
-            raise ValueError(f"dataset_splits: split {split!r} must contain 'train' or 'test' (train splits are "
-                             "trained on, test splits evaluated)")
-    if configs is not None and len(configs) != len(mixer):
-        raise ValueError(f"dataset_configs: must have one entry per dataset_mixer entry ({len(mixer)}), "
-                         f"got {len(configs)}")
-
-
-@dataclass
-class DataConfig:
-    """The data section of a recipe (the trainer's config embeds it).
-
-    Mixture: exactly one of ``dataset_mixer`` (+ ``dataset_splits``) or ``dataset_mixture``.
-    Tokenisation / packing knobs live here too so SFT and DPO read one place.
-    """
-
-    dataset_mixer: Optional[dict] = None
-    dataset_splits: list = field(default_factory=lambda: ["train", "test"])
-    dataset_configs: Optional[list] = None
-    dataset_mixture: Optional[DatasetMixture] = None
-    columns_to_keep: Optional[list] = None
-    seed: int = 42
-    shuffle: bool = True
-    cache_dir: Optional[str] = None
-    # template / tokenisation
-    chat_template: Optional[str] = None
-    auto_insert_empty_system_msg: bool = True
-    assistant_only_loss: bool = True
-    max_length: int = 2048
-    max_prompt_length: Optional[int] = 512
-    # packing
-    # None: the trainer's config derives it (per_device_train_batch_size x max_length x the
-    # stage's sequences per example, zephyr_fast.config.Config.__post_init__)
-    max_tokens_per_batch: Optional[int] = None
-    # How the train split becomes micro-batches (zephyr_fast.training.plan.Batching):
-    # "examples": exactly per_device_train_batch_size examples (DPO pairs / SFT conversations) per
-    #   micro-batch, as TRL counts them, packed padding-free; "tokens": bins of max_tokens_per_batch
-    #   tokens; "auto" (the default when max_tokens_per_batch is not given): examples for DPO and for
-    #   SFT with packing: false, tokens for packed SFT (TRL's packing: B sequences of max_length).
-    #   An explicit max_tokens_per_batch without batch_by means "tokens".
-    batch_by: Optional[str] = None
-    # HF's / TRL's key: false (their default) keeps each epoch's last n mod step examples as a smaller
-    # last step; true leaves them out ("examples" batching; token bins come in whole steps)
-    dataloader_drop_last: bool = False
-    # DPO truncation: None (alignment-handbook's TRL: prompt from the left to max_prompt_length, then the
-    # completions from the right) or TRL 1.16's "keep_start" (zephyr_fast.data.preference)
-    truncation_mode: Optional[str] = None
-    max_completion_length: Optional[int] = None  # older TRL's DPO key: completions cut from the right to it first
-    dpo_layout: str = "separate"  # "separate" | "prefix_shared"
-    overlong: str = "truncate"  # "truncate" | "split" (SFT sequences longer than a bin)
-    # bad input
-    skip_invalid_rows: bool = False
-
-    def __post_init__(self):
-        if self.dataset_mixture is not None:
-            self.dataset_mixture = _from_mapping(DatasetMixture, self.dataset_mixture, "dataset_mixture")
-        if (self.dataset_mixer is None) == (self.dataset_mixture is None):
-            raise ValueError("data config: give exactly one of `dataset_mixer` (+ `dataset_splits`) or `dataset_mixture`")
-        if self.dataset_mixer is not None:
-            _check_mixer(self.dataset_mixer, self.dataset_splits, self.dataset_configs)
-        if self.dpo_layout not in ("separate", "prefix_shared"):
-            raise ValueError(f"data config: dpo_layout must be 'separate' or 'prefix_shared', got {self.dpo_layout!r}")
-        if self.max_length <= 1:
-            raise ValueError(f"max_length: must be > 1, got {self.max_length}")
-        if self.batch_by is None:
-            self.batch_by = "tokens" if self.max_tokens_per_batch is not None else "auto"
-        if self.batch_by not in ("auto", "examples", "tokens"):
-            raise ValueError(f"batch_by: must be auto | examples | tokens, got {self.batch_by!r}")
-        if self.max_completion_length is not None and self.max_completion_length < 1:
-            raise ValueError(f"max_completion_length: must be >= 1, got {self.max_completion_length}")
-        if self.truncation_mode not in (None, "keep_start"):
-            raise ValueError(f"truncation_mode: {self.truncation_mode!r} is not supported: 'keep_start' (TRL 1.16's, "
-                             "which deprecates keep_end) or leave it out for alignment-handbook's truncation "
-                             "(the prompt from the left to max_prompt_length)")
-        if self.overlong not in ("truncate", "split"):
-            raise ValueError(f"data config: overlong must be 'truncate' or 'split', got {self.overlong!r}")
 
 
 # --- a hub dataset is read at one commit ----------------------------------------------------------
@@ -432,15 +295,6 @@ def load_rows(data_cfg: DataConfig) -> dict:
         train = train.shuffle(seed=seed)
         test = test.shuffle(seed=seed) if test is not None else None
     return {"train": train, "test": test}
-
-
-def check_test_split_value(size, where: str = "dataset_mixture.test_split_size") -> None:
-    """``test_split_size`` is a positive int (rows) or a fraction in (0, 1) (leave it out for no test split)."""
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
-        raise ValueError(f"{where}: must be a positive int (rows) or a fraction in (0, 1); leave it out for no "
-                         f"test split; got {size!r}")
-    if isinstance(size, float) and size >= 1:
-        raise ValueError(f"{where}: a fraction must be < 1, got {size}")
 
 
 def _check_test_split_size(size, n: int) -> None:

@@ -50,7 +50,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa_segments", "flex")
+from zephyr_fast.config.values import ATTENTION_BACKENDS as BACKENDS  # the recipe's names, defined once
+
 # Registered names.  None may contain "flash": transformers treats any such name as a flash-attention
 # request and tries to import it as a kernel (``is_flash_attention_requested`` is a substring test).
 _NAMES = {"flash_attn": "zephyr_fa_varlen", "torch_varlen": "zephyr_torch_varlen",

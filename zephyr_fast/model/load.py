@@ -17,7 +17,6 @@ any data work.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import logging
 import os
@@ -25,6 +24,7 @@ from typing import Optional, Union
 
 import torch
 
+from zephyr_fast.config.keys import did_you_mean
 from zephyr_fast.data.chat import ensure_hub_reachable
 from zephyr_fast.fileio import first_line
 
@@ -285,12 +285,6 @@ def _apply_liger(model) -> None:
     # stays patched process-wide: the attention forward looks the function up at module level.
     for name, cls in classes.items():
         setattr(module, name, cls)
-
-
-def did_you_mean(key: str, known) -> str:
-    """``; did you mean 'x'?`` only for a really close name (a typo), else nothing."""
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _model_init_keys(cls) -> set:

@@ -27,21 +27,15 @@ import numpy as np
 import torch
 import transformers
 
-from zephyr_fast.fileio import first_line
 from zephyr_fast.config import ConfigError, ModelConfig, TrainingConfig
+from zephyr_fast.config.values import BNB_4BIT_QUANT_TYPES, BNB_OPTIMIZERS, HF_ATTENTION_NAMES, NATIVE_SCHEDULERS
+from zephyr_fast.fileio import first_line
 from zephyr_fast.model.forward import unwrap_model
-from zephyr_fast.model.load import check_supported, load_model, resolve_dtype, tiny_config
+from zephyr_fast.model.load import check_model_init, check_supported, load_model, resolve_dtype, tiny_config
 from zephyr_fast.training import metrics as M
 from zephyr_fast.training.distributed import DistInfo
+from zephyr_fast.training.stages import make_stage
 
-# transformers' names for attention implementations map onto our registered varlen backends
-_ATTN_ALIASES = {"flash_attention_2": "auto", "sdpa": "auto", "eager": "auto", None: "auto"}
-# HF Trainer's bitsandbytes optimiser names -> bitsandbytes.optim classes (CUDA only)
-BNB_OPTIMIZERS = {"paged_adamw_32bit": "PagedAdamW32bit", "paged_adamw_8bit": "PagedAdamW8bit",
-                  "adamw_bnb_8bit": "AdamW8bit", "adamw_8bit": "AdamW8bit"}
-# schedules computed here, and the lr_scheduler_kwargs each takes (the others go to transformers)
-NATIVE_SCHEDULERS = {"cosine": ("num_cycles",), "linear": (), "constant": (), "constant_with_warmup": ()}
-BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 
 
 def seed_everything(seed: int) -> None:
@@ -52,9 +46,29 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def check_config(cfg) -> None:
+    """The recipe checks that need the trainer's code (torch, transformers, the kernels), which
+    ``load_config`` cannot make: the stage's own (the kernels' DPO rule, :func:`make_stage`) and a
+    random init's ``model_init`` keys. ``train.py`` makes them right after loading; ``run`` and ``plan``
+    make them again first thing (:func:`make_stage`, :func:`check_model`). One-line ``ConfigError``s."""
+    stage = make_stage(cfg)
+    _check_init(cfg.model, stage.model_path(cfg.model.model_name_or_path))
+
+
+def _check_init(m: ModelConfig, path: Optional[str]) -> None:
+    """A random init's ``model_init`` holds only keys its config class reads (the error names where the
+    recipe set it)."""
+    if not path:
+        try:
+            check_model_init(m.model_init)
+        except ValueError as e:
+            raise m.error(str(e)) from None
+
+
 def check_model(m: ModelConfig, path: Optional[str]) -> str:
     """The model family of ``path`` (only its ``config.json`` is read) or of ``model_init``, refused as
     a one-line ``ConfigError`` when zephyr_fast cannot train it — before any data work."""
+    _check_init(m, path)
     try:
         return check_supported(path if path else tiny_config(**m.model_init))
     except ValueError as e:
@@ -110,13 +124,18 @@ def set_tf32(enabled: Optional[bool]) -> None:
         torch.backends.cudnn.allow_tf32 = bool(enabled)
 
 
+def attn_backend(name: Optional[str]) -> str:
+    """The packed backend an ``attn_implementation`` names: transformers' names (and none) map onto ``auto``."""
+    return "auto" if name is None or name in HF_ATTENTION_NAMES else name
+
+
 def build_model(m: ModelConfig, dist: DistInfo, *, seed: int, path: Optional[str] = None):
     """The policy (or reference) model from ``path`` (a checkpoint), or a random init from ``model_init``."""
     # A checkpoint is loaded inside zero.Init (no rank ever holds the full weights). A random init
     # (tiny CPU runs only) is built whole on every rank from the same seed -- bit-identical to a
     # single-process run -- and deepspeed.initialize partitions it.
     zero3 = dist.ds_config if dist.zero_stage == 3 and path else None
-    attn = _ATTN_ALIASES.get(m.attn_implementation, m.attn_implementation)
+    attn = attn_backend(m.attn_implementation)
     # the same seed on every rank (and in a single process): a random init is identical everywhere
     seed_everything(seed)
     config = None if path else tiny_config(**m.model_init)

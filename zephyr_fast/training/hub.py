@@ -34,11 +34,11 @@ from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from zephyr_fast.config import ConfigError, TrainingConfig
+from zephyr_fast.config.values import HUB_STRATEGIES
 from zephyr_fast.fileio import first_line
 
 logger = logging.getLogger(__name__)
 
-HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
 NO_PUSH = "or run without pushing: --push_to_hub=false"
 # never uploaded with the output_dir: checkpoints (per strategy), half-written ones, local caches
 IGNORE = ["_*", "checkpoint-*", ".checkpoint-*", "ref_logps/*", "wandb/*", "wandb_run_id", ".zephyr_fingerprint.json",

@@ -40,7 +40,7 @@ import torch
 
 from zephyr_fast.data.batch import IGNORE_INDEX, PackedBatch
 from zephyr_fast.data.loading import DataConfig, load_rows
-from zephyr_fast.recipe_keys import ConfigError
+from zephyr_fast.config import ConfigError
 from zephyr_fast.training.stages import Stage
 
 

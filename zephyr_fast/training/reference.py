@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load, save
 
+from zephyr_fast.config import DPOConfig
 from zephyr_fast.data.identity import rows_digest
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_dpo
@@ -51,7 +52,6 @@ from zephyr_fast.fileio import atomic_write, first_line
 from zephyr_fast.model.forward import packed_logps
 from zephyr_fast.training.distributed import DistInfo, barrier, gather_objects, sharded_forwards
 from zephyr_fast.training.fingerprint import sha256_text, weights_fingerprint
-from zephyr_fast.training.stages import DPOConfig
 
 __all__ = ["CorruptRefLogpsError", "ReferenceIdentity", "ReferencePass", "RefLogps", "StaleRefLogpsError",
            "cache_key", "cache_path", "read_cache", "ref_summary", "reference_identity", "weights_fingerprint",

@@ -31,15 +31,16 @@ Formulas (the caller divides each sum by the step's global count):
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
-from zephyr_kernels import LOSS_TYPES, FusedLinearDPOLoss, check_dpo_args, linear_cross_entropy
+from zephyr_kernels import FusedLinearDPOLoss, check_dpo_args, linear_cross_entropy
 
+from zephyr_fast.config import STAGES as SCHEMAS
+from zephyr_fast.config import DataConfig, DPOConfig, StageSchema
+from zephyr_fast.config.keys import did_you_mean
+from zephyr_fast.config.values import LOSS_TYPES
 from zephyr_fast.data.batch import loss_inputs
-from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import dpo_batch, pack_dpo, pack_sft, pair_tokens, sft_batch
 from zephyr_fast.data.preference import build_dpo_examples
 from zephyr_fast.data.sft import tokenize_sft
@@ -50,6 +51,7 @@ class Stage:
     """Base class; subclasses set the class attributes and implement :meth:`tokenize`, :meth:`pack`,
     :meth:`loss_head`."""
 
+    schema: StageSchema  # the config's facts of this stage: name, section, tokens_per_example, trains
     name: str = ""
     section: Optional[str] = None  # the Config section holding this stage's own keys (e.g. "dpo")
     tokens_per_example: int = 1  # max_length-long sequences one example adds to a micro-batch
@@ -59,13 +61,19 @@ class Stage:
     uses_reference: bool = False  # needs reference log-probs (zephyr_fast.training.reference)
     trains: bool = True  # False: the run ends after the reference pass
 
+    def __init_subclass__(cls, **kwargs):
+        """A registered stage takes its facts from its schema (``zephyr_fast.config.values.STAGES``)."""
+        super().__init_subclass__(**kwargs)
+        s = cls.schema
+        cls.name, cls.section, cls.tokens_per_example, cls.trains = s.name, s.section, s.tokens_per_example, s.trains
+
     def __init__(self, impl: str = "auto", section=None):
         self.impl = impl  # zephyr_kernels dispatch (training.kernel_impl)
         self.cfg = section
 
     @classmethod
-    def check(cls, data: DataConfig) -> None:
-        """Refuse data settings this stage cannot use (``ValueError("key: message")``)."""
+    def check_section(cls, section) -> None:
+        """Refuse, as ``section.error(...)``, what only the stage's code can check (nothing by default)."""
 
     def model_path(self, default: Optional[str]) -> Optional[str]:
         """The weights this stage starts from (``model_name_or_path``, or a stage-specific override)."""
@@ -113,8 +121,7 @@ def common_tokenize_kwargs(data: DataConfig, name: str) -> dict:
 
 
 class SFTStage(Stage):
-    name = "sft"
-    tokens_per_example = 1
+    schema = SCHEMAS["sft"]
     denominator = "targets"
     example_name = "sequence"
 
@@ -143,45 +150,8 @@ class SFTStage(Stage):
         return head
 
 
-@dataclass
-class DPOConfig:
-    """The ``dpo:`` section of a recipe; the loss arguments are checked by the kernels' own rule."""
-
-    beta: float = 0.1
-    loss_type: Union[str, list] = "sigmoid"  # or TRL's list of losses (MPO), mixed by loss_weights
-    loss_weights: Optional[list] = None  # one weight per loss_type (default: 1 each)
-    label_smoothing: float = 0.0
-    rpo_alpha: Optional[float] = None
-    discopop_tau: float = 0.05  # temperature of loss_type discopop
-    f_divergence_type: str = "reverse_kl"  # TRL's f-DPO scores (zephyr_kernels.losses)
-    f_alpha_divergence_coef: float = 0.5  # alpha of f_divergence_type alpha_divergence
-    use_weighting: bool = False  # WPO's pair weights (zephyr_kernels.losses)
-    reference_free: bool = False  # TRL: the reference log-probs are 0 (no reference pass)
-    disable_dropout: bool = True  # TRL's default: every nn.Dropout of the trained model (LoRA's too) gets p = 0
-    ref_logps_dir: Optional[str] = None  # default: {output_dir}/ref_logps
-    ref_logps_max_tokens: int = 0  # micro-batch budget of the no-grad pass; 0: 4x the training one
-    ref_logps_recompute: bool = False  # overwrite a stale cache instead of refusing it
-    # stage ref_logps computes the cache with it; stage dpo reuses that cache and refuses to compute it
-    ref_model_name_or_path: Optional[str] = None
-
-    def __post_init__(self):
-        if isinstance(self.loss_type, list) and len(self.loss_type) == 1 and self.loss_weights is None:
-            self.loss_type = self.loss_type[0]  # TRL 1.16's default is ["sigmoid"]: the same loss
-        try:
-            check_dpo_args(self.beta, self.loss_type, self.label_smoothing, "sum", self.loss_weights,
-                           self.discopop_tau, self.f_divergence_type, self.use_weighting)
-        except ValueError as e:
-            names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-            bad = next((str(n) for n in names if n not in LOSS_TYPES), None)
-            close = difflib.get_close_matches(bad, LOSS_TYPES, n=1, cutoff=0.6) if bad else []
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{e}{hint}") from None
-
-
 class DPOStage(Stage):
-    name = "dpo"
-    section = "dpo"
-    tokens_per_example = 2  # a pair holds two completions
+    schema = SCHEMAS["dpo"]  # a pair holds two completions
     denominator = "pairs"
     batch_by = "examples"  # TRL counts DPO batches in pairs
     example_name = "pair"
@@ -191,10 +161,18 @@ class DPOStage(Stage):
         super().__init__(impl, section or DPOConfig())
 
     @classmethod
-    def check(cls, data: DataConfig) -> None:
-        mpl = data.max_prompt_length
-        if mpl is not None and not 0 < mpl < data.max_length:
-            raise ValueError(f"max_prompt_length: must be in (0, max_length={data.max_length}), got {mpl}")
+    def check_section(cls, section: DPOConfig) -> None:
+        """The kernels' own rule for the loss arguments (``zephyr_kernels.check_dpo_args``), naming the key
+        where the recipe set it; a misspelt loss_type gets a did-you-mean."""
+        d = section
+        try:
+            check_dpo_args(d.beta, d.loss_type, d.label_smoothing, "sum", d.loss_weights, d.discopop_tau,
+                           d.f_divergence_type, d.use_weighting)
+        except ValueError as e:
+            names = [d.loss_type] if isinstance(d.loss_type, str) else list(d.loss_type)
+            bad = next((str(n) for n in names if n not in LOSS_TYPES), None)
+            hint = did_you_mean(bad, LOSS_TYPES, cutoff=0.6) if bad else ""
+            raise section.error(f"{e}{hint}") from None
 
     def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
         return build_dpo_examples(rows, tokenizer, max_prompt_length=data.max_prompt_length,
@@ -243,8 +221,7 @@ class DPOStage(Stage):
 class RefLogpsStage(DPOStage):
     """Only the reference pass of a DPO recipe (optionally of another model): no training."""
 
-    name = "ref_logps"
-    trains = False
+    schema = SCHEMAS["ref_logps"]
 
     def model_path(self, default: Optional[str]) -> Optional[str]:
         return self.cfg.ref_model_name_or_path or default
@@ -288,9 +265,13 @@ def stage_class(name: str) -> type:
 
 
 def make_stage(cfg) -> Stage:
-    """The recipe's stage, given the kernel impl and its own config section (none for SFT)."""
+    """The recipe's stage, given the kernel impl and its own config section (none for SFT), after the
+    checks only the stage's code can make (:meth:`Stage.check_section`; a one-line ``ConfigError``)."""
     cls = STAGES[cfg.training.stage]
-    stage = cls(cfg.training.kernel_impl, getattr(cfg, cls.section) if cls.section else None)
+    section = getattr(cfg, cls.section) if cls.section else None
+    if section is not None:
+        cls.check_section(section)
+    stage = cls(cfg.training.kernel_impl, section)
     if cls is SFTStage:
         stage.label_smoothing = cfg.training.label_smoothing_factor
     return stage
