@@ -1,52 +1,51 @@
 """zephyr_kernels: fused LM-head log-prob, cross-entropy and DPO losses that never build (N, V) logits.
 
-Public API (contracts in docs/ARCHITECTURE.md):
+Public API (``__all__``; contracts in docs/ARCHITECTURE.md):
 
-* :func:`linear_logprobs` — per-token / per-segment log-probs (DPO policy and reference passes).
-* :func:`linear_cross_entropy` (also Cut Cross-Entropy's call, :mod:`zephyr_kernels.cce_compat`).
-* :class:`LigerFusedLinearCrossEntropyLoss`, :func:`liger_fused_linear_cross_entropy`,
-  :class:`CrossEntropyOutput` — Liger's FLCE drop-in (old name :class:`FusedLinearCrossEntropyLoss`).
+* the losses, one function per loss (Cut Cross-Entropy's pattern): :func:`linear_logprobs` (per-token /
+  per-segment log-probs: DPO policy and reference passes), :func:`linear_cross_entropy` (also Cut
+  Cross-Entropy's call, :mod:`zephyr_kernels.cce_compat`), :func:`dpo_loss` (on sequence log-probs),
+  :func:`fused_linear_dpo_loss` and its module :class:`FusedLinearDPOLoss`;
+* Liger's drop-ins: :class:`LigerFusedLinearCrossEntropyLoss`, :func:`liger_fused_linear_cross_entropy`,
+  :class:`CrossEntropyOutput`, :class:`LigerFusedLinearDPOLoss`;
 * :func:`patch` — one-line fused loss for a Hugging Face causal LM (:mod:`zephyr_kernels.hf_patch`), also
   through TRL's ``SFTTrainer`` / ``DPOTrainer`` heads; :func:`patch_trl` — every TRL SFT / DPO head
-  (:mod:`zephyr_kernels.trl_patch`).
-* :func:`dpo_loss`, :func:`fused_linear_dpo_loss`, :class:`FusedLinearDPOLoss`,
-  :class:`LigerFusedLinearDPOLoss` (Liger's drop-in; old name
-  ``LigerCompatibleFusedLinearDPOLoss``).
-* ``impl="auto" | "triton" | "triton_tiled" | "torch"`` on every entry point (:mod:`zephyr_kernels.dispatch`);
-  :mod:`zephyr_kernels.reference` holds the naive fp32 references.
+  (:mod:`zephyr_kernels.trl_patch`); ``unpatch`` / ``unpatch_trl`` undo them;
+* the enums a caller passes values of: :data:`IMPLS` (``impl="auto" | "triton" | "triton_tiled" | "torch"`` on
+  every entry point, :mod:`zephyr_kernels.dispatch`; Cut Cross-Entropy's impl names are mapped there too) and
+  :data:`LOSS_TYPES` (``loss_type``), with :func:`check_dpo_args`, the one rule for DPO arguments.
 
-Importing this package touches neither CUDA nor Triton; the Triton backend loads on first use, and
-``transformers`` / ``trl`` only when :func:`patch` / :func:`patch_trl` is first looked up.
+Backends, named after the impl they serve: ``torch_chunked`` (``"torch"``), ``triton_chunked`` (``"triton"``),
+``triton_tiled`` (``"triton_tiled"``); what they share: ``backend_common`` and, for the Triton ones,
+``triton_common``.  Importing this package touches neither CUDA nor Triton; the Triton backend loads on first
+use, and ``transformers`` / ``trl`` only when :func:`patch` / :func:`patch_trl` is first looked up.
 """
 
 import importlib
 
 from zephyr_kernels.cross_entropy import linear_cross_entropy
-from zephyr_kernels.dispatch import CCE_IMPLS, IMPLS, resolve
+from zephyr_kernels.dispatch import IMPLS
 from zephyr_kernels.dpo import FusedLinearDPOLoss, fused_linear_dpo_loss
-from zephyr_kernels.losses import LOSS_TYPES, check_dpo_args, dpo_loss
-from zephyr_kernels.liger_compat import LigerCompatibleFusedLinearDPOLoss, LigerFusedLinearDPOLoss
-from zephyr_kernels.liger_ce import (CrossEntropyOutput, FusedLinearCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss,
-                                     liger_fused_linear_cross_entropy)
+from zephyr_kernels.liger_ce import CrossEntropyOutput, LigerFusedLinearCrossEntropyLoss, liger_fused_linear_cross_entropy
+from zephyr_kernels.liger_compat import LigerFusedLinearDPOLoss
 from zephyr_kernels.linear_logprobs import linear_logprobs
+from zephyr_kernels.losses import LOSS_TYPES, check_dpo_args, dpo_loss
 
 __all__ = [
-    "CCE_IMPLS",
-    "CrossEntropyOutput",
-    "IMPLS",
-    "LigerFusedLinearCrossEntropyLoss",
-    "liger_fused_linear_cross_entropy",
-    "LOSS_TYPES",
-    "check_dpo_args",
-    "FusedLinearCrossEntropyLoss",
-    "FusedLinearDPOLoss",
-    "LigerCompatibleFusedLinearDPOLoss",
-    "LigerFusedLinearDPOLoss",
+    "linear_logprobs",
+    "linear_cross_entropy",
     "dpo_loss",
     "fused_linear_dpo_loss",
-    "linear_cross_entropy",
-    "linear_logprobs",
-    "resolve",
+    "FusedLinearDPOLoss",
+    "LigerFusedLinearCrossEntropyLoss",
+    "liger_fused_linear_cross_entropy",
+    "CrossEntropyOutput",
+    "LigerFusedLinearDPOLoss",
+    "patch",
+    "patch_trl",
+    "IMPLS",
+    "LOSS_TYPES",
+    "check_dpo_args",
 ]
 
 _LAZY = {"patch": "zephyr_kernels.hf_patch", "unpatch": "zephyr_kernels.hf_patch",

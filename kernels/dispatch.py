@@ -1,10 +1,10 @@
 """One dispatch point: ``impl = "auto" | "triton" | "triton_tiled" | "torch"`` → the backend that runs.
 
-* ``"torch"`` — :mod:`zephyr_kernels.chunked`, anywhere.
+* ``"torch"`` — :mod:`zephyr_kernels.torch_chunked`, anywhere.
 * ``"triton"`` — :mod:`zephyr_kernels.triton_chunked`: cuBLAS GEMMs over row / vocab chunks with
   fused Triton epilogues in a bounded workspace (the fast CUDA path: ~550 TFLOP/s-equivalent on
   an H200 for cross-entropy at V=32000, against 34 for the tiled kernels).
-* ``"triton_tiled"`` — :mod:`zephyr_kernels.triton_kernels`: fully tiled kernels, no workspace and
+* ``"triton_tiled"`` — :mod:`zephyr_kernels.triton_tiled`: fully tiled kernels, no workspace and
   no host sync, but a backward bound by fp32 atomics.
 * Both Triton backends run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` (tests).
   An explicit choice that cannot run raises instead of silently falling back.
@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from zephyr_kernels import chunked
+from zephyr_kernels import torch_chunked
 
 IMPLS = ("auto", "triton", "triton_tiled", "torch")
 # Cut Cross-Entropy's impl names (its ``LinearCrossEntropyImpl``) → the zephyr impl that serves them.
@@ -36,7 +36,7 @@ CCE_IMPLS = {
     "cce_kahan_full_c_full_e": "auto", "cce_kahan_full": "auto", "torch_compile": "torch",
 }
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
-_TRITON_MODULES = {"triton": "zephyr_kernels.triton_chunked", "triton_tiled": "zephyr_kernels.triton_kernels"}
+_TRITON_MODULES = {"triton": "zephyr_kernels.triton_chunked", "triton_tiled": "zephyr_kernels.triton_tiled"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,7 +62,7 @@ def triton_unavailable_reason(device: torch.device, impl: str = "triton"):
         if not interp:
             return "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported) to run Triton"
         # kernels decorated before the variable was set are compiled kernels, not interpreted ones
-        if type(mod._tanh).__name__ != "InterpretedFunction":
+        if type(mod.tanh).__name__ != "InterpretedFunction":
             return "TRITON_INTERPRET=1 was set after zephyr_kernels' Triton kernels were imported"
         return None
     return f"no Triton backend for device type {device.type!r}"
@@ -117,7 +117,7 @@ def backend(impl: str, device: torch.device):
     name = resolve(impl, device)
     if name in _TRITON_MODULES:
         return _triton_module(name)[0]
-    return chunked
+    return torch_chunked
 
 
 def autocast_inputs(*tensors):

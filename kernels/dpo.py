@@ -66,7 +66,7 @@ def wpo_weights(be, hidden, weight, bias, labels, segment_ids, seg, counts, cfg)
 class FusedLinearDPOFunction(torch.autograd.Function):
     """Two passes, gradients in the forward: (1) log-sum-exp / target pass → per-segment log-probs;
     (2) DPO loss and its gradient per segment on ``(2P,)`` numbers; (3) gradient pass with the
-    per-row upstream gradient — filtered on the torch path, see :mod:`zephyr_kernels.chunked`.
+    per-row upstream gradient — filtered on the torch path, see :mod:`zephyr_kernels.torch_chunked`.
     Backward only scales the stored gradients."""
 
     @staticmethod

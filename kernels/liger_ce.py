@@ -148,7 +148,3 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
             self.use_token_scaling, self.return_token_accuracy, self.return_predicted_tokens,
             temperature=self.temperature, impl=self.impl,
         )
-
-
-# zephyr's earlier name for the Liger-signature module
-FusedLinearCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss

@@ -136,7 +136,3 @@ class LigerFusedLinearDPOLoss(nn.Module):
         nll = m["nll_loss"] if self.compute_nll_loss else torch.zeros((), device=loss.device)
         return loss, (chosen, rejected, logits_c, logits_r, nll,
                       self.beta * (chosen - ref_chosen_logps.float()), self.beta * (rejected - ref_rejected_logps.float()))
-
-
-# the name this module had before it took Liger's whole API
-LigerCompatibleFusedLinearDPOLoss = LigerFusedLinearDPOLoss

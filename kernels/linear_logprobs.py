@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from zephyr_kernels.chunked import Stats
+from zephyr_kernels.backend_common import Stats
 from zephyr_kernels.dispatch import autocast_inputs, autocast_off, backend, check_inputs
 
 

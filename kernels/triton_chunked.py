@@ -1,6 +1,6 @@
-"""CUDA fast path: cuBLAS GEMMs over row chunks + fused Triton epilogues, in a bounded workspace.
+"""``impl="triton"``, the CUDA fast path: cuBLAS GEMMs over row chunks + fused Triton epilogues, in a bounded workspace.
 
-The fully tiled kernels in :mod:`zephyr_kernels.triton_kernels` hold no workspace at all, but their
+The fully tiled kernels in :mod:`zephyr_kernels.triton_tiled` hold no workspace at all, but their
 backward accumulates ``dX`` and ``dW`` with fp32 atomics from every (row block × vocab block) tile,
 which measured 34 TFLOP/s on an H200 (N=8192, D=4096, V=32000 bf16) against ~600 for cuBLAS.  This
 backend keeps the property that matters — the ``(N, V)`` logits never exist — while letting
@@ -25,7 +25,8 @@ Cross-entropy therefore costs 3 GEMMs (gradients in the forward), DPO / generic 
 tiles of ``dz`` that keep a non-zero; ``dX`` and ``dW`` then run as block-sparse Triton GEMMs over
 those tiles only (:mod:`zephyr_kernels.triton_sparse`).  The
 same code runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests), with torch's CPU matmul.
-Same contract (``stats`` / ``grads`` / ``fused``) as :mod:`zephyr_kernels.chunked`.
+Same contract (``stats`` / ``grads`` / ``fused``, :mod:`zephyr_kernels.backend_common`) as
+:mod:`zephyr_kernels.torch_chunked`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import triton
 import triton.language as tl
 
 from zephyr_kernels import triton_sparse
-from zephyr_kernels.chunked import Stats, _alloc_grads, filter_eps, token_and_segment_logps
-from zephyr_kernels.triton_kernels import _tanh, interpreting
+from zephyr_kernels.backend_common import Stats, alloc_grads, filter_eps, token_and_segment_logps
+from zephyr_kernels.triton_common import interpreting, tanh
 
 _WORKSPACE_BYTES = int(os.environ.get("ZEPHYR_KERNELS_WORKSPACE_BYTES", 128 << 20))
 # gradient filtering (triton_sparse): off until the GPU check has measured it against the dense GEMMs
@@ -71,7 +72,7 @@ def _row_stats_kernel(
         mask = cols < V
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
         if SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            z = softcap * tanh(z / softcap)
         z = z * inv_temp
         if HAS_ZSUM:
             zs += tl.sum(tl.where(mask, z, 0.0), 0)
@@ -81,7 +82,7 @@ def _row_stats_kernel(
         m = m_new
     zt = tl.load(z_row + t, mask=(t >= 0) & (t < V), other=0.0).to(tl.float32)  # out of range: no target logit
     if SOFTCAP:
-        zt = softcap * _tanh(zt / softcap)
+        zt = softcap * tanh(zt / softcap)
     tl.store(LSE + row, m + tl.log(s))
     tl.store(TGT + row, zt * inv_temp)
     if HAS_ZSUM:
@@ -109,7 +110,7 @@ def _row_grad_kernel(
     ptr = Z + row * stride_z + cols
     z = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     if SOFTCAP:
-        th = _tanh(z / softcap)
+        th = tanh(z / softcap)
         z = softcap * th
     p = tl.exp(z * inv_temp - tl.load(LSE + row))
     if FILTER:
@@ -250,7 +251,7 @@ def _filtering(C) -> bool:
 @torch.no_grad()
 def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, need_zsum=False,
           segment_ids=None, num_segments=None):
-    """Statistics pass. Returns ``(lse, tgt, zsum, logp, seg)`` like :func:`zephyr_kernels.chunked.stats`."""
+    """Statistics pass. Returns ``(lse, tgt, zsum, logp, seg)`` like :func:`zephyr_kernels.torch_chunked.stats`."""
     N, V = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
@@ -274,7 +275,7 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
     is the fp32 accumulator instead, far smaller than ``dW`` for LM-head shapes.
     """
     V = weight.shape[0]
-    dx, _, db = _alloc_grads(hidden, weight, need_dx, False, need_db)
+    dx, _, db = alloc_grads(hidden, weight, need_dx, False, need_db)
     # each dW slice comes out of one GEMM that accumulates in fp32 and rounds once, so it can be
     # written in the weight's dtype directly: no (V, D) fp32 buffer beside the gradient
     dw = torch.zeros_like(weight) if need_dw else None
@@ -334,7 +335,7 @@ def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
     zsum = torch.zeros(N, **f32) if need_zsum else None
-    dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
+    dx, dw, db = alloc_grads(hidden, weight, need_dx, need_dw, need_db)
     for i0, i1 in _chunks(N, V, hidden.dtype):
         h, t = hidden[i0:i1], targets[i0:i1]
         z = _logits(h, weight, bias)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zephyr_kernels.triton_kernels import interpreting
+from zephyr_kernels.triton_common import interpreting, precision_flags
 
 
 def tiles() -> tuple:
@@ -112,11 +112,6 @@ def new_flags(rows: int, cols: int, device) -> torch.Tensor:
     return torch.zeros(triton.cdiv(rows, bm), triton.cdiv(cols, bk), dtype=torch.int32, device=device)
 
 
-def _flags_kw(dz):
-    up = interpreting()
-    return dict(UPCAST=up, IEEE=up or dz.dtype == torch.float32)
-
-
 def dx(dz: torch.Tensor, w: torch.Tensor, flags: torch.Tensor, out: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
     """``out (M, D) (+)= dz (M, K) @ w (K, D)`` skipping unflagged tiles; returns ``out``."""
     (M, K), D = dz.shape, w.shape[1]
@@ -124,7 +119,7 @@ def dx(dz: torch.Tensor, w: torch.Tensor, flags: torch.Tensor, out: torch.Tensor
     if M and D:
         _dx_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
             dz, dz.stride(0), w, w.stride(0), out, out.stride(0), flags, flags.shape[1], M, K, D,
-            ACCUMULATE=accumulate, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, **_flags_kw(dz),
+            ACCUMULATE=accumulate, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, **precision_flags(dz.dtype),
         )
     return out
 
@@ -136,6 +131,6 @@ def dw(dz: torch.Tensor, h: torch.Tensor, flags: torch.Tensor, out: torch.Tensor
     if K and D:
         _dw_kernel[(triton.cdiv(K, bk), triton.cdiv(D, bd))](
             dz, dz.stride(0), h, h.stride(0), out, out.stride(0), flags, flags.shape[1], flags.shape[0], M, K, D,
-            ACCUMULATE=accumulate, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, **_flags_kw(dz),
+            ACCUMULATE=accumulate, BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, **precision_flags(dz.dtype),
         )
     return out

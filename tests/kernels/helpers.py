@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zephyr_kernels import chunked, triton_chunked
+from zephyr_kernels import torch_chunked, triton_chunked
 
 # "torch-tiled" is the torch path with tiny blocks, so that multi-chunk code runs at test shapes
 # (online log-sum-exp across vocab chunks, several row blocks, targets outside the current chunk).
@@ -15,9 +15,9 @@ IMPLS = ["torch", "torch-tiled", "triton", "triton-small", "triton_tiled"]
 @pytest.fixture(params=IMPLS)
 def impl(request, monkeypatch):
     if request.param == "torch-tiled":
-        monkeypatch.setattr(chunked, "_BLOCK_BYTES", 1024)  # → 64-column vocab chunks, 8-row CE chunks
-        monkeypatch.setattr(chunked, "_ROW_BLOCK", 16)
-        monkeypatch.setattr(chunked, "_TILE", 16)  # filter tiles and vocab chunks of 16 columns
+        monkeypatch.setattr(torch_chunked, "_BLOCK_BYTES", 1024)  # → 64-column vocab chunks, 8-row CE chunks
+        monkeypatch.setattr(torch_chunked, "_ROW_BLOCK", 16)
+        monkeypatch.setattr(torch_chunked, "_TILE", 16)  # filter tiles and vocab chunks of 16 columns
         return "torch"
     if request.param == "triton-small":
         monkeypatch.setattr(triton_chunked, "_WORKSPACE_BYTES", 16 * 128 * 6)  # 16-row chunks / 128-col slices

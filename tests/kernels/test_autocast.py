@@ -27,7 +27,7 @@ ENTRY_POINTS = {
     "linear_cross_entropy": lambda h, w, b, t, impl: zk.linear_cross_entropy(h, w, t, bias=b, impl=impl),
     "linear_cross_entropy_none": lambda h, w, b, t, impl: zk.linear_cross_entropy(
         h, w, t, bias=b, reduction="none", impl=impl).sum(),
-    "FusedLinearCrossEntropyLoss": lambda h, w, b, t, impl: zk.FusedLinearCrossEntropyLoss(
+    "LigerFusedLinearCrossEntropyLoss_smoothing": lambda h, w, b, t, impl: zk.LigerFusedLinearCrossEntropyLoss(
         label_smoothing=0.1, impl=impl)(w, h.view(1, N, D), t.view(1, N), b),
     "linear_cross_entropy_cce_call": lambda h, w, b, t, impl: (lambda loss_lse: loss_lse[0] + (loss_lse[1] ** 2).mean())(
         zk.linear_cross_entropy(h.view(1, N, D), w, t.view(1, N), b, shift=1, return_lse=True, impl=impl)),

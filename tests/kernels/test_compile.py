@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from zephyr_kernels import triton_kernels as tk
+    from zephyr_kernels import triton_tiled as tk
 
     SCALARS = dict(V="i32", D="i32", S="i32", stride_h="i32", stride_w="i32", inv_temp="fp32", softcap="fp32")
 

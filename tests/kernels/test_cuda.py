@@ -5,7 +5,7 @@ import torch
 from tests.kernels.helpers import grads_of
 
 from zephyr_kernels import FusedLinearDPOLoss, dpo_loss, linear_cross_entropy, linear_logprobs
-from zephyr_kernels.reference import reference_linear_logprobs
+from tests.kernels.oracle import reference_linear_logprobs
 
 
 def _inputs(N, D, V, dtype, seed=0, ignore_frac=0.2):

@@ -9,7 +9,7 @@ from tests.kernels.helpers import assert_close, grads_of, make_inputs, params
 
 from tests.kernels.helpers import impl  # noqa: F401  (parametrized fixture)
 from zephyr_kernels import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss
-from zephyr_kernels.reference import reference_linear_logprobs
+from tests.kernels.oracle import reference_linear_logprobs
 
 # two pairs: Δ = (pc - rc) - (pr - rr) = 4 and -1
 PC, PR, RC, RR = [-10.0, -20.0], [-15.0, -21.0], [-12.0, -19.0], [-13.0, -21.0]

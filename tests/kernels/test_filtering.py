@@ -6,8 +6,8 @@ import pytest
 import torch
 from tests.kernels.helpers import assert_close, grads_of, make_inputs, make_peaked_inputs, params
 
-from zephyr_kernels import chunked, fused_linear_dpo_loss, linear_cross_entropy, linear_logprobs
-from zephyr_kernels.reference import reference_cross_entropy, reference_linear_logprobs
+from zephyr_kernels import torch_chunked, fused_linear_dpo_loss, linear_cross_entropy, linear_logprobs
+from tests.kernels.oracle import reference_cross_entropy, reference_linear_logprobs
 
 CASES = {
     # name: (N, D, V, ignore_frac, bias, softcap, temperature, confidence)
@@ -21,18 +21,18 @@ CASES = {
 def spy(request, monkeypatch):
     """Counts which gradient pass ran; ``torch-tiled`` uses 16-column tiles and tiny blocks."""
     if request.param == "torch-tiled":
-        monkeypatch.setattr(chunked, "_BLOCK_BYTES", 4096)
-        monkeypatch.setattr(chunked, "_ROW_BLOCK", 16)
-        monkeypatch.setattr(chunked, "_TILE", 16)
+        monkeypatch.setattr(torch_chunked, "_BLOCK_BYTES", 4096)
+        monkeypatch.setattr(torch_chunked, "_ROW_BLOCK", 16)
+        monkeypatch.setattr(torch_chunked, "_TILE", 16)
     calls = {"sparse": 0, "dense": 0}
     for name in ("sparse", "dense"):
-        orig = getattr(chunked, f"_{name}_grads")
+        orig = getattr(torch_chunked, f"_{name}_grads")
 
         def wrapped(*a, _orig=orig, _name=name, **k):
             calls[_name] += 1
             return _orig(*a, **k)
 
-        monkeypatch.setattr(chunked, f"_{name}_grads", wrapped)
+        monkeypatch.setattr(torch_chunked, f"_{name}_grads", wrapped)
     return calls
 
 
@@ -68,7 +68,7 @@ def test_logprobs_filtered_grads_match_reference(spy, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_cross_entropy_filtered_grads_match_reference(spy, monkeypatch, case):
     # force the stats + filtered-gradient route even where the row-tiled single pass would fit
-    monkeypatch.setattr(chunked, "_MIN_FUSED_ROWS", 1 << 30)
+    monkeypatch.setattr(torch_chunked, "_MIN_FUSED_ROWS", 1 << 30)
     (h, w, b, t), kw = _inputs(case, seed=1)
     for z_loss in (0.0, 1e-3):
         val, grads = grads_of(lambda: linear_cross_entropy(h, w, t, bias=b, z_loss=z_loss, impl="torch", **kw),
@@ -83,7 +83,7 @@ def test_cross_entropy_filtered_grads_match_reference(spy, monkeypatch, case):
 
 def test_label_smoothing_keeps_the_dense_pass(spy, monkeypatch):
     """Label smoothing puts ε/V of gradient on every column: nothing may be skipped."""
-    monkeypatch.setattr(chunked, "_MIN_FUSED_ROWS", 1 << 30)
+    monkeypatch.setattr(torch_chunked, "_MIN_FUSED_ROWS", 1 << 30)
     (h, w, b, t), kw = _inputs("odd_shape")
     val, grads = grads_of(lambda: linear_cross_entropy(h, w, t, label_smoothing=0.1, impl="torch"), [h, w])
     rval, rgrads = grads_of(lambda: reference_cross_entropy(h, w, t, label_smoothing=0.1), [h, w])

@@ -6,7 +6,7 @@ from tests.kernels.helpers import assert_close, grads_of, make_inputs, params
 
 from tests.kernels.helpers import impl  # noqa: F401  (parametrized fixture)
 from zephyr_kernels import linear_logprobs
-from zephyr_kernels.reference import reference_linear_logprobs
+from tests.kernels.oracle import reference_linear_logprobs
 
 CASES = {
     # name: (N, D, V, ignore_frac, bias, softcap, temperature)

@@ -16,7 +16,7 @@ from trl.trainer.dpo_trainer import DPOTrainer
 from tests.kernels.helpers import impl  # noqa: F401  (parametrized fixture)
 from zephyr_kernels import LOSS_TYPES, check_dpo_args, dpo_loss, fused_linear_dpo_loss
 from zephyr_kernels.losses import REFUSED_LOSS_TYPES
-from zephyr_kernels.reference import reference_linear_logprobs
+from tests.kernels.oracle import reference_linear_logprobs
 
 P, T = 6, 14
 # (loss_type, label_smoothing); TRL 1.16's sigmoid has no smoothing (ours is cDPO for ε > 0)

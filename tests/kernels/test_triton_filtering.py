@@ -9,7 +9,7 @@ import torch
 from tests.kernels.helpers import assert_close, grads_of, make_inputs, make_peaked_inputs, params
 
 from zephyr_kernels import fused_linear_dpo_loss, linear_cross_entropy, linear_logprobs, triton_chunked, triton_sparse
-from zephyr_kernels.reference import reference_cross_entropy, reference_linear_logprobs
+from tests.kernels.oracle import reference_cross_entropy, reference_linear_logprobs
 
 CASES = {
     # name: (N, D, V, ignore_frac, bias, softcap, temperature, most tiles flagged) -- uniform random

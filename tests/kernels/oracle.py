@@ -1,6 +1,6 @@
-"""Naive fp32 references: full ``(N, V)`` logits, ``log_softmax`` and ``gather``.
+"""The fp32 oracle of the kernel tests: full ``(N, V)`` logits, ``log_softmax`` and ``gather``.
 
-For tests and benchmarks only — these materialise every logit and are what the fused paths must
+For tests only — these materialise every logit and are what the fused paths must
 reproduce.  The logit transform is the one all implementations share::
 
     z = x W^T + b                      (fp32)

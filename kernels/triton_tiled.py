@@ -1,4 +1,4 @@
-"""Triton kernels for the fused LM head: an online-log-sum-exp statistics pass and a gradient pass.
+"""``impl="triton_tiled"``: fully tiled Triton kernels for the fused LM head: an online-log-sum-exp statistics pass and a gradient pass.
 
 Neither kernel writes ``(N, V)`` logits.  Rows arrive through ``order`` — a permutation that puts
 the non-ignored rows first — and ``n_valid`` is read *on the device*, so programs whose row block
@@ -12,25 +12,17 @@ lies past it exit before any matmul work and no host sync is needed to compact.
   forms ``dz = A·p + B·onehot + C`` (with the softcap / temperature chain rule), and accumulates
   ``dX += dz W`` and ``dW += dz^T X`` in fp32 with atomics, ``BLOCK_D`` columns at a time.
 
-Under ``TRITON_INTERPRET=1`` (CPU tests) ``UPCAST`` converts operands to fp32 before ``tl.dot``:
-the interpreter's bf16 dot is wrong.  On CUDA, bf16/fp16 operands go to ``tl.dot`` natively.
+``UPCAST`` / ``IEEE`` (the interpreter's fp32 operands, exact fp32 products): :mod:`zephyr_kernels.triton_common`.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from zephyr_kernels.chunked import Stats
-
-
-@triton.jit
-def _tanh(x):
-    # tanh from exp: portable across the CUDA backend and the interpreter (no libdevice).
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+from zephyr_kernels.backend_common import Stats
+from zephyr_kernels.triton_common import interpreting, precision_flags, tanh
 
 
 @triton.jit
@@ -65,7 +57,7 @@ def _logit_tile(
         acc += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     th = acc
     if SOFTCAP:
-        th = _tanh(acc / softcap)
+        th = tanh(acc / softcap)
         acc = th * softcap
     return acc * inv_temp, th
 
@@ -173,10 +165,6 @@ def _grad_kernel(
                 tl.atomic_add(DW + cols[:, None] * D + dd[None, :], dw, mask=col_mask[:, None] & dmask[None, :])
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _blocks(V: int, D: int):
     """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps): H100-sized tiles, tiny ones for the interpreter."""
     if interpreting():
@@ -194,13 +182,7 @@ def _compact(targets, ignore_index):
 
 
 def _flags(hidden, bias, softcap):
-    up = interpreting()
-    return dict(
-        HAS_BIAS=bias is not None,
-        SOFTCAP=softcap is not None,
-        UPCAST=up,
-        IEEE=up or hidden.dtype == torch.float32,
-    )
+    return dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, **precision_flags(hidden.dtype))
 
 
 def stats(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, need_zsum=False,
@@ -251,7 +233,7 @@ def grads(hidden, weight, bias, targets, lse, A, B, C=None, *, ignore_index, tem
 
 def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, need_zsum=False,
           coef_fn=None, need_dx=False, need_dw=False, need_db=False):
-    """Same contract as :func:`zephyr_kernels.chunked.fused`: stats pass, coefficients, grad pass."""
+    """Same contract as :func:`zephyr_kernels.torch_chunked.fused`: stats pass, coefficients, grad pass."""
     lse, tgt, zsum, *_ = stats(hidden, weight, bias, targets, ignore_index=ignore_index,
                                  temperature=temperature, softcap=softcap, need_zsum=need_zsum)
     dx = dw = db = None

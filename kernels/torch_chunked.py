@@ -1,4 +1,4 @@
-"""Pure-PyTorch chunked LM-head path (CPU, and machines without Triton).
+"""``impl="torch"``: the pure-PyTorch chunked LM-head path (CPU, and machines without Triton).
 
 Only one fp32 logits block is alive at a time (``_BLOCK_BYTES``, 6 MiB by default); it is turned
 *in place* into ``exp``, probabilities and then ``dlogits``.  Ignored rows are dropped before any
@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
+
+from zephyr_kernels.backend_common import Stats, alloc_grads, filter_eps, token_and_segment_logps
 
 # fp32 logits-block budget: small against the dW + dX floor (74 MB at the CPU benchmark shape),
 # large enough that the GEMMs run near BLAS peak.
@@ -53,23 +55,6 @@ _SPARSE_MAX_ACTIVE = 0.4
 _MIN_FUSED_ROWS = 256
 # exp() of very negative fp32 inputs takes a ~7x slower path on CPU; e^-87 ≈ 1.6e-38 is 0 for us.
 _EXP_FLOOR = -87.0
-
-
-class Stats(NamedTuple):
-    """Result of a statistics pass (every backend): fp32, 0 on ignored rows.
-
-    ``lse, tgt, logp``: ``(N,)`` log-sum-exp, transformed target logit, token log-prob;
-    ``zsum``: ``(N,)`` Σ_v z or None; ``seg``: ``(S,)`` per-segment log-prob sums or None;
-    ``tile_max``: ``(N, ceil(V/_TILE))`` largest transformed logit per vocab tile (torch path only,
-    else None) — the gradient filter's input.
-    """
-
-    lse: torch.Tensor
-    tgt: torch.Tensor
-    zsum: Optional[torch.Tensor]
-    logp: torch.Tensor
-    seg: Optional[torch.Tensor]
-    tile_max: Optional[torch.Tensor] = None
 
 
 def _valid_index(targets, ignore_index):
@@ -112,17 +97,6 @@ def _probs_to_dlogits(p, col, B, C, th, temperature):
     if C is not None:
         p.add_(C[:, None])
     return _chain(p, th, temperature)
-
-
-def _alloc_grads(hidden, weight, need_dx, need_dw, need_db):
-    N, D = hidden.shape
-    V = weight.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    return (
-        torch.zeros(N, D, **f32) if need_dx else None,
-        torch.zeros(V, D, **f32) if need_dw else None,
-        torch.zeros(V, **f32) if need_db else None,
-    )
 
 
 def _row_blocks(targets, ignore_index):
@@ -188,20 +162,6 @@ def _column_sum(weight, bias, temperature):
     return weight.float().sum(0) / temperature, 0.0 if bias is None else bias.float().sum() / temperature
 
 
-def token_and_segment_logps(tgt, lse, targets, ignore_index, segment_ids, num_segments):
-    """``(logp (N,), seg (S,) or None)`` from the statistics pass; shared by the chunked backends."""
-    logp = torch.where(targets != ignore_index, tgt - lse, 0.0)
-    seg = None
-    if segment_ids is not None:
-        seg = torch.zeros(num_segments, dtype=torch.float32, device=lse.device).index_add_(0, segment_ids, logp)
-    return logp, seg
-
-
-def filter_eps(dtype, V) -> float:
-    """``ε = u / V``: probabilities at or below it sum to at most the unit roundoff ``u`` of ``dtype``."""
-    return torch.finfo(dtype).eps / 2.0 / V
-
-
 def _filter_log_eps(dtype, V):
     return math.log(filter_eps(dtype, V))
 
@@ -237,7 +197,7 @@ def _dense_grads(hidden, weight, bias, targets, lse, A, B, C, *, ignore_index, t
                  need_dx, need_dw, need_db):
     """Vocab-tiled gradient pass over every (row, column) of the valid rows."""
     V = weight.shape[0]
-    dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
+    dx, dw, db = alloc_grads(hidden, weight, need_dx, need_dw, need_db)
     for idx in _row_blocks(targets, ignore_index):
         h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
         h32 = h.float() if need_dw else None
@@ -284,7 +244,7 @@ def _sparse_grads(hidden, weight, bias, targets, lse, tgt, A, B, idx, active, *,
     an error of one ulp of the logit instead of the true, tiny value.
     """
     V = weight.shape[0]
-    dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
+    dx, dw, db = alloc_grads(hidden, weight, need_dx, need_dw, need_db)
     lse_v, tgt_v, A_v, B_v = (x.float().index_select(0, idx) for x in (lse, tgt, A, B))
     th_t = None if softcap is None else tgt_v * (temperature / softcap)  # tanh of the target logit
     b = _chain(A_v * (tgt_v - lse_v).clamp_min(_EXP_FLOOR).exp() + B_v, th_t, temperature)
@@ -354,7 +314,7 @@ def _row_tiled(hidden, weight, bias, targets, c, *, ignore_index, temperature, s
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse, tgt = torch.zeros(N, **f32), torch.zeros(N, **f32)
     zsum = torch.zeros(N, **f32) if need_zsum else None
-    dx, dw, db = _alloc_grads(hidden, weight, need_dx, need_dw, need_db)
+    dx, dw, db = alloc_grads(hidden, weight, need_dx, need_dw, need_db)
     idx_all = _valid_index(targets, ignore_index)
     for i in range(0, idx_all.numel(), c):
         idx = idx_all[i : i + c]
