@@ -37,6 +37,7 @@ from .validate import (
     SOURCE_ROW_COL,
     DataError,
     DataValidationError,
+    JsonLinesReader,
     column_names,
     file_error,
     iter_chunks,
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_EXTS = {e: e[1:].replace("jsonl", "json") for e in DATA_EXTS}  # extension -> datasets builder
 _COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub revision that is already a commit sha
+# a JSON Lines file is parsed and converted to Arrow this many rows / bytes of lines at a time (memory, not results)
+JSON_CHUNK_ROWS, JSON_CHUNK_BYTES = 4096, 4 << 20
 
 
 # --- a hub dataset is read at one commit ----------------------------------------------------------
@@ -201,7 +204,22 @@ def _load_file(path: str, cache_dir: Optional[str]):
 
 
 def _read_json(path: str):
-    """:func:`read_json_rows` as an in-memory ``datasets.Dataset`` (no cache: never stale)."""
+    """The rows of a JSON / JSON Lines file (:func:`read_json_rows`' rows) as a ``datasets.Dataset``.
+
+    JSON Lines are streamed (:func:`_json_lines_dataset`): never the whole file or all its rows in
+    memory. A JSON document, or rows whose types only the whole file decides (see there), are read
+    whole (:func:`_read_json_whole`). No cache either way: the Arrow copy lives for this process only.
+    """
+    reader = JsonLinesReader.open(path)
+    if reader is not None:
+        ds = _json_lines_dataset(reader)
+        if ds is not None:
+            return ds
+    return _read_json_whole(path)
+
+
+def _read_json_whole(path: str):
+    """:func:`read_json_rows` as an in-memory ``datasets.Dataset``."""
     import datasets
 
     rows = read_json_rows(path)
@@ -211,6 +229,121 @@ def _read_json(path: str):
     except Exception as exc:  # pyarrow type inference: one field with different types in different rows
         raise file_error(path, f"could not be parsed as json: its rows do not share one schema "
                          f"({exc.__class__.__name__}: {first_line(exc)})", "unparsable") from None
+
+
+def _json_lines_dataset(reader: JsonLinesReader):
+    """The reader's rows as a memory-mapped ``datasets.Dataset`` (an Arrow file in ``datasets``' temporary
+    folder, deleted when the process ends), the same dataset :func:`_read_json_whole` builds in memory.
+
+    Each chunk of rows becomes a record batch typed exactly as ``Dataset.from_dict`` types a column
+    (``OptimizedTypedSequence``). When the chunks' types differ, the whole file's type is their join
+    -- pyarrow's inference of the whole column: null fits anything, int64 and double give double,
+    structs take the union of their fields in order of first appearance, lists join their items -- and
+    the rows are read again and converted to it. Anything else (a real type clash, an overflow) returns
+    None: the whole read then gives the same dataset, or the same error.
+    """
+    import uuid
+
+    import datasets
+    from datasets.fingerprint import get_temporary_cache_files_directory
+
+    names = reader.names
+    if not names:
+        return None
+    path = os.path.join(get_temporary_cache_files_directory(), f"zephyr_fast-rows-{uuid.uuid4().hex}.arrow")
+    try:
+        joined = _write_chunks(reader, names, path)
+        if joined is not None:  # the chunks' types differ: once more, each converted to their join
+            _write_chunks(reader, names, path, schema=joined)
+    except DataValidationError:
+        _remove(path)
+        raise
+    except _TypesDiffer:
+        _remove(path)
+        return None
+    except Exception:  # noqa: BLE001 - a conversion the whole read must judge (it raises the one-line error)
+        _remove(path)
+        return None
+    return datasets.Dataset.from_file(path)
+
+
+class _TypesDiffer(Exception):
+    """The chunks' types have no join (a type clash the whole read reports)."""
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _write_chunks(reader: JsonLinesReader, names: list, path: str, schema=None):
+    """Writes the reader's rows to the Arrow stream file ``path``, a record batch per chunk: typed as
+    ``Dataset.from_dict`` types them, or converted to ``schema``. Returns None when every chunk had one
+    schema, else the join of their schemas (nothing usable written then); :class:`_TypesDiffer` when
+    there is none."""
+    import pyarrow as pa
+    from datasets.arrow_writer import OptimizedTypedSequence
+
+    first, joined, writer = None, None, None
+    with pa.OSFile(path, "wb") as sink:
+        try:
+            for chunk in reader.chunks(max_rows=JSON_CHUNK_ROWS, max_bytes=JSON_CHUNK_BYTES):
+                if schema is None:
+                    table = pa.Table.from_pydict({n: OptimizedTypedSequence([r.get(n) for r in chunk], col=n)
+                                                  for n in names})
+                else:
+                    table = pa.Table.from_arrays([pa.array([r.get(n) for r in chunk], type=schema.field(n).type)
+                                                  for n in names], schema=schema)
+                if first is None:
+                    first = joined = table.schema
+                    writer = pa.ipc.new_stream(sink, first)
+                if table.schema == first:
+                    if joined is first:
+                        writer.write_table(table)
+                    continue
+                joined = _join_schemas(joined, table.schema)
+        finally:
+            if writer is not None:
+                writer.close()
+    return None if joined is first else joined
+
+
+def _join_schemas(a, b):
+    import pyarrow as pa
+
+    fields = []
+    for fa, fb in zip(a, b):
+        t = _join_types(fa.type, fb.type)
+        if t is None:
+            raise _TypesDiffer(fa.name)
+        fields.append(pa.field(fa.name, t))
+    return pa.schema(fields)
+
+
+def _join_types(a, b):
+    """The type pyarrow infers for the values of a type-``a`` and a type-``b`` array together (None: none)."""
+    import pyarrow as pa
+
+    if a == b:
+        return a
+    if pa.types.is_null(a) or pa.types.is_null(b):
+        return b if pa.types.is_null(a) else a
+    if {a, b} == {pa.int64(), pa.float64()}:
+        return pa.float64()
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        item = _join_types(a.value_type, b.value_type)
+        return None if item is None else pa.list_(item)
+    if pa.types.is_struct(a) and pa.types.is_struct(b):
+        fields = {f.name: f.type for f in a}
+        for f in b:
+            t = _join_types(fields[f.name], f.type) if f.name in fields else f.type
+            if t is None:
+                return None
+            fields[f.name] = t
+        return pa.struct(list(fields.items()))
+    return None
 
 
 def _tag(ds, name: str):

@@ -6,6 +6,11 @@ has room — which wastes a few percent of capacity at most on real length distr
 (docs/DATA.md).  Ties in length are broken by a seeded permutation and the finished bins are
 shuffled by the same seed, so the result is a deterministic function of ``(examples, max_tokens,
 seed)``.  A DPO pair is never split: its chosen and rejected sequences land in the same bin.
+
+Examples held compactly (:mod:`zephyr_fast.data.examples`, what the tokenisers return) are packed
+lazily: the bins, their :class:`PackingStats` and each bin's counts (:meth:`LazyPackedBatches.counts`)
+come from the examples' lengths and loss-mask bits alone, and a bin's :class:`PackedBatch` is built
+when it is asked for -- the same batch the eager packing of the same examples as dicts gives.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .batch import IGNORE_INDEX, PackedBatch
+from .examples import DPOExamples, SFTExamples
 
 
 @dataclass
@@ -61,6 +68,76 @@ class PackedBatches(list):
     def __init__(self, batches=(), stats: Optional[PackingStats] = None):
         super().__init__(batches)
         self.stats = stats
+
+
+# counts of one micro-batch, as zephyr_fast.training.plan.micro_stats reads them off its PackedBatch
+COUNT_FIELDS = ("tokens", "targets", "pairs", "attn_sq", "examples")
+
+
+class LazyPackedBatches(Sequence):
+    """The bins of compactly held examples: ``len``, :attr:`stats`, :meth:`counts` without building
+    anything; ``batches[k]`` builds bin ``k``'s :class:`PackedBatch` (``list(batches)``: all of them)."""
+
+    def __init__(self, bins: list, build, counts: dict, stats: PackingStats):
+        self.bins, self._build, self._counts, self.stats = bins, build, counts, stats
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self._build(self.bins[j]) for j in range(*k.indices(len(self)))]
+        return self._build(self.bins[k])
+
+    def counts(self, k: int) -> dict:
+        """``{tokens, targets, pairs, attn_sq, examples}`` of bin ``k`` (ints), as its batch's micro-stats."""
+        return {f: int(self._counts[f][k]) for f in COUNT_FIELDS}
+
+
+def _bin_sums(bins: list, values: dict) -> dict:
+    """Per-bin sums of per-unit ``values`` (``{name: (units,) int64}``), int64 throughout."""
+    unit = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=sum(len(b) for b in bins))
+    owner = np.repeat(np.arange(len(bins), dtype=np.int64), [len(b) for b in bins])
+    out = {}
+    for name, v in values.items():
+        acc = np.zeros(len(bins), dtype=np.int64)
+        np.add.at(acc, owner, np.asarray(v, dtype=np.int64)[unit])
+        out[name] = acc
+    return out
+
+
+def example_counts(examples, layout: str = "separate") -> dict:
+    """Per-example ``{tokens, targets, pairs, attn_sq, examples}`` arrays of examples collated one per
+    segment (``batch_by: examples``): what :func:`sft_batch` / :func:`dpo_batch` of a group holds is the
+    sum over its examples. ``examples``: an :class:`SFTExamples` / :class:`DPOExamples` or dicts."""
+    if isinstance(examples, SFTExamples):
+        n, tokens, targets = len(examples), examples.lengths.astype(np.int64), examples.targets
+        return {"tokens": tokens, "targets": targets, "pairs": np.zeros(n, np.int64), "attn_sq": tokens * tokens,
+                "examples": np.ones(n, np.int64)}
+    if isinstance(examples, DPOExamples):
+        p, c, r = (x.astype(np.int64) for x in (examples.prompt_lengths, examples.chosen_lengths,
+                                                examples.rejected_lengths))
+        return _pair_counts(p, c, r, layout)
+    if examples and "prompt_ids" in examples[0]:
+        p, c, r = (np.array([len(ex[f]) for ex in examples], dtype=np.int64)
+                   for f in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        return _pair_counts(p, c, r, layout)
+    lens = np.array([len(ex["input_ids"]) for ex in examples], dtype=np.int64)
+    targets = np.array([int(np.sum(np.asarray(ex["loss_mask"])[1:])) for ex in examples], dtype=np.int64)
+    return {"tokens": lens, "targets": targets, "pairs": np.zeros(len(lens), np.int64), "attn_sq": lens * lens,
+            "examples": np.ones(len(lens), np.int64)}
+
+
+def _pair_counts(p: np.ndarray, c: np.ndarray, r: np.ndarray, layout: str) -> dict:
+    """What one pair puts into a micro-batch (``dpo_batch``): its tokens, its ``c + r`` targets (the
+    prefix-shared layout's first rejected target is its extra row), one pair, its attention segments."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    separate = layout == "separate"
+    tokens = 2 * p + c + r if separate else p + c + r
+    attn_sq = (p + c) ** 2 + (p + r) ** 2 if separate else (p + c + r) ** 2
+    ones = np.ones(len(p), np.int64)
+    return {"tokens": tokens, "targets": c + r, "pairs": ones, "attn_sq": attn_sq, "examples": ones}
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int, *, seed: int = 0, num_shards: int = 1) -> list:
@@ -161,10 +238,13 @@ def pack_sft(examples: Sequence[dict], max_tokens: int, *, seed: int = 0, overlo
             (``"split"``; the last token of a piece then predicts nothing).
         num_shards: make the number of micro-batches a multiple of the data-parallel world size.
     Returns:
-        :class:`PackedBatches` (a list of ``layout="sft"`` :class:`PackedBatch`) with ``.stats``.
+        :class:`PackedBatches` (a list of ``layout="sft"`` :class:`PackedBatch`) with ``.stats``;
+        for :class:`SFTExamples` the same bins as a :class:`LazyPackedBatches`.
     """
     if overlong not in ("truncate", "split"):
         raise ValueError(f"overlong must be 'truncate' or 'split', got {overlong!r}")
+    if isinstance(examples, SFTExamples):
+        return _pack_sft_lazy(examples, max_tokens, seed=seed, overlong=overlong, num_shards=num_shards)
     stats = PackingStats(max_tokens=max_tokens, num_examples=len(examples))
     pieces = []
     for ex in examples:
@@ -185,6 +265,47 @@ def pack_sft(examples: Sequence[dict], max_tokens: int, *, seed: int = 0, overlo
     stats.num_batches, stats.num_sequences = len(out), len(pieces)
     stats.real_tokens = sum(len(p[0]) for p in pieces)
     return out
+
+
+def _pack_sft_lazy(examples: SFTExamples, max_tokens: int, *, seed: int, overlong: str,
+                   num_shards: int) -> LazyPackedBatches:
+    """:func:`pack_sft` of compact examples: the same pieces and bins from the lengths alone; a piece is
+    ``(example, start, end)`` and a bin's batch is built from the token ids when asked for."""
+    n = len(examples)
+    stats = PackingStats(max_tokens=max_tokens, num_examples=n)
+    lens = examples.lengths.astype(np.int64)
+    over = lens > max_tokens
+    if overlong == "truncate":
+        counts = np.ones(n, dtype=np.int64)
+        stats.truncated = int(over.sum())
+        stats.truncated_tokens = int((lens[over] - max_tokens).sum())
+    else:
+        counts = np.where(over, -(-lens // max_tokens), 1)
+        stats.split_pieces = int(counts[over].sum())
+    piece_ex = np.repeat(np.arange(n, dtype=np.int64), counts)
+    first = np.cumsum(counts) - counts  # each example's first piece
+    start = (np.arange(len(piece_ex), dtype=np.int64) - np.repeat(first, counts)) * max_tokens
+    end = np.minimum(start + max_tokens, lens[piece_ex])
+    keep = end > start
+    piece_ex, start, end = piece_ex[keep], start[keep], end[keep]
+    plen = end - start
+    targets = examples.targets[piece_ex].astype(np.int64)
+    for k in np.flatnonzero((start > 0) | (end < lens[piece_ex])):  # a cut piece: count its own targets
+        targets[k] = int(examples.loss_mask(int(piece_ex[k]))[start[k] + 1:end[k]].sum())
+    bins = best_fit_decreasing(plen.tolist(), max_tokens, seed=seed, num_shards=num_shards)
+    stats.num_batches, stats.num_sequences, stats.real_tokens = len(bins), len(plen), int(plen.sum())
+    counts_by_bin = _bin_sums(bins, {"tokens": plen, "targets": targets, "attn_sq": plen * plen,
+                                     "examples": np.ones(len(plen), np.int64)})
+    counts_by_bin["pairs"] = np.zeros(len(bins), np.int64)
+
+    def build(b: list) -> PackedBatch:
+        pieces = []
+        for k in b:
+            e, a, z = int(piece_ex[k]), int(start[k]), int(end[k])
+            pieces.append((examples.ids.get(e)[a:z], examples.loss_mask(e)[a:z]))
+        return sft_batch(pieces)
+
+    return LazyPackedBatches(bins, build, counts_by_bin, stats)
 
 
 def unpack_sft(batch: PackedBatch) -> list:
@@ -303,18 +424,18 @@ def pack_dpo(examples: Sequence[dict], max_tokens: int, *, layout: str = "separa
     """Pack :func:`build_dpo_examples` pairs into micro-batches of at most ``max_tokens`` tokens.
 
     A pair is the packing unit (``2p+c+r`` tokens separate, ``p+c+r`` prefix-shared); it is never
-    split.  Raises ``ValueError`` naming the pair when one does not fit a bin.
+    split.  Raises ``ValueError`` naming the pair when one does not fit a bin. For
+    :class:`DPOExamples` the same bins come as a :class:`LazyPackedBatches`.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if isinstance(examples, DPOExamples):
+        return _pack_dpo_lazy(examples, max_tokens, layout=layout, seed=seed, num_shards=num_shards)
     sizes = [pair_tokens(ex, layout) for ex in examples]
     too_big = [(ex["index"], n) for ex, n in zip(examples, sizes) if n > max_tokens]
     if too_big:
         idx, n = too_big[0]
-        raise ValueError(
-            f"{len(too_big)} DPO pairs do not fit max_tokens={max_tokens} in the {layout!r} layout "
-            f"(first: row {idx} needs {n}); raise max_tokens (>= 2 * max_length for 'separate') or lower max_length"
-        )
+        raise _too_big(len(too_big), idx, n, max_tokens, layout)
     bins = best_fit_decreasing(sizes, max_tokens, seed=seed, num_shards=num_shards)
     out = PackedBatches([dpo_batch([examples[i] for i in b], layout) for b in bins])
     out.stats = PackingStats(
@@ -322,3 +443,31 @@ def pack_dpo(examples: Sequence[dict], max_tokens: int, *, layout: str = "separa
         num_sequences=len(examples) * (2 if layout == "separate" else 1), real_tokens=sum(sizes),
     )
     return out
+
+
+def _too_big(n: int, idx: int, need: int, max_tokens: int, layout: str) -> ValueError:
+    return ValueError(
+        f"{n} DPO pairs do not fit max_tokens={max_tokens} in the {layout!r} layout "
+        f"(first: row {idx} needs {need}); raise max_tokens (>= 2 * max_length for 'separate') or lower max_length"
+    )
+
+
+def _pack_dpo_lazy(examples: DPOExamples, max_tokens: int, *, layout: str, seed: int,
+                   num_shards: int) -> LazyPackedBatches:
+    """:func:`pack_dpo` of compact pairs: the same checks and bins from the lengths alone."""
+    p, c, r = (x.astype(np.int64) for x in (examples.prompt_lengths, examples.chosen_lengths,
+                                            examples.rejected_lengths))
+    counts = _pair_counts(p, c, r, layout)
+    sizes = counts["tokens"]
+    big = np.flatnonzero(sizes > max_tokens)
+    if len(big):
+        raise _too_big(len(big), int(examples.index[big[0]]), int(sizes[big[0]]), max_tokens, layout)
+    bins = best_fit_decreasing(sizes.tolist(), max_tokens, seed=seed, num_shards=num_shards)
+    empty = (p == 0) | (c == 0) | (r == 0)
+    if empty.any():  # as dpo_batch refuses it, building the bins in order
+        first = next(i for b in bins for i in b if empty[i])
+        raise ValueError(f"DPO pair {int(examples.index[first])}: prompt, chosen and rejected must be non-empty")
+    stats = PackingStats(max_tokens=max_tokens, num_batches=len(bins), num_examples=len(examples),
+                         num_sequences=len(examples) * (2 if layout == "separate" else 1), real_tokens=int(sizes.sum()))
+    return LazyPackedBatches(bins, lambda b: dpo_batch([examples.arrays(i) for i in b], layout),
+                             _bin_sums(bins, counts), stats)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .chat import render_fast, tokenize_kwargs
+from .examples import DPOBuilder, keep_token_ids
 from .sft import TOKENIZE_CHUNK, with_empty_system
 from .validate import (
     LOAD_ERROR_COL,
@@ -156,8 +157,9 @@ def build_dpo_examples(
     show_progress: bool = True,
     truncation_mode: Optional[str] = None,
     max_completion_length: Optional[int] = None,
+    keep_ids: Optional[bool] = None,
 ):
-    """Tokenise preference rows into DPO pairs.
+    """Tokenise preference rows into DPO pairs, streamed: ``TOKENIZE_CHUNK`` rows at a time.
 
     Args:
         rows: ``datasets.Dataset`` or list of dicts (formats in the module docstring).
@@ -170,9 +172,13 @@ def build_dpo_examples(
         max_completion_length: older TRL's cap: each completion is cut from the right to it before
             the ``max_length`` rules (counted as a completion truncation).
         add_empty_system: prepend an empty system turn (alignment-handbook's Zephyr default).
+        keep_ids: keep the token ids (default: yes, unless inside
+            :func:`zephyr_fast.data.examples.lengths_only`); without them only the lengths and the
+            examples fingerprint are kept, which is all a plan needs.
     Returns:
-        ``(examples, report)``; each example is ``{"index": int (position in rows), "prompt_ids":
-        list[int], "chosen_ids": list[int], "rejected_ids": list[int]}``.
+        ``(examples, report)``; ``examples`` a :class:`~zephyr_fast.data.examples.DPOExamples`, a
+        sequence of ``{"index": int (position in rows), "prompt_ids": list[int], "chosen_ids":
+        list[int], "rejected_ids": list[int]}`` held as flat arrays, not Python lists.
     Raises:
         DataValidationError: invalid rows (all listed) unless ``skip_invalid_rows``.
     """
@@ -187,7 +193,7 @@ def build_dpo_examples(
     report = DPOReport(rows=n, max_length=max_length, max_prompt_length=max_prompt_length)
     kw = tokenize_kwargs(tokenizer)
     bos_id = tokenizer.bos_token_id if kw.get("add_special_tokens", True) else None
-    errors, examples = [], []
+    errors, examples = [], DPOBuilder(keep_token_ids(keep_ids))
     bar = tqdm(total=n, desc="tokenize DPO", unit="pair", disable=not show_progress or n < 4096)
     for c0, cols, origins in iter_chunks(rows, ("prompt", "chosen", "rejected", LOAD_ERROR_COL), TOKENIZE_CHUNK,
                                          dataset_name):
@@ -237,13 +243,16 @@ def build_dpo_examples(
             report.prompt_truncated += pcut
             report.completion_truncated += ccut or capped  # a pair counts once
             report.identical += cc == rr  # kept, as TRL does: its DPO gradient is zero
-            examples.append({"index": c0 + j, "prompt_ids": pp, "chosen_ids": cc, "rejected_ids": rr})
+            examples.add(c0 + j, pp, cc, rr)
+        examples.flush()
+        del P, C, R, ptxt, ctxt, rtxt
         bar.update(len(origins))
     bar.close()
 
     report.skipped = resolve(errors, skip_invalid_rows=skip_invalid_rows, total_rows=n)
+    examples = examples.finish()
     report.pairs = len(examples)
-    report.prompt_tokens = sum(len(e["prompt_ids"]) for e in examples)
-    report.chosen_tokens = sum(len(e["chosen_ids"]) for e in examples)
-    report.rejected_tokens = sum(len(e["rejected_ids"]) for e in examples)
+    report.prompt_tokens = int(examples.prompt_lengths.sum())
+    report.chosen_tokens = int(examples.chosen_lengths.sum())
+    report.rejected_tokens = int(examples.rejected_lengths.sum())
     return examples, report

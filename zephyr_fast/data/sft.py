@@ -8,10 +8,12 @@ Each conversation is rendered once with the chat template and tokenised in batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import numpy as np
 
 from .chat import ZEPHYR_CHAT_TEMPLATE, render, tokenize_kwargs
+from .examples import SFTBuilder, keep_token_ids
 from .validate import (
     LOAD_ERROR_COL,
     DataError,
@@ -24,7 +26,9 @@ from .validate import (
     resolve,
 )
 
-TOKENIZE_CHUNK = 1024
+# rows tokenised per call: bounds the tokeniser's transient memory (ids, offsets and Rust encodings of a
+# chunk, ~100 MB for 256 UltraChat rows at max_length 2048), not the results
+TOKENIZE_CHUNK = 256
 
 
 @dataclass
@@ -116,8 +120,9 @@ def tokenize_sft(
     skip_invalid_rows: bool = False,
     dataset_name: str = "sft",
     show_progress: bool = True,
+    keep_ids: Optional[bool] = None,
 ):
-    """Tokenise conversations into SFT examples.
+    """Tokenise conversations into SFT examples, streamed: ``TOKENIZE_CHUNK`` rows at a time.
 
     Args:
         rows: ``datasets.Dataset`` or list of dicts with a ``messages`` column
@@ -129,10 +134,14 @@ def tokenize_sft(
             trailing newline); ``False`` trains on every token.
         add_empty_system: prepend an empty system turn as alignment-handbook does for Zephyr.
         skip_invalid_rows: skip bad rows (counted) instead of raising :class:`DataValidationError`.
+        keep_ids: keep the token ids (default: yes, unless inside
+            :func:`zephyr_fast.data.examples.lengths_only`); without them only lengths and loss-mask
+            bits are kept, which is all a plan needs.
     Returns:
-        ``(examples, report)``; each example is ``{"index": int, "input_ids": list[int],
-        "loss_mask": list[int]}`` — ``loss_mask[t] == 1`` when token ``t`` is a training *target*
-        (unshifted; the packer shifts it into ``PackedBatch.labels``).
+        ``(examples, report)``; ``examples`` an :class:`~zephyr_fast.data.examples.SFTExamples`, a
+        sequence of ``{"index": int, "input_ids": list[int], "loss_mask": list[int]}`` —
+        ``loss_mask[t] == 1`` when token ``t`` is a training *target* (unshifted; the packer shifts it
+        into ``PackedBatch.labels``) — held as flat arrays, not Python lists.
     """
     from tqdm.auto import tqdm
 
@@ -144,7 +153,7 @@ def tokenize_sft(
     check_columns(column_names(rows), [messages_field], dataset=dataset_name, what="SFT")
     report = SFTReport(rows=len(rows), max_length=max_length)
     kw = tokenize_kwargs(tokenizer)
-    errors, examples = [], []
+    errors, examples = [], SFTBuilder(keep_token_ids(keep_ids))
     bar = tqdm(total=len(rows), desc="tokenize SFT", unit="row", disable=not show_progress or len(rows) < 4096)
     for c0, cols, origins in iter_chunks(rows, [messages_field, LOAD_ERROR_COL], TOKENIZE_CHUNK, dataset_name):
         texts, spans, keep = [], [], []
@@ -179,12 +188,15 @@ def tokenize_sft(
                               "prompt_too_long", position=c0 + j)
                 )
                 continue
-            examples.append({"index": c0 + j, "input_ids": list(ids), "loss_mask": mask.tolist()})
+            examples.add(c0 + j, ids, mask)
+        examples.flush()
+        del enc, texts, spans
         bar.update(len(cols[messages_field]))
     bar.close()
 
     report.skipped = resolve(errors, skip_invalid_rows=skip_invalid_rows, total_rows=len(rows))
+    examples = examples.finish()
     report.examples = len(examples)
-    report.tokens = sum(len(e["input_ids"]) for e in examples)
-    report.target_tokens = sum(sum(e["loss_mask"][1:]) for e in examples)
+    report.tokens = int(examples.lengths.sum())
+    report.target_tokens = int(examples.targets.sum())
     return examples, report

@@ -27,6 +27,12 @@ step's loss denominator -- its total target tokens (SFT) or pairs (DPO) over eve
 micro-batch -- is counted on the host from the same micro-batches, so the hot loop needs no
 collective to normalise. Tokenisation and batching are deterministic and run identically on every
 rank. The order is a pure function of ``(seed, epoch)``; resuming at global step ``k`` needs only ``k``.
+
+Memory: rows stream through tokenisation and the examples are held compactly
+(:mod:`zephyr_fast.data.examples`); token bins are kept as bins of example pieces with their counts,
+and a step's micro-batches are built when the step runs (:meth:`TokenSchedule.step`,
+:meth:`ExampleSchedule.step`). Every count a plan reports comes from :meth:`step_stats`, which builds
+nothing, so :func:`prepare` with ``keep_tokens=False`` (``zephyr-fast plan``) keeps no token ids at all.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from zephyr_fast.data.batch import IGNORE_INDEX, PackedBatch
+from zephyr_fast.data.examples import DPOExamples, SFTExamples, lengths_only
 from zephyr_fast.data.loading import DataConfig, load_rows
+from zephyr_fast.data.packing import COUNT_FIELDS, example_counts
 from zephyr_fast.config import ConfigError
 from zephyr_fast.training.stages import Stage
 
@@ -72,9 +81,34 @@ class Micro:
     stats: MicroStats
 
 
+class LazyMicro(Micro):
+    """A micro-batch of a :class:`~zephyr_fast.data.packing.LazyPackedBatches`: counts now, the batch
+    built on each access of :attr:`batch` (not kept: an eval split is not held as tensors between evals)."""
+
+    def __init__(self, batches, k: int, stats: MicroStats):
+        self._batches, self._k, self.stats = batches, k, stats
+
+    @property
+    def batch(self) -> PackedBatch:
+        return self._batches[self._k]
+
+
+def _stats_of(counts: dict) -> MicroStats:
+    return MicroStats(counts["tokens"], counts["targets"], counts["pairs"], counts["attn_sq"], counts["examples"])
+
+
+def micros_of(batches) -> list:
+    """``[Micro]`` of packed batches: built ones with their :func:`micro_stats`, lazy ones (compact
+    examples) as :class:`LazyMicro` with the counts packing computed."""
+    if hasattr(batches, "counts"):
+        return [LazyMicro(batches, k, _stats_of(batches.counts(k))) for k in range(len(batches))]
+    return [Micro(b, micro_stats(b)) for b in batches]
+
+
 def total(micros: list, key: str) -> int:
-    """Sum of one :class:`MicroStats` field (``tokens`` | ``targets`` | ``pairs`` | ``attn_sq``) over ``micros``."""
-    return sum(getattr(m.stats, key) for m in micros)
+    """Sum of one :class:`MicroStats` field (``tokens`` | ``targets`` | ``pairs`` | ``attn_sq``) over
+    ``micros`` (:class:`Micro` s or bare :class:`MicroStats`)."""
+    return sum(getattr(getattr(m, "stats", m), key) for m in micros)
 
 
 @dataclass
@@ -122,21 +156,35 @@ class _Shuffled:
 
 
 class TokenSchedule(_Shuffled):
-    """``batch_by: tokens``: bins packed once; an epoch is a seeded shuffle of them cut into steps."""
+    """``batch_by: tokens``: bins packed once; an epoch is a seeded shuffle of them cut into steps.
+
+    ``batches``: built :class:`PackedBatch` es (kept), or the :class:`~zephyr_fast.data.packing.LazyPackedBatches`
+    of compact examples: then only each bin's counts are kept and :meth:`step` builds its step's batches.
+    """
 
     by = "tokens"
 
-    def __init__(self, batches: list, *, per_step: int, seed: int):
+    def __init__(self, batches, *, per_step: int, seed: int):
         self.packing = getattr(batches, "stats", None)  # PackingStats of the bins
-        self.micros = [Micro(b, micro_stats(b)) for b in batches]
+        self.micros = micros_of(batches)
+        self._lazy = batches if hasattr(batches, "counts") else None
         self.per_step, self.seed = per_step, seed
         self.steps_per_epoch = len(self.micros) // per_step  # a ragged last step would break invariance
         self.leftover = len(self.micros) % per_step  # 0: packing makes a multiple of per_step
 
-    def step(self, epoch: int, s: int) -> list:
-        """The micro-batches (all ranks) of step ``s`` of ``epoch``."""
+    def _items(self, epoch: int, s: int) -> list:
         order = self._order(len(self.micros), epoch)
-        return [self.micros[i] for i in order[s * self.per_step:(s + 1) * self.per_step]]
+        return order[s * self.per_step:(s + 1) * self.per_step]
+
+    def step(self, epoch: int, s: int) -> list:
+        """The micro-batches (all ranks) of step ``s`` of ``epoch`` (lazy bins: built now, host, a few ms)."""
+        if self._lazy is None:
+            return [self.micros[i] for i in self._items(epoch, s)]
+        return [Micro(self._lazy[i], self.micros[i].stats) for i in self._items(epoch, s)]
+
+    def step_stats(self, epoch: int, s: int) -> list:
+        """The :class:`MicroStats` of :meth:`step`'s micro-batches, building nothing."""
+        return [self.micros[i].stats for i in self._items(epoch, s)]
 
 
 def balance(items: list, sizes: list, groups: int, per_group: int) -> list:
@@ -160,23 +208,36 @@ class ExampleSchedule(_Shuffled):
     by = "examples"
 
     def __init__(self, examples: list, sizes: list, collate: Callable, *, per_micro: int, micro_per_step: int,
-                 seed: int, drop_last: bool = False):
-        self.examples, self.sizes, self.collate = examples, sizes, collate
+                 seed: int, drop_last: bool = False, counts: Optional[dict] = None):
+        """``counts``: per-example :func:`~zephyr_fast.data.packing.example_counts` -- :meth:`step_stats`
+        then sums them instead of building the batches (compact examples without token ids have only those)."""
+        self.examples, self.sizes, self.collate, self.counts = examples, sizes, collate, counts
+        # compact examples hand the collate numpy views (the same values as their dicts, no list copies)
+        self._get = examples.arrays if isinstance(examples, (SFTExamples, DPOExamples)) else examples.__getitem__
         self.per_micro, self.micro_per_step, self.seed = per_micro, micro_per_step, seed
         self.per_step = per_micro * micro_per_step  # examples per optimiser step
         full, self.remainder = divmod(len(examples), self.per_step)  # the epoch order's tail
         self.steps_per_epoch = full + (1 if self.remainder and not drop_last else 0)
         self.leftover = self.remainder if drop_last else 0  # examples each epoch leaves out
 
-    def step(self, epoch: int, s: int) -> list:
-        """The micro-batches (all ranks) of step ``s`` of ``epoch``, built now (host, a few ms)."""
+    def _groups(self, epoch: int, s: int) -> list:
         order = self._order(len(self.examples), epoch)
         items = order[s * self.per_step:(s + 1) * self.per_step]
         if len(items) < self.micro_per_step:  # a small last step: one example per micro-batch at least
             items = items + [order[i % len(order)] for i in range(self.micro_per_step - len(items))]
-        groups = balance(items, self.sizes, self.micro_per_step, -(-len(items) // self.micro_per_step))
-        batches = [self.collate([self.examples[i] for i in g]) for g in groups]
+        return balance(items, self.sizes, self.micro_per_step, -(-len(items) // self.micro_per_step))
+
+    def step(self, epoch: int, s: int) -> list:
+        """The micro-batches (all ranks) of step ``s`` of ``epoch``, built now (host, a few ms)."""
+        batches = [self.collate([self._get(i) for i in g]) for g in self._groups(epoch, s)]
         return [Micro(b, micro_stats(b)) for b in batches]
+
+    def step_stats(self, epoch: int, s: int) -> list:
+        """The :class:`MicroStats` of :meth:`step`'s micro-batches; from ``counts`` without building them."""
+        if self.counts is None:
+            return [m.stats for m in self.step(epoch, s)]
+        return [MicroStats(**{f: int(self.counts[f][g].sum()) for f in COUNT_FIELDS})
+                for g in (np.asarray(g, dtype=np.int64) for g in self._groups(epoch, s))]
 
 
 @dataclass
@@ -196,15 +257,24 @@ class SplitData:
     micros: list = field(default_factory=list)
 
 
-def prepare(data: DataConfig, stage: Stage, tokenizer, batching: Batching, *, log=print) -> dict:
-    """``{"train": SplitData, "test": SplitData | None}``: tokenised, and batched the ``batching`` way."""
+def prepare(data: DataConfig, stage: Stage, tokenizer, batching: Batching, *, log=print,
+            keep_tokens: bool = True) -> dict:
+    """``{"train": SplitData, "test": SplitData | None}``: tokenised, and batched the ``batching`` way.
+
+    ``keep_tokens=False`` (a plan): the examples keep their lengths, not their token ids (see the module
+    docstring); the schedules' :meth:`step_stats` and every count are the same, their batches cannot be built.
+    """
     rows = load_rows(data)
     out: dict = {"train": None, "test": None}
     for split in ("train", "test"):
         r = rows.get(split)
         if r is None or len(r) == 0:
             continue
-        examples, report = stage.tokenize(r, tokenizer, data, split)
+        if keep_tokens:
+            examples, report = stage.tokenize(r, tokenizer, data, split)
+        else:
+            with lengths_only():
+                examples, report = stage.tokenize(r, tokenizer, data, split)
         if not examples:
             raise ValueError(f"data ({split}): no usable examples after tokenisation: {report}")
         log(f"data ({split}): {report}")
@@ -215,7 +285,7 @@ def prepare(data: DataConfig, stage: Stage, tokenizer, batching: Batching, *, lo
         else:
             batches = stage.pack(examples, data, batching.eval_max_tokens, seed=batching.seed,
                                  num_shards=batching.world_size)
-            sd.micros = [Micro(b, micro_stats(b)) for b in batches]
+            sd.micros = micros_of(batches)
             sd.packing = str(batches.stats)
         log(f"data ({split}): {sd.packing}")
         out[split] = sd
@@ -228,9 +298,13 @@ def _train_schedule(examples: list, data: DataConfig, stage: Stage, b: Batching)
     if b.by == "tokens":
         batches = stage.pack(examples, data, b.max_tokens, seed=b.seed, num_shards=b.micro_per_step)
         return TokenSchedule(batches, per_step=b.micro_per_step, seed=b.seed)
-    sizes = [stage.size(ex, data) for ex in examples]
+    if isinstance(examples, (SFTExamples, DPOExamples)):  # the stage's sizes, from the lengths alone
+        counts = example_counts(examples, data.dpo_layout)
+        sizes = counts["tokens"].tolist()
+    else:
+        counts, sizes = None, [stage.size(ex, data) for ex in examples]
     return ExampleSchedule(examples, sizes, lambda exs: stage.collate(exs, data), per_micro=b.per_device,
-                           micro_per_step=b.micro_per_step, seed=b.seed, drop_last=b.drop_last)
+                           micro_per_step=b.micro_per_step, seed=b.seed, drop_last=b.drop_last, counts=counts)
 
 
 def describe_schedule(sched, stage: Stage, b: Batching, max_length: int) -> str:
@@ -246,7 +320,7 @@ def describe_schedule(sched, stage: Stage, b: Batching, max_length: int) -> str:
     if stage.batch_by == "tokens" and b.max_tokens == b.per_device * max_length * stage.tokens_per_example:
         return (f"{head}; a micro-batch is TRL packing's: {b.per_device} packed sequences of max_length "
                 f"{max_length}, without padding")
-    per_step = [total(sched.step(0, s), "examples") for s in range(sched.steps_per_epoch)]
+    per_step = [total(sched.step_stats(0, s), "examples") for s in range(sched.steps_per_epoch)]
     return (f"{head}; a step holds {sum(per_step) / max(len(per_step), 1):.1f} {name}s on average "
             f"({min(per_step, default=0)}-{max(per_step, default=0)}), not the recipe's "
             f"per_device_train_batch_size x accumulation x world = {b.per_device * b.micro_per_step}")

@@ -1,10 +1,12 @@
 """``zephyr-fast plan RECIPE [--key=value ...] [--world_size=N] [--json]``: what a run will do, before it runs.
 
-Resolves the recipe exactly as ``train`` does, loads and tokenises the data, builds the train
-split's batching (``zephyr_fast.training.plan``) and prints -- without building the model or
-touching a GPU -- the stage, the model, the optimiser steps, examples and tokens per step relative
-to the recipe's batch, the packing efficiency, the token budget, a per-GPU memory estimate under
-ZeRO-2 and ZeRO-3, and the reference-log-prob cache a DPO run will use (reused or computed).
+Resolves the recipe exactly as ``train`` does, loads and tokenises the data (streamed; the examples
+keep their lengths, not their token ids, so the plan's memory does not grow with the data: see
+``benchmarks/plan_memory.py``), builds the train split's batching (``zephyr_fast.training.plan``) and
+prints -- without building the model or touching a GPU -- the stage, the model, the optimiser steps,
+examples and tokens per step relative to the recipe's batch, the packing efficiency, the token budget,
+a per-GPU memory estimate under ZeRO-2 and ZeRO-3, and the reference-log-prob cache a DPO run will
+use (reused or computed).
 
 The memory estimate (per GPU, GiB) is a model, not a measurement:
 
@@ -112,12 +114,12 @@ def build_plan(cfg, *, world_size: int = 1, log=lambda *a, **k: None) -> dict:
     check_model(m, path)
     tokenizer = recipe_tokenizer(cfg)
     b = batching(cfg, stage, world_size)
-    data = prepare(d, stage, tokenizer, b, log=log)
+    data = prepare(d, stage, tokenizer, b, log=log, keep_tokens=False)  # counts only: no token ids held
     train = data["train"]
     plan = make_plan(train.schedule, world_size=world_size, grad_accum=t.gradient_accumulation_steps,
                      num_train_epochs=t.num_train_epochs, max_steps=t.max_steps)
-    steps = [train.schedule.step(0, s) for s in range(plan.steps_per_epoch)]
-    micro_tokens = [mb.stats.tokens for st in steps for mb in st]
+    steps = [train.schedule.step_stats(0, s) for s in range(plan.steps_per_epoch)]
+    micro_tokens = [mb.tokens for st in steps for mb in st]
     capacity = b.max_tokens if b.by == "tokens" else b.per_device * d.max_length * stage.tokens_per_example
     shape = model_shape(m, path)
     out = {

@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load, save
 
 from zephyr_fast.config import DPOConfig
+from zephyr_fast.data.examples import DPOExamples, pair_line
 from zephyr_fast.data.identity import rows_digest
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_dpo
@@ -79,10 +80,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def examples_fingerprint(examples) -> str:
-    """Hash of the exact token ids of every pair (catches any data/template/truncation change)."""
+    """Hash of the exact token ids of every pair (catches any data/template/truncation change):
+    sha256 over ``pair_line`` of each pair in order -- compact ``DPOExamples`` hash the same bytes
+    (and keep the digest when they are built without their token ids, as a plan builds them)."""
+    if isinstance(examples, DPOExamples):
+        return examples.fingerprint()
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps([ex["index"], ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]).encode())
+        h.update(pair_line(ex["index"], ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]))
     return h.hexdigest()
 
 
