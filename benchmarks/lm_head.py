@@ -131,72 +131,74 @@ class LMHeadCase:
 
     # -- providers -------------------------------------------------------------------------
     def _build(self, task: str, provider: str) -> Callable[[], torch.Tensor]:
-        dev = self.device
-        if provider == "zephyr_fast":
-            import zephyr_kernels as zk
+        builders = {"zephyr_fast": self._zephyr, "naive_torch": self._torch, "torch_compile": self._torch,
+                    "liger": self._liger, "gemm_floor": self._gemm_floor, "cce": self._cce}
+        if provider not in builders:
+            raise Unavailable(f"{provider}: no {task} case")
+        return builders[provider](task, provider)
 
-            impl = self.spec.get("impl") or zephyr_impl(dev)
-            if task == "ce":
-                return lambda: zk.linear_cross_entropy(self.hidden, self.weight, self.labels, impl=impl)
-            module = zk.FusedLinearDPOLoss(beta=BETA, impl=impl)
-            return lambda: module(self.hidden, self.weight, self.labels, self.segment_ids,
-                                  self.ref_c, self.ref_r)[0]
+    def _zephyr(self, task: str, provider: str):
+        import zephyr_kernels as zk
 
-        if provider in ("naive_torch", "torch_compile"):
-            wrap = torch.compile if provider == "torch_compile" else (lambda f: f)
-            if task == "ce":
-                fn = wrap(naive_ce)
-                return lambda: fn(self.hidden, self.weight, self.labels)
-            if task == "dpo":
-                fn = wrap(naive_dpo)
-                return lambda: fn(self.hidden, self.weight, self.labels, self.segment_ids,
-                                  self.num_segments, self.ref_c, self.ref_r)
-            fn = wrap(naive_dpo_with_ref_hidden)
+        impl = self.spec.get("impl") or zephyr_impl(self.device)
+        if task == "ce":
+            return lambda: zk.linear_cross_entropy(self.hidden, self.weight, self.labels, impl=impl)
+        module = zk.FusedLinearDPOLoss(beta=BETA, impl=impl)
+        return lambda: module(self.hidden, self.weight, self.labels, self.segment_ids, self.ref_c, self.ref_r)[0]
+
+    def _torch(self, task: str, provider: str):
+        wrap = torch.compile if provider == "torch_compile" else (lambda f: f)
+        if task == "ce":
+            fn = wrap(naive_ce)
+            return lambda: fn(self.hidden, self.weight, self.labels)
+        if task == "dpo":
+            fn = wrap(naive_dpo)
             return lambda: fn(self.hidden, self.weight, self.labels, self.segment_ids,
-                              self.num_segments, self.ref_hidden, self.ref_weight)
+                              self.num_segments, self.ref_c, self.ref_r)
+        fn = wrap(naive_dpo_with_ref_hidden)
+        return lambda: fn(self.hidden, self.weight, self.labels, self.segment_ids,
+                          self.num_segments, self.ref_hidden, self.ref_weight)
 
-        if provider == "liger":
-            if task == "ce":
-                if dev.type != "cuda":
-                    raise Unavailable("liger: LigerFusedLinearCrossEntropyLoss is a Triton kernel (CUDA only)")
-                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    def _liger(self, task: str, provider: str):
+        if task == "ce":
+            if self.device.type != "cuda":
+                raise Unavailable("liger: LigerFusedLinearCrossEntropyLoss is a Triton kernel (CUDA only)")
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-                module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
-                return lambda: _first(module(self.weight, self.hidden, self.labels))
-            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+            module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+            return lambda: _first(module(self.weight, self.hidden, self.labels))
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-            use_ref = task == "dpo_ref"
-            module = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=use_ref, compiled=True)
-            rows, t = 2 * self.spec["pairs"], self.seq_len
-            h3 = lambda x: x.view(rows, t, -1)  # noqa: E731  (Liger wants (2B, T, D))
-            if use_ref:
-                return lambda: _first(module(self.weight, h3(self.hidden), self.labels.view(rows, t),
-                                             ref_input=h3(self.ref_hidden), ref_weight=self.ref_weight))
-            return lambda: _first(module(self.weight, h3(self.hidden), self.labels.view(rows, t)))
+        use_ref = task == "dpo_ref"
+        module = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=use_ref, compiled=True)
+        rows, t = 2 * self.spec["pairs"], self.seq_len
+        h3 = lambda x: x.view(rows, t, -1)  # noqa: E731  (Liger wants (2B, T, D))
+        if use_ref:
+            return lambda: _first(module(self.weight, h3(self.hidden), self.labels.view(rows, t),
+                                         ref_input=h3(self.ref_hidden), ref_weight=self.ref_weight))
+        return lambda: _first(module(self.weight, h3(self.hidden), self.labels.view(rows, t)))
 
-        if provider == "gemm_floor":
-            if task != "dpo":
-                raise Unavailable(f"gemm_floor: measured for task=dpo only, not {task}")
-            rows = (self.labels != IGNORE_INDEX).nonzero().squeeze(1)  # untimed: built once
-            return lambda: _GemmFloor.apply(self.hidden, self.weight, rows)
+    def _gemm_floor(self, task: str, provider: str):
+        if task != "dpo":
+            raise Unavailable(f"gemm_floor: measured for task=dpo only, not {task}")
+        rows = (self.labels != IGNORE_INDEX).nonzero().squeeze(1)  # untimed: built once
+        return lambda: _GemmFloor.apply(self.hidden, self.weight, rows)
 
-        if provider == "cce":
-            from cut_cross_entropy import linear_cross_entropy
+    def _cce(self, task: str, provider: str):
+        from cut_cross_entropy import linear_cross_entropy
 
-            impl = "cce" if dev.type == "cuda" else "torch_compile"
-            if task == "ce":
-                return lambda: linear_cross_entropy(self.hidden, self.weight, self.labels, impl=impl)
-            if task == "dpo_ref":
-                raise Unavailable("cce: has no DPO / reference path (cross-entropy only)")
+        impl = "cce" if self.device.type == "cuda" else "torch_compile"
+        if task == "ce":
+            return lambda: linear_cross_entropy(self.hidden, self.weight, self.labels, impl=impl)
+        if task == "dpo_ref":
+            raise Unavailable("cce: has no DPO / reference path (cross-entropy only)")
 
-            def cce_dpo():
-                tok = -linear_cross_entropy(self.hidden, self.weight, self.labels, impl=impl,
-                                            reduction="none").float()
-                seg = torch.zeros(self.num_segments, device=dev).index_add(0, self.segment_ids, tok)
-                return _dpo_from_segments(seg, self.ref_c, self.ref_r)
+        def cce_dpo():
+            tok = -linear_cross_entropy(self.hidden, self.weight, self.labels, impl=impl, reduction="none").float()
+            seg = torch.zeros(self.num_segments, device=self.device).index_add(0, self.segment_ids, tok)
+            return _dpo_from_segments(seg, self.ref_c, self.ref_r)
 
-            return cce_dpo
-        raise Unavailable(f"{provider}: no {task} case")
+        return cce_dpo
 
     # -- helpers the harness uses --------------------------------------------------------------
     def loss(self) -> torch.Tensor:
