@@ -18,7 +18,7 @@ from zephyr_fast.config import SECTIONS, STAGES, ConfigError, DataConfig, ModelC
 from zephyr_fast.config import values
 from zephyr_fast.model import attention
 from zephyr_fast.training import preview
-from zephyr_fast.training import stages as training_stages
+from zephyr_fast import objectives as training_stages
 from zephyr_fast.training.build import check_config, check_model
 
 CONFIG_DIR = REPO / "zephyr_fast" / "config"

@@ -9,7 +9,7 @@ from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_sft, pair_tokens
 from zephyr_fast.training.build import build_optimizer, build_scheduler
 from zephyr_fast.training.plan import ExampleSchedule, TokenSchedule, make_plan, micro_stats, total
-from zephyr_fast.training.stages import DPOStage, SFTStage
+from zephyr_fast.objectives import DPOStage, SFTStage
 
 
 def _sft_examples(n, base=5, spread=300):

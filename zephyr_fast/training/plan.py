@@ -41,7 +41,7 @@ import torch
 from zephyr_fast.data.batch import IGNORE_INDEX, PackedBatch
 from zephyr_fast.data.loading import DataConfig, load_rows
 from zephyr_fast.config import ConfigError
-from zephyr_fast.training.stages import Stage
+from zephyr_fast.objectives import Stage
 
 
 @dataclass
