@@ -42,7 +42,7 @@ from zephyr_fast.training import run as zf_run
 from zephyr_fast.training.build import build_engine, build_model, flops_counter
 from zephyr_fast.training.loop import TrainLoop
 from zephyr_fast.training.plan import make_plan, prepare
-from zephyr_fast.training.stages import LossModule, make_stage
+from zephyr_fast.objectives import LossModule, make_stage
 
 from . import e2e
 from .e2e_report import PROFILE_CATEGORIES as CATEGORIES
@@ -218,14 +218,14 @@ def _zephyr_config(model_dir, data_file, out_dir, pairs: int, max_length: int):
 
 def _zephyr_trainer(cfg, log=lambda *a, **k: None):
     """The real trainer's pieces (``training.run``): ``(loop, reference seconds, reference tokens)``."""
-    t, (dist, _), stage = cfg.training, zf_run._setup(cfg), make_stage(cfg)
+    t, (dist, _), stage = cfg.training, zf_run.setup(cfg), make_stage(cfg)
     tok = zf_run.recipe_tokenizer(cfg)
     data = prepare(cfg.data, stage, tok, zf_run.batching(cfg, stage, dist.world_size), log=log)
     data["test"] = None
     path = cfg.model.model_name_or_path
     model = build_model(cfg.model, dist, seed=t.seed, path=path)
     summary = {"timeline": {}}  # what run() hands its reference pass
-    reference = zf_run._reference(cfg, dist, unwrap_model(model), path, data, tok, summary, log)
+    reference = zf_run.reference_pass(cfg, dist, stage, unwrap_model(model), path, data, tok, summary, log)
     plan = make_plan(data["train"].schedule, world_size=1, grad_accum=t.gradient_accumulation_steps,
                      num_train_epochs=t.num_train_epochs, max_steps=t.max_steps)
     lm = LossModule(model, stage)

@@ -18,7 +18,7 @@ from zephyr_fast.config import SECTIONS, STAGES, ConfigError, DataConfig, ModelC
 from zephyr_fast.config import values
 from zephyr_fast.model import attention
 from zephyr_fast.training import preview
-from zephyr_fast.training import stages as training_stages
+from zephyr_fast import objectives
 from zephyr_fast.training.build import check_config, check_model
 
 CONFIG_DIR = REPO / "zephyr_fast" / "config"
@@ -104,8 +104,8 @@ def test_the_layers_use_the_config_values():
 
 
 def test_the_two_registries_name_the_same_stages_with_the_same_facts():
-    assert training_stages.STAGES.keys() == STAGES.keys()
-    for name, cls in training_stages.STAGES.items():
+    assert objectives.STAGES.keys() == STAGES.keys()
+    for name, cls in objectives.STAGES.items():
         s = STAGES[name]
         assert (cls.name, cls.section, cls.tokens_per_example, cls.trains) == \
             (s.name, s.section, s.tokens_per_example, s.trains)
@@ -116,7 +116,7 @@ def test_the_kernels_dpo_options_are_recipe_keys():
     cfg = build_config({**BASE, "stage": "dpo", "loss_type": ["sigmoid", "bco_pair"], "loss_weights": [0.8, 0.2],
                         "discopop_tau": 0.2}, source="r.yaml")
     assert (cfg.dpo.loss_weights, cfg.dpo.discopop_tau) == ([0.8, 0.2], 0.2)
-    head = training_stages.make_stage(cfg).loss_head(temperature=1.0, softcap=None)  # built by the kernels
+    head = objectives.make_stage(cfg).loss_head(temperature=1.0, softcap=None)  # built by the kernels
     assert callable(head)
     with pytest.raises(ConfigError, match="r.yaml: loss_weights needs one weight per loss_type"):
         check_config(build_config({**BASE, "loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, source="r.yaml"))
@@ -128,7 +128,7 @@ def test_a_check_at_run_start_names_where_the_key_was_set():
         check_model(cfg.model, None)
     cfg = build_config({**BASE, "stage": "dpo"}, source="r.yaml", overrides=["--beta=0"])
     with pytest.raises(ConfigError, match=r"^command line --beta: beta must be > 0, got 0.0$"):
-        training_stages.make_stage(cfg)
+        objectives.make_stage(cfg)
     built_in_code = ModelConfig(tokenizer_name_or_path="tok", model_init={"hiden_size": 64})
     with pytest.raises(ConfigError, match=r"^model_init: 'hiden_size' is not"):
         check_model(built_in_code, None)

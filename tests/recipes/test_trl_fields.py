@@ -19,7 +19,7 @@ from zephyr_fast.train import run
 from zephyr_fast.training import distributed
 from zephyr_fast.training.build import check_config
 from zephyr_fast.training.reference import ReferencePass
-from zephyr_fast.training.stages import make_stage
+from zephyr_fast.objectives import make_stage
 
 DPO_DATA = {"dataset_mixer": {"assets/data/ultrafeedback_binarized/sample16.jsonl": 1.0}, "dataset_splits": ["train"]}
 SFT_DATA = {"dataset_mixer": {"assets/data/ultrachat_200k/sample16.jsonl": 1.0}, "dataset_splits": ["train"]}

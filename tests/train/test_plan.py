@@ -9,9 +9,9 @@ from zephyr_fast.config import TrainingConfig
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_sft, pair_tokens
 from zephyr_fast.training.build import build_optimizer, build_scheduler
+from zephyr_fast.objectives import DPOStage, SFTStage
 from zephyr_fast.training.plan import (Batching, ExampleSchedule, TokenSchedule, _train_schedule, make_plan,
                                        micro_stats, total)
-from zephyr_fast.training.stages import DPOStage, SFTStage
 
 
 def _sft_examples(n, base=5, spread=300):
@@ -260,7 +260,7 @@ def test_a_plans_examples_hold_no_token_ids_and_its_memory_does_not_grow_with_th
     from zephyr_fast.data import loading, sft
     from zephyr_fast.training.plan import prepare
     from zephyr_fast.training.run import batching, recipe_tokenizer
-    from zephyr_fast.training.stages import make_stage
+    from zephyr_fast.objectives import make_stage
     from tests.train.helpers import ASSETS, cut_turns, read_jsonl, recipe, write_jsonl
 
     monkeypatch.setattr(sft, "TOKENIZE_CHUNK", 16)

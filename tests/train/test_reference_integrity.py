@@ -19,7 +19,8 @@ from zephyr_fast.training import reference as refmod
 from zephyr_fast.training.reference import (CorruptRefLogpsError, ReferenceIdentity, ReferencePass, RefLogps,
                                             StaleRefLogpsError, cache_key, cache_path, read_cache,
                                             reference_identity, write_cache)
-from zephyr_fast.training.stages import DPOConfig
+from zephyr_fast.config import DPOConfig
+from zephyr_fast.objectives import DPOStage, RefLogpsStage
 
 SHA1, SHA2 = "1" * 40, "2" * 40
 
@@ -88,6 +89,23 @@ def test_roundtrip_is_one_file_with_key_and_digest(tmp_path):
     expect = make_ref()
     assert ref.reused and ref.path == path and ref.tokens == 100
     assert torch.equal(ref.index, expect.index) and torch.equal(ref.rejected, expect.rejected)
+
+
+def test_same_cache_same_bytes_and_no_timing_in_it(tmp_path):
+    """safetensors orders the metadata by a per-map random hash: without the canonical header the same
+    cache came out in different bytes from run to run. Timing is not part of the file either."""
+    blobs = set()
+    for i in range(12):
+        d = tmp_path / str(i)
+        ref = make_ref()
+        ref.seconds = float(i)  # a different wall time every write
+        write_cache(str(d), "train", make_key(), ref)
+        blobs.add((d / "train.safetensors").read_bytes())
+    assert len(blobs) == 1
+    key, path = written(tmp_path / "x")
+    meta = json.loads(open(path, "rb").read()[8:8 + header_len(path)])["__metadata__"]
+    assert list(meta) == sorted(meta) and json.loads(meta["stats"]) == {"tokens": 100}
+    assert read_cache(str(tmp_path / "x"), "train", key).tokens == 100  # still verifies and reads
 
 
 def test_sixteen_flipped_bytes_in_the_rejected_logps_are_refused(tmp_path):
@@ -361,10 +379,11 @@ def test_ref_model_cache_is_reused_by_dpo(tmp_path):
         f.write('{"hidden_size": 8, "other": true}')
     dpo = DPOConfig(ref_model_name_or_path=reference)
     m = types.SimpleNamespace(model_revision="main", model_init=None)
-    made = reference_identity("ref_logps", dpo, m, path=reference)  # RefLogpsStage.model_path -> the ref model
-    used = reference_identity("dpo", dpo, m, path=policy)
+    made = reference_identity(RefLogpsStage("torch", dpo), m, path=reference)  # its model_path: the ref model
+    used = reference_identity(DPOStage("torch", dpo), m, path=policy)
     assert used.weights == made.weights and not used.computable
-    assert reference_identity("dpo", DPOConfig(), m, path=policy).weights != made.weights  # the policy's
+    assert reference_identity(DPOStage("torch", DPOConfig()), m, path=policy).weights != made.weights  # the policy's
+    assert reference_identity(DPOStage("torch", dpo), m, path=reference).computable  # the ref model is the policy
 
     rp = ReferencePass(cache_dir=str(tmp_path / "cache"), max_tokens=64, recompute=False,
                        lengths={"max_length": 16, "max_prompt_length": 8}, dtype="float32", seed=0, impl="torch")

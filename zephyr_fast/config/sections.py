@@ -10,7 +10,7 @@ that a check only the layer that builds things can make names the same place, at
 (transformers' config classes, ``training.build.check_model``), the bitsandbytes / CUDA requirements
 (``training.build.check_runtime``), and the DPO loss arguments -- every option of ``zephyr_kernels``'
 DPO losses is a ``dpo:`` key, checked by the kernels' own rule ``check_dpo_args``
-(``training.stages.make_stage``). (The kernels' ``average_log_prob`` is not a recipe key: the
+(``zephyr_fast.objectives.make_stage``). (The kernels' ``average_log_prob`` is not a recipe key: the
 reference cache holds sequence sums, and ``FusedLinearDPOLoss`` does not take it.)
 """
 

@@ -11,7 +11,7 @@ The stage registry's torch-free half: a :class:`StageSchema` says which rows a s
 (:data:`CHAT` or :data:`PREFERENCE`), which config section holds its own keys and which recipe keys
 outside that section it owns, how many ``max_length`` sequences one example puts into a micro-batch,
 whether it trains, and whether a recipe without ``stage:`` can mean it. :data:`STAGES` is the one place
-a stage name maps to these facts; ``zephyr_fast.training.stages.STAGES`` maps the same names to the
+a stage name maps to these facts; ``zephyr_fast.objectives.STAGES`` maps the same names to the
 code that runs them (each stage class takes its facts from its schema).
 
 The stage of a recipe is read from it (:func:`infer_stage`): alignment-handbook recipes have no
@@ -67,7 +67,7 @@ CHAT, PREFERENCE = "chat", "preference"  # the rows a stage reads: messages, or 
 
 @dataclass(frozen=True)
 class StageSchema:
-    """One stage as the config sees it (``zephyr_fast.training.stages`` holds its code)."""
+    """One stage as the config sees it (``zephyr_fast.objectives`` holds its code)."""
 
     name: str
     data: str  # CHAT | PREFERENCE

@@ -35,8 +35,8 @@ from zephyr_fast.training.build import build_model, seed_everything
 from zephyr_fast.training.loop import evaluate
 from zephyr_fast.training.plan import Micro, micro_stats, prepare
 from zephyr_fast.training.reference import StaleRefLogpsError
-from zephyr_fast.training.run import _reference, batching, recipe_tokenizer
-from zephyr_fast.training.stages import LossModule, make_stage
+from zephyr_fast.training.run import batching, recipe_tokenizer, reference_pass
+from zephyr_fast.objectives import LossModule, make_stage
 
 __all__ = ["Evaluator", "check_model_folder", "main"]
 
@@ -86,7 +86,7 @@ class Evaluator:
         m = self.cfg.model
         path = self.stage.model_path(m.model_name_or_path)
         ref_model = build_model(m, self.dist, seed=self.cfg.training.seed, path=path)
-        compute = _reference(self.cfg, self.dist, unwrap_model(ref_model), path, self.data, self.tokenizer,
+        compute = reference_pass(self.cfg, self.dist, self.stage, unwrap_model(ref_model), path, self.data, self.tokenizer,
                              {"timeline": {}}, self.log)
         refs = compute(unwrap_model(ref_model))
         self.reference_model = ref_model

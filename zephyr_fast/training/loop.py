@@ -28,7 +28,7 @@ from zephyr_fast.training.checkpointer import Checkpointer
 from zephyr_fast.training.distributed import DistInfo, all_reduce_sum, sharded_forwards
 from zephyr_fast.training.metrics import MetricLogger, peak_memory_gb
 from zephyr_fast.training.plan import SplitData, StepPlan, total
-from zephyr_fast.training.stages import Stage
+from zephyr_fast.objectives import Stage
 
 
 class NonFiniteLossError(FloatingPointError):

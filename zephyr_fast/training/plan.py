@@ -50,7 +50,7 @@ from zephyr_fast.data.examples import DPOExamples, SFTExamples, lengths_only
 from zephyr_fast.data.loading import DataConfig, load_rows
 from zephyr_fast.data.packing import COUNT_FIELDS, example_counts
 from zephyr_fast.config import ConfigError
-from zephyr_fast.training.stages import Stage
+from zephyr_fast.objectives import Stage
 
 
 @dataclass

@@ -39,7 +39,7 @@ from zephyr_fast.training.plan import make_plan, prepare, total
 from zephyr_fast.training.reference import (ReferencePass, StaleRefLogpsError, cache_key, cache_path, read_cache,
                                              reference_identity)
 from zephyr_fast.training.run import batching, recipe_tokenizer
-from zephyr_fast.training.stages import make_stage
+from zephyr_fast.objectives import make_stage
 
 GIB = 1024 ** 3
 USAGE = "usage: zephyr-fast plan RECIPE.yaml [--key=value ...] [--world_size=N] [--json]"
@@ -70,7 +70,7 @@ def memory_estimate(shape: dict, *, max_tokens: int, world_size: int, bf16: bool
     return {"zero2": (weights + (grads + opt) / w + acts) / GIB, "zero3": ((weights + grads + opt) / w + acts) / GIB}
 
 
-def reference_cache(cfg, path, data: dict, tokenizer) -> dict:
+def reference_cache(cfg, stage, path, data: dict, tokenizer) -> dict:
     """What the run will do with each split's reference log-probs, decided as the run decides it: the
     same cache key (weights fingerprint, tokenizer, rows, examples, lengths, dtype) read and verified the
     same way -- reused, computed, recomputed, or refused with the run's own one-line reason."""
@@ -80,7 +80,7 @@ def reference_cache(cfg, path, data: dict, tokenizer) -> dict:
     if ref.reference_free:
         return {"dir": "-", "all": "reference_free: every reference log-prob is 0, nothing is computed"}
     model = None if path else build_model(cfg.model, DistInfo(0, 1, 0, torch.device("cpu"), False), seed=t.seed)
-    identity = reference_identity(t.stage, d, cfg.model, path=path, model=model, seed=t.seed)
+    identity = reference_identity(stage, cfg.model, path=path, model=model, seed=t.seed)
     out = {"dir": ref.cache_dir}
     for name in ("train", "test"):
         split = data.get(name)
@@ -137,7 +137,7 @@ def build_plan(cfg, *, world_size: int = 1, log=lambda *a, **k: None) -> dict:
                                               gradient_checkpointing=m.gradient_checkpointing),
     }
     if stage.uses_reference:
-        out["reference_logps"] = reference_cache(cfg, path, data, tokenizer)
+        out["reference_logps"] = reference_cache(cfg, stage, path, data, tokenizer)
     return out
 
 

@@ -205,7 +205,7 @@ def load_verified(path: str) -> tuple:
                                    f"stored with it (changed on disk after it was written); {_REDO}")
     _check_tensors(path, tensors, key.get("num_pairs") if isinstance(key, dict) else None)
     return key, RefLogps(tensors["index"], tensors["ref_chosen_logps"], tensors["ref_rejected_logps"], path=path,
-                         reused=True, seconds=float(stats.get("seconds", 0.0)), tokens=int(stats.get("tokens", 0)))
+                         reused=True, tokens=int(stats.get("tokens", 0)))
 
 
 def read_cache(cache_dir: str, split: str, key: dict, *, recompute: bool = False, fix: Optional[str] = None,
@@ -248,12 +248,26 @@ def write_cache(cache_dir: str, split: str, key: dict, ref: RefLogps) -> None:
     tensors = {"index": ref.index.contiguous(), "ref_chosen_logps": ref.chosen.contiguous(),
                "ref_rejected_logps": ref.rejected.contiguous()}
     meta = {"format": CACHE_FORMAT, "key": json.dumps(key, sort_keys=True),
-            "stats": json.dumps({"seconds": ref.seconds, "tokens": ref.tokens})}
+            # no timing in the file: the same data and model give the same bytes (seconds go to the summary)
+            "stats": json.dumps({"tokens": ref.tokens})}
     meta["sha256"] = _digest(meta, tensors)
-    atomic_write(path, save(tensors, metadata=meta))
+    atomic_write(path, _canonical(save(tensors, metadata=meta)))
     if os.path.exists(legacy):  # the version-2 key beside it would only mislead a reader
         os.remove(legacy)
     ref.path = path
+
+def _canonical(blob: bytes) -> bytes:
+    """``blob`` (a safetensors file) with its header's keys in sorted order: safetensors writes the
+    metadata from a hash map, in an order that changes from process to process, so the same cache would
+    otherwise differ byte for byte between two runs. Same length, same offsets: only the order moves."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # cannot happen (same keys, same values); never write a header that overlaps the data
+        raise RuntimeError("reference cache: canonical header longer than safetensors' own")
+    return blob[:8] + text.ljust(n) + blob[8 + n:]
+
 
 def compute_ref_logps(model, batches: list, *, dist: DistInfo, impl: str = "auto", desc: str = "ref logps") -> RefLogps:
     """No-grad pass over packed DPO ``batches`` (sharded round-robin over ranks), gathered on every rank."""
@@ -304,26 +318,19 @@ class ReferenceIdentity:
     computable: bool = True  # the model this run built *is* the reference: it may compute a missing cache
 
 
-def reference_identity(stage: str, dpo: DPOConfig, model_cfg, *, path: Optional[str], model=None,
+def reference_identity(stage, model_cfg, *, path: Optional[str], model=None,
                        seed: Optional[int] = None) -> ReferenceIdentity:
-    """The reference model of a ``stage`` run: ``path`` (the model it built, ``model`` in memory) -- or,
-    in ``stage: dpo`` with ``dpo.ref_model_name_or_path`` naming another model, that model (whose
-    cache ``stage: ref_logps`` wrote; this run cannot compute it). Fingerprinted now, before training."""
-    ref = dpo.ref_model_name_or_path
+    """The reference model of a run of ``stage`` (an ``objectives.Stage``): ``path`` (the model it built,
+    ``model`` in memory) -- or the other model the stage names (``Stage.other_reference``: in ``stage: dpo``,
+    a ``ref_model_name_or_path`` whose cache ``stage: ref_logps`` wrote; this run cannot compute it).
+    Fingerprinted now, before training."""
     revision = getattr(model_cfg, "model_revision", "main") or "main"
-    if stage == "dpo" and ref and not _same_model(ref, path):
-        return ReferenceIdentity(weights_fingerprint(ref, revision=revision), source=ref, computable=False)
+    other = stage.other_reference(path)
+    if other:
+        return ReferenceIdentity(weights_fingerprint(other, revision=revision), source=other, computable=False)
     weights = weights_fingerprint(path, model, revision=revision, init=getattr(model_cfg, "model_init", None),
                                   seed=seed)
     return ReferenceIdentity(weights, source=path or "the random init (model_init)")
-
-
-def _same_model(a: str, b: Optional[str]) -> bool:
-    if not b:
-        return False
-    if os.path.isdir(a) and os.path.isdir(b):
-        return os.path.samefile(a, b)
-    return a == b
 
 
 @dataclass

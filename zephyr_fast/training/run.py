@@ -1,6 +1,6 @@
 """One recipe run: setup -> data -> model -> (reference log-probs) -> train -> save.
 
-``run(cfg)`` is the whole trainer for every stage; the stage object (``training/stages``) supplies
+``run(cfg)`` is the whole trainer for every stage; the stage object (``objectives``) supplies
 what differs between objectives, the :class:`~zephyr_fast.training.checkpointer.Checkpointer` all that
 the run writes to output_dir (claim, resume, checkpoints, export, summary), and every helper gets only
 the config section it reads. In-process: ``run(load_config(path, overrides)) -> summary dict``;
@@ -25,7 +25,7 @@ from zephyr_fast.training.loop import LoopState, TrainLoop
 from zephyr_fast.training.metrics import MetricLogger, check_report_to, wandb_settings
 from zephyr_fast.training.plan import Batching, make_plan, prepare
 from zephyr_fast.training.reference import ReferencePass, ref_summary, reference_identity
-from zephyr_fast.training.stages import LossModule, make_stage
+from zephyr_fast.objectives import LossModule, make_stage
 
 
 def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = False) -> dict:
@@ -37,7 +37,7 @@ def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = F
     """
     # ---- setup -------------------------------------------------------------------------------
     t0 = time.time()
-    dist, log = _setup(cfg)
+    dist, log = setup(cfg)
     checkpointer = Checkpointer(cfg, dist, log)
     with checkpointer.claim():  # one writer per output_dir, for the whole run
         return _run(cfg, dist, checkpointer, log, t0, stop_after=stop_after, return_model=return_model)
@@ -71,7 +71,7 @@ def _run(cfg: Config, dist, checkpointer: Checkpointer, log, t0: float, *, stop_
                "timeline": timeline}
     reference_logps = None
     if stage.uses_reference:  # fingerprint the weights now, before any training or resume
-        reference_logps = _reference(cfg, dist, unwrap_model(model), path, data, tokenizer, summary, log)
+        reference_logps = reference_pass(cfg, dist, stage, unwrap_model(model), path, data, tokenizer, summary, log)
 
     # ---- reference log-probs only ------------------------------------------------------------
     if not stage.trains:
@@ -107,7 +107,7 @@ def batching(cfg: Config, stage, world_size: int) -> Batching:
                             world_size=world_size)
 
 
-def _setup(cfg: Config) -> tuple:
+def setup(cfg: Config) -> tuple:
     """``(DistInfo, log)``: process group / device, the config's notices, TF32, seeds."""
     t, m = cfg.training, cfg.model
     dist = distributed.setup(t, bf16=t.bf16 or m.dtype == "bfloat16")
@@ -133,7 +133,7 @@ def recipe_tokenizer(cfg: Config):
         raise ConfigError(f"{cfg.source}: {e}") from None
 
 
-def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: dict, log):
+def reference_pass(cfg: Config, dist, stage, core, path, data: dict, tokenizer, summary: dict, log):
     """``net -> {split: RefLogps}``: the reference pass of these weights (``core``, fingerprinted now:
     they *are* the reference weights), cached or computed; adds its entries to ``summary``."""
     t, m = cfg.training, cfg.model
@@ -141,7 +141,7 @@ def _reference(cfg: Config, dist, core, path, data: dict, tokenizer, summary: di
     # ref_logps wrote (computed once on rank 0, broadcast)
     reference = ReferencePass.configure(cfg.dpo, cfg.data, output_dir=t.output_dir, dtype=m.dtype, seed=t.seed,
                                         impl=t.kernel_impl)
-    identity = None if reference.reference_free else reference_identity(t.stage, cfg.dpo, m, path=path, model=core,
+    identity = None if reference.reference_free else reference_identity(stage, m, path=path, model=core,
                                                                          seed=t.seed)
 
     def reference_logps(net) -> dict:
