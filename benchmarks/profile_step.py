@@ -38,11 +38,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from zephyr_fast.config import build_config
 from zephyr_fast.model.forward import unwrap_model
+from zephyr_fast.objectives import LossModule, make_stage
 from zephyr_fast.training import run as zf_run
 from zephyr_fast.training.build import build_engine, build_model, flops_counter
 from zephyr_fast.training.loop import TrainLoop
 from zephyr_fast.training.plan import make_plan, prepare
-from zephyr_fast.objectives import LossModule, make_stage
 
 from . import e2e
 from .e2e_report import PROFILE_CATEGORIES as CATEGORIES

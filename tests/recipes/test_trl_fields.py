@@ -15,11 +15,11 @@ from tests.train.conftest import sft_dir  # noqa: F401
 from tests.train.helpers import dpo_rows, recipe, write_dpo_dir
 from zephyr_fast.config import trl as trl_keys
 from zephyr_fast.config import ConfigError, build_config
+from zephyr_fast.objectives import make_stage
 from zephyr_fast.train import run
 from zephyr_fast.training import distributed
 from zephyr_fast.training.build import check_config
 from zephyr_fast.training.reference import ReferencePass
-from zephyr_fast.objectives import make_stage
 
 DPO_DATA = {"dataset_mixer": {"assets/data/ultrafeedback_binarized/sample16.jsonl": 1.0}, "dataset_splits": ["train"]}
 SFT_DATA = {"dataset_mixer": {"assets/data/ultrachat_200k/sample16.jsonl": 1.0}, "dataset_splits": ["train"]}

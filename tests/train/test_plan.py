@@ -8,8 +8,8 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from zephyr_fast.config import TrainingConfig
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_sft, pair_tokens
-from zephyr_fast.training.build import build_optimizer, build_scheduler
 from zephyr_fast.objectives import DPOStage, SFTStage
+from zephyr_fast.training.build import build_optimizer, build_scheduler
 from zephyr_fast.training.plan import (Batching, ExampleSchedule, TokenSchedule, _train_schedule, make_plan,
                                        micro_stats, total)
 

@@ -14,13 +14,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from zephyr_fast.data import identity
+from zephyr_fast.objectives import DPOStage, RefLogpsStage
 from zephyr_fast.training import fingerprint as fp
 from zephyr_fast.training import reference as refmod
 from zephyr_fast.training.reference import (CorruptRefLogpsError, ReferenceIdentity, ReferencePass, RefLogps,
                                             StaleRefLogpsError, cache_key, cache_path, read_cache,
                                             reference_identity, write_cache)
 from zephyr_fast.config import DPOConfig
-from zephyr_fast.objectives import DPOStage, RefLogpsStage
 
 SHA1, SHA2 = "1" * 40, "2" * 40
 

@@ -30,13 +30,13 @@ from zephyr_fast.config import Config, ConfigError, load_config
 from zephyr_fast.data.validate import DataValidationError
 from zephyr_fast.fileio import atomic_open, first_line
 from zephyr_fast.model.forward import unwrap_model
+from zephyr_fast.objectives import LossModule, make_stage
 from zephyr_fast.training import distributed
 from zephyr_fast.training.build import build_model, seed_everything
 from zephyr_fast.training.loop import evaluate
 from zephyr_fast.training.plan import Micro, micro_stats, prepare
 from zephyr_fast.training.reference import StaleRefLogpsError
 from zephyr_fast.training.run import batching, recipe_tokenizer, reference_pass
-from zephyr_fast.objectives import LossModule, make_stage
 
 __all__ = ["Evaluator", "check_model_folder", "main"]
 

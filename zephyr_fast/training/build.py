@@ -32,9 +32,9 @@ from zephyr_fast.config.values import BNB_4BIT_QUANT_TYPES, BNB_OPTIMIZERS, HF_A
 from zephyr_fast.fileio import first_line
 from zephyr_fast.model.forward import unwrap_model
 from zephyr_fast.model.load import check_model_init, check_supported, load_model, resolve_dtype, tiny_config
+from zephyr_fast.objectives import make_stage
 from zephyr_fast.training import metrics as M
 from zephyr_fast.training.distributed import DistInfo
-from zephyr_fast.objectives import make_stage
 
 
 

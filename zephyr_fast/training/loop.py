@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from zephyr_fast.config import TrainingConfig
 from zephyr_fast.config.keys import ConfigError, steps_every
+from zephyr_fast.objectives import Stage
 from zephyr_fast.training.build import Optimisation
 from zephyr_fast.training.checkpointer import Checkpointer
 from zephyr_fast.training.distributed import DistInfo, all_reduce_sum, sharded_forwards
 from zephyr_fast.training.metrics import MetricLogger, peak_memory_gb
 from zephyr_fast.training.plan import SplitData, StepPlan, total
-from zephyr_fast.objectives import Stage
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -33,13 +33,13 @@ from zephyr_fast.config import ConfigError, load_config
 from zephyr_fast.data.validate import DataValidationError
 from zephyr_fast.fileio import first_line
 from zephyr_fast.model.load import tiny_config
+from zephyr_fast.objectives import make_stage
 from zephyr_fast.training.build import build_model, check_model
 from zephyr_fast.training.distributed import DistInfo
 from zephyr_fast.training.plan import make_plan, prepare, total
 from zephyr_fast.training.reference import (ReferencePass, StaleRefLogpsError, cache_key, cache_path, read_cache,
                                              reference_identity)
 from zephyr_fast.training.run import batching, recipe_tokenizer
-from zephyr_fast.objectives import make_stage
 
 GIB = 1024 ** 3
 USAGE = "usage: zephyr-fast plan RECIPE.yaml [--key=value ...] [--world_size=N] [--json]"

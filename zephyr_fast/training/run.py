@@ -17,6 +17,7 @@ import torch
 from zephyr_fast.config import Config, ConfigError
 from zephyr_fast.data.chat import load_tokenizer
 from zephyr_fast.model.forward import unwrap_model
+from zephyr_fast.objectives import LossModule, make_stage
 from zephyr_fast.training import distributed
 from zephyr_fast.training.build import (build_engine, build_model, check_model, check_runtime, flops_counter,
                                         peak_tflops, seed_everything, set_tf32)
@@ -25,7 +26,6 @@ from zephyr_fast.training.loop import LoopState, TrainLoop
 from zephyr_fast.training.metrics import MetricLogger, check_report_to, wandb_settings
 from zephyr_fast.training.plan import Batching, make_plan, prepare
 from zephyr_fast.training.reference import ReferencePass, ref_summary, reference_identity
-from zephyr_fast.objectives import LossModule, make_stage
 
 
 def run(cfg: Config, *, stop_after: Optional[int] = None, return_model: bool = False) -> dict:
