@@ -147,7 +147,7 @@ def fused_linear_dpo_loss(
     rpo_alpha: Optional[float] = None, ignore_index: int = -100, reduction: str = "mean",
     loss_weights: Optional[Sequence[float]] = None, discopop_tau: float = 0.05, temperature: float = 1.0,
     softcap: Optional[float] = None, impl: str = "auto", f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5, use_weighting: bool = False,
+    f_alpha_divergence_coef: float = 0.5, use_weighting: bool = False, average_log_prob: bool = False,
 ):
     """DPO-family loss straight from packed policy hidden states; reference log-probs come in as numbers.
 
@@ -161,6 +161,9 @@ def fused_linear_dpo_loss(
             f_divergence_type, f_alpha_divergence_coef: as :func:`zephyr_kernels.dpo_loss` (formulas
             and papers in :mod:`zephyr_kernels.losses`).
         use_weighting: WPO's pair weights (:func:`wpo_weights`; one more no-gradient pass).
+        average_log_prob: the loss sees each sequence's mean token log-prob (sum / completion tokens)
+            instead of its sum, for the policy *and* the reference: ``ref_*_logps`` are then means too (as
+            Liger's option; a caller holding reference sums divides them by the same token counts).
         temperature, softcap: the LM head's logit transform (``softcap · tanh(z / softcap) / T``,
             Gemma 2's final-logit softcap), as in :func:`zephyr_kernels.linear_logprobs`.
     Returns:
@@ -172,7 +175,7 @@ def fused_linear_dpo_loss(
                       rpo_alpha=None if rpo_alpha is None else float(rpo_alpha), reduction=reduction,
                       loss_weights=loss_weights, discopop_tau=float(discopop_tau),
                       f_divergence_type=f_divergence_type, f_alpha_divergence_coef=float(f_alpha_divergence_coef),
-                      use_weighting=bool(use_weighting))
+                      use_weighting=bool(use_weighting), average_log_prob=bool(average_log_prob))
     loss, metrics, _ = fused_dpo(hidden, weight, labels, segment_ids, ref_chosen_logps, ref_rejected_logps,
                                  bias, opts, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                                  impl=impl)
@@ -188,14 +191,14 @@ class FusedLinearDPOLoss(nn.Module):
                  reduction: str = "mean", loss_weights: Optional[Sequence[float]] = None,
                  discopop_tau: float = 0.05, temperature: float = 1.0, softcap: Optional[float] = None,
                  impl: str = "auto", f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                 use_weighting: bool = False):
+                 use_weighting: bool = False, average_log_prob: bool = False):
         super().__init__()
         self.opts = DPOOptions(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
                                rpo_alpha=None if rpo_alpha is None else float(rpo_alpha), reduction=reduction,
                                loss_weights=None if loss_weights is None else tuple(loss_weights),
                                discopop_tau=float(discopop_tau), f_divergence_type=f_divergence_type,
                                f_alpha_divergence_coef=float(f_alpha_divergence_coef),
-                               use_weighting=bool(use_weighting))
+                               use_weighting=bool(use_weighting), average_log_prob=bool(average_log_prob))
         self.ignore_index, self.impl = ignore_index, impl
         self.head = dict(temperature=float(temperature), softcap=None if softcap is None else float(softcap))
 

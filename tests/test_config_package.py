@@ -9,16 +9,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import zephyr_kernels
-from zephyr_kernels import losses
+from zephyr_kernels import FusedLinearDPOLoss, losses
 
 from tests.conftest import REPO
-from zephyr_fast import cli
+from zephyr_fast import cli, objectives
 from zephyr_fast.config import SECTIONS, STAGES, ConfigError, DataConfig, ModelConfig, build_config, keys_help
 from zephyr_fast.config import values
 from zephyr_fast.model import attention
 from zephyr_fast.training import preview
-from zephyr_fast import objectives
 from zephyr_fast.training.build import check_config, check_model
 
 CONFIG_DIR = REPO / "zephyr_fast" / "config"
@@ -118,6 +118,27 @@ def test_the_kernels_dpo_options_are_recipe_keys():
     assert (cfg.dpo.loss_weights, cfg.dpo.discopop_tau) == ([0.8, 0.2], 0.2)
     head = objectives.make_stage(cfg).loss_head(temperature=1.0, softcap=None)  # built by the kernels
     assert callable(head)
+
+
+def test_average_log_prob_reaches_the_loss_with_the_cached_sums_made_means():
+    """The recipe key reaches the fused head; the reference cache holds sums, which the stage divides by
+    the same completion-token counts the kernel uses for the policy."""
+    cfg = build_config({**BASE, "stage": "dpo", "average_log_prob": True}, source="r.yaml")
+    assert cfg.dpo.average_log_prob is True
+    head = objectives.make_stage(cfg).loss_head(temperature=1.0, softcap=None)
+    g = torch.Generator().manual_seed(0)
+    rows, weight = torch.randn(10, 8, generator=g), torch.randn(50, 8, generator=g)
+    labels = torch.tensor([-100, 3, 4, -100, 5, 6, 7, 8, 9, 10])
+    segs = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    ref_sums = (torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -2.0]))
+    counts = torch.tensor([2.0, 2.0, 2.0, 2.0])  # target tokens of segments 0..3
+    loss, _ = head(rows, weight, labels, segs, ref_sums)
+    means = FusedLinearDPOLoss(reduction="sum", average_log_prob=True, impl="torch")(
+        rows, weight, labels, segs, ref_sums[0] / counts[0::2], ref_sums[1] / counts[1::2])[0]
+    assert torch.allclose(loss, means)
+    plain = objectives.make_stage(build_config({**BASE, "stage": "dpo"}, source="r.yaml")).loss_head(
+        temperature=1.0, softcap=None)
+    assert not torch.allclose(plain(rows, weight, labels, segs, ref_sums)[0], loss)
     with pytest.raises(ConfigError, match="r.yaml: loss_weights needs one weight per loss_type"):
         check_config(build_config({**BASE, "loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, source="r.yaml"))
 

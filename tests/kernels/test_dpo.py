@@ -157,3 +157,32 @@ def test_fused_dpo_matches_reference(impl, loss_type, ls, rpo, reduction, bias, 
     assert_close(ev * up, ref, what="eval loss")
     for k, v in rm.items():
         assert_close(m[k], v, what=k)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_fused_dpo_average_log_prob_is_the_loss_of_mean_token_logps(impl, loss_type):
+    """``average_log_prob``: policy and reference enter the loss as per-token means (Liger / SimPO);
+    an empty segment counts one token (no division by zero)."""
+    P, N = 3, 47
+    h, w, b, t = make_inputs(N, 31, 123, ignore_frac=0.3, bias=True, seed=11)
+    seg = _packed_dpo_batch(P, N, seed=1)
+    t[seg == 5] = -100
+    g = torch.Generator().manual_seed(3)
+    ref_c, ref_r = -3 * torch.rand(P, generator=g), -3 * torch.rand(P, generator=g)  # already means
+    kw = dict(beta=0.5, loss_type=loss_type)
+
+    def reference():
+        _, s = reference_linear_logprobs(h, w, t, bias=b, segment_ids=seg, num_segments=2 * P)
+        counts = torch.zeros(2 * P).index_add_(0, seg, (t != -100).float()).clamp(min=1.0)
+        mean = s / counts
+        return dpo_loss(mean[0::2], mean[1::2], ref_c, ref_r, chosen_lengths=counts[0::2],
+                        rejected_lengths=counts[1::2], **kw)
+
+    loss_fn = FusedLinearDPOLoss(impl=impl, average_log_prob=True, **kw)
+    ours, og = grads_of(lambda: loss_fn(h, w, t, seg, ref_c, ref_r, b)[0], params(h, w, b))
+    ref, rg = grads_of(lambda: reference()[0], params(h, w, b))
+    assert_close(ours, ref, what="loss")
+    for name, a, r in zip(("hidden", "weight", "bias"), og, rg):
+        assert_close(a, r, what=f"grad {name}")
+    summed, _ = FusedLinearDPOLoss(impl=impl, **kw)(h, w, t, seg, ref_c, ref_r, b)
+    assert not torch.allclose(summed, ours)  # the option changes the loss

@@ -10,8 +10,7 @@ that a check only the layer that builds things can make names the same place, at
 (transformers' config classes, ``training.build.check_model``), the bitsandbytes / CUDA requirements
 (``training.build.check_runtime``), and the DPO loss arguments -- every option of ``zephyr_kernels``'
 DPO losses is a ``dpo:`` key, checked by the kernels' own rule ``check_dpo_args``
-(``zephyr_fast.objectives.make_stage``). (The kernels' ``average_log_prob`` is not a recipe key: the
-reference cache holds sequence sums, and ``FusedLinearDPOLoss`` does not take it.)
+(``zephyr_fast.objectives.make_stage``).
 """
 
 from __future__ import annotations
@@ -265,6 +264,8 @@ class DPOConfig(Section):
     f_divergence_type: str = option("reverse_kl", f"TRL's f-DPO scores: {' | '.join(F_DIVERGENCES)}")
     f_alpha_divergence_coef: float = option(0.5, "alpha of f_divergence_type alpha_divergence")
     use_weighting: bool = option(False, "WPO's pair weights (zephyr_kernels.losses)")
+    average_log_prob: bool = option(False, "the loss sees each completion's mean token log-prob instead of its "
+                                           "sum (policy and reference; Liger's / SimPO's option)")
     reference_free: bool = option(False, "TRL: the reference log-probs are 0 (no reference pass)")
     disable_dropout: bool = option(True, "TRL's default: every nn.Dropout of the trained model (LoRA's too) "
                                          "gets p = 0")

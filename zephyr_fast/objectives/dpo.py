@@ -22,6 +22,7 @@ from zephyr_fast.config import STAGES as SCHEMAS
 from zephyr_fast.config import DataConfig, DPOConfig
 from zephyr_fast.config.keys import did_you_mean
 from zephyr_fast.config.values import LOSS_TYPES
+from zephyr_fast.data.batch import IGNORE_INDEX
 from zephyr_fast.data.packing import dpo_batch, pack_dpo, pair_tokens
 from zephyr_fast.data.preference import build_dpo_examples
 from zephyr_fast.objectives.base import Stage, common_tokenize_kwargs
@@ -86,10 +87,12 @@ class DPOStage(Stage):
                                       discopop_tau=d.discopop_tau, temperature=temperature, softcap=softcap,
                                       impl=self.impl, f_divergence_type=d.f_divergence_type,
                                       f_alpha_divergence_coef=d.f_alpha_divergence_coef,
-                                      use_weighting=d.use_weighting)
+                                      use_weighting=d.use_weighting, average_log_prob=d.average_log_prob)
 
         def head(rows, weight, labels, segment_ids, ref):
             ref_chosen, ref_rejected = ref
+            if d.average_log_prob:  # the cache holds sums; the loss sees means on both sides
+                ref_chosen, ref_rejected = _per_token(ref_chosen, ref_rejected, labels, segment_ids)
             return dpo_loss(rows, weight, labels, segment_ids, ref_chosen, ref_rejected)
 
         return head
@@ -111,6 +114,14 @@ class RefLogpsStage(DPOStage):
 
     def other_reference(self, model_path: Optional[str]) -> Optional[str]:
         return None  # it builds the reference model itself (model_path)
+
+
+def _per_token(ref_chosen, ref_rejected, labels, segment_ids, ignore_index: int = IGNORE_INDEX) -> tuple:
+    """``(P,)`` reference sums -> means over each completion's target tokens (counted on the device from
+    ``labels (M,)`` / ``segment_ids (M,)``, segment ``2i`` chosen and ``2i+1`` rejected; no host sync)."""
+    counts = torch.zeros(2 * ref_chosen.numel(), device=labels.device).index_add_(
+        0, segment_ids, (labels != ignore_index).float()).clamp(min=1.0)
+    return ref_chosen / counts[0::2], ref_rejected / counts[1::2]
 
 
 def _same_model(a: str, b: Optional[str]) -> bool:
