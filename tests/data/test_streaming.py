@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zephyr_fast.data import loading
-from zephyr_fast.data.examples import DPOExamples, SFTExamples, TokenIdsNotKept, lengths_only
+from zephyr_fast.data.examples import DPOExamples, SFTExamples, TokenIdsNotKept
 from zephyr_fast.data.packing import LazyPackedBatches, pack_dpo, pack_sft
 from zephyr_fast.data.preference import build_dpo_examples
 from zephyr_fast.data.sft import tokenize_sft
@@ -144,8 +144,7 @@ def test_sft_examples_are_flat_arrays_equal_to_the_dicts(tok, uc_rows):
     assert ex[-1] == dicts[-1] and ex[2:4] == dicts[2:4] and ex == dicts
     assert rep.tokens == sum(len(d["input_ids"]) for d in dicts)
     assert rep.target_tokens == sum(sum(d["loss_mask"][1:]) for d in dicts)
-    with lengths_only():
-        bare, bare_rep = tokenize_sft(rows, tok, max_length=256, show_progress=False)
+    bare, bare_rep = tokenize_sft(rows, tok, max_length=256, show_progress=False, keep_ids=False)
     assert str(bare_rep) == str(rep) and not bare.has_token_ids
     assert bare.lengths.tolist() == ex.lengths.tolist() and bare.targets.tolist() == ex.targets.tolist()
     assert all(bare.loss_mask(i).tolist() == d["loss_mask"] for i, d in enumerate(dicts))
@@ -160,9 +159,8 @@ def test_dpo_examples_keep_their_fingerprint_without_token_ids(tok, uf_rows):
     assert isinstance(ex, DPOExamples)
     dicts = list(ex)
     assert examples_fingerprint(ex) == examples_fingerprint(dicts)  # the reference cache key's bytes
-    with lengths_only():
-        bare, bare_rep = build_dpo_examples(uf_rows, tok, max_length=300, max_prompt_length=100,
-                                            show_progress=False)
+    bare, bare_rep = build_dpo_examples(uf_rows, tok, max_length=300, max_prompt_length=100, show_progress=False,
+                                        keep_ids=False)
     assert str(bare_rep) == str(rep) and not bare.has_token_ids and len(bare) == len(ex)
     assert examples_fingerprint(bare) == examples_fingerprint(dicts)
     assert bare.index.tolist() == [d["index"] for d in dicts]
@@ -187,8 +185,8 @@ def test_lazy_sft_packing_builds_the_eager_batches(tok, uc_rows, overlong, max_t
     ex, _ = tokenize_sft(_sft_rows(uc_rows, 24), tok, max_length=256, show_progress=False)
     eager = pack_sft(list(ex), max_tokens, seed=3, overlong=overlong, num_shards=shards)
     _same_batches(pack_sft(ex, max_tokens, seed=3, overlong=overlong, num_shards=shards), eager)
-    with lengths_only():  # the counts need no token ids
-        bare, _ = tokenize_sft(_sft_rows(uc_rows, 24), tok, max_length=256, show_progress=False)
+    bare, _ = tokenize_sft(_sft_rows(uc_rows, 24), tok, max_length=256, show_progress=False,
+                           keep_ids=False)  # the counts need no token ids
     lazy = pack_sft(bare, max_tokens, seed=3, overlong=overlong, num_shards=shards)
     assert lazy.bins == pack_sft(ex, max_tokens, seed=3, overlong=overlong, num_shards=shards).bins
     assert [lazy.counts(k) for k in range(len(lazy))] == [vars(micro_stats(b)) for b in eager]

@@ -9,7 +9,7 @@ always returned (``ex["input_ids"]`` a ``list[int]``, ...), so every caller that
 them sees the same values; :meth:`arrays` gives the same fields as numpy views (no copy) for the
 packers.
 
-Without token ids (:func:`lengths_only`, what ``zephyr-fast plan`` uses): only the lengths, the SFT
+Without token ids (the tokenisers' ``keep_ids=False``, what ``zephyr-fast plan`` uses): only the lengths, the SFT
 loss-mask bits and the DPO examples fingerprint are kept -- a few bytes per example and one bit per
 SFT token, so a plan's memory does not grow with the rows' text. Indexing such a container raises;
 its lengths, target counts and fingerprint are all the plan needs.
@@ -17,8 +17,6 @@ its lengths, target counts and fingerprint are all the plan needs.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
 import json
 from array import array
@@ -27,26 +25,8 @@ from typing import Optional
 
 import numpy as np
 
-_KEEP_TOKEN_IDS: contextvars.ContextVar = contextvars.ContextVar("zephyr_fast_keep_token_ids", default=True)
-
-
-@contextlib.contextmanager
-def lengths_only():
-    """Within this block the tokenisers keep lengths (and SFT mask bits, DPO fingerprints), not token ids."""
-    token = _KEEP_TOKEN_IDS.set(False)
-    try:
-        yield
-    finally:
-        _KEEP_TOKEN_IDS.reset(token)
-
-
-def keep_token_ids(explicit: Optional[bool] = None) -> bool:
-    """``explicit`` if given, else whether the current context keeps token ids (:func:`lengths_only`)."""
-    return _KEEP_TOKEN_IDS.get() if explicit is None else bool(explicit)
-
-
 class TokenIdsNotKept(RuntimeError):
-    """Token ids of a container built under :func:`lengths_only` were asked for."""
+    """Token ids of a container built with ``keep_ids=False`` were asked for."""
 
 
 class Ragged:
@@ -65,7 +45,7 @@ class Ragged:
 
     def get(self, i: int) -> np.ndarray:
         if self.values is None:
-            raise TokenIdsNotKept("these examples were tokenised without their token ids (lengths_only)")
+            raise TokenIdsNotKept("these examples were tokenised without their token ids (keep_ids=False)")
         return self.values[self.offsets[i]:self.offsets[i + 1]]
 
     @property

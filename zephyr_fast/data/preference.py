@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .chat import render_fast, tokenize_kwargs
-from .examples import DPOBuilder, keep_token_ids
+from .examples import DPOBuilder
 from .sft import TOKENIZE_CHUNK, with_empty_system
 from .validate import (
     LOAD_ERROR_COL,
@@ -157,7 +157,7 @@ def build_dpo_examples(
     show_progress: bool = True,
     truncation_mode: Optional[str] = None,
     max_completion_length: Optional[int] = None,
-    keep_ids: Optional[bool] = None,
+    keep_ids: bool = True,
 ):
     """Tokenise preference rows into DPO pairs, streamed: ``TOKENIZE_CHUNK`` rows at a time.
 
@@ -172,8 +172,7 @@ def build_dpo_examples(
         max_completion_length: older TRL's cap: each completion is cut from the right to it before
             the ``max_length`` rules (counted as a completion truncation).
         add_empty_system: prepend an empty system turn (alignment-handbook's Zephyr default).
-        keep_ids: keep the token ids (default: yes, unless inside
-            :func:`zephyr_fast.data.examples.lengths_only`); without them only the lengths and the
+        keep_ids: keep the token ids (default); without them only the lengths and the
             examples fingerprint are kept, which is all a plan needs.
     Returns:
         ``(examples, report)``; ``examples`` a :class:`~zephyr_fast.data.examples.DPOExamples`, a
@@ -193,7 +192,7 @@ def build_dpo_examples(
     report = DPOReport(rows=n, max_length=max_length, max_prompt_length=max_prompt_length)
     kw = tokenize_kwargs(tokenizer)
     bos_id = tokenizer.bos_token_id if kw.get("add_special_tokens", True) else None
-    errors, examples = [], DPOBuilder(keep_token_ids(keep_ids))
+    errors, examples = [], DPOBuilder(keep_ids)
     bar = tqdm(total=n, desc="tokenize DPO", unit="pair", disable=not show_progress or n < 4096)
     for c0, cols, origins in iter_chunks(rows, ("prompt", "chosen", "rejected", LOAD_ERROR_COL), TOKENIZE_CHUNK,
                                          dataset_name):

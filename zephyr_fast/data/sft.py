@@ -8,12 +8,11 @@ Each conversation is rendered once with the chat template and tokenised in batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 import numpy as np
 
 from .chat import ZEPHYR_CHAT_TEMPLATE, render, tokenize_kwargs
-from .examples import SFTBuilder, keep_token_ids
+from .examples import SFTBuilder
 from .validate import (
     LOAD_ERROR_COL,
     DataError,
@@ -120,7 +119,7 @@ def tokenize_sft(
     skip_invalid_rows: bool = False,
     dataset_name: str = "sft",
     show_progress: bool = True,
-    keep_ids: Optional[bool] = None,
+    keep_ids: bool = True,
 ):
     """Tokenise conversations into SFT examples, streamed: ``TOKENIZE_CHUNK`` rows at a time.
 
@@ -134,8 +133,7 @@ def tokenize_sft(
             trailing newline); ``False`` trains on every token.
         add_empty_system: prepend an empty system turn as alignment-handbook does for Zephyr.
         skip_invalid_rows: skip bad rows (counted) instead of raising :class:`DataValidationError`.
-        keep_ids: keep the token ids (default: yes, unless inside
-            :func:`zephyr_fast.data.examples.lengths_only`); without them only lengths and loss-mask
+        keep_ids: keep the token ids (default); without them only lengths and loss-mask
             bits are kept, which is all a plan needs.
     Returns:
         ``(examples, report)``; ``examples`` an :class:`~zephyr_fast.data.examples.SFTExamples`, a
@@ -153,7 +151,7 @@ def tokenize_sft(
     check_columns(column_names(rows), [messages_field], dataset=dataset_name, what="SFT")
     report = SFTReport(rows=len(rows), max_length=max_length)
     kw = tokenize_kwargs(tokenizer)
-    errors, examples = [], SFTBuilder(keep_token_ids(keep_ids))
+    errors, examples = [], SFTBuilder(keep_ids)
     bar = tqdm(total=len(rows), desc="tokenize SFT", unit="row", disable=not show_progress or len(rows) < 4096)
     for c0, cols, origins in iter_chunks(rows, [messages_field, LOAD_ERROR_COL], TOKENIZE_CHUNK, dataset_name):
         texts, spans, keep = [], [], []

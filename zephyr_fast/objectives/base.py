@@ -76,8 +76,8 @@ class Stage:
         (``model_path``), else None: the run's own initial weights are the reference."""
         return None
 
-    def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
-        """``rows`` -> ``(examples, report)``."""
+    def tokenize(self, rows, tokenizer, data: DataConfig, name: str, *, keep_ids: bool = True):
+        """``rows`` -> ``(examples, report)``; ``keep_ids=False``: lengths only, no token ids (a plan)."""
         raise NotImplementedError
 
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
@@ -111,10 +111,10 @@ class Stage:
         return {}
 
 
-def common_tokenize_kwargs(data: DataConfig, name: str) -> dict:
+def common_tokenize_kwargs(data: DataConfig, name: str, keep_ids: bool) -> dict:
     """The tokeniser settings every stage shares."""
     return dict(max_length=data.max_length, add_empty_system=data.auto_insert_empty_system_msg,
-                skip_invalid_rows=data.skip_invalid_rows, dataset_name=name)
+                skip_invalid_rows=data.skip_invalid_rows, dataset_name=name, keep_ids=keep_ids)
 
 
 class LossModule(torch.nn.Module):

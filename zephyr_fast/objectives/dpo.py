@@ -58,11 +58,11 @@ class DPOStage(Stage):
         ref = self.cfg.ref_model_name_or_path
         return ref if ref and not _same_model(ref, model_path) else None
 
-    def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
+    def tokenize(self, rows, tokenizer, data: DataConfig, name: str, *, keep_ids: bool = True):
         return build_dpo_examples(rows, tokenizer, max_prompt_length=data.max_prompt_length,
                                   truncation_mode=data.truncation_mode,
                                   max_completion_length=data.max_completion_length,
-                                  **common_tokenize_kwargs(data, name))
+                                  **common_tokenize_kwargs(data, name, keep_ids))
 
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
         return pack_dpo(examples, max_tokens, layout=data.dpo_layout, seed=seed, num_shards=num_shards)

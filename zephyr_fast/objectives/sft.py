@@ -23,9 +23,9 @@ class SFTStage(Stage):
     denominator = "targets"
     example_name = "sequence"
 
-    def tokenize(self, rows, tokenizer, data: DataConfig, name: str):
+    def tokenize(self, rows, tokenizer, data: DataConfig, name: str, *, keep_ids: bool = True):
         return tokenize_sft(rows, tokenizer, assistant_only_loss=data.assistant_only_loss,
-                            **common_tokenize_kwargs(data, name))
+                            **common_tokenize_kwargs(data, name, keep_ids))
 
     def pack(self, examples: list, data: DataConfig, max_tokens: int, *, seed: int, num_shards: int):
         return pack_sft(examples, max_tokens, seed=seed, overlong=data.overlong, num_shards=num_shards)

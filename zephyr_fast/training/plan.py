@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from zephyr_fast.data.batch import IGNORE_INDEX, PackedBatch
-from zephyr_fast.data.examples import DPOExamples, SFTExamples, lengths_only
+from zephyr_fast.data.examples import DPOExamples, SFTExamples
 from zephyr_fast.data.loading import DataConfig, load_rows
 from zephyr_fast.data.packing import COUNT_FIELDS, example_counts
 from zephyr_fast.config import ConfigError
@@ -270,11 +270,7 @@ def prepare(data: DataConfig, stage: Stage, tokenizer, batching: Batching, *, lo
         r = rows.get(split)
         if r is None or len(r) == 0:
             continue
-        if keep_tokens:
-            examples, report = stage.tokenize(r, tokenizer, data, split)
-        else:
-            with lengths_only():
-                examples, report = stage.tokenize(r, tokenizer, data, split)
+        examples, report = stage.tokenize(r, tokenizer, data, split, keep_ids=keep_tokens)
         if not examples:
             raise ValueError(f"data ({split}): no usable examples after tokenisation: {report}")
         log(f"data ({split}): {report}")
