@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zephyr_fast.data import loading
-from zephyr_fast.data.examples import DPOExamples, SFTExamples, TokenIdsNotKept
+from zephyr_fast.data.examples import DPOExamples, SFTExamples, TokenIdsNotKept, example_indices
 from zephyr_fast.data.packing import LazyPackedBatches, pack_dpo, pack_sft
 from zephyr_fast.data.preference import build_dpo_examples
 from zephyr_fast.data.sft import tokenize_sft
@@ -223,3 +223,14 @@ def test_a_pass_over_memory_mapped_rows_releases_the_pages_it_read(tmp_path, uc_
     assert len(digests) == 1 and ds.to_list() == first
     assert MappedPages.of([{"a": 1}]) is None and MappedPages.of(loading._read_json_whole(
         _rows(tmp_path / "w.jsonl", uc_rows))) is None  # nothing memory-mapped: nothing to release
+
+
+def test_example_indices_read_the_compact_array_or_the_dicts(tok, uf_rows):
+    ex, _ = build_dpo_examples(uf_rows, tok, max_length=300, max_prompt_length=100, show_progress=False)
+    dicts = list(ex)
+    want = [d["index"] for d in dicts]
+    assert example_indices(ex).tolist() == want and example_indices(dicts).tolist() == want
+    bare, _ = build_dpo_examples(uf_rows, tok, max_length=300, max_prompt_length=100, show_progress=False,
+                                 keep_ids=False)
+    assert example_indices(bare).tolist() == want  # no token ids needed
+    assert example_indices(bare).dtype == np.int64 and example_indices([]).tolist() == []

@@ -88,6 +88,14 @@ class _RaggedBuilder:
         return Ragged(values, offsets)
 
 
+def example_indices(examples) -> np.ndarray:
+    """``(n,) int64`` dataset positions of ``examples`` in order: the compact containers' own array (no token
+    converted to Python), or each dict's ``"index"`` for a plain list."""
+    if isinstance(examples, _Examples):
+        return np.asarray(examples.index, dtype=np.int64)
+    return np.fromiter((ex["index"] for ex in examples), dtype=np.int64, count=len(examples))
+
+
 class _Examples(Sequence):
     """Common part: ``index`` (dataset positions), dict access, slicing to lists of dicts."""
 

@@ -41,11 +41,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load, save
 
 from zephyr_fast.config import DPOConfig
-from zephyr_fast.data.examples import DPOExamples, pair_line
+from zephyr_fast.data.examples import DPOExamples, example_indices, pair_line
 from zephyr_fast.data.identity import rows_digest
 from zephyr_fast.data.loading import DataConfig
 from zephyr_fast.data.packing import pack_dpo
@@ -393,7 +394,7 @@ class ReferencePass:
 
 
 def _zero_logps(split) -> RefLogps:
-    index = torch.tensor(sorted(ex["index"] for ex in split.examples), dtype=torch.int64)
+    index = torch.from_numpy(np.sort(example_indices(split.examples)))
     return RefLogps(index, torch.zeros(len(index)), torch.zeros(len(index)), path="reference_free")
 
 

@@ -16,6 +16,7 @@ import torch
 
 from zephyr_fast.config import Config, ConfigError
 from zephyr_fast.data.chat import load_tokenizer
+from zephyr_fast.data.examples import example_indices
 from zephyr_fast.model.forward import unwrap_model
 from zephyr_fast.objectives import LossModule, make_stage
 from zephyr_fast.training import distributed
@@ -168,7 +169,7 @@ def _train(cfg: Config, dist, stage, model, data: dict, reference_logps, checkpo
     opt = build_engine(t, dist, lm, plan.total_steps)
     refs = reference_logps(unwrap_model(lm.model)) if reference_logps is not None else {}
     for split, ref in refs.items():  # every example has its reference log-probs: checked once, before the loop
-        ref.lookup(torch.tensor([ex["index"] for ex in data[split].examples], dtype=torch.int64))
+        ref.lookup(torch.from_numpy(example_indices(data[split].examples)))
     step, best = checkpointer.resume(opt, RunIdentity(cfg, data["train"].rows), tokenizer)
     logger = MetricLogger(t.output_dir, enabled=dist.is_main, report_to=t.report_to,
                           resume=checkpointer.resumed_from is not None, wandb=wandb_settings(t),
