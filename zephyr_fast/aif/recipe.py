@@ -10,7 +10,6 @@ key gets a did-you-mean; every error is one line naming the file (or ``command l
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import typing
 from dataclasses import fields
@@ -19,7 +18,7 @@ from typing import Optional
 import yaml
 
 from .. import safe_yaml
-from ..config.keys import CLI, ConfigError, typed
+from ..config.keys import CLI, ConfigError, did_you_mean, typed
 from .binarize import SCORES, binarize_rows
 from .client import JudgeConfig
 from .generate import generate_completions
@@ -60,8 +59,7 @@ SECTIONS = {
 
 
 def _unknown(where: str, key: str, name: str, known) -> RecipeError:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return RecipeError(f"{where}: unknown key {key}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    return RecipeError(f"{where}: unknown key {key}{did_you_mean(name, known, cutoff=0.6)}")
 
 
 def _key_type(where: str, key: str):
