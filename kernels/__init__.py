@@ -7,7 +7,8 @@ Public API (``__all__``; contracts in docs/ARCHITECTURE.md):
   Cross-Entropy's call, :mod:`zephyr_kernels.cce_compat`), :func:`dpo_loss` (on sequence log-probs),
   :func:`fused_linear_dpo_loss` and its module :class:`FusedLinearDPOLoss`;
 * Liger's drop-ins: :class:`LigerFusedLinearCrossEntropyLoss`, :func:`liger_fused_linear_cross_entropy`,
-  :class:`CrossEntropyOutput`, :class:`LigerFusedLinearDPOLoss`;
+  :class:`LigerFusedLinearCrossEntropyFunction`, :class:`CrossEntropyOutput`, :class:`LigerFusedLinearDPOLoss`,
+  :class:`LigerFusedLinearDPOFunction`, :func:`liger_fused_linear_dpo`;
 * :func:`patch` — one-line fused loss for a Hugging Face causal LM (:mod:`zephyr_kernels.hf_patch`), also
   through TRL's ``SFTTrainer`` / ``DPOTrainer`` heads; :func:`patch_trl` — every TRL SFT / DPO head
   (:mod:`zephyr_kernels.trl_patch`); ``unpatch`` / ``unpatch_trl`` undo them;
@@ -26,8 +27,13 @@ import importlib
 from zephyr_kernels.cross_entropy import linear_cross_entropy
 from zephyr_kernels.dispatch import IMPLS
 from zephyr_kernels.dpo import FusedLinearDPOLoss, fused_linear_dpo_loss
-from zephyr_kernels.liger_ce import CrossEntropyOutput, LigerFusedLinearCrossEntropyLoss, liger_fused_linear_cross_entropy
-from zephyr_kernels.liger_compat import LigerFusedLinearDPOLoss
+from zephyr_kernels.liger_ce import (
+    CrossEntropyOutput,
+    LigerFusedLinearCrossEntropyFunction,
+    LigerFusedLinearCrossEntropyLoss,
+    liger_fused_linear_cross_entropy,
+)
+from zephyr_kernels.liger_compat import LigerFusedLinearDPOFunction, LigerFusedLinearDPOLoss, liger_fused_linear_dpo
 from zephyr_kernels.linear_logprobs import linear_logprobs
 from zephyr_kernels.losses import LOSS_TYPES, check_dpo_args, dpo_loss
 
@@ -40,7 +46,10 @@ __all__ = [
     "LigerFusedLinearCrossEntropyLoss",
     "liger_fused_linear_cross_entropy",
     "CrossEntropyOutput",
+    "LigerFusedLinearCrossEntropyFunction",
     "LigerFusedLinearDPOLoss",
+    "LigerFusedLinearDPOFunction",
+    "liger_fused_linear_dpo",
     "patch",
     "patch_trl",
     "IMPLS",

@@ -1,8 +1,10 @@
-"""Liger-Kernel drop-in fused linear cross-entropy: ``LigerFusedLinearCrossEntropyLoss`` and
-``liger_fused_linear_cross_entropy`` with Liger 0.8's whole constructor, call and outputs.
+"""Liger-Kernel drop-in fused linear cross-entropy: ``LigerFusedLinearCrossEntropyLoss``,
+``liger_fused_linear_cross_entropy`` and ``LigerFusedLinearCrossEntropyFunction`` with Liger 0.8's whole
+constructor, call and outputs.
 
 ``from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss`` (or ``...functional import
-liger_fused_linear_cross_entropy, CrossEntropyOutput``) → ``from zephyr_kernels import ...``.
+liger_fused_linear_cross_entropy, CrossEntropyOutput``, or ``liger_kernel.ops import
+LigerFusedLinearCrossEntropyFunction``) → ``from zephyr_kernels import ...``.
 
 Loss (PyTorch's ``F.cross_entropy`` with class weights ``w`` and label smoothing ε — Szegedy et al. 2016 —
 plus PaLM's z-loss λ·lse², Chowdhery et al. 2022), per non-ignored token ``r``::
@@ -26,6 +28,9 @@ Every option, implemented (none refused except values Liger refuses too):
   result is the more precise one); any other dtype is refused. ``chunk_mem_const`` (functional) is
   Liger's memory knob: validated as Liger does, changes no number.
 * ``z_loss`` output: the z-loss share of the loss, in the input dtype (as Liger).
+* ``LigerFusedLinearCrossEntropyFunction.apply``: Liger's positional order, always the 4-tuple ``(loss,
+  z_loss, token_accuracy, predicted_tokens)`` (``None`` where not asked); its ``ce_impl`` / ``ce_mode`` pick
+  one of Liger's own cross-entropy backends and only ``None`` is accepted (zephyr dispatches by ``impl``).
 
 Extras, keyword-only: ``temperature`` (logits divided by it after the softcap) and ``impl``.
 """
@@ -148,3 +153,28 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
             self.use_token_scaling, self.return_token_accuracy, self.return_predicted_tokens,
             temperature=self.temperature, impl=self.impl,
         )
+
+
+class LigerFusedLinearCrossEntropyFunction:
+    """Drop-in for ``liger_kernel.ops.LigerFusedLinearCrossEntropyFunction``: the same ``apply`` call (Liger's
+    positional order and defaults) on :func:`liger_fused_linear_cross_entropy`, returning Liger's 4-tuple
+    ``(loss, z_loss, token_accuracy, predicted_tokens)``. Autograd runs through zephyr's own Functions."""
+
+    @staticmethod
+    def apply(_input, weight, target, bias=None, ce_weight=None, ignore_index: int = -100,
+              lse_square_scale: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
+              softcap: Optional[float] = None, return_z_loss: bool = False, accum_dtype=None,
+              use_token_scaling: bool = False, return_token_accuracy: bool = False,
+              return_predicted_tokens: bool = False, ce_impl=None, ce_mode=None, chunk_mem_const: int = 1):
+        for name, value in (("ce_impl", ce_impl), ("ce_mode", ce_mode)):
+            if value is not None:
+                raise ValueError(f"{name}={value!r} selects one of Liger's own cross-entropy backends; "
+                                 "zephyr_kernels dispatches by impl= instead: pass None")
+        out = liger_fused_linear_cross_entropy(
+            _input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction,
+            softcap, return_z_loss, accum_dtype, use_token_scaling, return_token_accuracy, return_predicted_tokens,
+            chunk_mem_const,
+        )
+        if isinstance(out, CrossEntropyOutput):
+            return out.loss, out.z_loss, out.token_accuracy, out.predicted_tokens
+        return out, None, None, None

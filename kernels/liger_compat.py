@@ -1,7 +1,10 @@
-"""Liger-Kernel drop-in DPO module: ``LigerFusedLinearDPOLoss`` with Liger's whole constructor and call.
+"""Liger-Kernel drop-in DPO: ``LigerFusedLinearDPOLoss`` with Liger's whole constructor and call, and
+``LigerFusedLinearDPOFunction`` / ``liger_fused_linear_dpo`` with Liger's ``apply`` call.
 
 ``from zephyr_kernels import LigerFusedLinearDPOLoss`` replaces
-``from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss`` with nothing else changed:
+``from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss`` with nothing else changed (and likewise
+``liger_kernel.chunked_loss.dpo_loss.LigerFusedLinearDPOFunction``,
+``liger_kernel.chunked_loss.functional.liger_fused_linear_dpo``):
 
 * constructor, in Liger 0.8's positional order: ``(ignore_index, beta, alpha, compute_nll_loss,
   compiled, use_ref_model, average_log_prob, chunk_size, loss_type, label_smoothing, discopop_tau)``;
@@ -10,6 +13,10 @@
 * call ``(lin_weight (V, D), _input (2B, T, D), target (2B, T), bias=None, ref_input=None,
   ref_weight=None, ref_bias=None)``: the first ``B`` rows are the chosen sequences, the last ``B``
   the rejected ones, ``ignore_index`` on prompt / padding;
+* ``LigerFusedLinearDPOFunction.apply(_input, weight, target, bias, ref_input, ref_weight, ref_bias,
+  ignore_index, beta, compute_nll_loss, compiled, use_ref_model, average_log_prob, chunk_size, loss_type,
+  label_smoothing, discopop_tau, alpha)`` — Liger's positional order and defaults (``alpha`` last) — and
+  ``liger_fused_linear_dpo`` (the same call) run the module with those options;
 * returns ``(loss, (chosen_logps (B,), rejected_logps (B,), chosen_logits_mean, rejected_logits_mean,
   nll_loss, chosen_rewards (B,), rejected_rewards (B,)))`` with Liger's definitions — the logits
   means over every position of the chosen / rejected rows (padding included), the rewards
@@ -136,3 +143,22 @@ class LigerFusedLinearDPOLoss(nn.Module):
         nll = m["nll_loss"] if self.compute_nll_loss else torch.zeros((), device=loss.device)
         return loss, (chosen, rejected, logits_c, logits_r, nll,
                       self.beta * (chosen - ref_chosen_logps.float()), self.beta * (rejected - ref_rejected_logps.float()))
+
+
+class LigerFusedLinearDPOFunction:
+    """Drop-in for ``liger_kernel.chunked_loss.dpo_loss.LigerFusedLinearDPOFunction``: the same ``apply`` call
+    (Liger's positional order and defaults, module docstring) and outputs, through
+    :class:`LigerFusedLinearDPOLoss`; autograd runs through zephyr's own Functions."""
+
+    @staticmethod
+    def apply(_input, weight, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
+              ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = False, compiled: bool = True,
+              use_ref_model: bool = True, average_log_prob: bool = False, chunk_size: int = 1,
+              loss_type: str = "sigmoid", label_smoothing: float = 0.0, discopop_tau: float = 0.05,
+              alpha: float = 1.0):
+        loss_fn = LigerFusedLinearDPOLoss(ignore_index, beta, alpha, compute_nll_loss, compiled, use_ref_model,
+                                          average_log_prob, chunk_size, loss_type, label_smoothing, discopop_tau)
+        return loss_fn(weight, _input, target, bias, ref_input, ref_weight, ref_bias)
+
+
+liger_fused_linear_dpo = LigerFusedLinearDPOFunction.apply

@@ -58,6 +58,7 @@ def test_public_api_is_the_losses_the_drop_ins_and_the_patches():
     assert sorted(zephyr_kernels.__all__) == sorted([
         "linear_logprobs", "linear_cross_entropy", "dpo_loss", "fused_linear_dpo_loss", "FusedLinearDPOLoss",
         "LigerFusedLinearCrossEntropyLoss", "liger_fused_linear_cross_entropy", "CrossEntropyOutput",
-        "LigerFusedLinearDPOLoss", "patch", "patch_trl", "IMPLS", "LOSS_TYPES", "check_dpo_args"])
+        "LigerFusedLinearCrossEntropyFunction", "LigerFusedLinearDPOLoss", "LigerFusedLinearDPOFunction",
+        "liger_fused_linear_dpo", "patch", "patch_trl", "IMPLS", "LOSS_TYPES", "check_dpo_args"])
     for name in ("FusedLinearCrossEntropyLoss", "LigerCompatibleFusedLinearDPOLoss", "CCE_IMPLS", "resolve"):
         assert not hasattr(zephyr_kernels, name), name

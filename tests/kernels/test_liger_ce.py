@@ -157,3 +157,50 @@ def test_accum_dtype_fp32_changes_nothing():
                                                                          impl="torch"), None), h, w, None, t)
     e = _run(lambda hh, ww, bb, tt: (zk.liger_fused_linear_cross_entropy(hh, ww, tt, impl="torch"), None), h, w, None, t)
     assert torch.equal(a[0], e[0]) and all(torch.equal(x, y) for x, y in zip(a[2], e[2]))
+
+
+def test_function_signature_is_liger_s():
+    from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
+
+    liger = [(p.name, p.default) for p in inspect.signature(LigerFusedLinearCrossEntropyFunction.forward).parameters.values()]
+    ours = [(p.name, p.default) for p in inspect.signature(zk.LigerFusedLinearCrossEntropyFunction.apply).parameters.values()]
+    assert ours == liger[1:]  # Liger's forward takes ctx first; apply does not
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_function_apply_is_liger_s_four_tuple(reduction):
+    """``apply`` positionally, every output asked: the reference's loss, z-loss and gradients, the argmax outputs."""
+    h, w, b, t = make_inputs(N, D, V, ignore_frac=0.3, bias=True, seed=10)
+    g = torch.randn(N) if reduction == "none" else None
+    outs = {}
+
+    def fn(hh, ww, bb, tt):
+        outs["all"] = zk.LigerFusedLinearCrossEntropyFunction.apply(
+            hh, ww, tt, bb, None, -100, 1e-3, 0.1, reduction, 3.0, True, torch.float32, False, True, True)
+        return outs["all"][0], outs["all"][1]
+
+    ours = _run(fn, h, w, b, t, g)
+    ref = _run(lambda hh, ww, bb, tt: reference(hh, ww, bb, tt, lse_square_scale=1e-3, label_smoothing=0.1,
+                                                reduction=reduction, softcap=3.0), h, w, b, t, g)
+    assert_close(ours[0], ref[0], what="loss")
+    assert_close(ours[1], ref[1], what="z_loss")
+    for name, a, r in zip("hwb", ours[2], ref[2]):
+        assert_close(a, r, what=f"grad {name}")
+    out = zk.liger_fused_linear_cross_entropy(h, w, t, b, reduction=reduction, softcap=3.0, return_token_accuracy=True,
+                                              return_predicted_tokens=True)
+    assert torch.equal(outs["all"][3], out.predicted_tokens)
+    torch.testing.assert_close(outs["all"][2], out.token_accuracy)
+
+
+def test_function_without_return_flags_gives_loss_and_nones():
+    h, w, _, t = make_inputs(N, D, V, seed=11)
+    loss, z, acc, pred = zk.LigerFusedLinearCrossEntropyFunction.apply(h, w, t)
+    assert (z, acc, pred) == (None, None, None)
+    assert_close(loss, reference(h, w, None, t)[0])
+
+
+@pytest.mark.parametrize("kw", [dict(ce_impl="triton"), dict(ce_mode="fused")])
+def test_function_refuses_liger_backend_selection(kw):
+    h, w, _, t = make_inputs(N, D, V, seed=12)
+    with pytest.raises(ValueError, match=f"{next(iter(kw))}=.* Liger's own cross-entropy backends"):
+        zk.LigerFusedLinearCrossEntropyFunction.apply(h, w, t, **kw)

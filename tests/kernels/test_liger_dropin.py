@@ -166,3 +166,51 @@ def test_sppo_hard_gradients_within_fp32_rounding_of_float64():
     assert not within(ours, scale=1 + 1e-3)  # the bound sees a real 1e-3 relative difference
     outside = sum(int(((a.double() - e).abs() > 1e-5 + 5e-4 * e.abs()).sum()) for a, e in zip(fp32[1:], exact[1:]))
     assert outside > 0  # the upstream tolerance, against float64, is missed by the plain fp32 head too
+
+
+def test_function_signature_is_liger_s():
+    import inspect
+
+    from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
+
+    liger = [(p.name, p.default) for p in inspect.signature(LigerFusedLinearDPOFunction.forward).parameters.values()]
+    ours = [(p.name, p.default) for p in inspect.signature(zephyr_kernels.LigerFusedLinearDPOFunction.apply).parameters.values()]
+    assert ours == liger[1:]  # Liger's forward takes ctx first; apply does not
+    assert zephyr_kernels.liger_fused_linear_dpo == zephyr_kernels.LigerFusedLinearDPOFunction.apply
+
+
+C = "compiled"  # where Liger's ``compiled`` goes in the positional call (off for Liger's run: no inductor)
+
+
+@pytest.mark.parametrize("positional", [
+    (-100, 0.1, False),
+    (-100, 0.2, True, C, True, True, 1, "apo_zero"),
+    (7, 0.1, True, C, True, False, 2, "robust", 0.2, 0.05, 0.3),  # alpha last, as Liger
+], ids=["nll_off", "apo_zero_avg", "robust_alpha"])
+def test_function_apply_matches_liger_s_function(positional):
+    """Liger's ``apply`` call, positionally, on Liger's Function (``compiled`` off) and on zephyr's: same loss,
+    auxiliary outputs and gradients; ``liger_fused_linear_dpo`` is the same call."""
+    from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
+
+    torch.manual_seed(3)
+    P, T, H, V = 2, 9, 16, 97
+    x0, ref_x, w0 = torch.randn(2 * P, T, H), torch.randn(2 * P, T, H), torch.randn(V, H)
+    b0, ref_w = torch.randn(V), torch.randn(V, H)
+    t = torch.randint(V, (2 * P, T))
+    t[:, :3] = positional[0]  # the prompt carries this call's ignore_index
+
+    def run(apply, compiled):
+        x, w, b = (a.clone().requires_grad_() for a in (x0, w0, b0))
+        args = [compiled if a is C else a for a in positional]
+        loss, aux = apply(x, w, t, b, ref_x, ref_w, None, *args)
+        loss.backward()
+        return loss.detach(), aux, (x.grad, w.grad, b.grad)
+
+    liger = run(LigerFusedLinearDPOFunction.apply, False)
+    for apply in (zephyr_kernels.LigerFusedLinearDPOFunction.apply, zephyr_kernels.liger_fused_linear_dpo):
+        ours = run(apply, True)
+        assert_close(ours[0], liger[0], what="loss")
+        for i, (a, r) in enumerate(zip(ours[1], liger[1])):
+            assert_close(a, torch.as_tensor(r), what=f"aux {i}")
+        for name, a, r in zip(("x", "weight", "bias"), ours[2], liger[2]):
+            assert_close(a, r, atol=2e-5, what=f"grad {name}")
