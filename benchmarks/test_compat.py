@@ -1,6 +1,7 @@
 """Drop-in layers (issue 23), on the CPU in fp32, the same inputs for every variant:
 
-* ``compat_ce``: zephyr_kernels' Liger-compatible module (``LigerFusedLinearCrossEntropyLoss``) and CCE's
+* ``compat_ce``: zephyr_kernels' Liger-compatible module (``LigerFusedLinearCrossEntropyLoss``), its Function
+  (``LigerFusedLinearCrossEntropyFunction.apply``) and CCE's
   call on ``linear_cross_entropy`` (``(e, c, targets)`` with leading dimensions and ``shift``) against the
   native ``linear_cross_entropy`` on the same rows -- what the compatibility layers cost;
 * ``compat_dpo``: Liger's DPO module (``LigerFusedLinearDPOLoss``, ``(2B, T, D)`` chosen-then-rejected rows,
@@ -43,11 +44,13 @@ def _ce_call(variant, h, w, t):
     if variant == "Liger module":
         module = zk.LigerFusedLinearCrossEntropyLoss()
         return lambda: module(w, h[:, :-1].reshape(-1, D), t[:, 1:].reshape(-1))
+    if variant == "Liger Function":
+        return lambda: zk.LigerFusedLinearCrossEntropyFunction.apply(h[:, :-1].reshape(-1, D), w, t[:, 1:].reshape(-1))[0]
     return lambda: zk.linear_cross_entropy(h, w, t, shift=1, impl="torch")  # CCE's call
 
 
 @pytest.mark.benchmark(group="compat-ce")
-@pytest.mark.parametrize("variant", ["native", "Liger module", "CCE call"])
+@pytest.mark.parametrize("variant", ["native", "Liger module", "Liger Function", "CCE call"])
 def test_compat_layers_cost(benchmark, ce_inputs, variant):
     h, w, t = ce_inputs
     call = _ce_call(variant, h, w, t)
