@@ -47,6 +47,15 @@ ENTRY_POINTS = {
     "LigerFusedLinearDPOLoss": lambda h, w, b, t, impl: zk.LigerFusedLinearDPOLoss(beta=0.5, impl=impl)(
         w, h[: 2 * 18].view(2, 18, D), t[: 2 * 18].view(2, 18), b,
         ref_chosen_logps=torch.full((1,), -30.0), ref_rejected_logps=torch.full((1,), -31.0))[0],
+    # Liger's Functions take no impl (Liger's signature): the default dispatch, under autocast and cast alike
+    "LigerFusedLinearCrossEntropyFunction": lambda h, w, b, t, impl: zk.LigerFusedLinearCrossEntropyFunction.apply(
+        h, w, t, b, None, -100, 1e-3, 0.1, "mean", None, True)[0],
+    "LigerFusedLinearDPOFunction": lambda h, w, b, t, impl: zk.LigerFusedLinearDPOFunction.apply(
+        h[:36].view(2, 18, D), w, t[:36].view(2, 18), b, h[:36].detach().flip(0).view(2, 18, D), None, None,
+        -100, 0.5, True)[0],
+    "liger_fused_linear_dpo": lambda h, w, b, t, impl: zk.liger_fused_linear_dpo(
+        h[:36].view(2, 18, D), w, t[:36].view(2, 18), b, h[:36].detach().flip(0).view(2, 18, D), None, None,
+        -100, 0.2, False, True, True, True, 1, "apo_down")[0],
 }
 
 
