@@ -12,7 +12,7 @@
   change no number — accepted and recorded, nothing else; ``impl`` is keyword-only extra;
 * call ``(lin_weight (V, D), _input (2B, T, D), target (2B, T), bias=None, ref_input=None,
   ref_weight=None, ref_bias=None)``: the first ``B`` rows are the chosen sequences, the last ``B``
-  the rejected ones, ``ignore_index`` on prompt / padding;
+  the rejected ones, ``ignore_index`` on prompt / padding (another layout, e.g. flattened rows, is refused in one line);
 * ``LigerFusedLinearDPOFunction.apply(_input, weight, target, bias, ref_input, ref_weight, ref_bias,
   ignore_index, beta, compute_nll_loss, compiled, use_ref_model, average_log_prob, chunk_size, loss_type,
   label_smoothing, discopop_tau, alpha)`` — Liger's positional order and defaults (``alpha`` last) — and
@@ -50,6 +50,14 @@ from torch import nn
 from zephyr_kernels.dpo import DPOOptions, fused_dpo
 from zephyr_kernels.losses import LOSS_TYPES, REFUSED_LOSS_TYPES, loss_types_of
 from zephyr_kernels.linear_logprobs import linear_logprobs
+
+
+def _check_shapes(_input: torch.Tensor, target: torch.Tensor, ref_input: Optional[torch.Tensor]) -> None:
+    """Liger's layout, or one line: ``_input (2B, T, D)`` and ``ref_input (2B, T, D_ref)`` over ``target (2B, T)``."""
+    for name, x in (("_input", _input), ("ref_input", ref_input)):
+        if x is not None and (target.dim() != 2 or x.dim() != 3 or tuple(x.shape[:2]) != tuple(target.shape)):
+            raise ValueError(f"{name} must be (2B, T, D) over target (2B, T) -- the chosen rows, then the rejected "
+                             f"ones -- got {name} {tuple(x.shape)} and target {tuple(target.shape)}")
 
 
 def _pack_preference(target: torch.Tensor):
@@ -130,6 +138,7 @@ class LigerFusedLinearDPOLoss(nn.Module):
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, *,
                 ref_chosen_logps: Optional[torch.Tensor] = None, ref_rejected_logps: Optional[torch.Tensor] = None):
+        _check_shapes(_input, target, ref_input)
         flat_t, seg = _pack_preference(target)
         P = target.shape[0] // 2
         if ref_chosen_logps is None:

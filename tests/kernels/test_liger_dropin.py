@@ -80,6 +80,22 @@ def test_refusals_are_one_line():
         zephyr_kernels.LigerFusedLinearDPOLoss()(torch.randn(5, 4), torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("x_shape,t_shape,ref_shape,bad", [
+    ((12, 4), (4, 3), None, "_input"),  # flattened rows: Liger's layout is per sequence
+    ((12, 4), (12,), None, "_input"),
+    ((4, 3, 4), (4, 3), (12, 4), "ref_input"),
+    ((4, 3, 4), (4, 2), None, "_input"),
+])
+def test_a_layout_other_than_liger_s_is_refused_in_one_line(x_shape, t_shape, ref_shape, bad):
+    """Not Liger's ``(2B, T, D)`` over ``(2B, T)``: one line naming the tensor and both shapes (a flattened
+    ``_input`` used to run and give logits means over the wrong axis)."""
+    x, t = torch.randn(*x_shape), torch.randint(11, t_shape)
+    ref = torch.randn(*ref_shape) if ref_shape else torch.randn(4, 3, 4)
+    with pytest.raises(ValueError, match=rf"^{bad} must be \(2B, T, D\) over target \(2B, T\).* got {bad} "
+                                         rf"\({', '.join(map(str, (ref_shape if bad == 'ref_input' else x_shape)))},?\)"):
+        zephyr_kernels.LigerFusedLinearDPOLoss()(torch.randn(11, 4), x, t, ref_input=ref)
+
+
 def test_precomputed_reference_logps_equal_reference_hidden_states():
     """The zephyr extension: numbers from an offline reference pass give the same loss."""
     torch.manual_seed(1)
