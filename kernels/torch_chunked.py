@@ -290,7 +290,7 @@ def fused(hidden, weight, bias, targets, *, ignore_index, temperature, softcap, 
     Row-tiled single pass while ``_MIN_FUSED_ROWS`` rows of ``V`` logits fit the block budget, else
     :func:`stats` + filtered :func:`grads`.  Returns ``(lse, tgt, zsum, dx, dw, db)`` (gradients fp32
     or None)."""
-    N, V = hidden.shape[0], weight.shape[0]
+    V = weight.shape[0]
     c = min(_ROW_BLOCK, _BLOCK_BYTES // (4 * V))
     if coef_fn is None or c < _MIN_FUSED_ROWS:
         st = stats(hidden, weight, bias, targets, ignore_index=ignore_index, temperature=temperature,
