@@ -53,18 +53,20 @@ from zephyr_kernels.linear_logprobs import linear_logprobs
 
 
 def _check_shapes(_input: torch.Tensor, target: torch.Tensor, ref_input: Optional[torch.Tensor]) -> None:
-    """Liger's layout, or one line: ``_input (2B, T, D)`` and ``ref_input (2B, T, D_ref)`` over ``target (2B, T)``."""
+    """Liger's layout, or one line: ``_input (2B, T, D)`` and ``ref_input (2B, T, D_ref)`` over ``target (2B, T)``,
+    an even batch dimension (the chosen rows, then the rejected ones)."""
     for name, x in (("_input", _input), ("ref_input", ref_input)):
         if x is not None and (target.dim() != 2 or x.dim() != 3 or tuple(x.shape[:2]) != tuple(target.shape)):
             raise ValueError(f"{name} must be (2B, T, D) over target (2B, T) -- the chosen rows, then the rejected "
                              f"ones -- got {name} {tuple(x.shape)} and target {tuple(target.shape)}")
+    if target.shape[0] % 2:
+        raise ValueError(f"target must have an even batch dimension (chosen then rejected), got {target.shape[0]}")
 
 
 def _pack_preference(target: torch.Tensor):
-    """``(2B, T)`` targets → flat targets ``(2B·T,)`` and segment ids (chosen b → 2b, rejected b → 2b+1)."""
+    """``(2B, T)`` targets (checked by :func:`_check_shapes`) → flat targets ``(2B·T,)`` and segment ids
+    (chosen b → 2b, rejected b → 2b+1)."""
     two_b, T = target.shape
-    if two_b % 2:
-        raise ValueError(f"target must have an even batch dimension (chosen then rejected), got {two_b}")
     b = two_b // 2
     row = torch.arange(two_b, device=target.device)
     seg_of_row = torch.where(row < b, 2 * row, 2 * (row - b) + 1)

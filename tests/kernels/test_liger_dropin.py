@@ -96,6 +96,12 @@ def test_a_layout_other_than_liger_s_is_refused_in_one_line(x_shape, t_shape, re
         zephyr_kernels.LigerFusedLinearDPOLoss()(torch.randn(11, 4), x, t, ref_input=ref)
 
 
+def test_an_odd_batch_is_refused_in_one_line():
+    x = torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match=r"^target must have an even batch dimension \(chosen then rejected\), got 3$"):
+        zephyr_kernels.LigerFusedLinearDPOLoss()(torch.randn(11, 4), x, torch.randint(11, (3, 2)), ref_input=x)
+
+
 def test_precomputed_reference_logps_equal_reference_hidden_states():
     """The zephyr extension: numbers from an offline reference pass give the same loss."""
     torch.manual_seed(1)

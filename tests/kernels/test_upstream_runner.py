@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "upstream" / "run.sh"
 
 REPORT = """
-import json, os, sys
+import json, os
 import torch
 
 def report(**extra):
